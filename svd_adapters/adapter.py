@@ -1,0 +1,74 @@
+"""An adapter in memory: method, rank, alpha, and per-module trainable tensors tied to one base fingerprint."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from svd_adapters.factors import TARGET_MODULES, BaseFactors
+from svd_adapters.methods import get_method, init_module, module_terms, param_count
+from svd_adapters.terms import DeltaTerms
+
+
+@dataclass
+class Adapter:
+    method: str
+    rank: int
+    alpha: float
+    base_model: str
+    base_fingerprint: str
+    target_modules: tuple[str, ...] = TARGET_MODULES  # short names (q_proj, ...)
+    params: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # qualified module name → tensors
+
+    def trainable_params(self) -> int:
+        return sum(t.numel() for p in self.params.values() for t in p.values())
+
+    def expected_shapes(self, factors: BaseFactors) -> dict[str, dict[str, tuple[int, ...]]]:
+        shapes = {}
+        for name in selected_modules(factors, self.target_modules):
+            m, n = factors.modules[name].shape
+            shapes[name] = get_method(self.method).param_shapes(m, n, self.rank)
+        return shapes
+
+    def terms(self, factors: BaseFactors) -> dict[str, DeltaTerms]:
+        return {
+            name: module_terms(self.method, p, factors.modules[name], self.rank, self.alpha)
+            for name, p in self.params.items()
+        }
+
+
+def selected_modules(factors: BaseFactors, target_modules: tuple[str, ...]) -> list[str]:
+    return [name for name in factors.modules if name.rsplit(".", 1)[-1] in target_modules]
+
+
+def new_adapter(
+    method: str,
+    rank: int,
+    factors: BaseFactors,
+    base_model: str,
+    alpha: float | None = None,
+    target_modules: tuple[str, ...] = TARGET_MODULES,
+    seed: int = 0,
+) -> Adapter:
+    """A freshly initialised adapter (zero or ~zero delta), as the trainer starts from."""
+    get_method(method)
+    if method != "lora" and rank > factors.r_max:
+        raise ValueError(f"rank {rank} exceeds the base factors' r_max {factors.r_max}")
+    gen = torch.Generator().manual_seed(seed)
+    params = {
+        name: init_module(method, factors.modules[name], rank, generator=gen)
+        for name in selected_modules(factors, target_modules)
+    }
+    return Adapter(
+        method=method,
+        rank=rank,
+        alpha=float(alpha if alpha is not None else rank),
+        base_model=base_model,
+        base_fingerprint=factors.fingerprint,
+        target_modules=tuple(target_modules),
+        params=params,
+    )
+
+
+def expected_param_count(method: str, factors: BaseFactors, rank: int, target_modules: tuple[str, ...] = TARGET_MODULES) -> int:
+    return sum(param_count(method, *factors.modules[n].shape, rank) for n in selected_modules(factors, target_modules))

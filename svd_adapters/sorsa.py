@@ -1,0 +1,38 @@
+"""SORSA (arXiv 2409.00055): trainable principal factors U_p (m×r), S_p (r), V_p (n×r) over a frozen residual.
+
+W' = W_res + U_p diag(S_p) V_pᵀ with W_res = W − U_r diag(σ_r) V_rᵀ; exactly W at init. Params: r(m+n+1).
+Served as a rank-2r delta: [U_p diag(S_p) | −U_r diag(σ_r)] [V_pᵀ ; V_rᵀ], gathered per row like LoRA.
+The orthonormal regularizer keeps U_p, V_p near orthonormal during training.
+"""
+from __future__ import annotations
+
+import torch
+
+from svd_adapters.terms import DeltaTerms
+
+NAME = "sorsa"
+GAMMA = 4e-4  # reference recipe: add grad of (γ / lr_peak)·R after clipping
+
+
+def param_shapes(m: int, n: int, r: int) -> dict[str, tuple[int, ...]]:
+    return {"U": (m, r), "S": (r,), "V": (n, r)}
+
+
+def init_params(U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    return {"U": U_r.clone(), "S": S_r.clone(), "V": Vh_r.T.clone()}
+
+
+def terms(p: dict[str, torch.Tensor], U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, alpha: float) -> DeltaTerms:
+    B = torch.cat([p["U"] * p["S"], -U_r * S_r], dim=1)
+    A = torch.cat([p["V"].T, Vh_r], dim=0)
+    return DeltaTerms(rank=S_r.shape[0], A=A, B=B)
+
+
+def orthonormal_regularizer(params_by_module: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Mean over adapted layers of ‖U_pᵀU_p − I‖_F + ‖V_pᵀV_p − I‖_F (plain Frobenius norms)."""
+    total = []
+    for p in params_by_module:
+        U, V = p["U"], p["V"]
+        eye = torch.eye(U.shape[1], dtype=U.dtype, device=U.device)
+        total.append(torch.linalg.matrix_norm(U.T @ U - eye) + torch.linalg.matrix_norm(V.T @ V - eye))
+    return torch.stack(total).mean()
