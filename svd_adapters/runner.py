@@ -1,0 +1,177 @@
+"""A flat, batched forward for Llama-family models with per-row adapters and a per-row KV cache.
+
+Rows of the KV cache are batch slots; the engine keeps the active rows compacted in [0, n_active), so a
+decode step reads plain views of the cache. Prefill runs several new requests (right-padded) at once and
+writes their rows; decode advances every active row by one token. The HF model supplies the weights,
+norms, rotary embedding and lm_head; its linears are replaced by fused `LinearGroup`s.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from svd_adapters.base_model import BaseModel
+from svd_adapters.batched_linear import LinearGroup, SlotMapping
+from svd_adapters.factors import BaseFactors
+from svd_adapters.terms import DeltaTerms
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Members of each fused group, by the HF linear's short name; one GEMM serves a whole group.
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+class BatchedRunner(nn.Module):
+    def __init__(
+        self,
+        base: BaseModel,
+        factors: BaseFactors,
+        max_rank: int = 16,
+        max_batch: int = 32,
+        max_seq_len: int = 1024,
+        core_slots: int = 64,
+        lr_slots: int = 8,
+    ):
+        super().__init__()
+        model, cfg = base.model, base.model.config
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model type {cfg.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+        if max_rank > factors.r_max:
+            raise ValueError(f"max_rank {max_rank} exceeds the base factors' r_max {factors.r_max}")
+        self.cfg, self.factors = cfg, factors
+        self.max_rank, self.max_batch, self.max_seq_len = max_rank, max_batch, max_seq_len
+        self.core_slots, self.lr_slots = core_slots, lr_slots
+        self.embed = model.model.embed_tokens
+        self.norm = model.model.norm
+        self.lm_head = model.lm_head
+        self.rotary = model.model.rotary_emb
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        ref = self.embed.weight
+        self.layers = nn.ModuleList()
+        self.group_of: dict[str, LinearGroup] = {}  # qualified module name → its group
+        for li, layer in enumerate(model.model.layers):
+            groups = nn.ModuleDict()
+            for gname, members in GROUPS.items():
+                parent = layer.self_attn if gname in ("qkv", "o") else layer.mlp
+                prefix = f"model.layers.{li}.{'self_attn' if parent is layer.self_attn else 'mlp'}"
+                names = [f"{prefix}.{m}" for m in members]
+                grp = LinearGroup(
+                    names, [getattr(parent, m) for m in members], [factors.modules[n] for n in names],
+                    max_rank, core_slots, lr_slots,
+                )
+                groups[gname] = grp
+                self.group_of.update({n: grp for n in names})
+            block = nn.Module()
+            block.groups = groups
+            block.ln1, block.ln2, block.act = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp.act_fn
+            self.layers.append(block)
+        shape = (max_batch, self.n_kv, max_seq_len, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in self.layers]
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    # ---- adapter slots ----
+    def write_core_slot(self, slot: int, terms: dict[str, DeltaTerms]) -> None:
+        for grp in {id(g): g for g in self.group_of.values()}.values():
+            grp.clear_core(slot)
+        for name, t in terms.items():
+            self.group_of[name].write_core(slot, name, t)
+
+    def write_lr_slot(self, slot: int, terms: dict[str, DeltaTerms]) -> None:
+        for grp in {id(g): g for g in self.group_of.values()}.values():
+            grp.clear_lr(slot)
+        for name, t in terms.items():
+            self.group_of[name].write_lr(slot, name, t)
+
+    # ---- KV rows ----
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy row src's cache into row dst (compaction after a request leaves)."""
+        for kc, vc in zip(self.k_cache, self.v_cache):
+            kc[dst, :, :length] = kc[src, :, :length]
+            vc[dst, :, :length] = vc[src, :, :length]
+
+    # ---- forward ----
+    def _layers(self, x: torch.Tensor, mp: SlotMapping, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        T = x.shape[0]
+        for li, blk in enumerate(self.layers):
+            g = blk.groups
+            q, k, v = g["qkv"].split(g["qkv"](blk.ln1(x), mp))
+            q = rotate(q.view(T, self.n_heads, self.head_dim), cos, sin)
+            k = rotate(k.view(T, self.n_kv, self.head_dim), cos, sin)
+            v = v.view(T, self.n_kv, self.head_dim)
+            attn = attend(li, q, k, v).reshape(T, self.n_heads * self.head_dim)
+            x = x + g["o"](attn, mp)
+            gate, up = g["gate_up"].split(g["gate_up"](blk.ln2(x), mp))
+            x = x + g["down"](blk.act(gate) * up, mp)
+        return self.norm(x)
+
+    def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rotary(x, positions.view(1, -1))
+        return cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (T, 1, D): broadcast over heads
+
+    @torch.inference_mode()
+    def prefill(
+        self, prompts: list[list[int]], rows: list[int], core_slots: list[int], lr_slots: list[int],
+        sub_slots: set[int], all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Run new requests' prompts into KV rows `rows`; returns last-token logits (P, V) or all (P, L, V)."""
+        P, L = len(prompts), max(len(p) for p in prompts)
+        if L > self.max_seq_len:
+            raise ValueError(f"prompt of {L} tokens exceeds max_seq_len {self.max_seq_len}")
+        ids = torch.full((P, L), self.cfg.pad_token_id or 0, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        ids = ids.to(self.device)
+        x = self.embed(ids.view(-1))
+        positions = torch.arange(L, device=self.device).repeat(P)
+        cos, sin = self._cos_sin(x, positions)
+        mp = SlotMapping.build(core_slots, lr_slots, sub_slots, [L] * P, device=self.device)
+        row_idx = torch.tensor(rows, device=self.device)
+
+        def attend(li, q, k, v):
+            # (P·L, heads, D) → (P, heads, L, D); right padding means causal masking alone keeps pads unseen.
+            q = q.view(P, L, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(P, L, self.n_kv, self.head_dim).transpose(1, 2)
+            v = v.view(P, L, self.n_kv, self.head_dim).transpose(1, 2)
+            self.k_cache[li][row_idx, :, :L] = k
+            self.v_cache[li][row_idx, :, :L] = v
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+            return o.transpose(1, 2).reshape(P * L, self.n_heads, self.head_dim)
+
+        h = self._layers(x, mp, cos, sin, attend).view(P, L, -1)
+        if all_logits:
+            return self.lm_head(h)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return self.lm_head(h[torch.arange(P, device=self.device), last])
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, mp: SlotMapping) -> torch.Tensor:
+        """One token for each active row 0..T-1 at its position; returns logits (T, V)."""
+        T = tokens.shape[0]
+        x = self.embed(tokens)
+        cos, sin = self._cos_sin(x, positions)
+        rows = torch.arange(T, device=self.device)
+        L = int(positions.max()) + 1
+        mask = (torch.arange(L, device=self.device)[None, :] <= positions[:, None]).view(T, 1, 1, L)
+
+        def attend(li, q, k, v):
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            kc[rows, :, positions] = k
+            vc[rows, :, positions] = v
+            o = F.scaled_dot_product_attention(
+                q.unsqueeze(2), kc[:T, :, :L], vc[:T, :, :L], attn_mask=mask, enable_gqa=self.n_kv != self.n_heads
+            )
+            return o.squeeze(2)
+
+        return self.lm_head(self._layers(x, mp, cos, sin, attend))
