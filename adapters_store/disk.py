@@ -48,7 +48,10 @@ class DiskStore(AdapterStore):
         self._thread_lock = threading.Lock()  # flock does not exclude threads sharing one fd
         # Blobs already hashed, keyed by (name, inode, size, mtime): list() does not re-read unchanged files.
         self._verified: set[tuple[str, int, int, int]] = set()
-        self._cleanup()
+        try:
+            self._cleanup()
+        except OSError as exc:
+            raise StoreError(f"cannot clean up adapter store directory {self.dir}: {exc}") from exc
 
     # --- paths -----------------------------------------------------------------------------------------
 

@@ -26,7 +26,8 @@ def check_id(value: str, what: str = "adapter id") -> str:
 
 
 class AdapterRecord(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # extra="ignore": a record written by a newer version (with more fields) stays readable by older replicas.
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     adapter_id: str
     tenant: str = "default"

@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from adapters_store.base import AdapterExists, AdapterStore, StoreError, StoreUnavailable, validate_id
-from adapters_store.records import AdapterRecord
+from adapters_store.records import AdapterRecord, sha256_hex
 from svd_adapters.log import get_logger
 
 log = get_logger(__name__)
@@ -144,7 +144,17 @@ class RedisStore(AdapterStore):
 
     def get_blob(self, adapter_id: str) -> bytes | None:
         validate_id(adapter_id)
-        return self._call("get_blob", lambda: self._client.get(self._blob_key(adapter_id)))
+        # One MGET: record and blob from the same snapshot, so the hash check never races an overwrite.
+        raw_meta, blob = self._call(
+            "get_blob", lambda: self._client.mget([self._meta_key(adapter_id), self._blob_key(adapter_id)])
+        )
+        record = self._parse(raw_meta, adapter_id)
+        if record is None or blob is None:
+            return None
+        if sha256_hex(blob) != record.sha256:
+            log.warning("adapter %r: blob in Redis does not match its sha256; not served", adapter_id)
+            return None
+        return blob
 
     def get_record(self, adapter_id: str) -> AdapterRecord | None:
         validate_id(adapter_id)

@@ -425,3 +425,20 @@ def test_disk_sigkill_at_an_unchosen_moment(tmp_path, make) -> None:
     names = sorted(p.name for p in (tmp_path / "adapters").iterdir())
     expected = sorted(f"{r.adapter_id}{suffix}" for r in reopened.list() for suffix in (".json", f".{r.sha256}.safetensors"))
     assert names == expected
+
+
+def test_redis_tampered_blob_is_not_served(redis_prefix: str, make) -> None:
+    store = RedisStore(REDIS_URL, prefix=redis_prefix)
+    record, blob = make("tamper")
+    store.put(record, blob)
+    client = redis.Redis.from_url(REDIS_URL)
+    client.set(f"{redis_prefix}adapter:tamper:blob", blob[:-1] + b"\x00")
+    assert store.get_blob("tamper") is None
+    client.close()
+    store.close()
+
+
+def test_record_from_a_newer_version_stays_readable(make) -> None:
+    record, _ = make("fwd")
+    newer = record.model_dump() | {"some_future_field": 1}
+    assert AdapterRecord.model_validate(newer) == record
