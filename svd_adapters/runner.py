@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from svd_adapters.base_model import BaseModel
-from svd_adapters.batched_linear import LinearGroup, SlotMapping
+from svd_adapters.batched_linear import GroupPools, LinearGroup, SlotMapping
 from svd_adapters.factors import BaseFactors
 from svd_adapters.terms import DeltaTerms
 
@@ -55,18 +55,24 @@ class BatchedRunner(nn.Module):
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         ref = self.embed.weight
+        layers = model.model.layers
+        # One pool set per group kind, spanning all layers (gathered once per decode step).
+        self.pools: dict[str, GroupPools] = {}
+        for gname, members in GROUPS.items():
+            parent = layers[0].self_attn if gname in ("qkv", "o") else layers[0].mlp
+            lins = [getattr(parent, m) for m in members]
+            self.pools[gname] = GroupPools([l.out_features for l in lins], lins[0].in_features, len(layers),
+                                           max_rank, core_slots, lr_slots, like=ref)
         self.layers = nn.ModuleList()
         self.group_of: dict[str, LinearGroup] = {}  # qualified module name → its group
-        for li, layer in enumerate(model.model.layers):
+        for li, layer in enumerate(layers):
             groups = nn.ModuleDict()
             for gname, members in GROUPS.items():
-                parent = layer.self_attn if gname in ("qkv", "o") else layer.mlp
-                prefix = f"model.layers.{li}.{'self_attn' if parent is layer.self_attn else 'mlp'}"
-                names = [f"{prefix}.{m}" for m in members]
-                grp = LinearGroup(
-                    names, [getattr(parent, m) for m in members], [factors.modules[n] for n in names],
-                    max_rank, core_slots, lr_slots,
-                )
+                attn = gname in ("qkv", "o")
+                parent = layer.self_attn if attn else layer.mlp
+                names = [f"model.layers.{li}.{'self_attn' if attn else 'mlp'}.{m}" for m in members]
+                grp = LinearGroup(names, [getattr(parent, m) for m in members], [factors.modules[n] for n in names],
+                                  self.pools[gname], li)
                 groups[gname] = grp
                 self.group_of.update({n: grp for n in names})
             block = nn.Module()
@@ -82,15 +88,17 @@ class BatchedRunner(nn.Module):
         return self.embed.weight.device
 
     # ---- adapter slots ----
+    @torch.no_grad()
     def write_core_slot(self, slot: int, terms: dict[str, DeltaTerms]) -> None:
-        for grp in {id(g): g for g in self.group_of.values()}.values():
-            grp.clear_core(slot)
+        for pools in self.pools.values():
+            pools.clear_core(slot)
         for name, t in terms.items():
             self.group_of[name].write_core(slot, name, t)
 
+    @torch.no_grad()
     def write_lr_slot(self, slot: int, terms: dict[str, DeltaTerms]) -> None:
-        for grp in {id(g): g for g in self.group_of.values()}.values():
-            grp.clear_lr(slot)
+        for pools in self.pools.values():
+            pools.clear_lr(slot)
         for name, t in terms.items():
             self.group_of[name].write_lr(slot, name, t)
 
@@ -104,16 +112,17 @@ class BatchedRunner(nn.Module):
     # ---- forward ----
     def _layers(self, x: torch.Tensor, mp: SlotMapping, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
         T = x.shape[0]
+        rows = {gname: pools.gather(mp) for gname, pools in self.pools.items()}  # once per step, all layers
         for li, blk in enumerate(self.layers):
             g = blk.groups
-            q, k, v = g["qkv"].split(g["qkv"](blk.ln1(x), mp))
+            q, k, v = g["qkv"].split(g["qkv"](blk.ln1(x), mp, rows["qkv"]))
             q = rotate(q.view(T, self.n_heads, self.head_dim), cos, sin)
             k = rotate(k.view(T, self.n_kv, self.head_dim), cos, sin)
             v = v.view(T, self.n_kv, self.head_dim)
             attn = attend(li, q, k, v).reshape(T, self.n_heads * self.head_dim)
-            x = x + g["o"](attn, mp)
-            gate, up = g["gate_up"].split(g["gate_up"](blk.ln2(x), mp))
-            x = x + g["down"](blk.act(gate) * up, mp)
+            x = x + g["o"](attn, mp, rows["o"])
+            gate, up = g["gate_up"].split(g["gate_up"](blk.ln2(x), mp, rows["gate_up"]))
+            x = x + g["down"](blk.act(gate) * up, mp, rows["down"])
         return self.norm(x)
 
     def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +145,7 @@ class BatchedRunner(nn.Module):
         x = self.embed(ids.view(-1))
         positions = torch.arange(L, device=self.device).repeat(P)
         cos, sin = self._cos_sin(x, positions)
-        mp = SlotMapping.build(core_slots, lr_slots, sub_slots, [L] * P, device=self.device)
+        mp = SlotMapping.build(core_slots, lr_slots, sub_slots, L, device=self.device)
         row_idx = torch.tensor(rows, device=self.device)
 
         def attend(li, q, k, v):
@@ -161,14 +170,17 @@ class BatchedRunner(nn.Module):
         T = tokens.shape[0]
         x = self.embed(tokens)
         cos, sin = self._cos_sin(x, positions)
-        rows = torch.arange(T, device=self.device)
         L = int(positions.max()) + 1
         mask = (torch.arange(L, device=self.device)[None, :] <= positions[:, None]).view(T, 1, 1, L)
+        # Flat (row, kv-head, position) offsets into the cache viewed as (rows·heads·seq, D): index_copy_ is
+        # one cheap scatter, unlike advanced-index assignment.
+        heads = torch.arange(self.n_kv, device=self.device)
+        flat = ((torch.arange(T, device=self.device)[:, None] * self.n_kv + heads) * self.max_seq_len + positions[:, None]).view(-1)
 
         def attend(li, q, k, v):
             kc, vc = self.k_cache[li], self.v_cache[li]
-            kc[rows, :, positions] = k
-            vc[rows, :, positions] = v
+            kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim))
+            vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim))
             o = F.scaled_dot_product_attention(
                 q.unsqueeze(2), kc[:T, :, :L], vc[:T, :, :L], attn_mask=mask, enable_gqa=self.n_kv != self.n_heads
             )

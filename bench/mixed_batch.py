@@ -1,0 +1,169 @@
+"""Mixed-adapter batch throughput: prefill and decode step, as ratios to the base alone and to PEFT.
+
+One batch of B rows, each with its own adapter (B distinct adapters), through svdserve's batched runner;
+the baseline is the same runner with no adapters, measured in the same run, interleaved round by round so
+machine noise hits every configuration alike. PEFT's mixed-batch LoRA (`adapter_names`) at the same rank is
+measured on the HF model in the same run.
+
+    python bench/mixed_batch.py [--base default] [--batch 32] [--rank 16] [--prompt-len 64] [--device cpu]
+
+Prints a markdown table and a last line of JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from svd_adapters.adapter import Adapter, new_adapter  # noqa: E402
+from svd_adapters.base_model import load_base  # noqa: E402
+from svd_adapters.batched_linear import SlotMapping  # noqa: E402
+from svd_adapters.factors import load_or_compute  # noqa: E402
+from svd_adapters.runner import BatchedRunner  # noqa: E402
+
+
+def random_adapter(method: str, rank: int, factors, name: str, seed: int) -> Adapter:
+    """A trained-looking adapter: initialised, then perturbed so the delta is non-zero."""
+    a = new_adapter(method, rank, factors, name, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    scale = {"osora": 0.02, "loraxs": 0.05, "sorsa": 0.01, "lora": 0.01}[method]
+    for p in a.params.values():
+        for k, v in p.items():
+            p[k] = v + scale * torch.randn(v.shape, generator=g)
+    return a
+
+
+def load_slots(runner: BatchedRunner, adapters: list[Adapter], factors) -> tuple[list[int], list[int], set[int]]:
+    core, lr, sub = [], [], set()
+    nc = nl = 0
+    for a in adapters:
+        terms = a.terms(factors)
+        if a.method in ("osora", "loraxs"):
+            nc += 1
+            runner.write_core_slot(nc, terms)
+            core.append(nc), lr.append(0)
+            if a.method == "osora":
+                sub.add(nc)
+        else:
+            nl += 1
+            runner.write_lr_slot(nl, terms)
+            core.append(0), lr.append(nl)
+    return core, lr, sub
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def peft_model(base, rank: int, n: int):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], init_lora_weights=False)
+    model = get_peft_model(base.model, cfg, adapter_name="a0")
+    for i in range(1, n):
+        model.add_adapter(f"a{i}", cfg)
+    model.eval()
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", default="default")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--prefill-reps", type=int, default=3)
+    ap.add_argument("--decode-reps", type=int, default=20)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-peft", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    B, r, L = args.batch, args.rank, args.prompt_len
+
+    base = load_base(args.base)
+    factors = load_or_compute(base.model, base.cache_dir)
+    base.model.to(args.device)
+    runner = BatchedRunner(base, factors, max_rank=r, max_batch=B, max_seq_len=L + args.decode_reps + 8,
+                           core_slots=B + 1, lr_slots=B + 1)
+    name = base.name
+    mixes = {
+        f"osora r{r}": ["osora"] * B,
+        f"loraxs r{r}": ["loraxs"] * B,
+        f"mix of all methods r{r}": [("osora", "loraxs", "sorsa", "lora")[i % 4] for i in range(B)],
+    }
+    configs: dict[str, tuple[list[int], list[int], set[int]]] = {"base (no adapters)": ([0] * B, [0] * B, set())}
+    # Each config gets its own slot range so all of them can stay resident and be interleaved.
+    for cname, methods in mixes.items():
+        adapters = [random_adapter(m, r, factors, name, seed=1000 * len(configs) + i) for i, m in enumerate(methods)]
+        configs[cname] = load_slots(runner, adapters, factors)
+    vocab = base.model.config.vocab_size
+    prompts = [torch.randint(3, vocab, (L,)).tolist() for _ in range(B)]
+    rows = list(range(B))
+    tokens = torch.randint(3, vocab, (B,), device=args.device)
+    positions = torch.full((B,), L, device=args.device)
+
+    prefill_t = {c: [] for c in configs}
+    decode_t = {c: [] for c in configs}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    for c, (cs, ls, sub) in configs.items():  # warm-up
+        runner.prefill(prompts, rows, cs, ls, sub)
+        runner.decode(tokens, positions, SlotMapping.build(cs, ls, sub, device=args.device))
+    for _ in range(args.prefill_reps):
+        for c, (cs, ls, sub) in configs.items():
+            prefill_t[c].append(timed(lambda: (runner.prefill(prompts, rows, cs, ls, sub), sync())))
+    for _ in range(args.decode_reps):
+        for c, (cs, ls, sub) in configs.items():
+            mp = SlotMapping.build(cs, ls, sub, device=args.device)  # built once per step, as the engine does
+            decode_t[c].append(timed(lambda: (runner.decode(tokens, positions, mp), sync())))
+
+    results = {}
+    for c in configs:
+        p, d = statistics.median(prefill_t[c]), statistics.median(decode_t[c])
+        results[c] = {"prefill_tok_s": B * L / p, "decode_tok_s": B / d, "prefill_s": p, "decode_step_s": d}
+
+    peft = None
+    if not args.no_peft:
+        del runner
+        pm = peft_model(base, r, B)
+        ids = torch.tensor(prompts, device=args.device)
+        names = [f"a{i}" for i in range(B)]
+        with torch.inference_mode():
+            out = pm(input_ids=ids, adapter_names=names, use_cache=True)
+            past = out.past_key_values
+            pt = [timed(lambda: (pm(input_ids=ids, adapter_names=names, use_cache=False), sync())) for _ in range(args.prefill_reps)]
+            step_ids = tokens.view(B, 1)
+            dt = []
+            for _ in range(max(3, args.decode_reps // 4)):
+                past.crop(L)
+                dt.append(timed(lambda: (pm(input_ids=step_ids, adapter_names=names, past_key_values=past, use_cache=True), sync())))
+        peft = {"prefill_tok_s": B * L / statistics.median(pt), "decode_tok_s": B / statistics.median(dt)}
+
+    base_r = results["base (no adapters)"]
+    print(f"\nMixed-adapter batch: {name}, batch {B} rows with {B} distinct adapters, rank {r}, prompt {L} tokens, device {args.device}\n")
+    print("| configuration | prefill tok/s | × base | × PEFT | decode tok/s | × base | × PEFT |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    table = {}
+    for c, v in results.items():
+        pr, dr = v["prefill_tok_s"] / base_r["prefill_tok_s"], v["decode_tok_s"] / base_r["decode_tok_s"]
+        pp = v["prefill_tok_s"] / peft["prefill_tok_s"] if peft else float("nan")
+        dp = v["decode_tok_s"] / peft["decode_tok_s"] if peft else float("nan")
+        table[c] = {**v, "prefill_x_base": pr, "decode_x_base": dr, "prefill_x_peft": pp, "decode_x_peft": dp}
+        print(f"| {c} | {v['prefill_tok_s']:.0f} | {pr:.3f} | {pp:.2f} | {v['decode_tok_s']:.1f} | {dr:.3f} | {dp:.2f} |")
+    if peft:
+        print(f"| PEFT mixed-batch LoRA r{r} (adapter_names) | {peft['prefill_tok_s']:.0f} | {peft['prefill_tok_s']/base_r['prefill_tok_s']:.3f} | 1.00 "
+              f"| {peft['decode_tok_s']:.1f} | {peft['decode_tok_s']/base_r['decode_tok_s']:.3f} | 1.00 |")
+    print(json.dumps({"bench": "mixed_batch", "base": name, "batch": B, "rank": r, "prompt_len": L, "device": args.device,
+                      "results": table, "peft": peft}))
+
+
+if __name__ == "__main__":
+    main()
