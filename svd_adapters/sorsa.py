@@ -19,7 +19,7 @@ def param_shapes(m: int, n: int, r: int) -> dict[str, tuple[int, ...]]:
 
 
 def init_params(U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    return {"U": U_r.clone(), "S": S_r.clone(), "V": Vh_r.T.clone()}
+    return {"U": U_r.clone(), "S": S_r.clone(), "V": Vh_r.T.contiguous()}
 
 
 def terms(p: dict[str, torch.Tensor], U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, alpha: float) -> DeltaTerms:

@@ -1,0 +1,508 @@
+"""The serving engine: continuous batching over one resident base with per-row adapters.
+
+One engine thread owns the `BatchedRunner` and loops: place adapters that finished loading into device
+slots → admit waiting requests whose adapter is resident (prefill them together) → one decode step for
+every running row → retire finished rows. A request joins the running batch at the next step and leaves
+as soon as it is done. Cold adapters are fetched from the store and validated on a loader thread pool,
+so the running batch never waits for them; a request waits only for its own adapter.
+
+The asyncio side talks to the engine through `generate` / `stream`; events come back through
+`loop.call_soon_threadsafe`, so the event loop never blocks on the model.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+
+from adapters_store.base import AdapterStore, StoreUnavailable
+from adapters_store.validate import AdapterValidationError, load_adapter
+from service.adapter_cache import LOWRANK_METHODS, AdapterCache, pool_of
+from service.sampling import Detokenizer, SamplingParams, sample
+from svd_adapters.adapter import Adapter
+from svd_adapters.base_model import BaseModel
+from svd_adapters.batched_linear import SlotMapping
+from svd_adapters.factors import BaseFactors
+from svd_adapters.log import get_logger
+from svd_adapters.runner import BatchedRunner
+
+log = get_logger(__name__)
+
+__all__ = [
+    "Engine", "EngineConfig", "SamplingParams", "GenerationResult", "EngineError", "AdapterNotFound",
+    "AdapterUnavailable", "QueueFull", "EngineShuttingDown", "InvalidRequest",
+]
+
+
+class EngineError(Exception):
+    status = 500
+
+
+class AdapterNotFound(EngineError):
+    status = 404
+
+
+class AdapterUnavailable(EngineError):
+    status = 503
+
+
+class QueueFull(EngineError):
+    status = 429
+
+
+class EngineShuttingDown(EngineError):
+    status = 503
+
+
+class InvalidRequest(EngineError):
+    status = 400
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 32
+    max_rank: int = 16
+    max_seq_len: int = 1024
+    core_slots: int = 64
+    lr_slots: int = 8
+    max_waiting: int = 256
+    max_prefill_tokens: int = 4096  # padded prompt tokens per prefill step, so one step stays short
+    loader_threads: int = 2
+    device: str = "cpu"
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    adapter_id: str | None
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    adapter_id: str | None
+    params: SamplingParams
+    detok: Detokenizer
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    generator: torch.Generator | None
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    out: list[int] = field(default_factory=list)
+    core_slot: int = 0
+    lr_slot: int = 0
+    cancelled: bool = False
+    finish_reason: str | None = None
+
+    def emit(self, kind: str, payload) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+
+
+class Engine:
+    def __init__(self, base: BaseModel, factors: BaseFactors, store: AdapterStore, config: EngineConfig | None = None):
+        self.base, self.factors, self.store = base, factors, store
+        self.config = cfg = config or EngineConfig()
+        self.tokenizer = base.tokenizer
+        base.model.to(cfg.device)
+        self.runner = BatchedRunner(base, factors, max_rank=cfg.max_rank, max_batch=cfg.max_batch,
+                                    max_seq_len=cfg.max_seq_len, core_slots=cfg.core_slots, lr_slots=cfg.lr_slots)
+        self.cache = AdapterCache(cfg.core_slots, cfg.lr_slots)
+        self.sub_slots: set[int] = set()  # core slots holding OSoRA (scale + subtraction)
+        self.eos_ids = self._eos_ids()
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()
+        self._waiting: deque[_Request] = deque()
+        self._commands: deque[tuple[str, str]] = deque()  # (verb, adapter_id) from other threads
+        self._active: list[_Request] = []  # row i of the KV cache belongs to _active[i]
+        self._loading: dict[str, Future] = {}
+        self._ready: dict[str, tuple[str, dict]] = {}  # loaded but not yet placed: id → (method, terms)
+        self._loader = ThreadPoolExecutor(max_workers=cfg.loader_threads, thread_name_prefix="adapter-loader")
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.accepting = False
+        self.counters = {"requests": 0, "finished": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0,
+                         "adapter_loads": 0, "adapter_load_errors": 0}
+        self.load_latencies: deque[float] = deque(maxlen=1000)
+        self.step_latencies: deque[float] = deque(maxlen=1000)
+        self.observers: list = []  # objects with on_* hooks (metrics); called on the engine thread
+
+    # ---------- public API (any thread / event loop) ----------
+    def start(self) -> None:
+        self._running = True
+        self.accepting = True
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop accepting; with drain, let admitted and waiting requests finish (up to timeout)."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        while drain and (self._waiting or self._active) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def encode_prompt(self, prompt: str | None = None, messages: list[dict] | None = None, raw: bool = False) -> list[int]:
+        """Token ids for a chat (template applied) or a plain prompt (as one user turn unless raw)."""
+        if messages is None and prompt is None:
+            raise InvalidRequest("give either 'prompt' or 'messages'")
+        if messages is None and raw:
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        msgs = messages if messages is not None else [{"role": "user", "content": prompt}]
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            return self.tokenizer.encode("\n".join(m["content"] for m in msgs), add_special_tokens=False)
+        return list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    def check_servable(self, adapter: Adapter) -> None:
+        """Raise ValueError if this engine's slot pools cannot hold the adapter."""
+        R = self.config.max_rank
+        limit = 2 * R if adapter.method == "lora" else R
+        if adapter.rank > limit:
+            raise ValueError(
+                f"{adapter.method} rank {adapter.rank} exceeds this server's limit of {limit} "
+                f"(max_rank {R}); retrain with --rank {limit} or lower, or start the server with --max-rank {adapter.rank}"
+            )
+
+    async def generate(self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams) -> GenerationResult:
+        result = None
+        async for item in self.stream(prompt_ids, adapter_id, params):
+            if isinstance(item, GenerationResult):
+                result = item
+        assert result is not None
+        return result
+
+    async def stream(self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams) -> AsyncIterator[str | GenerationResult]:
+        """Text deltas as they are generated, then the final GenerationResult."""
+        req = self._submit(prompt_ids, adapter_id, params)
+        try:
+            while True:
+                kind, payload = await req.queue.get()
+                if kind == "delta":
+                    yield payload
+                elif kind == "done":
+                    yield payload
+                    return
+                else:
+                    raise payload
+        finally:
+            if req.finish_reason is None:  # consumer went away (client disconnect): free the batch row
+                req.cancelled = True
+                self._notify()
+
+    def evict(self, adapter_id: str) -> None:
+        """Drop an adapter from the device cache (after a delete); running requests finish first."""
+        with self._cond:
+            self._commands.append(("evict", adapter_id))
+            self._cond.notify()
+
+    def pin(self, adapter_id: str, pinned: bool = True) -> None:
+        with self._cond:
+            self._commands.append(("pin" if pinned else "unpin", adapter_id))
+            self._cond.notify()
+
+    def stats(self) -> dict:
+        return {
+            "active": len(self._active),
+            "waiting": len(self._waiting),
+            "loading": len(self._loading),
+            "adapters_cached": len(self.cache.resident),
+            "cache_hits": self.cache.hits,
+            "cache_misses": self.cache.misses,
+            "cache_evictions": self.cache.evictions,
+            **self.counters,
+        }
+
+    # ---------- submission ----------
+    def _submit(self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams) -> _Request:
+        if not self.accepting:
+            raise EngineShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty")
+        if params.max_tokens < 1:
+            raise InvalidRequest("max_tokens must be at least 1")
+        if len(prompt_ids) + params.max_tokens > self.config.max_seq_len:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context limit "
+                f"of {self.config.max_seq_len} tokens; shorten the prompt or lower max_tokens"
+            )
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator().manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        req = _Request(
+            id=next(self._ids), prompt=list(prompt_ids), adapter_id=adapter_id, params=params,
+            detok=Detokenizer(self.tokenizer, params.stop), loop=asyncio.get_running_loop(),
+            queue=asyncio.Queue(), generator=gen,
+        )
+        with self._cond:
+            if len(self._waiting) >= self.config.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting; retry shortly")
+            self._waiting.append(req)
+            self.counters["requests"] += 1
+            self._cond.notify()
+        return req
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # ---------- engine thread ----------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while self._running:
+            try:
+                self._run_commands()
+                self._place_loaded()
+                admitted = self._admit()
+                if admitted:
+                    self._prefill(admitted)
+                if self._active:
+                    self._decode()
+                self._retire()
+            except Exception as exc:  # a bug must fail the requests in flight, not kill the engine silently
+                log.exception("engine step failed")
+                for req in self._active:
+                    self._finish(req, error=EngineError(f"internal error: {exc}"))
+                self._retire()
+            with self._cond:
+                if self._running and not self._active and not self._has_admissible():
+                    self._cond.wait(timeout=0.05)
+
+    def _has_admissible(self) -> bool:
+        return bool(self._commands) or any(
+            r.cancelled or r.adapter_id is None or r.adapter_id in self.cache.resident
+            or (r.adapter_id not in self._loading and r.adapter_id not in self._ready)
+            for r in self._waiting
+        ) or any(f.done() for f in self._loading.values()) or bool(self._ready)
+
+    def _run_commands(self) -> None:
+        while self._commands:
+            with self._cond:
+                verb, adapter_id = self._commands.popleft()
+            if verb == "evict":
+                res = self.cache.get(adapter_id)
+                self._ready.pop(adapter_id, None)
+                if res is not None and self.cache.remove(adapter_id):
+                    self.sub_slots.discard(res.slot) if res.pool == "core" else None
+                elif res is not None:  # still in use: retry after running requests release it
+                    with self._cond:
+                        self._commands.append((verb, adapter_id))
+                    return
+            elif verb in ("pin", "unpin"):
+                self.cache.pin(adapter_id, verb == "pin")
+
+    def _load(self, adapter_id: str) -> tuple[str, dict, float]:
+        """Loader thread: fetch, validate, and turn into slot terms (all CPU work off the engine thread)."""
+        t0 = time.perf_counter()
+        try:
+            blob = self.store.get_blob(adapter_id)
+        except StoreUnavailable as exc:
+            raise AdapterUnavailable(
+                f"adapter {adapter_id!r} is not cached on this replica and the adapter store is unreachable ({exc}); retry shortly"
+            ) from exc
+        if blob is None:
+            raise AdapterNotFound(f"adapter {adapter_id!r} not found; upload it with POST /adapters or list them with GET /adapters")
+        try:
+            adapter = load_adapter(blob, self.factors)
+            self.check_servable(adapter)
+        except (AdapterValidationError, ValueError) as exc:
+            raise AdapterUnavailable(f"stored adapter {adapter_id!r} cannot be served: {exc}") from exc
+        terms = {name: t for name, t in adapter.terms(self.factors).items()}
+        return adapter.method, terms, time.perf_counter() - t0
+
+    def _place_loaded(self) -> None:
+        for adapter_id, fut in list(self._loading.items()):
+            if not fut.done():
+                continue
+            del self._loading[adapter_id]
+            try:
+                method, terms, seconds = fut.result()
+            except Exception as exc:
+                self.counters["adapter_load_errors"] += 1
+                err = exc if isinstance(exc, EngineError) else EngineError(f"loading adapter {adapter_id!r} failed: {exc}")
+                self._fail_waiting(adapter_id, err)
+                continue
+            self.counters["adapter_loads"] += 1
+            self.load_latencies.append(seconds)
+            for obs in self.observers:
+                obs.on_adapter_load(method, seconds)
+            self._ready[adapter_id] = (method, terms)
+        for adapter_id, (method, terms) in list(self._ready.items()):
+            if not self.cache.can_place(method):
+                continue  # every slot of its pool is busy: it waits for a running request to finish
+            res, evicted = self.cache.place(adapter_id, method)
+            if evicted is not None:
+                for obs in self.observers:
+                    obs.on_eviction()
+            if res.pool == "core":
+                self.runner.write_core_slot(res.slot, terms)
+                self.sub_slots.discard(res.slot)
+                if method == "osora":
+                    self.sub_slots.add(res.slot)
+            else:
+                self.runner.write_lr_slot(res.slot, terms)
+            del self._ready[adapter_id]
+
+    def _fail_waiting(self, adapter_id: str, err: Exception) -> None:
+        with self._cond:
+            failed = [r for r in self._waiting if r.adapter_id == adapter_id]
+            for r in failed:
+                self._waiting.remove(r)
+        for r in failed:
+            r.finish_reason = "error"
+            r.emit("error", err)
+
+    def _admit(self) -> list[_Request]:
+        """Waiting requests whose adapter is resident, FIFO, up to the free rows and the prefill budget."""
+        admitted: list[_Request] = []
+        free_rows = self.config.max_batch - len(self._active)
+        longest = 0
+        with self._cond:
+            for req in list(self._waiting):
+                if req.cancelled:
+                    self._waiting.remove(req)
+                    req.finish_reason = "cancelled"
+                    continue
+                if len(admitted) >= free_rows:
+                    break
+                longest_if = max(longest, len(req.prompt))
+                if admitted and longest_if * (len(admitted) + 1) > self.config.max_prefill_tokens:
+                    break
+                if req.adapter_id is not None:
+                    if req.adapter_id not in self.cache.resident:
+                        if req.adapter_id not in self._loading and req.adapter_id not in self._ready:
+                            self.cache.misses += 1
+                            for obs in self.observers:
+                                obs.on_cache_miss()
+                            self._loading[req.adapter_id] = self._loader.submit(self._load, req.adapter_id)
+                        continue  # waits for its own adapter only
+                    res = self.cache.acquire(req.adapter_id)
+                    for obs in self.observers:
+                        obs.on_cache_hit()
+                    if res.pool == "core":
+                        req.core_slot = res.slot
+                    else:
+                        req.lr_slot = res.slot
+                self._waiting.remove(req)
+                admitted.append(req)
+                longest = longest_if
+        return admitted
+
+    def _prefill(self, reqs: list[_Request]) -> None:
+        t0 = time.perf_counter()
+        start = len(self._active)
+        rows = list(range(start, start + len(reqs)))
+        logits = self.runner.prefill(
+            [r.prompt for r in reqs], rows, [r.core_slot for r in reqs], [r.lr_slot for r in reqs], self.sub_slots
+        )
+        self._active.extend(reqs)
+        now = time.monotonic()
+        for req, row_logits in zip(reqs, logits):
+            req.first_token_at = now
+            self.counters["prompt_tokens"] += len(req.prompt)
+            for obs in self.observers:
+                obs.on_first_token(now - req.arrived)
+            self._accept_token(req, sample(row_logits, req.params, req.generator))
+        for obs in self.observers:
+            obs.on_step("prefill", time.perf_counter() - t0, len(reqs))
+
+    def _decode(self) -> None:
+        t0 = time.perf_counter()
+        live = [r for r in self._active]
+        device = self.runner.device
+        tokens = torch.tensor([r.out[-1] for r in live], device=device)
+        positions = torch.tensor([len(r.prompt) + len(r.out) - 1 for r in live], device=device)
+        mp = SlotMapping.build([r.core_slot for r in live], [r.lr_slot for r in live], self.sub_slots, device=device)
+        logits = self.runner.decode(tokens, positions, mp)
+        greedy = torch.argmax(logits, dim=-1).tolist()  # one batched argmax for every greedy row
+        for i, req in enumerate(live):
+            if req.finish_reason is not None:
+                continue
+            tok = greedy[i] if req.params.temperature <= 0 else sample(logits[i], req.params, req.generator)
+            self._accept_token(req, tok)
+        self.counters["steps"] += 1
+        dt = time.perf_counter() - t0
+        self.step_latencies.append(dt)
+        for obs in self.observers:
+            obs.on_step("decode", dt, len(live))
+
+    def _accept_token(self, req: _Request, tok: int) -> None:
+        if req.cancelled:
+            req.finish_reason = "cancelled"
+            return
+        if tok in self.eos_ids:
+            self._finish(req, "stop")
+            return
+        req.out.append(tok)
+        self.counters["completion_tokens"] += 1
+        delta, hit_stop = req.detok.add(tok)
+        if delta:
+            req.emit("delta", delta)
+        if hit_stop:
+            self._finish(req, "stop")
+        elif len(req.out) >= req.params.max_tokens or len(req.prompt) + len(req.out) >= self.config.max_seq_len:
+            self._finish(req, "length")
+
+    def _finish(self, req: _Request, reason: str | None = None, error: Exception | None = None) -> None:
+        if req.finish_reason is not None:
+            return
+        if error is not None:
+            req.finish_reason = "error"
+            req.emit("error", error)
+            return
+        req.finish_reason = reason
+        tail = req.detok.finish()
+        if tail:
+            req.emit("delta", tail)
+        self.counters["finished"] += 1
+        req.emit("done", GenerationResult(req.detok.text, reason, len(req.prompt), len(req.out), req.adapter_id, list(req.out)))
+        for obs in self.observers:
+            obs.on_finish(reason, len(req.out))
+
+    def _retire(self) -> None:
+        """Drop finished/cancelled rows, keeping the active rows compacted in [0, n)."""
+        for req in self._active:
+            if req.cancelled and req.finish_reason is None:
+                req.finish_reason = "cancelled"
+        i = 0
+        while i < len(self._active):
+            req = self._active[i]
+            if req.finish_reason is None:
+                i += 1
+                continue
+            if req.adapter_id is not None:
+                self.cache.release(req.adapter_id)
+            last = len(self._active) - 1
+            if i != last:
+                mover = self._active[last]
+                self.runner.move_row(last, i, len(mover.prompt) + len(mover.out))
+                self._active[i] = mover
+            self._active.pop()
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        gc = getattr(self.base.model, "generation_config", None)
+        eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(eos)
+        return ids
