@@ -1,0 +1,1 @@
+"""Trainer for svdserve adapters: data, built-in tasks, training loop, evaluation, CLI."""

@@ -1,0 +1,204 @@
+"""`python -m training {train,eval,tasks}`: the trainer CLI. Progress and logs go to stderr; for `train`
+and `eval` the last line of stdout is one JSON object, so scripts can `tail -n1 | jq`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+from svd_adapters.log import get_logger
+from svd_adapters.methods import METHODS
+from training.data import DataError, Example, load_jsonl, split_holdout
+from training.tasks import GENERATORS, make_task
+from training.trainer import DEFAULT_LR, TrainConfig, train_adapter
+
+log = get_logger("training")
+
+
+def _examples(args: argparse.Namespace) -> tuple[list[Example], list[Example], str]:
+    """(train, test, source) from --task or --data [--eval-data]."""
+    if args.task:
+        task = make_task(args.task, seed=args.task_seed)
+        return task.train, task.test, f"task:{args.task}"
+    data = load_jsonl(args.data)
+    if getattr(args, "all_data", False):  # eval: the whole file is the test set
+        return [], data, str(args.data)
+    if getattr(args, "eval_data", None):
+        return data, load_jsonl(args.eval_data), str(args.data)
+    train, test = split_holdout(data, args.holdout, args.seed)
+    return train, test, str(args.data)
+
+
+def _limit(test: list[Example], limit: int | None) -> list[Example]:
+    return test[:limit] if limit else test
+
+
+def _load(base_spec: str):
+    # Imported late so `tasks` and `--help` stay instant.
+    from svd_adapters.base_model import load_base
+    from svd_adapters.factors import load_or_compute
+
+    base = load_base(base_spec)
+    return base, load_or_compute(base.model, base.cache_dir)
+
+
+def _eval(base, factors, adapter, test, args) -> float:
+    from training.evaluate import evaluate_adapter
+
+    res = evaluate_adapter(base.model, base.tokenizer, factors, adapter, test, args.eval_batch_size, not args.quiet)
+    for prompt, want, got in res.samples:
+        log.info("sample: %r → %r (expected %r)", prompt, got, want)
+    return res.exact_match
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    from adapters_store.format import save_adapter
+
+    t0 = time.perf_counter()
+    train, test, source = _examples(args)
+    test = _limit(test, args.eval_limit)
+    base, factors = _load(args.base)
+    cfg = TrainConfig(
+        method=args.method, rank=args.rank, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+        alpha=args.alpha, seed=args.seed, weight_decay=args.weight_decay, max_len=args.max_len,
+    )
+    before = None if args.skip_eval_before else _eval(base, factors, None, test, args)
+    result = train_adapter(base, factors, train, cfg, progress=not args.quiet)
+    nbytes = save_adapter(result.adapter, args.out)
+    after = _eval(base, factors, result.adapter, test, args)
+    tail = result.losses[-10:]  # last loss smoothed over ≤10 steps; the first is the untrained loss
+    return {
+        "method": cfg.method,
+        "rank": cfg.rank,
+        "alpha": result.adapter.alpha,
+        "lr": cfg.peak_lr,
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "base": base.name,
+        "data": source,
+        "n_train": len(train),
+        "n_eval": len(test),
+        "trainable_params": result.adapter.trainable_params(),
+        "adapter_bytes": nbytes,
+        "train_loss_first": round(result.losses[0], 4),
+        "train_loss_last": round(sum(tail) / len(tail), 4),
+        "eval_exact_match_before": before,
+        "eval_exact_match_after": after,
+        "seconds": round(result.seconds, 1),
+        "cpu_seconds": round(result.cpu_seconds, 1),
+        "seconds_total": round(time.perf_counter() - t0, 1),
+        "out": str(args.out),
+    }
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from adapters_store.format import adapter_from_bytes_unchecked
+
+    t0 = time.perf_counter()
+    _, test, source = _examples(args)
+    test = _limit(test, args.eval_limit)
+    base, factors = _load(args.base)
+    adapter = None
+    if args.adapter != "none":
+        blob = Path(args.adapter).read_bytes()
+        try:
+            adapter = adapter_from_bytes_unchecked(blob)
+        except Exception as e:  # safetensors / metadata errors: say which file, not a traceback
+            raise ValueError(f"{args.adapter}: not a readable adapter file ({e})") from None
+    em = _eval(base, factors, adapter, test, args)
+    print(f"exact match: {em:.3f} on {len(test)} examples ({source})")
+    return {
+        "adapter": args.adapter,
+        "method": adapter.method if adapter else None,
+        "base": base.name,
+        "data": source,
+        "n_eval": len(test),
+        "exact_match": em,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def cmd_tasks(args: argparse.Namespace) -> None:
+    for name, (description, _) in GENERATORS.items():
+        task = make_task(name, seed=args.task_seed)
+        ex = task.test[0]
+        print(f"{name:10s} {description}  ({len(task.train)} train / {len(task.test)} test)")
+        print(f"{'':10s} e.g. {ex.chat()[-1]['content']!r} → {ex.completion!r}")
+
+
+def _add_source(p: argparse.ArgumentParser, eval_data: bool) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="JSONL: {prompt, completion} or {messages} per line")
+    src.add_argument("--task", choices=list(GENERATORS), help="a built-in demo task (see `tasks`)")
+    if eval_data:
+        p.add_argument("--eval-data", type=Path, help="held-out JSONL (default: split off --holdout of --data)")
+    p.add_argument("--holdout", type=float, default=0.1, help="held-out fraction of --data without --eval-data")
+    p.add_argument("--task-seed", type=int, default=0, help="seed the built-in task is generated from")
+    p.add_argument("--base", default="default", help="'default' (SmolLM2-135M-Instruct), 'tiny', or an HF model dir")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many held-out examples")
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: torch's choice). On a shared CPU use 1: oversubscribed OpenMP threads "
+        "spin against each other and a step can get 10x slower",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="train an adapter and save it")
+    tr.add_argument("--method", required=True, choices=sorted(METHODS))
+    tr.add_argument("--rank", type=int, default=16)
+    _add_source(tr, eval_data=True)
+    tr.add_argument("--out", type=Path, required=True, help="adapter file to write (.safetensors)")
+    tr.add_argument("--steps", type=int, default=100)
+    tr.add_argument("--lr", type=float, default=None, help=f"peak lr (default per method: {DEFAULT_LR})")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--alpha", type=float, default=None, help="scale numerator (default: rank)")
+    tr.add_argument("--weight-decay", type=float, default=0.0)
+    tr.add_argument("--max-len", type=int, default=256, help="truncate prompts (from the left) beyond this")
+    tr.add_argument("--skip-eval-before", action="store_true", help="do not evaluate the base model first")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("eval", help="exact match of an adapter (or 'none') on held-out data")
+    ev.add_argument("--adapter", required=True, help="adapter file, or 'none' for the base model")
+    _add_source(ev, eval_data=False)
+    ev.add_argument("--seed", type=int, default=0, help="seed of the held-out split of --data (as in train)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.add_argument("--all-data", action="store_true", help="evaluate on every line of --data, not its held-out split")
+
+    ts = sub.add_parser("tasks", help="list the built-in demo tasks")
+    ts.add_argument("--task-seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        if args.command == "tasks":
+            cmd_tasks(args)
+            return 0
+        out = cmd_train(args) if args.command == "train" else cmd_eval(args)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.flush()
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
