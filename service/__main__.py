@@ -1,0 +1,104 @@
+"""`python -m service`: load the base model and its SVD factors, open the adapter store, serve the API.
+
+    python -m service                                  # SmolLM2-135M-Instruct, disk store ./data/adapters
+    python -m service --base tiny --port 8001          # tiny random Llama (for trying the API)
+    python -m service --store redis://127.0.0.1:6379/0 # shared Redis store (or set REDIS_URL)
+
+Flags override SVDSERVE_* environment variables (see service/config.py), which override the defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from svd_adapters.log import get_logger
+
+log = get_logger("service")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m service", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", help="default | tiny | path to an HF model directory (env SVDSERVE_BASE)")
+    p.add_argument("--store", help="adapter store: a directory, or redis://host:port/db (env SVDSERVE_STORE, REDIS_URL)")
+    p.add_argument("--redis-prefix", help="key prefix in Redis (default svdserve:)")
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default 8000)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--max-batch", type=int, help="rows decoded together (default 32)")
+    p.add_argument("--max-rank", type=int, help="largest adapter rank served (default 16)")
+    p.add_argument("--max-seq-len", type=int, help="prompt + generated tokens per request (default 1024)")
+    p.add_argument("--core-slots", type=int, help="device cache slots for OSoRA/LoRA-XS adapters (default 64)")
+    p.add_argument("--lr-slots", type=int, help="device cache slots for SORSA/LoRA adapters (default 8)")
+    p.add_argument("--max-waiting", type=int, help="queued requests before 429 (default 256)")
+    p.add_argument("--max-upload-bytes", type=int, help="largest adapter file accepted (default 64 MiB)")
+    p.add_argument("--r-max", type=int, help="rank of the cached SVD factors (default 64)")
+    p.add_argument("--factors-dir", help="where SVD factors are cached (default: beside the base model)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Heavy imports after argument parsing, so -h is instant.
+    import uvicorn
+
+    from adapters_store import StoreError
+    from service.app import create_app, open_configured_store
+    from service.config import Settings, resolve_device
+    from svd_adapters.base_model import load_base
+    from svd_adapters.factors import load_or_compute
+
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        settings = Settings.from_env(**overrides)
+    except (TypeError, ValueError) as exc:
+        log.error("bad settings: %s", exc)
+        return 2
+
+    t0 = time.perf_counter()
+    log.info("loading base model %r", settings.base)
+    try:
+        base = load_base(settings.base)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        log.error("cannot load base model %r: %s", settings.base, exc)
+        return 2
+    log.info("base model %s loaded in %.1f s", base.name, time.perf_counter() - t0)
+
+    t1 = time.perf_counter()
+    factors_dir = Path(settings.factors_dir) if settings.factors_dir else base.cache_dir
+    log.info("loading SVD factors (r_max %d) from %s; computed once if missing", settings.r_max, factors_dir)
+    factors = load_or_compute(base.model, factors_dir, settings.r_max)
+    log.info("SVD factors %s ready in %.1f s (%d matrices)", factors.fingerprint, time.perf_counter() - t1, len(factors.modules))
+    if settings.max_rank > factors.r_max:
+        log.error("max_rank %d exceeds this base's factor rank %d; lower --max-rank", settings.max_rank, factors.r_max)
+        return 2
+
+    try:
+        store = open_configured_store(settings)
+    except StoreError as exc:
+        log.error("cannot open the adapter store: %s", exc)
+        return 2
+    if not store.ping():
+        log.warning("adapter store %r is not reachable now; uploads and cold adapters answer 503 until it is", store)
+    log.info("adapter store: %r; device: %s", store, resolve_device(settings.device))
+
+    app = create_app(settings, base=base, factors=factors, store=store)
+    try:
+        # log_config=None: uvicorn's loggers propagate to the root logger, i.e. svdserve's one log format.
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            log_level=logging.getLevelName(logging.getLogger().level).lower(),
+            timeout_graceful_shutdown=int(settings.shutdown_timeout) + 5,
+        )
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

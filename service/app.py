@@ -1,0 +1,362 @@
+"""The HTTP API: `create_app(settings)` builds the FastAPI app; its lifespan starts and stops the engine.
+
+Endpoints: POST/GET /adapters, GET/DELETE /adapters/{id}, POST /generate, GET /health; docs at /docs.
+Everything blocking (store I/O, upload validation, tokenization, model loading) runs in a worker thread,
+never on the event loop. Every error answers {"error": {"code", "message"}} (see service/errors.py).
+"""
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from adapters_store import AdapterStore, open_store, record_for, validate_id
+from adapters_store.records import ID_PATTERN, AdapterRecord
+from adapters_store.validate import load_adapter
+from service import engine as eng
+from service.config import Settings, resolve_device
+from service.errors import ApiError, error_body, register_error_handlers
+from service.schemas import (
+    AdapterCreated,
+    AdapterInfo,
+    AdapterList,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    HealthResponse,
+    StoreHealth,
+    Usage,
+)
+from svd_adapters.base_model import BaseModel, load_base
+from svd_adapters.factors import BaseFactors, load_or_compute
+from svd_adapters.log import get_logger
+
+log = get_logger(__name__)
+
+# Multipart framing (boundaries, part headers, the adapter_id field) on top of the file itself.
+UPLOAD_OVERHEAD_BYTES = 64 * 1024
+ADAPTER_ID_PREFIX = "ad-"
+
+EngineFactory = Callable[[BaseModel, BaseFactors, AdapterStore, "eng.EngineConfig"], "eng.Engine"]
+
+
+def new_adapter_id() -> str:
+    return f"{ADAPTER_ID_PREFIX}{secrets.token_hex(6)}"
+
+
+def engine_config(settings: Settings) -> eng.EngineConfig:
+    return eng.EngineConfig(
+        max_batch=settings.max_batch,
+        max_rank=settings.max_rank,
+        max_seq_len=settings.max_seq_len,
+        core_slots=settings.core_slots,
+        lr_slots=settings.lr_slots,
+        max_waiting=settings.max_waiting,
+        device=resolve_device(settings.device),
+    )
+
+
+def open_configured_store(settings: Settings) -> AdapterStore:
+    if settings.store_is_redis:
+        return open_store(settings.store, prefix=settings.redis_prefix)
+    return open_store(settings.store)
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ErrorResponse} for s in statuses}
+
+
+class UploadSizeLimit:
+    """Refuse an upload body over `limit` bytes while it streams in, before it is read into memory or spooled.
+
+    A Content-Length over the limit is answered at once; a body without one (chunked) is counted and cut off
+    at the limit. Only POST `path` is limited; everything else passes through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, path: str, max_file_bytes: int) -> None:
+        self.app, self.path = app, path
+        self.max_file_bytes = max_file_bytes
+        self.limit = max_file_bytes + UPLOAD_OVERHEAD_BYTES
+
+    def _too_large(self, size: int | None) -> ApiError:
+        got = f"the upload is {size:,} bytes" if size is not None else "the upload is larger than that"
+        return ApiError(
+            413,
+            "too_large",
+            f"this server accepts adapter files up to {self.max_file_bytes:,} bytes; {got}. Use a smaller rank or "
+            "fewer target_modules, or save in float16/bfloat16",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != self.path:
+            await self.app(scope, receive, send)
+            return
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            err = self._too_large(int(length))
+            response = JSONResponse(error_body(err.code, err.message), status_code=413, headers={"Connection": "close"})
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise self._too_large(None)  # an HTTPException: FastAPI lets it through body parsing
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    base: BaseModel | None = None,
+    factors: BaseFactors | None = None,
+    store: AdapterStore | None = None,
+    engine_factory: EngineFactory | None = None,
+) -> FastAPI:
+    """The app. `base`, `factors`, `store` are built from `settings` at startup unless given (tests, __main__).
+
+    A given store stays open after shutdown (its owner closes it); one opened here is closed here.
+    """
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        st = app.state
+        if st.base is None:
+            log.info("loading base model %r", settings.base)
+            st.base = await run_in_threadpool(load_base, settings.base)
+        if st.factors is None:
+            where = Path(settings.factors_dir) if settings.factors_dir else st.base.cache_dir
+            st.factors = await run_in_threadpool(load_or_compute, st.base.model, where, settings.r_max)
+        owns_store = st.store is None
+        if owns_store:
+            st.store = await run_in_threadpool(open_configured_store, settings)
+        make = engine_factory or eng.Engine
+        st.engine = await run_in_threadpool(make, st.base, st.factors, st.store, engine_config(settings))
+        await run_in_threadpool(st.engine.start)
+        log.info("serving %s (factors %s) with store %r", st.base.name, st.factors.fingerprint, st.store)
+        try:
+            yield
+        finally:
+            engine, st.engine = st.engine, None
+            await run_in_threadpool(engine.shutdown, True, settings.shutdown_timeout)
+            if owns_store:
+                st.store.close()
+                st.store = None
+
+    app = FastAPI(
+        title="svdserve",
+        summary="Many tenants' tiny SVD-based adapters (OSoRA, LoRA-XS, SORSA, LoRA) on one resident base model",
+        version="0.1.0",
+        lifespan=lifespan,
+        responses=_errors(422, 500),
+    )
+    app.state.settings = settings
+    app.state.base, app.state.factors, app.state.store, app.state.engine = base, factors, store, None
+    register_error_handlers(app)
+    app.add_middleware(UploadSizeLimit, path="/adapters", max_file_bytes=settings.max_upload_bytes)
+
+    def running_engine(request: Request) -> eng.Engine:
+        engine = request.app.state.engine
+        if engine is None:
+            raise ApiError(503, "not_ready", "the server is starting up or shutting down; retry shortly", {"Retry-After": "1"})
+        return engine
+
+    def the_store(request: Request) -> AdapterStore:
+        s = request.app.state.store
+        if s is None:
+            raise ApiError(503, "not_ready", "the server is starting up or shutting down; retry shortly", {"Retry-After": "1"})
+        return s
+
+    def known_id(adapter_id: str) -> str:
+        try:
+            return validate_id(adapter_id)
+        except ValueError:
+            raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id!r} (not a valid adapter id)") from None
+
+    # --- adapters --------------------------------------------------------------------------------------------
+
+    @app.post(
+        "/adapters",
+        status_code=201,
+        response_model=AdapterCreated,
+        responses=_errors(400, 409, 413, 503),
+        tags=["adapters"],
+        summary="Upload an adapter (the trainer's .safetensors file)",
+    )
+    async def upload_adapter(
+        request: Request,
+        file: Annotated[UploadFile, File(description="the adapter .safetensors file written by the trainer")],
+        adapter_id: Annotated[
+            str | None, Form(description=f"id to store it under ({ID_PATTERN}); default: a new ad-<12 hex> id")
+        ] = None,
+    ) -> JSONResponse:
+        """Validated completely (format, metadata, base fingerprint, shapes, finite values, fits this engine)
+        before anything is written; 201 is answered only once the store holds it durably."""
+        store = the_store(request)
+        engine = running_engine(request)
+        if adapter_id is None or adapter_id == "":
+            adapter_id = new_adapter_id()
+        try:
+            validate_id(adapter_id)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_adapter_id", str(exc)) from None
+        try:
+            blob = await file.read()
+        finally:
+            await file.close()
+        st = request.app.state
+
+        def validate() -> AdapterRecord:
+            # 2·max_rank is only an early bound (refused before tensors are decoded): LoRA may use up to 2·max_rank
+            # in the low-rank pool; check_servable then applies this engine's exact per-method limit.
+            adapter = load_adapter(
+                blob, st.factors, base_model_name=st.base.name, max_bytes=settings.max_upload_bytes,
+                max_rank=2 * settings.max_rank,
+            )
+            try:
+                engine.check_servable(adapter)
+            except ValueError as exc:
+                raise ApiError(400, "not_servable", str(exc)) from None
+            return record_for(adapter, blob, adapter_id)
+
+        record = await run_in_threadpool(validate)
+        await run_in_threadpool(store.put, record, blob)
+        log.info("stored adapter %s (%s, rank %d, %d bytes)", adapter_id, record.method, record.rank, record.size_bytes)
+        body = AdapterCreated.model_validate(record.model_dump(include=set(AdapterCreated.model_fields)))
+        return JSONResponse(body.model_dump(), status_code=201, headers={"Location": f"/adapters/{adapter_id}"})
+
+    @app.get("/adapters", response_model=AdapterList, responses=_errors(503), tags=["adapters"], summary="List adapters")
+    async def list_adapters(request: Request) -> AdapterList:
+        records = await run_in_threadpool(the_store(request).list)
+        return AdapterList(adapters=[AdapterInfo.from_record(r) for r in records], count=len(records))
+
+    @app.get(
+        "/adapters/{adapter_id}", response_model=AdapterInfo, responses=_errors(404, 503), tags=["adapters"], summary="One adapter"
+    )
+    async def get_adapter(request: Request, adapter_id: str) -> AdapterInfo:
+        record = await run_in_threadpool(the_store(request).get_record, known_id(adapter_id))
+        if record is None:
+            raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id!r}")
+        return AdapterInfo.from_record(record)
+
+    @app.delete(
+        "/adapters/{adapter_id}", status_code=204, responses=_errors(404, 503), tags=["adapters"], summary="Delete an adapter"
+    )
+    async def delete_adapter(request: Request, adapter_id: str) -> Response:
+        """Removed from the store, then from this replica's device cache (requests already running finish)."""
+        deleted = await run_in_threadpool(the_store(request).delete, known_id(adapter_id))
+        engine = request.app.state.engine
+        if engine is not None:
+            engine.evict(adapter_id)  # also when the store had no record: a stale cached copy must go
+        if not deleted:
+            raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id!r}")
+        log.info("deleted adapter %s", adapter_id)
+        return Response(status_code=204)
+
+    # --- generation ------------------------------------------------------------------------------------------
+
+    @app.post(
+        "/generate",
+        response_model=GenerateResponse,
+        responses=_errors(400, 404, 429, 503),
+        tags=["generation"],
+        summary="Generate text with an adapter (or the base model when adapter_id is null)",
+    )
+    async def generate(request: Request, body: GenerateRequest) -> GenerateResponse:
+        engine = running_engine(request)
+        if body.max_tokens > settings.max_seq_len:
+            raise ApiError(
+                422, "validation_error", f"max_tokens: must be ≤ {settings.max_seq_len} (this server's max_seq_len)"
+            )
+        messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
+        prompt_ids = await run_in_threadpool(engine.encode_prompt, body.prompt, messages, body.raw)
+        params = eng.SamplingParams(
+            max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list()
+        )
+        result = await engine.generate(prompt_ids, body.adapter_id, params)
+        return GenerateResponse(
+            text=result.text,
+            adapter_id=body.adapter_id,
+            finish_reason=result.finish_reason,
+            usage=Usage(
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                total_tokens=result.prompt_tokens + result.completion_tokens,
+            ),
+        )
+
+    # --- health ----------------------------------------------------------------------------------------------
+
+    @app.get("/health", response_model=HealthResponse, responses=_errors(503), tags=["service"], summary="Liveness and state")
+    async def health(request: Request) -> HealthResponse:
+        st = request.app.state
+        engine = running_engine(request)
+        store = the_store(request)
+        store_ok = await run_in_threadpool(_ping, store)
+        stats = await run_in_threadpool(engine.stats)
+        return HealthResponse(
+            status="ok" if store_ok else "degraded",
+            base_model=st.base.name,
+            factors_fingerprint=st.factors.fingerprint,
+            device=engine_config(settings).device,
+            store=StoreHealth(
+                backend=_backend(store),
+                location=_location(store),
+                ok=store_ok,
+            ),
+            adapters_cached=_cached_count(stats),
+            max_rank=settings.max_rank,
+            max_seq_len=settings.max_seq_len,
+            engine=_jsonable(stats),
+        )
+
+    return app
+
+
+def _ping(store: AdapterStore) -> bool:
+    try:
+        return bool(store.ping())
+    except Exception:  # a ping never fails the health check itself
+        return False
+
+
+def _backend(store: AdapterStore) -> str:
+    return "redis" if type(store).__name__ == "RedisStore" else "disk"
+
+
+def _location(store: AdapterStore) -> str:
+    return str(getattr(store, "url", None) or getattr(store, "root", None) or repr(store))
+
+
+def _cached_count(stats: dict[str, Any]) -> int | None:
+    for key in ("adapters_cached", "cached_adapters", "cached"):
+        value = stats.get(key)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, (list, dict, set, tuple)):
+            return len(value)
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

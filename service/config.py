@@ -1,0 +1,110 @@
+"""Service settings: defaults, then environment variables, then command-line flags (see `python -m service -h`).
+
+Environment (all optional):
+    SVDSERVE_BASE             default | tiny | path to an HF model directory          (default: default)
+    REDIS_URL                 redis://… — use the shared Redis store (wins over the disk default)
+    SVDSERVE_STORE            a store spec: a directory or a redis:// URL (wins over REDIS_URL)
+    SVDSERVE_DATA             data directory; the disk store is $SVDSERVE_DATA/adapters (default ./data)
+    SVDSERVE_REDIS_PREFIX     key prefix in Redis                                     (default svdserve:)
+    SVDSERVE_HOST / _PORT     where uvicorn listens                                   (127.0.0.1:8000)
+    SVDSERVE_DEVICE           auto | cpu | cuda | cuda:N                              (default auto)
+    SVDSERVE_MAX_BATCH, SVDSERVE_MAX_RANK, SVDSERVE_MAX_SEQ_LEN, SVDSERVE_CORE_SLOTS, SVDSERVE_LR_SLOTS,
+    SVDSERVE_MAX_WAITING, SVDSERVE_MAX_UPLOAD_BYTES, SVDSERVE_R_MAX, SVDSERVE_FACTORS_DIR
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from adapters_store.validate import DEFAULT_MAX_BYTES
+from svd_adapters.factors import DEFAULT_R_MAX
+
+ENV_PREFIX = "SVDSERVE_"
+
+
+def default_store() -> str:
+    """SVDSERVE_STORE, else REDIS_URL, else the disk directory $SVDSERVE_DATA/adapters (./data/adapters)."""
+    if spec := os.environ.get(ENV_PREFIX + "STORE"):
+        return spec
+    if url := os.environ.get("REDIS_URL"):
+        return url
+    return str(Path(os.environ.get(ENV_PREFIX + "DATA", "data")) / "adapters")
+
+
+def resolve_device(device: str) -> str:
+    """`auto` → cuda when a GPU is visible, else cpu; anything else is passed through."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Settings:
+    base: str = "default"
+    store: str = field(default_factory=default_store)
+    redis_prefix: str = "svdserve:"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    # engine
+    max_batch: int = 32
+    max_rank: int = 16
+    max_seq_len: int = 1024
+    core_slots: int = 64
+    lr_slots: int = 8
+    max_waiting: int = 256
+    shutdown_timeout: float = 30.0
+    # uploads
+    max_upload_bytes: int = DEFAULT_MAX_BYTES
+    # SVD factors
+    r_max: int = DEFAULT_R_MAX
+    factors_dir: str | None = None  # default: beside the base model (BaseModel.cache_dir)
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> "Settings":
+        """Defaults ← SVDSERVE_* environment variables ← `overrides` (keys that are None are ignored)."""
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = os.environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and f.name != "store":  # store: see default_store()
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        for name in ("max_batch", "max_rank", "max_seq_len", "core_slots", "lr_slots", "max_upload_bytes", "r_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be ≥ 0, got {self.max_waiting}")
+        if self.max_rank > self.r_max:
+            raise ValueError(f"max_rank {self.max_rank} exceeds r_max {self.r_max} (the SVD factors' rank)")
+
+    @property
+    def store_is_redis(self) -> bool:
+        from adapters_store import REDIS_SCHEMES
+
+        return self.store.startswith(REDIS_SCHEMES)
+
+    def replace(self, **changes: object) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(f: dataclasses.Field, raw: str) -> object:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {ENV_PREFIX}{f.name.upper()}={raw!r} is not a number") from None
+    if kind.startswith("str | None"):
+        return raw or None  # an empty value means "unset"
+    return raw

@@ -1,0 +1,160 @@
+"""Exceptions → HTTP status + the one error shape {"error": {"code", "message"}}.
+
+Codes are stable (clients and metrics key on them). Adapter validation keeps the validator's own codes
+(truncated, non_finite, fingerprint_mismatch, …); the rest:
+
+    400 invalid_request, invalid_adapter_id, not_servable      404 adapter_not_found, not_found
+    405 method_not_allowed   409 adapter_exists   413 too_large   422 validation_error
+    429 queue_full (Retry-After)   500 internal_error, store_error, engine_error
+    503 store_unavailable, adapter_unavailable, shutting_down, not_ready (Retry-After)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters_store.base import AdapterExists, StoreError, StoreUnavailable
+from adapters_store.validate import AdapterValidationError
+from service import engine as eng
+from svd_adapters.log import get_logger
+
+log = get_logger(__name__)
+
+STORE_RETRY_AFTER_S = 5
+DEFAULT_QUEUE_RETRY_AFTER_S = 1
+
+# Engine exception → (status, code); looked up along the exception's MRO, most specific first.
+ENGINE_ERRORS: dict[type[Exception], tuple[int, str]] = {
+    eng.AdapterNotFound: (404, "adapter_not_found"),
+    eng.AdapterUnavailable: (503, "adapter_unavailable"),
+    eng.QueueFull: (429, "queue_full"),
+    eng.EngineShuttingDown: (503, "shutting_down"),
+    eng.InvalidRequest: (400, "invalid_request"),
+    eng.EngineError: (500, "engine_error"),
+}
+
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}
+
+
+class ApiError(StarletteHTTPException):
+    """An error this API raises itself. An HTTPException so that FastAPI passes it through body parsing."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.code = code
+        self.message = message
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+def _retry_after(exc: Exception, default: int) -> dict[str, str]:
+    value = getattr(exc, "retry_after", None)
+    try:
+        seconds = max(1, round(float(value))) if value is not None else default
+    except (TypeError, ValueError):
+        seconds = default
+    return {"Retry-After": str(seconds)}
+
+
+def _message(exc: Exception) -> str:
+    return getattr(exc, "message", None) or str(exc) or type(exc).__name__
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    """("body", "messages", 0, "role") → "messages[0].role"; query/path/header params keep their source."""
+    parts = list(loc)
+    where = parts.pop(0) if parts and parts[0] in ("body", "query", "path", "header", "cookie") else None
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    if where in (None, "body"):
+        return out or "request body"
+    return f"{where} parameter {out}" if out else where
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    msgs = []
+    for err in exc.errors():
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if err.get("type") == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error", "")
+            msgs.append(f"request body is not valid JSON ({detail})" if detail else "request body is not valid JSON")
+            continue
+        msgs.append(f"{_format_loc(tuple(err.get('loc', ())))}: {msg}")
+    return "; ".join(msgs) or "the request is invalid"
+
+
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc, ApiError):
+        return await _api_error(request, exc)
+    code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+    message = str(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no such endpoint: {request.method} {request.url.path} (see /docs)"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path} (see /docs)"
+    return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(422, "validation_error", validation_message(exc))
+
+
+async def _adapter_invalid(request: Request, exc: AdapterValidationError) -> JSONResponse:
+    return error_response(413 if exc.code == "too_large" else 400, exc.code, exc.message)
+
+
+async def _adapter_exists(request: Request, exc: AdapterExists) -> JSONResponse:
+    return error_response(
+        409, "adapter_exists", f"adapter {exc.adapter_id!r} already exists; DELETE /adapters/{exc.adapter_id} first or choose another adapter_id"
+    )
+
+
+async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
+    if isinstance(exc, StoreUnavailable):
+        log.warning("store unavailable: %s", exc)
+        return error_response(503, "store_unavailable", str(exc), _retry_after(exc, STORE_RETRY_AFTER_S))
+    log.error("store error: %s", exc)
+    return error_response(500, "store_error", str(exc))
+
+
+async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
+    status, code = next((ENGINE_ERRORS[c] for c in type(exc).__mro__ if c in ENGINE_ERRORS), (500, "engine_error"))
+    headers = None
+    if status == 429:
+        headers = _retry_after(exc, DEFAULT_QUEUE_RETRY_AFTER_S)
+    elif status == 503:
+        headers = _retry_after(exc, STORE_RETRY_AFTER_S)
+    if status >= 500:
+        log.warning("engine: %s: %s", type(exc).__name__, exc)
+    return error_response(status, code, _message(exc), headers)
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", f"internal server error ({type(exc).__name__}); see the server log")
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(AdapterValidationError, _adapter_invalid)
+    app.add_exception_handler(AdapterExists, _adapter_exists)
+    app.add_exception_handler(StoreError, _store_error)
+    app.add_exception_handler(eng.EngineError, _engine_error)
+    app.add_exception_handler(Exception, _unhandled)

@@ -1,0 +1,153 @@
+"""Request and response bodies of the HTTP API (pydantic 2). Every 4xx/5xx body is an ErrorResponse."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from adapters_store.records import ID_PATTERN, AdapterRecord
+
+# Hard ceilings independent of the server's settings; the engine enforces prompt + max_tokens ≤ max_seq_len.
+MAX_TOKENS_CEILING = 1 << 16
+MAX_STOP_SEQUENCES = 8
+MAX_STOP_CHARS = 256
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable, machine-readable reason, e.g. adapter_not_found, fingerprint_mismatch")
+    message: str = Field(description="what went wrong and how to fix it")
+
+
+class ErrorResponse(BaseModel):
+    """The one error shape of this API, for every 4xx and 5xx answer."""
+
+    error: ErrorDetail
+
+
+# --- generation ----------------------------------------------------------------------------------------------
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"adapter_id": "ad-0123456789ab", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32},
+                {"adapter_id": None, "prompt": "The capital of France is", "max_tokens": 8},
+            ]
+        },
+    )
+
+    adapter_id: str | None = Field(
+        default=None, pattern=ID_PATTERN, description="an uploaded adapter's id; null serves the base model"
+    )
+    prompt: str | None = Field(
+        default=None, description="text, sent as one user turn through the chat template (tokenized as is when raw)"
+    )
+    messages: list[ChatMessage] | None = Field(
+        default=None, min_length=1, description="chat turns; the base model's chat template is applied"
+    )
+    raw: bool = Field(default=False, description="tokenize 'prompt' as is, without the chat template")
+    max_tokens: int = Field(default=64, ge=1, le=MAX_TOKENS_CEILING, description="most tokens to generate")
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=1 << 63, description="makes sampling reproducible")
+    stop: str | list[str] | None = Field(default=None, description="stop sequence(s); not included in the text")
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        items = [v] if isinstance(v, str) else (v or [])
+        if len(items) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        for s in items:
+            if not s:
+                raise ValueError("stop sequences must be non-empty")
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters")
+        return v
+
+    @model_validator(mode="after")
+    def _prompt_xor_messages(self) -> "GenerateRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' (text) or 'messages' (chat turns)")
+        if self.raw and self.prompt is None:
+            raise ValueError("'raw' applies to 'prompt' only; 'messages' always use the chat template")
+        return self
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    adapter_id: str | None
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+
+
+# --- adapters ------------------------------------------------------------------------------------------------
+
+
+class AdapterCreated(BaseModel):
+    """201 answer to an upload: the adapter is validated and durably stored."""
+
+    adapter_id: str
+    method: str
+    rank: int
+    trainable_params: int
+    size_bytes: int
+
+
+class AdapterInfo(BaseModel):
+    adapter_id: str
+    method: str
+    rank: int
+    alpha: float
+    trainable_params: int
+    size_bytes: int
+    base_model: str
+    created_at: float = Field(description="Unix time of the upload")
+
+    @classmethod
+    def from_record(cls, record: AdapterRecord) -> "AdapterInfo":
+        return cls.model_validate(record.model_dump(include=set(cls.model_fields)))
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterInfo]
+    count: int
+
+
+# --- health --------------------------------------------------------------------------------------------------
+
+
+class StoreHealth(BaseModel):
+    backend: Literal["disk", "redis"]
+    location: str = Field(description="directory, or Redis URL without credentials")
+    ok: bool
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded"] = Field(description="degraded: the store is unreachable (cached adapters and the base still serve)")
+    base_model: str
+    factors_fingerprint: str
+    device: str
+    store: StoreHealth
+    adapters_cached: int | None = Field(description="adapters resident in the engine's device cache")
+    max_rank: int
+    max_seq_len: int
+    engine: dict[str, Any] = Field(default_factory=dict, description="the engine's own statistics")

@@ -1,0 +1,373 @@
+"""The HTTP API end to end on the tiny base with a disk store: uploads, listing, generation, the error shape."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import pickle
+import re
+import zipfile
+
+import pytest
+import torch
+
+from adapters_store.disk import DiskStore
+from adapters_store.format import adapter_to_bytes
+from svd_adapters.adapter import new_adapter
+
+pytestmark = pytest.mark.anyio
+
+PROMPT = "Hello there"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = DiskStore(tmp_path / "store")
+    yield s
+    s.close()
+
+
+def stored_files(store: DiskStore) -> list[str]:
+    return sorted(os.listdir(store.dir))
+
+
+def assert_error(resp, status: int, code: str, *hints: str) -> dict:
+    """The one error shape: {"error": {"code", "message"}} and nothing else."""
+    assert resp.status_code == status, (resp.status_code, resp.text)
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["message"], body
+    for hint in hints:
+        assert hint.lower() in body["error"]["message"].lower(), (hint, body["error"]["message"])
+    return body["error"]
+
+
+async def upload(client, blob: bytes, adapter_id: str | None = None, filename: str = "adapter.safetensors"):
+    data = {"adapter_id": adapter_id} if adapter_id is not None else {}
+    return await client.post("/adapters", files={"file": (filename, blob, "application/octet-stream")}, data=data)
+
+
+async def gen(client, **body):
+    body.setdefault("max_tokens", 8)
+    return await client.post("/generate", json=body)
+
+
+# --- adapters: upload, list, get, delete ---------------------------------------------------------------
+
+
+async def test_upload_list_get_delete(serve, store, make_blob, tiny_base, tiny_factors):
+    blob = make_blob("loraxs", rank=4)
+    async with serve(store) as client:
+        assert (await client.get("/adapters")).json() == {"adapters": [], "count": 0}
+        resp = await upload(client, blob, "tenant-a.v1")
+        assert resp.status_code == 201, resp.text
+        created = resp.json()
+        n_modules = len(tiny_factors.modules)
+        assert created == {
+            "adapter_id": "tenant-a.v1",
+            "method": "loraxs",
+            "rank": 4,
+            "trainable_params": n_modules * 4 * 4,  # LoRA-XS: r² per adapted matrix
+            "size_bytes": len(blob),
+        }
+        assert resp.headers["location"] == "/adapters/tenant-a.v1"
+        # durable before 201: the store already holds exactly these bytes
+        assert store.get_blob("tenant-a.v1") == blob
+
+        info = (await client.get("/adapters/tenant-a.v1")).json()
+        assert info["adapter_id"] == "tenant-a.v1" and info["method"] == "loraxs" and info["rank"] == 4
+        assert info["alpha"] == 4.0 and info["base_model"] == tiny_base.name and info["size_bytes"] == len(blob)
+        assert info["trainable_params"] == created["trainable_params"] and info["created_at"] > 0
+
+        listing = (await client.get("/adapters")).json()
+        assert listing["count"] == 1 and listing["adapters"] == [info]
+
+        resp = await client.delete("/adapters/tenant-a.v1")
+        assert resp.status_code == 204 and resp.content == b""
+        assert_error(await client.get("/adapters/tenant-a.v1"), 404, "adapter_not_found", "tenant-a.v1")
+        assert_error(await client.delete("/adapters/tenant-a.v1"), 404, "adapter_not_found")
+        assert (await client.get("/adapters")).json()["count"] == 0
+        assert stored_files(store) == []
+
+
+async def test_every_method_uploads_with_a_generated_id(serve, store, make_blob):
+    async with serve(store) as client:
+        ids = []
+        for i, (method, rank) in enumerate([("osora", 8), ("loraxs", 2), ("sorsa", 3), ("lora", 16)]):
+            resp = await upload(client, make_blob(method, rank, seed=i))
+            assert resp.status_code == 201, resp.text
+            body = resp.json()
+            assert re.fullmatch(r"ad-[0-9a-f]{12}", body["adapter_id"]), body
+            assert (body["method"], body["rank"]) == (method, rank)
+            ids.append(body["adapter_id"])
+        listing = (await client.get("/adapters")).json()
+        assert sorted(a["adapter_id"] for a in listing["adapters"]) == sorted(ids)
+
+
+async def test_duplicate_id_is_409_and_keeps_the_first(serve, store, make_blob):
+    first, second = make_blob("osora", seed=1), make_blob("sorsa", seed=2)
+    async with serve(store) as client:
+        assert (await upload(client, first, "dup")).status_code == 201
+        assert_error(await upload(client, second, "dup"), 409, "adapter_exists", "dup")
+        assert store.get_blob("dup") == first
+        assert (await client.get("/adapters/dup")).json()["method"] == "osora"
+
+
+def _nan_blob(tiny_base, tiny_factors) -> bytes:
+    a = new_adapter("osora", 2, tiny_factors, tiny_base.name)
+    first = next(iter(a.params.values()))
+    first["S"][0] = float("nan")
+    return adapter_to_bytes(a)
+
+
+def _foreign_blob(tiny_base, tiny_factors) -> bytes:
+    a = new_adapter("loraxs", 2, tiny_factors, tiny_base.name)
+    a.base_fingerprint = "0" * 32
+    return adapter_to_bytes(a)
+
+
+def _with_meta(blob: bytes, **changes: str) -> bytes:
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    header["__metadata__"].update(changes)
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + blob[8 + n :]
+
+
+def _torch_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({"w": [1.0, 2.0]}))
+    return buf.getvalue()
+
+
+BAD_UPLOADS = {
+    # name: (make(blob_factory, tiny_base, tiny_factors) -> bytes, status, code, hint in the message)
+    "truncated": (lambda mk, b, f: mk("osora")[:-100], 400, "truncated", "cut short"),
+    "empty": (lambda mk, b, f: b"", 400, "truncated", "empty"),
+    "nan": (lambda mk, b, f: _nan_blob(b, f), 400, "non_finite", "NaN"),
+    "wrong_fingerprint": (lambda mk, b, f: _foreign_blob(b, f), 400, "fingerprint_mismatch", "another base"),
+    "unknown_method": (lambda mk, b, f: _with_meta(mk("osora"), method="dora"), 400, "unknown_method", "dora"),
+    "pickle": (lambda mk, b, f: pickle.dumps({"w": 1}, protocol=4), 400, "not_safetensors", "pickle"),
+    "torch_zip": (lambda mk, b, f: _torch_zip(), 400, "not_safetensors", "zip"),
+    "rank_over_engine": (lambda mk, b, f: mk("osora", rank=10), 400, "not_servable", "max_rank"),
+    "lora_rank_over_bound": (lambda mk, b, f: mk("lora", rank=17), 400, "rank_too_large", "17"),
+    "too_large": (lambda mk, b, f: mk("sorsa", rank=8), 413, "too_large", "limit"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+async def test_bad_upload_is_refused_and_nothing_is_stored(case, serve, store, make_blob, tiny_base, tiny_factors):
+    make, status, code, hint = BAD_UPLOADS[case]
+    blob = make(make_blob, tiny_base, tiny_factors)
+    good = make_blob("osora", seed=5)
+    # too_large: a limit between the good file and the big one (the validator's own size check answers)
+    limit = (len(good) + len(blob)) // 2 if case == "too_large" else 64 * 1024 * 1024
+    async with serve(store, max_upload_bytes=limit) as client:
+        assert (await upload(client, good, "keep")).status_code == 201
+        before = stored_files(store)
+        assert_error(await upload(client, blob, "bad-one"), status, code, hint)
+        assert stored_files(store) == before  # no record, no blob, no temp file
+        assert [a["adapter_id"] for a in (await client.get("/adapters")).json()["adapters"]] == ["keep"]
+        assert_error(await client.get("/adapters/bad-one"), 404, "adapter_not_found")
+
+
+async def test_oversized_upload_is_cut_off_while_streaming(serve, store):
+    """Over the limit by Content-Length → 413 before the body is read; chunked (no length) → cut off at the limit."""
+    limit = 4096
+    huge = b"\0" * (limit + 128 * 1024)
+    async with serve(store, max_upload_bytes=limit) as client:
+        assert_error(await upload(client, huge, "big"), 413, "too_large", f"{limit:,} bytes", "the upload is")
+
+        boundary = "svdserve-test-boundary"
+        body = (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.safetensors\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode() + huge + f"\r\n--{boundary}--\r\n".encode()
+
+        sent = 0
+
+        async def chunks():
+            nonlocal sent
+            for i in range(0, len(body), 16 * 1024):
+                sent += 1
+                yield body[i : i + 16 * 1024]
+
+        resp = await client.post("/adapters", content=chunks(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+        assert "content-length" not in {k.lower() for k in resp.request.headers}
+        assert_error(resp, 413, "too_large", f"{limit:,} bytes")
+        assert sent < len(body) // (16 * 1024)  # refused mid-stream, not after reading everything
+        assert stored_files(store) == []
+
+
+async def test_upload_form_errors(serve, store, make_blob):
+    async with serve(store) as client:
+        assert_error(await upload(client, make_blob(), "../etc/passwd"), 400, "invalid_adapter_id", "A-Z a-z 0-9")
+        assert_error(await upload(client, make_blob(), "a" * 129), 400, "invalid_adapter_id")
+        missing = await client.post("/adapters", data={"adapter_id": "x"})
+        assert_error(missing, 422, "validation_error", "file")
+        assert stored_files(store) == []
+
+
+# --- generation ----------------------------------------------------------------------------------------
+
+
+async def test_generate_with_base_and_adapters(serve, store, make_blob):
+    async with serve(store) as client:
+        assert (await upload(client, make_blob("loraxs", rank=4, scale=50.0), "strong")).status_code == 201
+        assert (await upload(client, make_blob("osora", rank=4, scale=0.0), "identity")).status_code == 201
+
+        base = await gen(client, adapter_id=None, prompt=PROMPT)
+        assert base.status_code == 200, base.text
+        body = base.json()
+        assert set(body) == {"text", "adapter_id", "finish_reason", "usage"}
+        assert body["adapter_id"] is None and isinstance(body["text"], str)
+        assert body["finish_reason"] in ("stop", "length")
+        usage = body["usage"]
+        assert usage["prompt_tokens"] > len(PROMPT)  # the chat template wraps the prompt as a user turn
+        assert 1 <= usage["completion_tokens"] <= 8 or body["finish_reason"] == "stop"
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+        raw = (await gen(client, prompt=PROMPT, raw=True)).json()
+        assert raw["usage"]["prompt_tokens"] == len(PROMPT)  # the tiny tokenizer is byte-level
+
+        # an OSoRA adapter at init is exactly the base (ΔW = 0): same greedy text
+        ident = (await gen(client, adapter_id="identity", prompt=PROMPT)).json()
+        assert ident["adapter_id"] == "identity" and ident["text"] == body["text"]
+        # a strongly perturbed adapter really is applied
+        strong = (await gen(client, adapter_id="strong", prompt=PROMPT)).json()
+        assert strong["adapter_id"] == "strong" and strong["text"] != body["text"]
+
+        chat = await gen(client, adapter_id="strong", messages=CHAT, max_tokens=5)
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["usage"]["completion_tokens"] <= 5
+
+
+async def test_concurrent_mixed_requests_match_solo_answers(serve, store, make_blob):
+    """Requests for different adapters (and the base) batched together answer what each answers alone."""
+    async with serve(store) as client:
+        for i, method in enumerate(("osora", "loraxs", "sorsa", "lora")):
+            assert (await upload(client, make_blob(method, rank=4, seed=i), method)).status_code == 201
+        ids = [None, "osora", "loraxs", "sorsa", "lora", None, "loraxs"]
+        solo = [(await gen(client, adapter_id=a, prompt=PROMPT)).json()["text"] for a in ids]
+        together = await asyncio.gather(*(gen(client, adapter_id=a, prompt=PROMPT) for a in ids))
+        assert [r.status_code for r in together] == [200] * len(ids)
+        assert [r.json()["text"] for r in together] == solo
+        stats = (await client.get("/health")).json()["engine"]
+        assert stats["finished"] >= 2 * len(ids)
+
+
+async def test_sampling_is_reproducible_with_a_seed(serve, store):
+    async with serve(store) as client:
+        kw = dict(prompt=PROMPT, temperature=1.0, top_p=0.9, seed=7, max_tokens=12)
+        a, b = (await gen(client, **kw)).json(), (await gen(client, **kw)).json()
+        assert a["text"] == b["text"]
+        assert (await gen(client, prompt=PROMPT, stop=["x", "y"])).status_code == 200
+        assert (await gen(client, prompt=PROMPT, stop="\n")).status_code == 200
+
+
+async def test_unknown_and_deleted_adapters_are_404(serve, store, make_blob):
+    async with serve(store) as client:
+        assert_error(await gen(client, adapter_id="nobody", prompt=PROMPT), 404, "adapter_not_found", "nobody")
+        assert (await upload(client, make_blob("sorsa", rank=2), "short-lived")).status_code == 201
+        assert (await gen(client, adapter_id="short-lived", prompt=PROMPT)).status_code == 200
+        assert (await client.delete("/adapters/short-lived")).status_code == 204
+        assert_error(await gen(client, adapter_id="short-lived", prompt=PROMPT), 404, "adapter_not_found")
+
+
+async def test_context_limits(serve, store):
+    async with serve(store, max_seq_len=128) as client:
+        assert_error(await gen(client, prompt="x" * 200, raw=True), 400, "invalid_request", "context limit")
+        assert_error(await gen(client, prompt=PROMPT, max_tokens=129), 422, "validation_error", "max_tokens")
+
+
+async def test_full_queue_is_429_with_retry_after(serve, store):
+    async with serve(store, max_waiting=0) as client:
+        resp = await gen(client, prompt=PROMPT)
+        assert_error(resp, 429, "queue_full")
+        assert int(resp.headers["retry-after"]) >= 1
+
+
+BAD_BODIES = {
+    "both_prompt_and_messages": ({"prompt": "a", "messages": CHAT}, "exactly one"),
+    "neither": ({"adapter_id": None}, "exactly one"),
+    "max_tokens_zero": ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    "negative_temperature": ({"prompt": "a", "temperature": -0.5}, "temperature"),
+    "top_p_zero": ({"prompt": "a", "top_p": 0}, "top_p"),
+    "bad_role": ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    "empty_messages": ({"messages": []}, "messages"),
+    "unknown_field": ({"prompt": "a", "temprature": 1.0}, "temprature"),
+    "bad_adapter_id": ({"prompt": "a", "adapter_id": "../x"}, "adapter_id"),
+    "empty_stop": ({"prompt": "a", "stop": [""]}, "stop"),
+    "raw_with_messages": ({"messages": CHAT, "raw": True}, "raw"),
+    "wrong_type": ({"prompt": 5}, "prompt"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+async def test_bad_generate_bodies_are_422_in_the_error_shape(case, serve, store):
+    body, hint = BAD_BODIES[case]
+    async with serve(store) as client:
+        assert_error(await client.post("/generate", json=body), 422, "validation_error", hint)
+
+
+async def test_not_json_and_unknown_routes(serve, store):
+    async with serve(store) as client:
+        resp = await client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+        assert_error(resp, 422, "validation_error", "json")
+        assert_error(await client.get("/nope"), 404, "not_found", "/nope")
+        assert_error(await client.get("/generate"), 405, "method_not_allowed")
+        assert_error(await client.get("/adapters/.hidden"), 404, "adapter_not_found", "not a valid")
+
+
+# --- health and docs -----------------------------------------------------------------------------------
+
+
+async def test_health_and_docs(serve, store, make_blob, tiny_base, tiny_factors):
+    async with serve(store) as client:
+        assert (await upload(client, make_blob("osora"), "warm")).status_code == 201
+        assert (await gen(client, adapter_id="warm", prompt=PROMPT)).status_code == 200
+        health = (await client.get("/health")).json()
+        assert health["status"] == "ok"
+        assert health["base_model"] == tiny_base.name and health["factors_fingerprint"] == tiny_factors.fingerprint
+        assert health["device"] == "cpu" and health["max_rank"] == 8 and health["max_seq_len"] == 128
+        assert health["store"] == {"backend": "disk", "location": str(store.root), "ok": True}
+        assert health["adapters_cached"] == 1
+        assert health["engine"]["requests"] >= 1
+
+        spec = (await client.get("/openapi.json")).json()
+        assert {"/adapters", "/adapters/{adapter_id}", "/generate", "/health"} <= set(spec["paths"])
+        assert "ErrorResponse" in spec["components"]["schemas"]
+        assert (await client.get("/docs")).status_code == 200
+
+
+async def test_error_mapping_of_engine_exceptions():
+    """Each engine exception maps to its status and code (the ones hard to provoke through the real engine)."""
+    import httpx
+    from fastapi import FastAPI
+
+    from service import engine as eng
+    from service.errors import register_error_handlers
+
+    app = FastAPI()
+    register_error_handlers(app)
+    cases = {
+        "unavailable": (eng.AdapterUnavailable("store down"), 503, "adapter_unavailable"),
+        "shutting": (eng.EngineShuttingDown("bye"), 503, "shutting_down"),
+        "invalid": (eng.InvalidRequest("bad"), 400, "invalid_request"),
+        "generic": (eng.EngineError("boom"), 500, "engine_error"),
+    }
+
+    @app.get("/raise/{name}")
+    async def boom(name: str):
+        raise cases[name][0]
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        for name, (exc, status, code) in cases.items():
+            resp = await client.get(f"/raise/{name}")
+            assert_error(resp, status, code, str(exc))
+            if status == 503:
+                assert int(resp.headers["retry-after"]) >= 1
