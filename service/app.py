@@ -6,15 +6,17 @@ never on the event loop. Every error answers {"error": {"code", "message"}} (see
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters_store import AdapterStore, open_store, record_for, validate_id
@@ -22,7 +24,7 @@ from adapters_store.records import ID_PATTERN, AdapterRecord
 from adapters_store.validate import load_adapter
 from service import engine as eng
 from service.config import Settings, resolve_device
-from service.errors import ApiError, error_body, register_error_handlers
+from service.errors import ApiError, engine_error_body, error_body, register_error_handlers
 from service.schemas import (
     AdapterCreated,
     AdapterInfo,
@@ -43,6 +45,8 @@ log = get_logger(__name__)
 # Multipart framing (boundaries, part headers, the adapter_id field) on top of the file itself.
 UPLOAD_OVERHEAD_BYTES = 64 * 1024
 ADAPTER_ID_PREFIX = "ad-"
+CLIENT_CLOSED_REQUEST = 499  # logged for a client that disconnected before its answer (nobody receives it)
+T = TypeVar("T")
 
 EngineFactory = Callable[[BaseModel, BaseFactors, AdapterStore, "eng.EngineConfig"], "eng.Engine"]
 
@@ -275,8 +279,9 @@ def create_app(
         responses=_errors(400, 404, 429, 503),
         tags=["generation"],
         summary="Generate text with an adapter (or the base model when adapter_id is null)",
+        response_description="the generation; with stream=true, text/event-stream events instead (see 'stream')",
     )
-    async def generate(request: Request, body: GenerateRequest) -> GenerateResponse:
+    async def generate(request: Request, body: GenerateRequest) -> GenerateResponse | Response:
         engine = running_engine(request)
         if body.max_tokens > settings.max_seq_len:
             raise ApiError(
@@ -287,17 +292,12 @@ def create_app(
         params = eng.SamplingParams(
             max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list()
         )
-        result = await engine.generate(prompt_ids, body.adapter_id, params)
-        return GenerateResponse(
-            text=result.text,
-            adapter_id=body.adapter_id,
-            finish_reason=result.finish_reason,
-            usage=Usage(
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                total_tokens=result.prompt_tokens + result.completion_tokens,
-            ),
-        )
+        if body.stream:
+            return await _stream_response(engine.stream(prompt_ids, body.adapter_id, params), body.adapter_id)
+        result = await _unless_disconnected(request, engine.generate(prompt_ids, body.adapter_id, params))
+        if result is None:  # the client went away; its batch row is already freed
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return _response_of(result, body.adapter_id)
 
     # --- health ----------------------------------------------------------------------------------------------
 
@@ -325,6 +325,75 @@ def create_app(
         )
 
     return app
+
+
+def _response_of(result: eng.GenerationResult, adapter_id: str | None) -> GenerateResponse:
+    return GenerateResponse(
+        text=result.text,
+        adapter_id=adapter_id,
+        finish_reason=result.finish_reason,
+        usage=Usage(
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            total_tokens=result.prompt_tokens + result.completion_tokens,
+        ),
+    )
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Await `work`, cancelling it (None) if the client disconnects first, so its batch row is not wasted.
+
+    The request body has been read already, so the next ASGI message can only be http.disconnect.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():  # cancelled because the client left
+            return None
+        raise  # this handler itself is being cancelled: pass it on
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+def _sse(event: str, data: str) -> bytes:
+    return f"event: {event}\ndata: {data}\n\n".encode()
+
+
+async def _stream_response(items: AsyncIterator[Any], adapter_id: str | None) -> Response:
+    """Server-sent events. The first item is awaited before answering, so errors that come before any text
+    (queue full, unknown adapter, store down) still get their HTTP status; later ones become an 'error' event."""
+    try:
+        first = await items.__anext__()
+    except StopAsyncIteration:
+        raise ApiError(500, "engine_error", "the engine ended the stream without a result") from None
+
+    async def events() -> AsyncIterator[bytes]:
+        item = first
+        try:
+            while True:
+                if isinstance(item, eng.GenerationResult):
+                    yield _sse("done", _response_of(item, adapter_id).model_dump_json())
+                    return
+                yield _sse("delta", json.dumps({"text": item}, ensure_ascii=False))
+                item = await items.__anext__()
+        except eng.EngineError as exc:
+            yield _sse("error", json.dumps(engine_error_body(exc), ensure_ascii=False))
+        finally:
+            await items.aclose()  # a disconnected client's row is freed at once
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def _ping(store: AdapterStore) -> bool:

@@ -132,8 +132,17 @@ async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
     return error_response(500, "store_error", str(exc))
 
 
+def engine_error_status(exc: Exception) -> tuple[int, str]:
+    """(HTTP status, code) of an engine exception."""
+    return next((ENGINE_ERRORS[c] for c in type(exc).__mro__ if c in ENGINE_ERRORS), (500, "engine_error"))
+
+
+def engine_error_body(exc: Exception) -> dict[str, Any]:
+    return error_body(engine_error_status(exc)[1], _message(exc))
+
+
 async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
-    status, code = next((ENGINE_ERRORS[c] for c in type(exc).__mro__ if c in ENGINE_ERRORS), (500, "engine_error"))
+    status, code = engine_error_status(exc)
     headers = None
     if status == 429:
         headers = _retry_after(exc, DEFAULT_QUEUE_RETRY_AFTER_S)

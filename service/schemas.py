@@ -60,6 +60,11 @@ class GenerateRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=1 << 63, description="makes sampling reproducible")
     stop: str | list[str] | None = Field(default=None, description="stop sequence(s); not included in the text")
+    stream: bool = Field(
+        default=False,
+        description="answer as server-sent events: 'delta' events {\"text\": …} as tokens arrive, then one 'done' "
+        "event with the whole GenerateResponse (or an 'error' event {\"error\": {code, message}})",
+    )
 
     @field_validator("stop")
     @classmethod

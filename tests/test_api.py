@@ -371,3 +371,71 @@ async def test_error_mapping_of_engine_exceptions():
             assert_error(resp, status, code, str(exc))
             if status == 503:
                 assert int(resp.headers["retry-after"]) >= 1
+
+
+# --- streaming and disconnects -------------------------------------------------------------------------
+
+
+def parse_sse(raw: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in raw.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n"))
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+async def test_streaming_matches_the_plain_answer(serve, store, make_blob):
+    async with serve(store) as client:
+        assert (await upload(client, make_blob("sorsa", rank=4), "s")).status_code == 201
+        body = {"adapter_id": "s", "prompt": PROMPT, "max_tokens": 12}
+        plain = (await client.post("/generate", json=body)).json()
+        async with client.stream("POST", "/generate", json={**body, "stream": True}) as resp:
+            assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+            raw = (await resp.aread()).decode()
+        events = parse_sse(raw)
+        kinds = [k for k, _ in events]
+        assert kinds[-1] == "done" and set(kinds[:-1]) <= {"delta"} and len(kinds) >= 2
+        assert "".join(d["text"] for k, d in events if k == "delta") == plain["text"]
+        assert events[-1][1] == plain
+
+        # an error before the first token keeps its HTTP status and the error shape
+        assert_error(await client.post("/generate", json={**body, "adapter_id": "ghost", "stream": True}), 404, "adapter_not_found")
+
+
+async def test_client_disconnect_frees_the_batch_row(serve, store):
+    """A client that hangs up mid-generation is cancelled in the engine instead of decoding to max_tokens."""
+    async with serve(store, max_seq_len=1024) as client:
+        app = client.app
+        engine = app.state.engine
+        body = json.dumps({"prompt": "hi", "raw": True, "max_tokens": 1000}).encode()
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/generate", "raw_path": b"/generate", "query_string": b"", "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 5000), "server": ("svdserve", 80),
+        }
+        messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+        sent: list[dict] = []
+
+        async def receive():
+            nxt = next(messages, None)
+            if nxt is not None:
+                return nxt
+            while engine.stats()["active"] == 0:  # hang up once the request is decoding
+                await asyncio.sleep(0.005)
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        before = engine.stats()
+        await asyncio.wait_for(app(scope, receive, send), timeout=30)
+        for _ in range(200):
+            if engine.stats()["active"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        after = engine.stats()
+        assert after["active"] == 0 and after["requests"] == before["requests"] + 1
+        assert after["finished"] == before["finished"]  # cancelled, not run to the end
+        assert after["completion_tokens"] - before["completion_tokens"] < 1000
+        assert sent[0]["status"] == 499
