@@ -8,17 +8,15 @@ import torch
 
 from svd_adapters import inject, sorsa
 from svd_adapters.adapter import new_adapter
-from svd_adapters.base_model import load_base
-from svd_adapters.factors import TARGET_MODULES, load_or_compute, target_linears
+from svd_adapters.factors import TARGET_MODULES, target_linears
 
 METHODS = ["osora", "loraxs", "sorsa", "lora"]
 RANK = 8
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    base = load_base("tiny")
-    return base, load_or_compute(base.model, base.cache_dir)
+def tiny(tiny_base, tiny_factors):
+    return tiny_base, tiny_factors
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,6 @@ import pytest
 import torch
 
 from adapters_store.format import adapter_from_bytes_unchecked
-from svd_adapters.base_model import load_base
-from svd_adapters.factors import load_or_compute
 from training.__main__ import main
 from training.data import IGNORE, DataError, Example, encode, load_jsonl, pad_batch, split_holdout
 from training.evaluate import generate
@@ -36,9 +34,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    base = load_base("tiny")
-    return base, load_or_compute(base.model, base.cache_dir)
+def tiny(tiny_base, tiny_factors):
+    return tiny_base, tiny_factors
 
 
 def write(tmp_path: Path, lines: list[str], name: str = "d.jsonl") -> Path:
@@ -176,7 +173,7 @@ def test_cli_train_last_line_is_json(tmp_path):
     out = tmp_path / "a.safetensors"
     cmd = [sys.executable, "-m", "training", "train", "--method", "osora", "--rank", "4", "--base", "tiny",
            "--task", "sentiment", "--steps", "3", "--eval-limit", "4", "--out", str(out), "--quiet", "--threads", "1"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SVDSERVE_HOME": str(tmp_path / "home")}  # factors go there
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -186,7 +183,8 @@ def test_cli_train_last_line_is_json(tmp_path):
     assert (adapter.method, adapter.rank, adapter.trainable_params()) == ("osora", 4, result["trainable_params"])
 
 
-def test_cli_eval_and_data_errors(tmp_path, capsys):
+def test_cli_eval_and_data_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SVDSERVE_HOME", str(tmp_path / "home"))  # the CLI caches tiny factors there, not in ~
     train = write(tmp_path, [json.dumps({"prompt": f"q{i}", "completion": "a"}) for i in range(10)], "train.jsonl")
     out = tmp_path / "b.safetensors"
     assert main(["train", "--method", "lora", "--rank", "2", "--base", "tiny", "--data", str(train),
@@ -201,3 +199,26 @@ def test_cli_eval_and_data_errors(tmp_path, capsys):
     bad = write(tmp_path, [json.dumps({"prompt": "q", "completion": "a"}), "{oops"], "bad.jsonl")
     assert main(["train", "--method", "lora", "--base", "tiny", "--data", str(bad), "--out", str(out)]) == 2
     assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().err
+
+
+# --- the real default model (downloads + converts on first use; cached under ~/.cache/svdserve after) ---
+
+@pytest.mark.real_model
+def test_real_default_model_answers_a_chat_prompt():
+    from svd_adapters import inject
+    from svd_adapters.adapter import new_adapter
+    from svd_adapters.base_model import load_base
+    from svd_adapters.factors import load_or_compute
+
+    base = load_base("default")
+    factors = load_or_compute(base.model, base.cache_dir)
+    assert len(factors.modules) == 210 and factors.r_max == 64  # 30 layers × 7 target linears
+    ex = Example.from_prompt("What is the capital of France? Answer in one word.", "Paris")
+    out = generate(base.model, base.tokenizer, [ex], max_new_tokens=8, progress=False)[0]
+    assert "Paris" in out
+    # With a freshly initialised OSoRA adapter (zero delta) the greedy answer is the same.
+    inject.attach(base.model, new_adapter("osora", 16, factors, base.name), factors)
+    try:
+        assert generate(base.model, base.tokenizer, [ex], max_new_tokens=8, progress=False)[0] == out
+    finally:
+        inject.detach(base.model)
