@@ -312,7 +312,7 @@ def create_app(
             status="ok" if store_ok else "degraded",
             base_model=st.base.name,
             factors_fingerprint=st.factors.fingerprint,
-            device=engine_config(settings).device,
+            device=str(getattr(getattr(engine, "config", None), "device", settings.device)),
             store=StoreHealth(
                 backend=_backend(store),
                 location=_location(store),

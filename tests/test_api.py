@@ -439,3 +439,32 @@ async def test_client_disconnect_frees_the_batch_row(serve, store):
         assert after["finished"] == before["finished"]  # cancelled, not run to the end
         assert after["completion_tokens"] - before["completion_tokens"] < 1000
         assert sent[0]["status"] == 499
+
+
+# --- settings ------------------------------------------------------------------------------------------
+
+
+def test_settings_from_env_and_overrides(monkeypatch, tmp_path):
+    from service.config import Settings
+
+    for var in ("REDIS_URL", "SVDSERVE_STORE", "SVDSERVE_PORT", "SVDSERVE_MAX_RANK", "SVDSERVE_FACTORS_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SVDSERVE_DATA", str(tmp_path))
+    s = Settings.from_env()
+    assert s.store == str(tmp_path / "adapters") and not s.store_is_redis and s.base == "default"
+
+    monkeypatch.setenv("REDIS_URL", "redis://cache:6379/0")
+    monkeypatch.setenv("SVDSERVE_MAX_RANK", "4")
+    monkeypatch.setenv("SVDSERVE_FACTORS_DIR", "")
+    s = Settings.from_env(port=9001, base="tiny", host=None)
+    assert s.store == "redis://cache:6379/0" and s.store_is_redis
+    assert (s.max_rank, s.port, s.base, s.host, s.factors_dir) == (4, 9001, "tiny", "127.0.0.1", None)
+    monkeypatch.setenv("SVDSERVE_STORE", str(tmp_path / "elsewhere"))
+    assert Settings.from_env().store == str(tmp_path / "elsewhere")  # an explicit store wins over REDIS_URL
+
+    monkeypatch.setenv("SVDSERVE_PORT", "eighty")
+    with pytest.raises(ValueError, match="SVDSERVE_PORT"):
+        Settings.from_env()
+    monkeypatch.delenv("SVDSERVE_PORT")
+    with pytest.raises(ValueError, match="max_rank"):
+        Settings.from_env(max_rank=128, r_max=64)
