@@ -10,7 +10,6 @@ import re
 import zipfile
 
 import pytest
-import torch
 
 from adapters_store.disk import DiskStore
 from adapters_store.format import adapter_to_bytes
