@@ -62,28 +62,32 @@ class SlotMapping:
         )
 
 
-def core_delta(h: torch.Tensor, C: torch.Tensor, o: torch.Tensor | None, d: torch.Tensor | None, Ut: torch.Tensor) -> torch.Tensor:
-    """Per-row core delta o ⊙ (Ut-projection of C h) + Ut-projection of (d ⊙ h).
+def core_delta_(y: torch.Tensor, h: torch.Tensor, C: torch.Tensor, o: torch.Tensor | None, d: torch.Tensor | None,
+                Ut: torch.Tensor, Ut_members: list[torch.Tensor], offsets: list[int]) -> None:
+    """Add the per-row core delta o ⊙ (Ut-projection of C h) + Ut-projection of (d ⊙ h) into y in place.
 
-    h (P, L, k, R); C (P, k, R, R); o (P, M) or None; d (P, k·R) or None; Ut the block-diagonal (k·R, M)
-    stack of the members' U_rᵀ. Decode (L = 1) applies C token by token and projects with one shared GEMM;
-    prefill (long L) folds each row's core into an effective (k·R, M) projection first, so every token costs
-    one GEMM no matter the method.
+    y (P·L, M); h (P, L, k, R); C (P, k, R, R); o (P, M) or None; d (P, k·R) or None. Ut is the block-diagonal
+    (k·R, M) stack of the members' U_rᵀ, Ut_members its diagonal blocks (R, m_i).
+    Decode (L = 1) is bound by memory and op count: apply C token by token, then one block-diagonal GEMM
+    projects every member. Prefill (long L) is bound by FLOPs: fold each row's core into an effective
+    (R, m_i) projection per member first, so each token costs one skinny GEMM per member, no zero blocks.
     """
     P, L, k, R = h.shape
     if L == 1:
         g = torch.matmul(h.view(P, k, 1, R), C.transpose(-1, -2)).reshape(P, k * R)
         if d is None:
-            return g @ Ut
+            y.addmm_(g, Ut)
+            return
         both = torch.cat([g, h.reshape(P, k * R) * d], dim=0) @ Ut  # one GEMM: scaled part and subtracted part
-        return both[:P] * o + both[P:]
-    blocks = torch.zeros(P, k * R, k * R, dtype=h.dtype, device=h.device)
-    for i in range(k):
-        blocks[:, i * R : (i + 1) * R, i * R : (i + 1) * R] = C[:, i].transpose(-1, -2)
-    U_eff = blocks @ Ut  # (P, k·R, M): row p's h ↦ Δy
-    if d is not None:
-        U_eff = U_eff * o[:, None, :] + d[:, :, None] * Ut
-    return torch.bmm(h.reshape(P, L, k * R), U_eff).reshape(P * L, -1)
+        y.addcmul_(both[:P], o).add_(both[P:])
+        return
+    yv = y.view(P, L, -1)
+    for i, (Ui, off) in enumerate(zip(Ut_members, offsets)):
+        m = Ui.shape[1]
+        U_eff = torch.matmul(C[:, i].transpose(-1, -2), Ui)  # (P, R, m_i): row p's h_i ↦ Δy_i
+        if d is not None:
+            U_eff = U_eff * o[:, None, off : off + m] + d[:, i * R : (i + 1) * R, None] * Ui
+        yv[:, :, off : off + m].baddbmm_(h[:, :, i], U_eff)
 
 
 def lowrank_delta(x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor], K: int) -> torch.Tensor:
@@ -161,6 +165,7 @@ class LinearGroup(nn.Module):
         for i, f in enumerate(factors):
             Ut[i * self.R : (i + 1) * self.R, pools.offsets[i] : pools.offsets[i] + self.out_sizes[i]] = f.U[:, : self.R].T.to(ref)
         self.register_buffer("Ut", Ut)
+        self.Ut_members = [Ut[i * self.R : (i + 1) * self.R, o : o + m].contiguous() for i, (o, m) in enumerate(zip(pools.offsets, self.out_sizes))]
 
     def write_core(self, slot: int, name: str, t: DeltaTerms) -> None:
         self.pools.write_core(slot, self.layer, self.index[name], t)
@@ -175,21 +180,20 @@ class LinearGroup(nn.Module):
         if not (mp.has_core or mp.has_lr):
             y = x @ self.W_aug[: self.M].T  # base-only batch: skip the shared projections entirely
             return y + self.bias if self.bias is not None else y
-        z = x @ self.W_aug.T
-        y = z[:, : self.M]
+        z = x @ self.W_aug.T  # our own fresh tensor: the deltas below are added into it in place
+        y, h = z[:, : self.M], z[:, self.M :]
         if self.bias is not None:
-            y = y + self.bias
+            y.add_(self.bias)
         P, L, li, p = mp.rows, mp.tokens_per_row, self.layer, self.pools
         if mp.has_core:
-            h = z[:, self.M :].reshape(P, L, self.k, self.R)
             # Without OSoRA rows every o is 1 and every d is 0: skip the scale and the subtraction.
             o, d = (rows["o"][:, li], rows["d"][:, li]) if mp.has_sub else (None, None)
-            y = y + core_delta(h, rows["C"][:, li], o, d, self.Ut)
+            core_delta_(y, h.reshape(P, L, self.k, self.R), rows["C"][:, li], o, d, self.Ut, self.Ut_members, p.offsets)
         if mp.has_lr:
             sel = mp.lr_rows
             slots = mp.lr_idx[sel]
             delta = lowrank_delta(x.view(P, L, -1)[sel], p.A[slots, li], [B[slots, li] for B in p.B], p.K)
-            y = y.view(P, L, self.M).index_add(0, sel, delta).view(P * L, self.M)
+            y.view(P, L, self.M).index_add_(0, sel, delta)
         return y
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:

@@ -79,6 +79,9 @@ class BatchedRunner(nn.Module):
             block.groups = groups
             block.ln1, block.ln2, block.act = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp.act_fn
             self.layers.append(block)
+        self._pool_version = 0
+        self._gather_key: tuple | None = None
+        self._gather_rows: dict[str, dict[str, torch.Tensor]] = {}
         shape = (max_batch, self.n_kv, max_seq_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in self.layers]
@@ -90,6 +93,7 @@ class BatchedRunner(nn.Module):
     # ---- adapter slots ----
     @torch.no_grad()
     def write_core_slot(self, slot: int, terms: dict[str, DeltaTerms]) -> None:
+        self._pool_version += 1
         for pools in self.pools.values():
             pools.clear_core(slot)
         for name, t in terms.items():
@@ -97,6 +101,7 @@ class BatchedRunner(nn.Module):
 
     @torch.no_grad()
     def write_lr_slot(self, slot: int, terms: dict[str, DeltaTerms]) -> None:
+        self._pool_version += 1
         for pools in self.pools.values():
             pools.clear_lr(slot)
         for name, t in terms.items():
@@ -112,7 +117,7 @@ class BatchedRunner(nn.Module):
     # ---- forward ----
     def _layers(self, x: torch.Tensor, mp: SlotMapping, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
         T = x.shape[0]
-        rows = {gname: pools.gather(mp) for gname, pools in self.pools.items()}  # once per step, all layers
+        rows = self._gathered(mp)
         for li, blk in enumerate(self.layers):
             g = blk.groups
             q, k, v = g["qkv"].split(g["qkv"](blk.ln1(x), mp, rows["qkv"]))
@@ -124,6 +129,15 @@ class BatchedRunner(nn.Module):
             gate, up = g["gate_up"].split(g["gate_up"](blk.ln2(x), mp, rows["gate_up"]))
             x = x + g["down"](blk.act(gate) * up, mp, rows["down"])
         return self.norm(x)
+
+    def _gathered(self, mp: SlotMapping) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-row core tensors of every layer. Gathered once per step at most, and reused across steps while
+        the batch's slots and the pools are unchanged (most decode steps), so a step only reads them."""
+        key = (mp.core_idx.tolist(), mp.has_sub, self._pool_version)
+        if self._gather_key != key:
+            self._gather_rows = {gname: pools.gather(mp) for gname, pools in self.pools.items()}
+            self._gather_key = key
+        return self._gather_rows
 
     def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.rotary(x, positions.view(1, -1))
