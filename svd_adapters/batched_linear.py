@@ -133,13 +133,34 @@ class GroupPools:
         self.B[i][slot, layer, :, :kr] = t.B
 
     def gather(self, mp: SlotMapping) -> dict[str, torch.Tensor]:
-        """Per-row core tensors for every layer, once per step: (P, layers, ...)."""
+        """Per-row core tensors for every layer, in one indexing op per step: (P, layers, ...)."""
         if not mp.has_core:
             return {}
         ci = mp.core_idx
         out = {"C": self.C[ci]}
         if mp.has_sub:
             out["o"], out["d"] = self.o[ci], self.d[ci]
+        return out
+
+    def enable_row_cache(self, max_rows: int) -> None:
+        """Persistent per-row copies of the core tensors, for decode steps: see `refresh_rows`."""
+        self.row_C = torch.zeros((max_rows,) + self.C.shape[1:], dtype=self.C.dtype, device=self.C.device)
+        self.row_o = torch.ones((max_rows,) + self.o.shape[1:], dtype=self.o.dtype, device=self.o.device)
+        self.row_d = torch.zeros((max_rows,) + self.d.shape[1:], dtype=self.d.dtype, device=self.d.device)
+
+    def refresh_rows(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """Copy the given slots into the given row buffers (only rows whose adapter changed)."""
+        self.row_C.index_copy_(0, rows, self.C[slots])
+        self.row_o.index_copy_(0, rows, self.o[slots])
+        self.row_d.index_copy_(0, rows, self.d[slots])
+
+    def cached_rows(self, mp: SlotMapping) -> dict[str, torch.Tensor]:
+        if not mp.has_core:
+            return {}
+        P = mp.rows
+        out = {"C": self.row_C[:P]}
+        if mp.has_sub:
+            out["o"], out["d"] = self.row_o[:P], self.row_d[:P]
         return out
 
 

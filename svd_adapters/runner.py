@@ -79,9 +79,10 @@ class BatchedRunner(nn.Module):
             block.groups = groups
             block.ln1, block.ln2, block.act = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp.act_fn
             self.layers.append(block)
-        self._pool_version = 0
-        self._gather_key: tuple | None = None
-        self._gather_rows: dict[str, dict[str, torch.Tensor]] = {}
+        self._slot_version = [0] * core_slots
+        self._row_keys: list[tuple[int, int] | None] = [None] * max_batch  # (slot, its version) per row buffer
+        for pools in self.pools.values():
+            pools.enable_row_cache(max_batch)
         shape = (max_batch, self.n_kv, max_seq_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in self.layers]
@@ -93,7 +94,7 @@ class BatchedRunner(nn.Module):
     # ---- adapter slots ----
     @torch.no_grad()
     def write_core_slot(self, slot: int, terms: dict[str, DeltaTerms]) -> None:
-        self._pool_version += 1
+        self._slot_version[slot] += 1  # row buffers holding this slot's old contents are now stale
         for pools in self.pools.values():
             pools.clear_core(slot)
         for name, t in terms.items():
@@ -101,7 +102,6 @@ class BatchedRunner(nn.Module):
 
     @torch.no_grad()
     def write_lr_slot(self, slot: int, terms: dict[str, DeltaTerms]) -> None:
-        self._pool_version += 1
         for pools in self.pools.values():
             pools.clear_lr(slot)
         for name, t in terms.items():
@@ -115,9 +115,9 @@ class BatchedRunner(nn.Module):
             vc[dst, :, :length] = vc[src, :, :length]
 
     # ---- forward ----
-    def _layers(self, x: torch.Tensor, mp: SlotMapping, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, mp: SlotMapping, cos: torch.Tensor, sin: torch.Tensor, attend, decode: bool) -> torch.Tensor:
         T = x.shape[0]
-        rows = self._gathered(mp)
+        rows = self._gathered(mp, decode)
         for li, blk in enumerate(self.layers):
             g = blk.groups
             q, k, v = g["qkv"].split(g["qkv"](blk.ln1(x), mp, rows["qkv"]))
@@ -130,14 +130,22 @@ class BatchedRunner(nn.Module):
             x = x + g["down"](blk.act(gate) * up, mp, rows["down"])
         return self.norm(x)
 
-    def _gathered(self, mp: SlotMapping) -> dict[str, dict[str, torch.Tensor]]:
-        """Per-row core tensors of every layer. Gathered once per step at most, and reused across steps while
-        the batch's slots and the pools are unchanged (most decode steps), so a step only reads them."""
-        key = (mp.core_idx.tolist(), mp.has_sub, self._pool_version)
-        if self._gather_key != key:
-            self._gather_rows = {gname: pools.gather(mp) for gname, pools in self.pools.items()}
-            self._gather_key = key
-        return self._gather_rows
+    def _gathered(self, mp: SlotMapping, decode: bool) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-row core tensors of every layer. Prefill gathers them once for the step. Decode keeps them in
+        per-row buffers and copies only rows whose adapter changed since the last step (a request joined,
+        left, or its slot was rewritten), so a steady decode step just reads them."""
+        if not decode or not mp.has_core:
+            return {g: pools.gather(mp) for g, pools in self.pools.items()}
+        keys = [(s, self._slot_version[s]) for s in mp.core_idx.tolist()]
+        changed = [i for i, k in enumerate(keys) if self._row_keys[i] != k]
+        if changed:
+            rows = torch.tensor(changed, device=self.device)
+            slots = torch.tensor([keys[i][0] for i in changed], device=self.device)
+            for pools in self.pools.values():
+                pools.refresh_rows(rows, slots)
+            for i in changed:
+                self._row_keys[i] = keys[i]
+        return {g: pools.cached_rows(mp) for g, pools in self.pools.items()}
 
     def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.rotary(x, positions.view(1, -1))
@@ -172,7 +180,7 @@ class BatchedRunner(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
             return o.transpose(1, 2).reshape(P * L, self.n_heads, self.head_dim)
 
-        h = self._layers(x, mp, cos, sin, attend).view(P, L, -1)
+        h = self._layers(x, mp, cos, sin, attend, decode=False).view(P, L, -1)
         if all_logits:
             return self.lm_head(h)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
@@ -200,4 +208,4 @@ class BatchedRunner(nn.Module):
             )
             return o.squeeze(2)
 
-        return self.lm_head(self._layers(x, mp, cos, sin, attend))
+        return self.lm_head(self._layers(x, mp, cos, sin, attend, decode=True))
