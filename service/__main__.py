@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-slots", type=int, help="device cache slots for SORSA/LoRA adapters (default 8)")
     p.add_argument("--max-waiting", type=int, help="queued requests before 429 (default 256)")
     p.add_argument("--max-upload-bytes", type=int, help="largest adapter file accepted (default 64 MiB)")
+    p.add_argument("--max-request-bytes", type=int, help="largest other request body, e.g. /generate (default 1 MiB)")
+    p.add_argument("--request-timeout", type=float, help="seconds a generation may take, queueing included; 0 = none (default 300)")
+    p.add_argument("--shutdown-timeout", type=float, help="seconds SIGTERM waits for in-flight requests (default 30)")
     p.add_argument("--r-max", type=int, help="rank of the cached SVD factors (default 64)")
     p.add_argument("--factors-dir", help="where SVD factors are cached (default: beside the base model)")
     return p.parse_args(argv)
@@ -42,10 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Heavy imports after argument parsing, so -h is instant.
-    import uvicorn
-
     from adapters_store import StoreError
     from service.app import create_app, open_configured_store
+    from service.graceful import serve
     from service.config import Settings, resolve_device
     from svd_adapters.base_model import load_base
     from svd_adapters.factors import load_or_compute
@@ -87,13 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings, base=base, factors=factors, store=store)
     try:
         # log_config=None: uvicorn's loggers propagate to the root logger, i.e. svdserve's one log format.
-        uvicorn.run(
+        # SIGTERM drains: in-flight requests finish, new ones get 503 shutting_down, then exit 0 (service/graceful.py).
+        serve(
             app,
             host=settings.host,
             port=settings.port,
+            drain_timeout=settings.shutdown_timeout,
             log_config=None,
             log_level=logging.getLevelName(logging.getLogger().level).lower(),
-            timeout_graceful_shutdown=int(settings.shutdown_timeout) + 5,
         )
     finally:
         store.close()

@@ -64,6 +64,7 @@ def engine_config(settings: Settings) -> eng.EngineConfig:
         lr_slots=settings.lr_slots,
         max_waiting=settings.max_waiting,
         device=resolve_device(settings.device),
+        request_timeout=settings.request_timeout,
     )
 
 
@@ -78,18 +79,30 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 class UploadSizeLimit:
-    """Refuse an upload body over `limit` bytes while it streams in, before it is read into memory or spooled.
+    """Refuse a request body over its limit while it streams in, before it is read into memory or spooled.
 
     A Content-Length over the limit is answered at once; a body without one (chunked) is counted and cut off
-    at the limit. Only POST `path` is limited; everything else passes through untouched.
+    at the limit. POST `path` (and POST below it) may carry an adapter file of `max_file_bytes` plus multipart
+    framing; any other request body at most `max_body_bytes` (None: not limited here).
     """
 
-    def __init__(self, app: ASGIApp, path: str, max_file_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, path: str, max_file_bytes: int, max_body_bytes: int | None = None) -> None:
         self.app, self.path = app, path
         self.max_file_bytes = max_file_bytes
-        self.limit = max_file_bytes + UPLOAD_OVERHEAD_BYTES
+        self.max_body_bytes = max_body_bytes
+        self.upload_limit = max_file_bytes + UPLOAD_OVERHEAD_BYTES
 
-    def _too_large(self, size: int | None) -> ApiError:
+    def _is_upload(self, scope: Scope) -> bool:
+        path = scope["path"].rstrip("/")
+        return scope["method"] == "POST" and (path == self.path or path.startswith(self.path + "/"))
+
+    def _too_large(self, size: int | None, upload: bool = True) -> ApiError:
+        if not upload:
+            got = f"this body is {size:,} bytes" if size is not None else "this body is larger than that"
+            return ApiError(
+                413, "too_large", f"this server accepts request bodies up to {self.max_body_bytes:,} bytes; {got}. "
+                "Shorten the prompt or messages",
+            )
         got = f"the upload is {size:,} bytes" if size is not None else "the upload is larger than that"
         return ApiError(
             413,
@@ -99,12 +112,14 @@ class UploadSizeLimit:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != self.path:
+        upload = scope["type"] == "http" and self._is_upload(scope)
+        limit = self.upload_limit if upload else self.max_body_bytes
+        if scope["type"] != "http" or limit is None:
             await self.app(scope, receive, send)
             return
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            err = self._too_large(int(length))
+        if length is not None and length.isdigit() and int(length) > limit:
+            err = self._too_large(int(length), upload)
             response = JSONResponse(error_body(err.code, err.message), status_code=413, headers={"Connection": "close"})
             await response(scope, receive, send)
             return
@@ -115,8 +130,8 @@ class UploadSizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise self._too_large(None)  # an HTTPException: FastAPI lets it through body parsing
+                if received > limit:
+                    raise self._too_large(None, upload)  # an HTTPException: FastAPI lets it through body parsing
             return message
 
         await self.app(scope, limited_receive, send)
@@ -171,12 +186,19 @@ def create_app(
     app.state.settings = settings
     app.state.base, app.state.factors, app.state.store, app.state.engine = base, factors, store, None
     register_error_handlers(app)
-    app.add_middleware(UploadSizeLimit, path="/adapters", max_file_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        UploadSizeLimit, path="/adapters", max_file_bytes=settings.max_upload_bytes, max_body_bytes=settings.max_request_bytes
+    )
 
     def running_engine(request: Request) -> eng.Engine:
         engine = request.app.state.engine
         if engine is None:
             raise ApiError(503, "not_ready", "the server is starting up or shutting down; retry shortly", {"Retry-After": "1"})
+        if not getattr(engine, "accepting", True):  # draining after SIGTERM: in-flight requests finish, new ones go elsewhere
+            raise ApiError(
+                503, "shutting_down", "the server is shutting down and takes no new requests; retry on another replica",
+                {"Retry-After": "1"},
+            )
         return engine
 
     def the_store(request: Request) -> AdapterStore:

@@ -10,6 +10,9 @@ Environment (all optional):
     SVDSERVE_DEVICE           auto | cpu | cuda | cuda:N                              (default auto)
     SVDSERVE_MAX_BATCH, SVDSERVE_MAX_RANK, SVDSERVE_MAX_SEQ_LEN, SVDSERVE_CORE_SLOTS, SVDSERVE_LR_SLOTS,
     SVDSERVE_MAX_WAITING, SVDSERVE_MAX_UPLOAD_BYTES, SVDSERVE_R_MAX, SVDSERVE_FACTORS_DIR
+    SVDSERVE_REQUEST_TIMEOUT  seconds a generation may take, queueing included; 0 = no limit (default 300)
+    SVDSERVE_MAX_REQUEST_BYTES largest request body other than adapter uploads (default 1 MiB)
+    SVDSERVE_SHUTDOWN_TIMEOUT seconds to drain in-flight requests on SIGTERM (default 30)
 """
 from __future__ import annotations
 
@@ -58,6 +61,8 @@ class Settings:
     lr_slots: int = 8
     max_waiting: int = 256
     shutdown_timeout: float = 30.0
+    request_timeout: float = 300.0  # 0 = no limit
+    max_request_bytes: int = 1024 * 1024  # bodies of /generate and other JSON routes (uploads: max_upload_bytes)
     # uploads
     max_upload_bytes: int = DEFAULT_MAX_BYTES
     # SVD factors
@@ -78,9 +83,13 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        for name in ("max_batch", "max_rank", "max_seq_len", "core_slots", "lr_slots", "max_upload_bytes", "r_max"):
+        for name in ("max_batch", "max_rank", "max_seq_len", "core_slots", "lr_slots", "max_upload_bytes", "r_max",
+                     "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("request_timeout", "shutdown_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0 seconds, got {getattr(self, name)}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be ≥ 0, got {self.max_waiting}")
         if self.max_rank > self.r_max:

@@ -38,7 +38,7 @@ log = get_logger(__name__)
 
 __all__ = [
     "Engine", "EngineConfig", "SamplingParams", "GenerationResult", "EngineError", "AdapterNotFound",
-    "AdapterUnavailable", "QueueFull", "EngineShuttingDown", "InvalidRequest",
+    "AdapterUnavailable", "QueueFull", "EngineShuttingDown", "InvalidRequest", "RequestTimeout",
 ]
 
 
@@ -57,6 +57,10 @@ class AdapterUnavailable(EngineError):
 class QueueFull(EngineError):
     status = 429
 
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds; the API answers it as Retry-After
+
 
 class EngineShuttingDown(EngineError):
     status = 503
@@ -64,6 +68,12 @@ class EngineShuttingDown(EngineError):
 
 class InvalidRequest(EngineError):
     status = 400
+
+
+class RequestTimeout(EngineError):
+    """The request ran past EngineConfig.request_timeout (waiting or generating); its batch row is freed."""
+
+    status = 504
 
 
 @dataclass
@@ -77,6 +87,7 @@ class EngineConfig:
     max_prefill_tokens: int = 4096  # padded prompt tokens per prefill step, so one step stays short
     loader_threads: int = 2
     device: str = "cpu"
+    request_timeout: float = 0.0  # seconds from arrival until a request is failed with RequestTimeout; 0 = none
 
 
 @dataclass
@@ -108,7 +119,10 @@ class _Request:
     finish_reason: str | None = None
 
     def emit(self, kind: str, payload) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
+            pass
 
 
 class Engine:
@@ -134,7 +148,9 @@ class Engine:
         self._running = False
         self.accepting = False
         self.counters = {"requests": 0, "finished": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0,
-                         "adapter_loads": 0, "adapter_load_errors": 0}
+                         "adapter_loads": 0, "adapter_load_errors": 0, "rejected_queue_full": 0, "timed_out": 0,
+                         "failed_at_shutdown": 0}
+        self._finished_at: deque[float] = deque(maxlen=256)  # monotonic finish times, for Retry-After estimates
         self.load_latencies: deque[float] = deque(maxlen=1000)
         self.step_latencies: deque[float] = deque(maxlen=1000)
         self.observers: list = []  # objects with on_* hooks (metrics); called on the engine thread
@@ -146,18 +162,49 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
+    def begin_shutdown(self) -> None:
+        """Stop accepting: new requests get EngineShuttingDown; admitted and waiting ones go on."""
+        with self._cond:  # under the lock: no request can slip into the queue after this returns
+            self.accepting = False
+
+    def idle(self) -> bool:
+        """Nothing waiting and nothing running."""
+        return not self._waiting and not self._active
+
     def shutdown(self, drain: bool = True, timeout: float = 30.0) -> None:
-        """Stop accepting; with drain, let admitted and waiting requests finish (up to timeout)."""
-        self.accepting = False
+        """Stop accepting; with drain, let admitted and waiting requests finish (up to timeout).
+
+        Whatever is still waiting or running when the engine stops (no drain, or the drain timed out) is
+        failed with EngineShuttingDown, so no caller is left waiting forever.
+        """
+        self.begin_shutdown()
         deadline = time.monotonic() + timeout
-        while drain and (self._waiting or self._active) and time.monotonic() < deadline:
+        while drain and not self.idle() and time.monotonic() < deadline:
             time.sleep(0.02)
         with self._cond:
             self._running = False
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._fail_all(EngineShuttingDown(
+            "the server shut down before this request finished"
+            + (f" (it did not finish within the {timeout:g} s drain timeout)" if drain else "")
+            + "; retry on another replica"
+        ))
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def _fail_all(self, err: EngineError) -> None:
+        with self._cond:
+            left = [r for r in list(self._waiting) + list(self._active) if r.finish_reason is None]
+            self._waiting.clear()
+            if self._thread is None or not self._thread.is_alive():
+                self._active.clear()  # rows of a stopped engine; never touched while a step might still run
+        for r in left:
+            r.finish_reason = "error"
+            r.emit("error", err)
+        if left:
+            self.counters["failed_at_shutdown"] += len(left)
+            log.warning("shutdown: failed %d unfinished request(s)", len(left))
 
     def encode_prompt(self, prompt: str | None = None, messages: list[dict] | None = None, raw: bool = False) -> list[int]:
         """Token ids for a chat (template applied) or a plain prompt (as one user turn unless raw)."""
@@ -229,12 +276,26 @@ class Engine:
             **self.counters,
         }
 
+    def retry_after(self) -> float:
+        """Seconds until the waiting queue has likely drained, from the recent finish rate (1 s when unknown)."""
+        now = time.monotonic()
+        recent = [t for t in self._finished_at if now - t < 30.0]
+        if len(recent) < 2 or now <= recent[0]:
+            return 1.0
+        rate = len(recent) / (now - recent[0])
+        return min(30.0, max(1.0, len(self._waiting) / rate))
+
     # ---------- submission ----------
     def _submit(self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams) -> _Request:
         if not self.accepting:
             raise EngineShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty")
+        if len(prompt_ids) >= self.config.max_seq_len:
+            raise InvalidRequest(
+                f"the prompt is {len(prompt_ids)} tokens, over this server's context limit of {self.config.max_seq_len} "
+                f"tokens (at most {self.config.max_seq_len - 1} prompt tokens, leaving room to generate); shorten the prompt"
+            )
         if params.max_tokens < 1:
             raise InvalidRequest("max_tokens must be at least 1")
         if len(prompt_ids) + params.max_tokens > self.config.max_seq_len:
@@ -251,8 +312,15 @@ class Engine:
             queue=asyncio.Queue(), generator=gen,
         )
         with self._cond:
+            if not self.accepting:  # checked again under the lock: shutdown() may have begun meanwhile
+                raise EngineShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
             if len(self._waiting) >= self.config.max_waiting:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting; retry shortly")
+                self.counters["rejected_queue_full"] += 1
+                wait = self.retry_after()
+                raise QueueFull(
+                    f"{len(self._waiting)} requests are already waiting (this server's max_waiting); retry in {wait:.0f} s",
+                    retry_after=wait,
+                )
             self._waiting.append(req)
             self.counters["requests"] += 1
             self._cond.notify()
@@ -268,6 +336,8 @@ class Engine:
         while self._running:
             try:
                 self._run_commands()
+                if self._expire():
+                    self._retire()
                 self._place_loaded()
                 admitted = self._admit()
                 if admitted:
@@ -290,6 +360,33 @@ class Engine:
             or (r.adapter_id not in self._loading and r.adapter_id not in self._ready)
             for r in self._waiting
         ) or any(f.done() for f in self._loading.values()) or bool(self._ready)
+
+    def _expire(self) -> bool:
+        """Fail requests older than request_timeout with RequestTimeout; True if a running row was among them."""
+        limit = self.config.request_timeout
+        if not limit or limit <= 0:
+            return False
+        now = time.monotonic()
+        with self._cond:
+            late = [r for r in self._waiting if not r.cancelled and now - r.arrived > limit]
+            for r in late:
+                self._waiting.remove(r)
+        for r in late:
+            r.finish_reason = "error"
+            r.emit("error", RequestTimeout(
+                f"the request waited {now - r.arrived:.1f} s without being scheduled (a batch row or its adapter), past "
+                f"this server's request timeout of {limit:g} s; the server is overloaded or the adapter store is slow. "
+                "Retry later"
+            ))
+        running = [r for r in self._active if r.finish_reason is None and not r.cancelled and now - r.arrived > limit]
+        for r in running:
+            self._finish(r, error=RequestTimeout(
+                f"the request ran past this server's request timeout of {limit:g} s after {len(r.out)} generated tokens "
+                f"(of max_tokens {r.params.max_tokens}); lower max_tokens, or retry when the server is less busy"
+            ))
+        if late or running:
+            self.counters["timed_out"] += len(late) + len(running)
+        return bool(running)
 
     def _run_commands(self) -> None:
         while self._commands:
@@ -467,6 +564,7 @@ class Engine:
             req.emit("error", error)
             return
         req.finish_reason = reason
+        self._finished_at.append(time.monotonic())
         tail = req.detok.finish()
         if tail:
             req.emit("delta", tail)

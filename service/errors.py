@@ -7,6 +7,7 @@ Codes are stable (clients and metrics key on them). Adapter validation keeps the
     405 method_not_allowed   409 adapter_exists   413 too_large   422 validation_error
     429 queue_full (Retry-After)   500 internal_error, store_error, engine_error
     503 store_unavailable, adapter_unavailable, shutting_down, not_ready (Retry-After)
+    504 request_timeout (the request ran past --request-timeout; its batch row is freed)
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ ENGINE_ERRORS: dict[type[Exception], tuple[int, str]] = {
     eng.QueueFull: (429, "queue_full"),
     eng.EngineShuttingDown: (503, "shutting_down"),
     eng.InvalidRequest: (400, "invalid_request"),
+    eng.RequestTimeout: (504, "request_timeout"),
     eng.EngineError: (500, "engine_error"),
 }
 
