@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from adapters_store import AdapterStore, open_store, record_for, validate_id
 from adapters_store.records import ID_PATTERN, AdapterRecord
 from adapters_store.validate import load_adapter
+from service import metrics as svc_metrics
 from service import engine as eng
 from service.config import Settings, resolve_device
 from service.errors import ApiError, engine_error_body, error_body, register_error_handlers
@@ -165,12 +166,14 @@ def create_app(
             st.store = await run_in_threadpool(open_configured_store, settings)
         make = engine_factory or eng.Engine
         st.engine = await run_in_threadpool(make, st.base, st.factors, st.store, engine_config(settings))
+        st.metrics.attach(st.engine)  # engine observer: hooks run on the engine thread
         await run_in_threadpool(st.engine.start)
         log.info("serving %s (factors %s) with store %r", st.base.name, st.factors.fingerprint, st.store)
         try:
             yield
         finally:
             engine, st.engine = st.engine, None
+            st.metrics.detach()
             await run_in_threadpool(engine.shutdown, True, settings.shutdown_timeout)
             if owns_store:
                 st.store.close()
@@ -189,6 +192,8 @@ def create_app(
     app.add_middleware(
         UploadSizeLimit, path="/adapters", max_file_bytes=settings.max_upload_bytes, max_body_bytes=settings.max_request_bytes
     )
+
+    svc_metrics.install(app)  # GET /metrics; added after the other middleware, so it counts their answers too
 
     def running_engine(request: Request) -> eng.Engine:
         engine = request.app.state.engine

@@ -117,6 +117,7 @@ class _Request:
     lr_slot: int = 0
     cancelled: bool = False
     finish_reason: str | None = None
+    method: str = "base"  # its adapter's method once admitted (a metrics label; never the adapter id)
 
     def emit(self, kind: str, payload) -> None:
         try:
@@ -432,6 +433,8 @@ class Engine:
                 method, terms, seconds = fut.result()
             except Exception as exc:
                 self.counters["adapter_load_errors"] += 1
+                for obs in self.observers:
+                    obs.on_adapter_load_error(exc)
                 err = exc if isinstance(exc, EngineError) else EngineError(f"loading adapter {adapter_id!r} failed: {exc}")
                 self._fail_waiting(adapter_id, err)
                 continue
@@ -446,7 +449,7 @@ class Engine:
             res, evicted = self.cache.place(adapter_id, method)
             if evicted is not None:
                 for obs in self.observers:
-                    obs.on_eviction()
+                    obs.on_eviction(res.pool)
             if res.pool == "core":
                 self.runner.write_core_slot(res.slot, terms)
                 self.sub_slots.discard(res.slot)
@@ -490,8 +493,9 @@ class Engine:
                             self._loading[req.adapter_id] = self._loader.submit(self._load, req.adapter_id)
                         continue  # waits for its own adapter only
                     res = self.cache.acquire(req.adapter_id)
+                    req.method = res.method
                     for obs in self.observers:
-                        obs.on_cache_hit()
+                        obs.on_cache_hit(res.method)
                     if res.pool == "core":
                         req.core_slot = res.slot
                     else:
@@ -514,7 +518,7 @@ class Engine:
             req.first_token_at = now
             self.counters["prompt_tokens"] += len(req.prompt)
             for obs in self.observers:
-                obs.on_first_token(now - req.arrived)
+                obs.on_first_token(now - req.arrived, req.method, len(req.prompt))
             self._accept_token(req, sample(row_logits, req.params, req.generator))
         for obs in self.observers:
             obs.on_step("prefill", time.perf_counter() - t0, len(reqs))
@@ -571,7 +575,7 @@ class Engine:
         self.counters["finished"] += 1
         req.emit("done", GenerationResult(req.detok.text, reason, len(req.prompt), len(req.out), req.adapter_id, list(req.out)))
         for obs in self.observers:
-            obs.on_finish(reason, len(req.out))
+            obs.on_finish(reason, len(req.out), req.method)
 
     def _retire(self) -> None:
         """Drop finished/cancelled rows, keeping the active rows compacted in [0, n)."""
