@@ -6,7 +6,7 @@ outputs and the shared projections h = V_rᵀx.
 
 Adapter tensors live in fixed device slot pools, one `GroupPools` per group kind holding every layer:
 
-- core pool (OSoRA, LoRA-XS):  C (slots, layers, k, R, R), o (slots, layers, M), d (slots, layers, k·R)
+- core pool (OSoRA, LoRA-XS):  Cᵀ (slots, layers, k, R, R) (stored transposed: h·Cᵀ needs no copy), o (slots, layers, M), d (slots, layers, k·R)
 - low-rank pool (SORSA, LoRA): A (slots, layers, k·K, n), B_i (slots, layers, m_i, K), K = 2R
 
 Slot 0 of each pool is the zero adapter (base rows). A `SlotMapping`, built once per step and shared by all
@@ -62,11 +62,11 @@ class SlotMapping:
         )
 
 
-def core_delta_(y: torch.Tensor, h: torch.Tensor, C: torch.Tensor, o: torch.Tensor | None, d: torch.Tensor | None,
+def core_delta_(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tensor | None, d: torch.Tensor | None,
                 Ut: torch.Tensor, Ut_members: list[torch.Tensor], offsets: list[int]) -> None:
     """Add the per-row core delta o ⊙ (Ut-projection of C h) + Ut-projection of (d ⊙ h) into y in place.
 
-    y (P·L, M); h (P, L, k, R); C (P, k, R, R); o (P, M) or None; d (P, k·R) or None. Ut is the block-diagonal
+    y (P·L, M); h (P, L, k, R); Ct (P, k, R, R) the cores transposed; o (P, M) or None; d (P, k·R) or None. Ut is the block-diagonal
     (k·R, M) stack of the members' U_rᵀ, Ut_members its diagonal blocks (R, m_i).
     Decode (L = 1) is bound by memory and op count: apply C token by token, then one block-diagonal GEMM
     projects every member. Prefill (long L) is bound by FLOPs: fold each row's core into an effective
@@ -74,7 +74,7 @@ def core_delta_(y: torch.Tensor, h: torch.Tensor, C: torch.Tensor, o: torch.Tens
     """
     P, L, k, R = h.shape
     if L == 1:
-        g = torch.matmul(h.view(P, k, 1, R), C.transpose(-1, -2)).reshape(P, k * R)
+        g = torch.matmul(h.view(P, k, 1, R), Ct).reshape(P, k * R)
         if d is None:
             y.addmm_(g, Ut)
             return
@@ -84,7 +84,7 @@ def core_delta_(y: torch.Tensor, h: torch.Tensor, C: torch.Tensor, o: torch.Tens
     yv = y.view(P, L, -1)
     for i, (Ui, off) in enumerate(zip(Ut_members, offsets)):
         m = Ui.shape[1]
-        U_eff = torch.matmul(C[:, i].transpose(-1, -2), Ui)  # (P, R, m_i): row p's h_i ↦ Δy_i
+        U_eff = torch.matmul(Ct[:, i], Ui)  # (P, R, m_i): row p's h_i ↦ Δy_i
         if d is not None:
             U_eff = U_eff * o[:, None, off : off + m] + d[:, i * R : (i + 1) * R, None] * Ui
         yv[:, :, off : off + m].baddbmm_(h[:, :, i], U_eff)
@@ -121,7 +121,7 @@ class GroupPools:
     def write_core(self, slot: int, layer: int, i: int, t: DeltaTerms) -> None:
         r, R = t.rank, self.R
         if t.C is not None:
-            self.C[slot, layer, i, :r, :r] = t.C
+            self.C[slot, layer, i, :r, :r] = t.C.T
         if t.o is not None:
             self.o[slot, layer, self.offsets[i] : self.offsets[i] + self.out_sizes[i]] = t.o
         if t.d is not None:
