@@ -1,0 +1,200 @@
+"""Helpers for the reliability tests (issue #5): free ports, a private redis-server, real HTTP servers.
+
+Everything here talks to 127.0.0.1 only, and every process it starts is stopped by the test that started it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def assert_error(resp: httpx.Response, status: int, code: str, *hints: str) -> dict:
+    """The one error shape {"error": {"code", "message"}}, with the expected status, code and message hints."""
+    assert resp.status_code == status, (resp.status_code, resp.text[:500])
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["message"], body
+    for hint in hints:
+        assert hint.lower() in body["error"]["message"].lower(), (hint, body["error"]["message"])
+    return body["error"]
+
+
+def upload_files(blob: bytes, adapter_id: str | None = None) -> dict:
+    kw: dict = {"files": {"file": ("adapter.safetensors", blob, "application/octet-stream")}}
+    if adapter_id is not None:
+        kw["data"] = {"adapter_id": adapter_id}
+    return kw
+
+
+def wait_until(pred, timeout: float, interval: float = 0.02, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# --- a private redis-server --------------------------------------------------------------------------------
+
+
+class RedisServer:
+    """redis-server on its own free port and directory; stop() with SIGTERM or SIGKILL, start() again on the same port."""
+
+    def __init__(self, workdir: Path, aof: bool, port: int | None = None) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        self.exe, self.dir, self.aof = exe, Path(workdir), aof
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        args = [self.exe, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir), "--save", "",
+                "--protected-mode", "no", "--daemonize", "no", "--logfile", str(self.dir / "redis.log")]
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {self.log()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not answer on port {self.port}: {self.log()[-2000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log(self) -> str:
+        try:
+            return (self.dir / "redis.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+# --- real HTTP servers -------------------------------------------------------------------------------------
+
+
+class UvicornThread:
+    """The app under a real uvicorn on 127.0.0.1 in a background thread (lifespan included)."""
+
+    def __init__(self, app, port: int | None = None) -> None:
+        import uvicorn
+
+        self.port = port or free_port()
+        self.app = app
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "UvicornThread":
+        self.thread.start()
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), 60, what="uvicorn to start")
+        if not self.server.started:
+            raise RuntimeError("uvicorn did not start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+class ServiceProcess:
+    """`python -m service --base tiny ...` as a subprocess (its own SVDSERVE_HOME), logging to a file."""
+
+    def __init__(self, home: Path, *args: str, port: int | None = None) -> None:
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.args = ["--base", "tiny", "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", *args]
+        self.log_path = self.home / f"service-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> "ServiceProcess":
+        env = dict(os.environ, SVDSERVE_HOME=str(self.home), PYTHONUNBUFFERED="1",
+                   PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        for var in ("REDIS_URL", "SVDSERVE_STORE"):
+            env.pop(var, None)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "service", *self.args], cwd=self.home, env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"service did not become healthy in {timeout} s:\n{self.log()[-3000:]}")
+
+    def send(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
