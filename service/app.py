@@ -21,7 +21,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters_store import AdapterStore, open_store, record_for, validate_id
 from adapters_store.records import ID_PATTERN, AdapterRecord
-from adapters_store.validate import load_adapter
+from adapters_store.format import adapter_to_bytes
+from adapters_store.peft_import import MAX_CONFIG_BYTES, looks_like_peft, peft_to_adapter
+from adapters_store.validate import AdapterValidationError, load_adapter
 from service import metrics as svc_metrics
 from service import engine as eng
 from service.config import Settings, resolve_device
@@ -226,17 +228,28 @@ def create_app(
         response_model=AdapterCreated,
         responses=_errors(400, 409, 413, 503),
         tags=["adapters"],
-        summary="Upload an adapter (the trainer's .safetensors file)",
+        summary="Upload an adapter (the trainer's .safetensors file, or a PEFT LoRA with its config)",
     )
     async def upload_adapter(
         request: Request,
-        file: Annotated[UploadFile, File(description="the adapter .safetensors file written by the trainer")],
+        file: Annotated[
+            UploadFile,
+            File(description="the adapter .safetensors file written by the trainer, or PEFT's adapter_model.safetensors"),
+        ],
         adapter_id: Annotated[
             str | None, Form(description=f"id to store it under ({ID_PATTERN}); default: a new ad-<12 hex> id")
         ] = None,
+        config: Annotated[
+            UploadFile | None,
+            File(description="only with a PEFT LoRA in `file`: its adapter_config.json (PEFT's save_pretrained output)"),
+        ] = None,
     ) -> JSONResponse:
         """Validated completely (format, metadata, base fingerprint, shapes, finite values, fits this engine)
-        before anything is written; 201 is answered only once the store holds it durably."""
+        before anything is written; 201 is answered only once the store holds it durably.
+
+        With a `config` part, `file` is a PEFT LoRA: it is converted to an svdserve "lora" adapter (exactly the
+        same delta; see adapters_store/peft_import.py for what is refused) and then validated and stored like
+        any other upload."""
         store = the_store(request)
         engine = running_engine(request)
         if adapter_id is None or adapter_id == "":
@@ -249,23 +262,48 @@ def create_app(
             blob = await file.read()
         finally:
             await file.close()
+        peft_config: bytes | None = None
+        if config is not None:
+            try:
+                peft_config = await config.read(MAX_CONFIG_BYTES + 1)  # over the cap: refused with a clear message
+            finally:
+                await config.close()
         st = request.app.state
 
-        def validate() -> AdapterRecord:
+        def validate() -> tuple[AdapterRecord, bytes]:
+            data = blob
+            if peft_config is not None:  # a PEFT LoRA: converted, then validated like any other upload
+                converted = peft_to_adapter(blob, peft_config, st.factors, st.base.name, max_bytes=settings.max_upload_bytes)
+                data = adapter_to_bytes(converted)
             # 2·max_rank is only an early bound (refused before tensors are decoded): LoRA may use up to 2·max_rank
             # in the low-rank pool; check_servable then applies this engine's exact per-method limit.
-            adapter = load_adapter(
-                blob, st.factors, base_model_name=st.base.name, max_bytes=settings.max_upload_bytes,
-                max_rank=2 * settings.max_rank,
-            )
+            try:
+                adapter = load_adapter(
+                    data, st.factors, base_model_name=st.base.name, max_bytes=settings.max_upload_bytes,
+                    max_rank=2 * settings.max_rank,
+                )
+            except AdapterValidationError as exc:
+                if peft_config is None and exc.code == "bad_metadata" and looks_like_peft(blob):
+                    raise AdapterValidationError(
+                        "peft_config_required",
+                        "this is a PEFT adapter_model.safetensors; send its adapter_config.json too, as the multipart "
+                        "part 'config' (file=adapter_model.safetensors, config=adapter_config.json)",
+                    ) from None
+                if peft_config is not None and exc.code == "too_large":
+                    raise AdapterValidationError(
+                        "too_large",
+                        f"converted to svdserve's float32 format this PEFT adapter is {len(data):,} bytes, over this "
+                        f"server's limit of {settings.max_upload_bytes:,} bytes; use a smaller rank or fewer target_modules",
+                    ) from None
+                raise
             try:
                 engine.check_servable(adapter)
             except ValueError as exc:
                 raise ApiError(400, "not_servable", str(exc)) from None
-            return record_for(adapter, blob, adapter_id)
+            return record_for(adapter, data, adapter_id), data
 
-        record = await run_in_threadpool(validate)
-        await run_in_threadpool(store.put, record, blob)
+        record, stored = await run_in_threadpool(validate)
+        await run_in_threadpool(store.put, record, stored)
         log.info("stored adapter %s (%s, rank %d, %d bytes)", adapter_id, record.method, record.rank, record.size_bytes)
         body = AdapterCreated.model_validate(record.model_dump(include=set(AdapterCreated.model_fields)))
         return JSONResponse(body.model_dump(), status_code=201, headers={"Location": f"/adapters/{adapter_id}"})
