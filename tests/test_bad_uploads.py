@@ -23,9 +23,7 @@ from safetensors.torch import save as st_save
 
 from _reliability import REPO, assert_error, upload_files
 from adapters_store.disk import DiskStore
-from adapters_store.format import adapter_to_bytes
 from adapters_store.validate import MAX_HEADER_BYTES
-from svd_adapters.adapter import new_adapter
 
 pytestmark = pytest.mark.anyio
 
