@@ -12,6 +12,7 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
@@ -65,7 +66,7 @@ def load_adapter(
     entries = _check_entries(header, data_len=len(blob) - 8 - header_len)
     meta = _check_metadata(metadata, factors, base_model_name, max_rank)
     _check_tensor_names_and_shapes(entries, meta, factors)
-    return _decode(blob, meta)
+    return _decode(blob, meta, header, 8 + header_len)
 
 
 # --- bytes level -------------------------------------------------------------------------------------------
@@ -375,7 +376,28 @@ def _check_tensor_names_and_shapes(
     )
 
 
-def _decode(blob: bytes, meta: dict[str, Any]) -> Adapter:
+def _decode_f32(blob: bytes, header: dict[str, Any], data_start: int) -> dict[str, torch.Tensor] | None:
+    """Fast path for all-F32 files (what the trainer writes): one buffer, one finiteness check for the whole
+    file, tensors as views. None when it does not apply or a value is non-finite (the slow path explains)."""
+    spans = [(name, e["shape"], e["data_offsets"]) for name, e in header.items()]
+    if any(header[name]["dtype"] != "F32" or off[0] % 4 for name, _, off in spans):
+        return None
+    # numpy: a single-threaded scan. torch's parallel kernels stall when the engine thread holds the cores.
+    arr = np.frombuffer(blob, dtype="<f4", offset=data_start)
+    if not np.isfinite(arr).all():
+        return None
+    buf = torch.from_numpy(arr.copy())
+    return {name: buf[off[0] // 4 : off[1] // 4].view(shape) for name, shape, off in spans}
+
+
+def _decode(blob: bytes, meta: dict[str, Any], header: dict[str, Any], data_start: int) -> Adapter:
+    fast = _decode_f32(blob, header, data_start) if len(blob) > data_start else None
+    if fast is not None:
+        params_fast: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in fast.items():
+            module, param = key.rsplit(".", 1)
+            params_fast.setdefault(module, {})[param] = t
+        return _adapter(meta, params_fast)
     try:
         tensors = st_load(blob)  # header fully checked above; safetensors itself never executes code
     except Exception as exc:  # defensive: a safetensors rule we did not mirror
@@ -393,6 +415,10 @@ def _decode(blob: bytes, meta: dict[str, Any]) -> Adapter:
             )
         module, param = key.rsplit(".", 1)
         params.setdefault(module, {})[param] = t.contiguous()
+    return _adapter(meta, params)
+
+
+def _adapter(meta: dict[str, Any], params: dict[str, dict[str, torch.Tensor]]) -> Adapter:
     return Adapter(
         method=meta["method"],
         rank=meta["rank"],

@@ -421,8 +421,7 @@ class Engine:
             self.check_servable(adapter)
         except (AdapterValidationError, ValueError) as exc:
             raise AdapterUnavailable(f"stored adapter {adapter_id!r} cannot be served: {exc}") from exc
-        terms = {name: t for name, t in adapter.terms(self.factors).items()}
-        return adapter.method, terms, time.perf_counter() - t0
+        return adapter.method, adapter.terms(self.factors), time.perf_counter() - t0
 
     def _place_loaded(self) -> None:
         for adapter_id, fut in list(self._loading.items()):

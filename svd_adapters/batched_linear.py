@@ -96,6 +96,13 @@ def lowrank_delta(x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor], K: i
     return torch.cat([torch.bmm(t[..., i * K : (i + 1) * K], B.transpose(1, 2)) for i, B in enumerate(Bs)], dim=-1)
 
 
+def _layer_index(layers: list[int]) -> slice | list[int]:
+    """A slice when the layers are a contiguous run (plain strided writes), else the list."""
+    if layers == list(range(layers[0], layers[0] + len(layers))):
+        return slice(layers[0], layers[0] + len(layers))
+    return layers
+
+
 class GroupPools:
     """Slot pools of one group kind (e.g. every layer's q/k/v) with a layer dimension, so the per-token
     core tensors of all layers are gathered in one indexing op per step."""
@@ -118,19 +125,20 @@ class GroupPools:
         for B in self.B:
             B[slot].zero_()
 
-    def write_core(self, slot: int, layer: int, i: int, t: DeltaTerms) -> None:
-        r, R = t.rank, self.R
+    def write_core(self, slot: int, layers: list[int], i: int, t: DeltaTerms) -> None:
+        """Member i's terms for `layers` (tensors stacked over those layers) into a slot."""
+        r, R, L = t.rank, self.R, _layer_index(layers)
         if t.C is not None:
-            self.C[slot, layer, i, :r, :r] = t.C.T
+            self.C[slot, L, i, :r, :r] = t.C.transpose(-1, -2).to(self.C)
         if t.o is not None:
-            self.o[slot, layer, self.offsets[i] : self.offsets[i] + self.out_sizes[i]] = t.o
+            self.o[slot, L, self.offsets[i] : self.offsets[i] + self.out_sizes[i]] = t.o.to(self.o)
         if t.d is not None:
-            self.d[slot, layer, i * R : i * R + r] = t.d
+            self.d[slot, L, i * R : i * R + r] = t.d.to(self.d)
 
-    def write_lr(self, slot: int, layer: int, i: int, t: DeltaTerms) -> None:
-        kr = t.A.shape[0]
-        self.A[slot, layer, i * self.K : i * self.K + kr] = t.A
-        self.B[i][slot, layer, :, :kr] = t.B
+    def write_lr(self, slot: int, layers: list[int], i: int, t: DeltaTerms) -> None:
+        kr, L = t.A.shape[-2], _layer_index(layers)
+        self.A[slot, L, i * self.K : i * self.K + kr] = t.A.to(self.A)
+        self.B[i][slot, L, :, :kr] = t.B.to(self.A)
 
     def gather(self, mp: SlotMapping) -> dict[str, torch.Tensor]:
         """Per-row core tensors for every layer, in one indexing op per step: (P, layers, ...)."""
@@ -187,12 +195,6 @@ class LinearGroup(nn.Module):
             Ut[i * self.R : (i + 1) * self.R, pools.offsets[i] : pools.offsets[i] + self.out_sizes[i]] = f.U[:, : self.R].T.to(ref)
         self.register_buffer("Ut", Ut)
         self.Ut_members = [Ut[i * self.R : (i + 1) * self.R, o : o + m].contiguous() for i, (o, m) in enumerate(zip(pools.offsets, self.out_sizes))]
-
-    def write_core(self, slot: int, name: str, t: DeltaTerms) -> None:
-        self.pools.write_core(slot, self.layer, self.index[name], t)
-
-    def write_lr(self, slot: int, name: str, t: DeltaTerms) -> None:
-        self.pools.write_lr(slot, self.layer, self.index[name], t)
 
     def forward(self, x: torch.Tensor, mp: SlotMapping, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """x (T, n) → (T, M): base outputs of all members plus each token's adapter delta.

@@ -51,6 +51,15 @@ class BaseFactors:
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {name: f.shape for name, f in self.modules.items()}
 
+    def stacked(self, names: tuple[str, ...], r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """U_r (L, m, r), σ_r (L, r), V_rᵀ (L, r, n) of same-shaped modules, stacked; cached (adapter loads reuse it)."""
+        key = (names, r)
+        cache = self.__dict__.setdefault("_stacked", {})
+        if key not in cache:
+            tops = [self.modules[n].top(r) for n in names]
+            cache[key] = tuple(torch.stack([t[i] for t in tops]).contiguous() for i in range(3))
+        return cache[key]
+
 
 def target_linears(model: nn.Module, targets: tuple[str, ...] = TARGET_MODULES) -> dict[str, nn.Linear]:
     """The adaptable nn.Linear layers, by qualified name, in model order."""

@@ -25,5 +25,5 @@ def init_params(U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, genera
 
 
 def terms(p: dict[str, torch.Tensor], U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, alpha: float) -> DeltaTerms:
-    r = p["A"].shape[0]
+    r = p["A"].shape[-2]
     return DeltaTerms(rank=0, A=p["A"], B=p["B"] * (alpha / r))

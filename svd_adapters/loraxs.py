@@ -22,5 +22,5 @@ def init_params(U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, genera
 
 
 def terms(p: dict[str, torch.Tensor], U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, alpha: float) -> DeltaTerms:
-    r = S_r.shape[0]
-    return DeltaTerms(rank=r, C=(alpha / r) * p["R"] * S_r[None, :])
+    r = S_r.shape[-1]
+    return DeltaTerms(rank=r, C=(alpha / r) * p["R"] * S_r[..., None, :])

@@ -14,7 +14,7 @@ from torch import nn
 from svd_adapters.base_model import BaseModel
 from svd_adapters.batched_linear import GroupPools, LinearGroup, SlotMapping
 from svd_adapters.factors import BaseFactors
-from svd_adapters.terms import DeltaTerms
+from svd_adapters.adapter import LayerTerms
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Members of each fused group, by the HF linear's short name; one GEMM serves a whole group.
@@ -63,6 +63,7 @@ class BatchedRunner(nn.Module):
             lins = [getattr(parent, m) for m in members]
             self.pools[gname] = GroupPools([l.out_features for l in lins], lins[0].in_features, len(layers),
                                            max_rank, core_slots, lr_slots, like=ref)
+        self.member_of = {m: (gname, i) for gname, members in GROUPS.items() for i, m in enumerate(members)}
         self.layers = nn.ModuleList()
         self.group_of: dict[str, LinearGroup] = {}  # qualified module name → its group
         for li, layer in enumerate(layers):
@@ -93,19 +94,23 @@ class BatchedRunner(nn.Module):
 
     # ---- adapter slots ----
     @torch.no_grad()
-    def write_core_slot(self, slot: int, terms: dict[str, DeltaTerms]) -> None:
+    def write_core_slot(self, slot: int, terms: dict[str, LayerTerms]) -> None:
+        """Put an OSoRA / LoRA-XS adapter (`Adapter.terms`: per module kind, stacked over layers) in a slot."""
         self._slot_version[slot] += 1  # row buffers holding this slot's old contents are now stale
         for pools in self.pools.values():
             pools.clear_core(slot)
-        for name, t in terms.items():
-            self.group_of[name].write_core(slot, name, t)
+        for kind, lt in terms.items():
+            gname, i = self.member_of[kind]
+            self.pools[gname].write_core(slot, lt.layers, i, lt.terms)
 
     @torch.no_grad()
-    def write_lr_slot(self, slot: int, terms: dict[str, DeltaTerms]) -> None:
+    def write_lr_slot(self, slot: int, terms: dict[str, LayerTerms]) -> None:
+        """Put a SORSA / LoRA adapter in a low-rank slot."""
         for pools in self.pools.values():
             pools.clear_lr(slot)
-        for name, t in terms.items():
-            self.group_of[name].write_lr(slot, name, t)
+        for kind, lt in terms.items():
+            gname, i = self.member_of[kind]
+            self.pools[gname].write_lr(slot, lt.layers, i, lt.terms)
 
     # ---- KV rows ----
     def move_row(self, src: int, dst: int, length: int) -> None:

@@ -23,9 +23,9 @@ def init_params(U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, genera
 
 
 def terms(p: dict[str, torch.Tensor], U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, alpha: float) -> DeltaTerms:
-    B = torch.cat([p["U"] * p["S"], -U_r * S_r], dim=1)
-    A = torch.cat([p["V"].T, Vh_r], dim=0)
-    return DeltaTerms(rank=S_r.shape[0], A=A, B=B)
+    B = torch.cat([p["U"] * p["S"][..., None, :], -U_r * S_r[..., None, :]], dim=-1)
+    A = torch.cat([p["V"].transpose(-1, -2), Vh_r], dim=-2)
+    return DeltaTerms(rank=S_r.shape[-1], A=A, B=B)
 
 
 def orthonormal_regularizer(params_by_module: list[dict[str, torch.Tensor]]) -> torch.Tensor:

@@ -8,7 +8,8 @@ For a frozen base linear W (m×n) with top-r SVD factors U_r, σ_r, V_r and shar
 - low-rank part (A: k×n, B: m×k): plain LoRA (k = r) and SORSA (k = 2r: its principal factors and −U_r σ_r V_rᵀ).
 
 Each method only maps its trainable tensors to `DeltaTerms`; merge, training forward and the batched
-serving forward are written once, here and in `batched_linear.py`.
+serving forward are written once, here and in `batched_linear.py`. Methods' `terms` broadcast over leading
+dims, so the serving path builds the terms of every layer of a module kind in one call (layers stacked).
 """
 from __future__ import annotations
 
