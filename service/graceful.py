@@ -6,13 +6,14 @@ instead of 0. `GracefulServer` changes both:
 
 1. first SIGTERM/SIGINT: the engine stops accepting (`Engine.begin_shutdown`): new generations and /health
    answer 503 `shutting_down` (Retry-After), requests already admitted or waiting run to the end;
-2. when the engine is idle, or after `drain_timeout` seconds, uvicorn's own graceful shutdown runs (close the
-   listener, finish open responses, lifespan shutdown: `Engine.shutdown` fails whatever is still unfinished
-   with `shutting_down`), and the process exits 0;
+2. when the engine is idle, or after `drain_timeout` seconds (whatever is still unfinished then is failed with
+   503 `shutting_down`, so its client gets an answer), uvicorn's own graceful shutdown runs (close the
+   listener, finish open responses, lifespan shutdown) and the process exits 0;
 3. a second signal skips the drain (uvicorn's shutdown at once; a third SIGINT forces the exit).
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from types import FrameType
 from typing import Any
@@ -50,9 +51,15 @@ class GracefulServer(uvicorn.Server):
                     stats["active"], stats["waiting"], self.drain_timeout,
                 )
             waited = time.monotonic() - self.drain_started
+            if engine is not None and not engine.idle() and waited >= self.drain_timeout:
+                stats = engine.stats()
+                log.warning(
+                    "drain timeout (%g s) reached: failing %d running and %d waiting request(s) with shutting_down",
+                    self.drain_timeout, stats["active"], stats["waiting"],
+                )
+                # Answer them now (503) rather than let uvicorn cut their connections after its own timeout.
+                await asyncio.to_thread(engine.shutdown, False)
             if engine is None or engine.idle() or waited >= self.drain_timeout:
-                if engine is not None and not engine.idle():
-                    log.warning("drain timeout (%g s) reached with requests unfinished; they get shutting_down", self.drain_timeout)
                 self.should_exit = True
         return await super().on_tick(counter)
 

@@ -141,14 +141,25 @@ class UvicornThread:
         self.thread.join(timeout=30)
 
 
+@pytest.fixture(scope="session")
+def tiny_factors_dir(tiny_factors, tmp_path_factory) -> Path | None:
+    """The directory holding the session's tiny SVD factor file (tests/conftest.py), for --factors-dir of a
+    subprocess server, so it does not compute them again; None if not found (the server then computes them)."""
+    name = f"svd-factors-{tiny_factors.fingerprint}.safetensors"
+    hits = sorted(tmp_path_factory.getbasetemp().glob(f"*/{name}"))
+    return hits[0].parent if hits else None
+
+
 class ServiceProcess:
     """`python -m service --base tiny ...` as a subprocess (its own SVDSERVE_HOME), logging to a file."""
 
-    def __init__(self, home: Path, *args: str, port: int | None = None) -> None:
+    def __init__(self, home: Path, *args: str, port: int | None = None, factors_dir: Path | None = None) -> None:
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.args = ["--base", "tiny", "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", *args]
+        if factors_dir is not None:
+            self.args += ["--factors-dir", str(factors_dir)]
         self.log_path = self.home / f"service-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
