@@ -8,6 +8,11 @@ Codes are stable (clients and metrics key on them). Adapter validation keeps the
     429 queue_full (Retry-After)   500 internal_error, store_error, engine_error
     503 store_unavailable, adapter_unavailable, shutting_down, not_ready (Retry-After)
     504 request_timeout (the request ran past --request-timeout; its batch row is freed)
+
+On the OpenAI-compatible routes (/v1/...) the same errors answer in OpenAI's shape instead,
+{"error": {"message", "type", "code", "param"}}, and request validation errors are 400 (as OpenAI's are),
+so OpenAI clients raise their matching exception classes. Auth errors (service/auth.py): 401 missing_api_key,
+invalid_api_key (WWW-Authenticate: Bearer), 403 forbidden, admin_disabled, 429 rate_limited (Retry-After).
 """
 from __future__ import annotations
 
@@ -45,10 +50,13 @@ _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 
 class ApiError(StarletteHTTPException):
     """An error this API raises itself. An HTTPException so that FastAPI passes it through body parsing."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None, param: str | None = None
+    ) -> None:
         super().__init__(status_code=status, detail=message, headers=headers)
         self.code = code
         self.message = message
+        self.param = param  # the offending request field, reported on /v1 routes
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
@@ -57,6 +65,29 @@ def error_body(code: str, message: str) -> dict[str, Any]:
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+OPENAI_PREFIX = "/v1"
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+_OPENAI_CODES = {"adapter_not_found": "model_not_found"}  # on /v1 an adapter is a model
+
+
+def is_openai_path(path: str) -> bool:
+    return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
+
+
+def openai_error_body(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    kind = "server_error" if status >= 500 else _OPENAI_TYPES.get(status, "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "code": _OPENAI_CODES.get(code, code), "param": param}}
+
+
+def error_response_for(
+    path: str, status: int, code: str, message: str, headers: dict[str, str] | None = None, param: str | None = None
+) -> JSONResponse:
+    """The project's error shape, or OpenAI's on /v1 routes."""
+    if is_openai_path(path):
+        return JSONResponse(openai_error_body(status, code, message, param), status_code=status, headers=headers)
+    return error_response(status, code, message, headers)
 
 
 def _retry_after(exc: Exception, default: int) -> dict[str, str]:
@@ -96,8 +127,21 @@ def validation_message(exc: RequestValidationError) -> str:
     return "; ".join(msgs) or "the request is invalid"
 
 
+def openai_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
+    """(message, param) of the first validation error, worded as OpenAI words them."""
+    errors = exc.errors()
+    if not errors:
+        return "the request is invalid", None
+    err = errors[0]
+    loc = tuple(err.get("loc", ()))
+    param = _format_loc(loc) if len(loc) > 1 else None
+    if err.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    return validation_message(exc), param
+
+
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+    return error_response_for(request.url.path, exc.status_code, exc.code, exc.message, exc.headers, exc.param)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -109,29 +153,35 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         message = f"no such endpoint: {request.method} {request.url.path} (see /docs)"
     elif exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path} (see /docs)"
-    return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+    return error_response_for(request.url.path, exc.status_code, code, message, getattr(exc, "headers", None))
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(422, "validation_error", validation_message(exc))
+    if is_openai_path(request.url.path):
+        message, param = openai_validation_error(exc)
+        return error_response_for(request.url.path, 400, "validation_error", message, param=param)
+    return error_response_for(request.url.path, 422, "validation_error", validation_message(exc))
 
 
 async def _adapter_invalid(request: Request, exc: AdapterValidationError) -> JSONResponse:
-    return error_response(413 if exc.code == "too_large" else 400, exc.code, exc.message)
+    return error_response_for(request.url.path, 413 if exc.code == "too_large" else 400, exc.code, exc.message)
 
 
 async def _adapter_exists(request: Request, exc: AdapterExists) -> JSONResponse:
-    return error_response(
-        409, "adapter_exists", f"adapter {exc.adapter_id!r} already exists; DELETE /adapters/{exc.adapter_id} first or choose another adapter_id"
+    # Ids are global across tenants: the same answer whoever holds the id, so it reveals no other tenant's adapter.
+    return error_response_for(
+        request.url.path, 409, "adapter_exists",
+        f"adapter id {exc.adapter_id!r} is already taken; choose another adapter_id "
+        f"(or DELETE /adapters/{exc.adapter_id} first to replace your own adapter)",
     )
 
 
 async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
     if isinstance(exc, StoreUnavailable):
         log.warning("store unavailable: %s", exc)
-        return error_response(503, "store_unavailable", str(exc), _retry_after(exc, STORE_RETRY_AFTER_S))
+        return error_response_for(request.url.path, 503, "store_unavailable", str(exc), _retry_after(exc, STORE_RETRY_AFTER_S))
     log.error("store error: %s", exc)
-    return error_response(500, "store_error", str(exc))
+    return error_response_for(request.url.path, 500, "store_error", str(exc))
 
 
 def engine_error_status(exc: Exception) -> tuple[int, str]:
@@ -152,12 +202,12 @@ async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
         headers = _retry_after(exc, STORE_RETRY_AFTER_S)
     if status >= 500:
         log.warning("engine: %s: %s", type(exc).__name__, exc)
-    return error_response(status, code, _message(exc), headers)
+    return error_response_for(request.url.path, status, code, _message(exc), headers)
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal_error", f"internal server error ({type(exc).__name__}); see the server log")
+    return error_response_for(request.url.path, 500, "internal_error", f"internal server error ({type(exc).__name__}); see the server log")
 
 
 def register_error_handlers(app: FastAPI) -> None:
