@@ -3,6 +3,7 @@
     python -m service                                  # SmolLM2-135M-Instruct, disk store ./data/adapters
     python -m service --base tiny --port 8001          # tiny random Llama (for trying the API)
     python -m service --store redis://127.0.0.1:6379/0 # shared Redis store (or set REDIS_URL)
+    SVDSERVE_ADMIN_KEY=$(openssl rand -hex 32) python -m service   # tenants + API keys (auth on); see service/auth.py
 
 Flags override SVDSERVE_* environment variables (see service/config.py), which override the defaults.
 """
@@ -39,6 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shutdown-timeout", type=float, help="seconds SIGTERM waits for in-flight requests (default 30)")
     p.add_argument("--r-max", type=int, help="rank of the cached SVD factors (default 64)")
     p.add_argument("--factors-dir", help="where SVD factors are cached (default: beside the base model)")
+    p.add_argument(
+        "--auth", choices=("auto", "on", "off"),
+        help="tenant API keys: on | off (single user, tenant 'default') | auto = on when an admin key is set (env SVDSERVE_AUTH)",
+    )
+    p.add_argument(
+        "--admin-key", help="admin key for /admin/... (tenants, API keys); prefer env SVDSERVE_ADMIN_KEY (flags show in ps)"
+    )
     return p.parse_args(argv)
 
 

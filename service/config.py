@@ -13,6 +13,8 @@ Environment (all optional):
     SVDSERVE_REQUEST_TIMEOUT  seconds a generation may take, queueing included; 0 = no limit (default 300)
     SVDSERVE_MAX_REQUEST_BYTES largest request body other than adapter uploads (default 1 MiB)
     SVDSERVE_SHUTDOWN_TIMEOUT seconds to drain in-flight requests on SIGTERM (default 30)
+    SVDSERVE_AUTH             auto | on | off: tenant API keys (default auto: on when an admin key is set)
+    SVDSERVE_ADMIN_KEY        the admin key for /admin/... (tenants and their API keys); see service/auth.py
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from adapters_store.validate import DEFAULT_MAX_BYTES
 from svd_adapters.factors import DEFAULT_R_MAX
 
 ENV_PREFIX = "SVDSERVE_"
+AUTH_MODES = ("auto", "on", "off")
 
 
 def default_store() -> str:
@@ -68,6 +71,9 @@ class Settings:
     # SVD factors
     r_max: int = DEFAULT_R_MAX
     factors_dir: str | None = None  # default: beside the base model (BaseModel.cache_dir)
+    # tenants and API keys (service/auth.py)
+    auth: str = "auto"  # auto: on when admin_key is set, off otherwise (single user, tenant "default")
+    admin_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":
@@ -92,8 +98,16 @@ class Settings:
                 raise ValueError(f"{name} must be ≥ 0 seconds, got {getattr(self, name)}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be ≥ 0, got {self.max_waiting}")
+        self.auth = str(self.auth).strip().lower()
+        if self.auth not in AUTH_MODES:
+            raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")
         if self.max_rank > self.r_max:
             raise ValueError(f"max_rank {self.max_rank} exceeds r_max {self.r_max} (the SVD factors' rank)")
+
+    @property
+    def auth_enabled(self) -> bool:
+        """auth on, or auto with an admin key configured."""
+        return self.auth == "on" or (self.auth == "auto" and bool(self.admin_key))
 
     @property
     def store_is_redis(self) -> bool:
