@@ -1,0 +1,394 @@
+"""OpenAI-compatible API: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{model}].
+
+`model` is an adapter id (one of the caller's), or the base model's name for no adapter. Requests and
+responses follow OpenAI's shapes, so the official clients work unchanged (base_url=http://host:port/v1,
+api_key=<tenant key>); errors come in OpenAI's error shape with OpenAI's statuses (see service/errors.py).
+
+Supported: prompt (a string, or a list of one string; tokenized as is, no chat template), messages (chat
+template applied; text content parts are joined), max_tokens / max_completion_tokens, temperature (default 1,
+as OpenAI's), top_p, seed, stop, stream (server-sent events, `data: [DONE]` at the end) with
+stream_options.include_usage, n=1. Parameters this server cannot honour (n>1, logprobs, echo, penalties,
+logit_bias, tools, …) are refused with 400 instead of being silently ignored; `user`, `metadata`, `store`
+are accepted and ignored.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters_store import AdapterStore
+from service import engine as eng
+from service.auth import Auth, TenantCaller, app_auth, max_tokens_for
+from service.errors import ApiError, engine_error_status, openai_error_body
+from service.schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+from svd_adapters.log import get_logger
+
+log = get_logger(__name__)
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+SEED_MODULUS = 1 << 63
+OWNED_BY_BASE = "svdserve"
+
+
+# --- request bodies ------------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool | None = None
+
+
+class _Common(BaseModel):
+    """Parameters both endpoints share. Unknown fields are refused (400), as OpenAI refuses them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="an adapter id, or the base model's name (see GET /v1/models)")
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="default 1; 0 = greedy")
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    n: int | None = Field(default=None, ge=1, le=128)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # accepted, ignored
+    metadata: dict[str, Any] | None = None  # accepted, ignored
+    store: bool | None = None  # accepted, ignored
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        """(param, why) for each parameter set to a value this server cannot honour."""
+        out = []
+        if self.n not in (None, 1):
+            out.append(("n", "only n=1 is supported; send n separate requests"))
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                out.append((name, f"{name} is not supported (only 0)"))
+        if self.logit_bias:
+            out.append(("logit_bias", "logit_bias is not supported"))
+        return out
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] = Field(description="the text, tokenized as is (no chat template)")
+    echo: bool | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        out = super().unsupported()
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            out.append(("prompt", f"prompt must be a string or a list of exactly one string, got a list of {len(self.prompt)}"))
+        if self.echo:
+            out.append(("echo", "echo is not supported"))
+        if self.logprobs not in (None, 0):
+            out.append(("logprobs", "logprobs are not supported"))
+        if self.best_of not in (None, 1):
+            out.append(("best_of", "only best_of=1 is supported"))
+        if self.suffix:
+            out.append(("suffix", "suffix (insertion) is not supported"))
+        return out
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # name, refusal, … on history turns are harmless
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[Any] | None = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        out = super().unsupported()
+        if self.logprobs or self.top_logprobs:
+            out.append(("logprobs", "logprobs are not supported"))
+        if self.response_format and self.response_format.get("type") != "text":
+            out.append(("response_format", "only response_format {\"type\": \"text\"} is supported"))
+        if self.tools:
+            out.append(("tools", "tools (function calling) are not supported"))
+        if self.tool_choice not in (None, "none"):
+            out.append(("tool_choice", "tool_choice is not supported"))
+        for i, m in enumerate(self.messages):
+            if m.role in ("tool", "function"):
+                out.append((f"messages[{i}].role", f"role {m.role!r} is not supported (no function calling)"))
+            if m.tool_calls:
+                out.append((f"messages[{i}].tool_calls", "tool_calls are not supported"))
+            if isinstance(m.content, list):
+                for j, part in enumerate(m.content):
+                    if part.type != "text" or part.text is None:
+                        out.append((f"messages[{i}].content[{j}]", f"content parts of type {part.type!r} are not supported (text only)"))
+        return out
+
+    def chat(self) -> list[dict[str, str]]:
+        """Turns for the chat template: developer → system, text parts joined, null content → ""."""
+        out = []
+        for m in self.messages:
+            content = m.content if isinstance(m.content, str) else "".join(p.text or "" for p in (m.content or []))
+            out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        return out
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def _bad(param: str | None, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, code, message, param=param)
+
+
+def _check(body: _Common) -> list[str]:
+    """Refuse unsupported parameters; the stop list, validated."""
+    problems = body.unsupported()
+    if problems:
+        param, why = problems[0]
+        raise _bad(param, why, "unsupported_parameter")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise _bad("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
+    for s in stops:
+        if not s:
+            raise _bad("stop", "stop sequences must be non-empty")
+        if len(s) > MAX_STOP_CHARS:
+            raise _bad("stop", f"a stop sequence has at most {MAX_STOP_CHARS} characters")
+    return stops
+
+
+def _model_not_found(model: str) -> ApiError:
+    # The same answer for a nonexistent adapter and another tenant's: existence is never revealed.
+    return ApiError(
+        404, "model_not_found",
+        f"The model `{model}` does not exist or you do not have access to it. GET /v1/models lists yours.",
+        param="model",
+    )
+
+
+def _the(request: Request) -> tuple[eng.Engine, AdapterStore, Auth]:
+    st = request.app.state
+    if st.engine is None or st.store is None:
+        raise ApiError(503, "not_ready", "the server is starting up or shutting down; retry shortly", {"Retry-After": "1"})
+    if not getattr(st.engine, "accepting", True):
+        raise ApiError(503, "shutting_down", "the server is shutting down and takes no new requests; retry on another replica",
+                       {"Retry-After": "1"})
+    return st.engine, st.store, app_auth(request)
+
+
+async def _adapter_of(request: Request, caller: Any, model: str) -> str | None:
+    """None for the base model, else the caller's adapter id; 404 model_not_found otherwise."""
+    _, store, auth = _the(request)
+    if model == request.app.state.base.name:
+        return None
+    if not await run_in_threadpool(auth.can_use, store, caller, model):
+        raise _model_not_found(model)
+    return model
+
+
+def _params(body: _Common, stops: list[str], max_tokens: int) -> eng.SamplingParams:
+    temperature = 1.0 if body.temperature is None else body.temperature
+    top_p = 1.0 if body.top_p is None else body.top_p
+    if top_p == 0.0:  # nucleus of mass 0: the most likely token, i.e. greedy
+        temperature, top_p = 0.0, 1.0
+    seed = None if body.seed is None else body.seed % SEED_MODULUS
+    return eng.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stops)
+
+
+def _usage(result: eng.GenerationResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+def _data(obj: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+async def _run(request: Request, engine: eng.Engine, prompt_ids: list[int], adapter_id: str | None,
+               params: eng.SamplingParams) -> eng.GenerationResult | None:
+    from service.app import _unless_disconnected  # service.app includes this router: import when first used
+
+    return await _unless_disconnected(request, engine.generate(prompt_ids, adapter_id, params))
+
+
+async def _sse(
+    items: AsyncIterator[str | eng.GenerationResult],
+    opening: list[dict[str, Any]],
+    chunk: Callable[[str], dict[str, Any]],
+    closing: Callable[[eng.GenerationResult], list[dict[str, Any]]],
+) -> Response:
+    """Server-sent events in OpenAI's format. The first engine item is awaited before answering, so errors
+    before any text (queue full, unknown adapter, store down) keep their HTTP status; a later error becomes a
+    `data: {"error": …}` event (the OpenAI client raises it). Closing the response (a client that hangs up)
+    closes the engine stream, which frees the request's batch row."""
+    try:
+        first = await items.__anext__()
+    except StopAsyncIteration:
+        raise ApiError(500, "engine_error", "the engine ended the stream without a result") from None
+
+    async def events() -> AsyncIterator[bytes]:
+        item = first
+        try:
+            for obj in opening:
+                yield _data(obj)
+            while True:
+                if isinstance(item, eng.GenerationResult):
+                    for obj in closing(item):
+                        yield _data(obj)
+                    yield DONE
+                    return
+                if item:
+                    yield _data(chunk(item))
+                item = await items.__anext__()
+        except eng.EngineError as exc:
+            status, code = engine_error_status(exc)
+            yield _data(openai_error_body(status, code, str(exc)))
+        finally:
+            await items.aclose()
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+# --- routes --------------------------------------------------------------------------------------------------
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+CLIENT_CLOSED_REQUEST = 499
+
+
+@router.post("/completions", summary="OpenAI-compatible text completion (raw prompt, no chat template)")
+async def completions(request: Request, body: CompletionRequest, caller: TenantCaller) -> Any:
+    engine, _, _ = _the(request)
+    stops = _check(body)
+    adapter_id = await _adapter_of(request, caller, body.model)
+    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    explicit = body.max_tokens is not None
+    max_tokens = max_tokens_for(caller, body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, explicit)
+    prompt_ids = await run_in_threadpool(engine.encode_prompt, prompt, None, True)
+    params = _params(body, stops, max_tokens)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    fingerprint = request.app.state.factors.fingerprint
+
+    def choice(text: str, finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+    def envelope(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                "system_fingerprint": fingerprint, "choices": choices, **extra}
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def closing(result: eng.GenerationResult) -> list[dict[str, Any]]:
+            out = [envelope([choice("", result.finish_reason)])]
+            if include_usage:
+                out.append(envelope([], usage=_usage(result)))
+            return out
+
+        return await _sse(engine.stream(prompt_ids, adapter_id, params), [], lambda t: envelope([choice(t, None)]), closing)
+    result = await _run(request, engine, prompt_ids, adapter_id, params)
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return envelope([choice(result.text, result.finish_reason)], usage=_usage(result))
+
+
+@router.post("/chat/completions", summary="OpenAI-compatible chat completion (the base model's chat template)")
+async def chat_completions(request: Request, body: ChatCompletionRequest, caller: TenantCaller) -> Any:
+    engine, _, _ = _the(request)
+    stops = _check(body)
+    adapter_id = await _adapter_of(request, caller, body.model)
+    prompt_ids = await run_in_threadpool(engine.encode_prompt, None, body.chat(), False)
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    if requested is None:  # OpenAI's default: as much as the context allows
+        max_tokens = max_tokens_for(caller, max(1, engine.config.max_seq_len - len(prompt_ids)), explicit=False)
+    else:
+        max_tokens = max_tokens_for(caller, requested, explicit=True, param=param)
+    params = _params(body, stops, max_tokens)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    fingerprint = request.app.state.factors.fingerprint
+
+    def envelope(obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": rid, "object": obj, "created": created, "model": body.model,
+                "system_fingerprint": fingerprint, "choices": choices, **extra}
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def delta(d: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return envelope("chat.completion.chunk", [{"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}])
+
+        def closing(result: eng.GenerationResult) -> list[dict[str, Any]]:
+            out = [delta({}, result.finish_reason)]
+            if include_usage:
+                out.append(envelope("chat.completion.chunk", [], usage=_usage(result)))
+            return out
+
+        opening = [delta({"role": "assistant", "content": ""})]
+        return await _sse(engine.stream(prompt_ids, adapter_id, params), opening, lambda t: delta({"content": t}), closing)
+    result = await _run(request, engine, prompt_ids, adapter_id, params)
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    message = {"role": "assistant", "content": result.text, "refusal": None}
+    choice = {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}
+    return envelope("chat.completion", [choice], usage=_usage(result))
+
+
+def _model_entry(model_id: str, created: float, owned_by: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": int(created), "owned_by": owned_by}
+
+
+@router.get("/models", summary="The base model and the caller's adapters, as OpenAI models")
+async def list_models(request: Request, caller: TenantCaller) -> dict[str, Any]:
+    _, store, _ = _the(request)
+    records = await run_in_threadpool(store.list, caller.tenant)
+    base = request.app.state.base.name
+    data = [_model_entry(base, request.app.state.started_at, OWNED_BY_BASE)]
+    data += [_model_entry(r.adapter_id, r.created_at, r.tenant) for r in records if r.adapter_id != base]
+    return {"object": "list", "data": data}
+
+
+@router.get("/models/{model:path}", summary="One model: the base model or one of the caller's adapters")
+async def get_model(request: Request, model: str, caller: TenantCaller) -> dict[str, Any]:
+    _, store, auth = _the(request)
+    if model == request.app.state.base.name:
+        return _model_entry(model, request.app.state.started_at, OWNED_BY_BASE)
+    record = await run_in_threadpool(auth.owned_record, store, caller, model)
+    if record is None:
+        raise _model_not_found(model)
+    return _model_entry(record.adapter_id, record.created_at, record.tenant)
+
+
+__all__ = ["router", "CompletionRequest", "ChatCompletionRequest"]
