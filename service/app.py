@@ -1,6 +1,7 @@
 """The HTTP API: `create_app(settings)` builds the FastAPI app; its lifespan starts and stops the engine.
 
 Endpoints: POST/GET /adapters, GET/DELETE /adapters/{id}, POST /generate, GET /health; docs at /docs.
+OpenAI-compatible /v1/... (service/openai_api.py); tenants, API keys and /admin/... (service/auth.py).
 Everything blocking (store I/O, upload validation, tokenization, model loading) runs in a worker thread,
 never on the event loop. Every error answers {"error": {"code", "message"}} (see service/errors.py).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,6 +28,8 @@ from adapters_store.peft_import import MAX_CONFIG_BYTES, looks_like_peft, peft_t
 from adapters_store.validate import AdapterValidationError, load_adapter
 from service import metrics as svc_metrics
 from service import engine as eng
+from service import openai_api
+from service.auth import AuthMiddleware, TenantCaller, admin_router, build_auth, max_tokens_for
 from service.config import Settings, resolve_device
 from service.errors import ApiError, engine_error_body, error_body, register_error_handlers
 from service.schemas import (
@@ -166,6 +170,7 @@ def create_app(
         owns_store = st.store is None
         if owns_store:
             st.store = await run_in_threadpool(open_configured_store, settings)
+        st.auth = await run_in_threadpool(build_auth, settings, st.store)  # tenants and keys live beside the adapters
         make = engine_factory or eng.Engine
         st.engine = await run_in_threadpool(make, st.base, st.factors, st.store, engine_config(settings))
         st.metrics.attach(st.engine)  # engine observer: hooks run on the engine thread
@@ -177,6 +182,8 @@ def create_app(
             engine, st.engine = st.engine, None
             st.metrics.detach()
             await run_in_threadpool(engine.shutdown, True, settings.shutdown_timeout)
+            auth, st.auth = st.auth, None
+            auth.close()
             if owns_store:
                 st.store.close()
                 st.store = None
@@ -190,10 +197,14 @@ def create_app(
     )
     app.state.settings = settings
     app.state.base, app.state.factors, app.state.store, app.state.engine = base, factors, store, None
+    app.state.auth, app.state.started_at = None, time.time()
     register_error_handlers(app)
     app.add_middleware(
         UploadSizeLimit, path="/adapters", max_file_bytes=settings.max_upload_bytes, max_body_bytes=settings.max_request_bytes
     )
+    app.add_middleware(AuthMiddleware)  # outside the size limit: an unauthenticated body is never read
+    app.include_router(admin_router)
+    app.include_router(openai_api.router)
 
     svc_metrics.install(app)  # GET /metrics; added after the other middleware, so it counts their answers too
 
@@ -232,6 +243,7 @@ def create_app(
     )
     async def upload_adapter(
         request: Request,
+        caller: TenantCaller,
         file: Annotated[
             UploadFile,
             File(description="the adapter .safetensors file written by the trainer, or PEFT's adapter_model.safetensors"),
@@ -300,34 +312,40 @@ def create_app(
                 engine.check_servable(adapter)
             except ValueError as exc:
                 raise ApiError(400, "not_servable", str(exc)) from None
-            return record_for(adapter, data, adapter_id), data
+            return record_for(adapter, data, adapter_id, tenant=caller.tenant), data
 
         record, stored = await run_in_threadpool(validate)
-        await run_in_threadpool(store.put, record, stored)
+        await run_in_threadpool(st.auth.put_for, store, caller, record, stored)  # the tenant's quota, then put
         log.info("stored adapter %s (%s, rank %d, %d bytes)", adapter_id, record.method, record.rank, record.size_bytes)
         body = AdapterCreated.model_validate(record.model_dump(include=set(AdapterCreated.model_fields)))
         return JSONResponse(body.model_dump(), status_code=201, headers={"Location": f"/adapters/{adapter_id}"})
 
     @app.get("/adapters", response_model=AdapterList, responses=_errors(503), tags=["adapters"], summary="List adapters")
-    async def list_adapters(request: Request) -> AdapterList:
-        records = await run_in_threadpool(the_store(request).list)
+    async def list_adapters(request: Request, caller: TenantCaller) -> AdapterList:
+        records = await run_in_threadpool(the_store(request).list, caller.tenant)
         return AdapterList(adapters=[AdapterInfo.from_record(r) for r in records], count=len(records))
 
     @app.get(
         "/adapters/{adapter_id}", response_model=AdapterInfo, responses=_errors(404, 503), tags=["adapters"], summary="One adapter"
     )
-    async def get_adapter(request: Request, adapter_id: str) -> AdapterInfo:
-        record = await run_in_threadpool(the_store(request).get_record, known_id(adapter_id))
-        if record is None:
+    async def get_adapter(request: Request, adapter_id: str, caller: TenantCaller) -> AdapterInfo:
+        store = the_store(request)
+        record = await run_in_threadpool(request.app.state.auth.owned_record, store, caller, known_id(adapter_id))
+        if record is None:  # another tenant's adapter answers exactly like a nonexistent one
             raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id!r}")
         return AdapterInfo.from_record(record)
 
     @app.delete(
         "/adapters/{adapter_id}", status_code=204, responses=_errors(404, 503), tags=["adapters"], summary="Delete an adapter"
     )
-    async def delete_adapter(request: Request, adapter_id: str) -> Response:
+    async def delete_adapter(request: Request, adapter_id: str, caller: TenantCaller) -> Response:
         """Removed from the store, then from this replica's device cache (requests already running finish)."""
-        deleted = await run_in_threadpool(the_store(request).delete, known_id(adapter_id))
+        store = the_store(request)
+        record = await run_in_threadpool(store.get_record, known_id(adapter_id))
+        if record is not None and record.tenant != caller.tenant:  # another tenant's: as if it did not exist
+            raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id!r}")
+        deleted = record is not None and await run_in_threadpool(store.delete, adapter_id)
+        request.app.state.auth.remember_owner(adapter_id, None)
         engine = request.app.state.engine
         if engine is not None:
             engine.evict(adapter_id)  # also when the store had no record: a stale cached copy must go
@@ -346,11 +364,19 @@ def create_app(
         summary="Generate text with an adapter (or the base model when adapter_id is null)",
         response_description="the generation; with stream=true, text/event-stream events instead (see 'stream')",
     )
-    async def generate(request: Request, body: GenerateRequest) -> GenerateResponse | Response:
+    async def generate(request: Request, body: GenerateRequest, caller: TenantCaller) -> GenerateResponse | Response:
         engine = running_engine(request)
         if body.max_tokens > settings.max_seq_len:
             raise ApiError(
                 422, "validation_error", f"max_tokens: must be ≤ {settings.max_seq_len} (this server's max_seq_len)"
+            )
+        body.max_tokens = max_tokens_for(caller, body.max_tokens, explicit="max_tokens" in body.model_fields_set)
+        if body.adapter_id is not None and not await run_in_threadpool(
+            request.app.state.auth.can_use, the_store(request), caller, body.adapter_id
+        ):  # another tenant's adapter answers exactly like a nonexistent one
+            raise ApiError(
+                404, "adapter_not_found",
+                f"adapter {body.adapter_id!r} not found; upload it with POST /adapters or list them with GET /adapters",
             )
         messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
         prompt_ids = await run_in_threadpool(engine.encode_prompt, body.prompt, messages, body.raw)

@@ -1,0 +1,314 @@
+"""The OpenAI-compatible API through the official `openai` client, against a real uvicorn server (tiny base).
+
+One server for the module (auth on): tenant "acme" owns three adapters, tenant "other" one. The client talks
+HTTP to 127.0.0.1 exactly as it would talk to api.openai.com.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from adapters_store.disk import DiskStore
+from service.app import create_app
+from service.config import Settings
+
+ADMIN = "admin-" + "x" * 32
+PROMPT = "Hello there"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+MAX_TOKENS_LIMIT = 64
+
+
+class LiveServer:
+    """uvicorn on a free 127.0.0.1 port in a background thread (lifespan included); stop() at teardown."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_config=None, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def live(tiny_base, tiny_factors, make_blob, tmp_path_factory):
+    store = DiskStore(tmp_path_factory.mktemp("openai-store"))
+    settings = Settings(
+        base="tiny", store=repr(store), device="cpu", max_batch=4, max_rank=8, max_seq_len=512, core_slots=4,
+        lr_slots=2, max_waiting=16, shutdown_timeout=5.0, auth="on", admin_key=ADMIN,
+    )
+    server = LiveServer(create_app(settings, base=tiny_base, factors=tiny_factors, store=store)).start()
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    keys = {}
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for tenant, limits in (("acme", {"max_tokens": MAX_TOKENS_LIMIT}), ("other", {})):
+            assert http.post("/admin/tenants", json={"tenant": tenant, **limits}, headers=admin).status_code == 201
+            keys[tenant] = http.post(f"/admin/tenants/{tenant}/keys", headers=admin).json()["key"]
+        uploads = [
+            ("acme", "strong", make_blob("loraxs", rank=4, scale=50.0)),
+            ("acme", "identity", make_blob("osora", rank=4, scale=0.0)),  # OSoRA at init: exactly the base
+            ("acme", "sorsa-1", make_blob("sorsa", rank=2, seed=3)),
+            ("other", "theirs", make_blob("lora", rank=4, seed=4)),
+        ]
+        for tenant, adapter_id, blob in uploads:
+            resp = http.post(
+                "/adapters", files={"file": ("a.safetensors", blob)}, data={"adapter_id": adapter_id},
+                headers={"Authorization": f"Bearer {keys[tenant]}"},
+            )
+            assert resp.status_code == 201, resp.text
+    server.keys = keys
+    server.base_name = tiny_base.name
+    yield server
+    server.stop()
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def client(live) -> openai.OpenAI:
+    with openai.OpenAI(base_url=live.url + "/v1", api_key=live.keys["acme"], max_retries=0, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def http(live):
+    with httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {live.keys['acme']}"}, timeout=60) as h:
+        yield h
+
+
+def generate_text(http, **body) -> dict:
+    resp = http.post("/generate", json=body)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+# --- models ------------------------------------------------------------------------------------------------
+
+
+def test_models_lists_the_base_and_only_the_callers_adapters(client, live):
+    models = client.models.list()
+    ids = [m.id for m in models.data]
+    assert ids[0] == live.base_name
+    assert sorted(ids[1:]) == ["identity", "sorsa-1", "strong"]  # not "theirs" (tenant "other")
+    by_id = {m.id: m for m in models.data}
+    assert by_id["strong"].object == "model" and by_id["strong"].owned_by == "acme" and by_id["strong"].created > 0
+    assert by_id[live.base_name].owned_by == "svdserve"
+
+    assert client.models.retrieve("strong").id == "strong"
+    assert client.models.retrieve(live.base_name).id == live.base_name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("theirs")
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nothing-here")
+
+    with openai.OpenAI(base_url=live.url + "/v1", api_key=live.keys["other"], max_retries=0) as other:
+        assert [m.id for m in other.models.list().data] == [live.base_name, "theirs"]
+
+
+# --- completions -------------------------------------------------------------------------------------------
+
+
+def test_completion_shape_and_that_model_selects_the_adapter(client, http, live):
+    resp = client.completions.create(model=live.base_name, prompt=PROMPT, max_tokens=8, temperature=0)
+    assert resp.object == "text_completion" and resp.id.startswith("cmpl-") and resp.model == live.base_name
+    assert resp.created > 0 and len(resp.choices) == 1
+    choice = resp.choices[0]
+    assert choice.index == 0 and choice.logprobs is None and choice.finish_reason in ("stop", "length")
+    u = resp.usage
+    assert u.prompt_tokens == len(PROMPT)  # raw prompt, no chat template (the tiny tokenizer is byte-level)
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens and 1 <= u.completion_tokens <= 8
+    # the same as /generate with raw=True, greedy
+    assert choice.text == generate_text(http, prompt=PROMPT, raw=True, max_tokens=8)["text"]
+
+    # list-of-one prompt; an OSoRA adapter at init is exactly the base; a strong one changes the text
+    assert client.completions.create(model="identity", prompt=[PROMPT], max_tokens=8, temperature=0).choices[0].text == choice.text
+    strong = client.completions.create(model="strong", prompt=PROMPT, max_tokens=8, temperature=0)
+    assert strong.model == "strong" and strong.choices[0].text != choice.text
+    assert strong.choices[0].text == generate_text(http, adapter_id="strong", prompt=PROMPT, raw=True, max_tokens=8)["text"]
+
+
+def test_completion_default_temperature_samples_and_a_seed_reproduces(client, live):
+    kw = dict(model="sorsa-1", prompt=PROMPT, max_tokens=12, seed=1234)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert a.choices[0].text == b.choices[0].text
+    greedy = client.completions.create(model="sorsa-1", prompt=PROMPT, max_tokens=12, temperature=0)
+    top_p_zero = client.completions.create(model="sorsa-1", prompt=PROMPT, max_tokens=12, top_p=0, seed=5)
+    assert top_p_zero.choices[0].text == greedy.choices[0].text  # nucleus of mass 0 = the argmax
+
+
+def test_completion_stream_concatenates_to_the_full_text(client, live):
+    full = client.completions.create(model="strong", prompt=PROMPT, max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(
+        model="strong", prompt=PROMPT, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}
+    ))
+    assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+# --- chat --------------------------------------------------------------------------------------------------
+
+
+def test_chat_completion_shape(client, http, live):
+    resp = client.chat.completions.create(model="strong", messages=CHAT, max_tokens=8, temperature=0)
+    assert resp.object == "chat.completion" and resp.id.startswith("chatcmpl-") and resp.model == "strong"
+    choice = resp.choices[0]
+    assert choice.index == 0 and choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert choice.message.content == generate_text(http, adapter_id="strong", messages=CHAT, max_tokens=8)["text"]
+    assert resp.usage.prompt_tokens > sum(len(m["content"]) for m in CHAT)  # the chat template wraps the turns
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+    # developer → system, text content parts joined, max_completion_tokens
+    alt = client.chat.completions.create(
+        model="strong",
+        messages=[{"role": "developer", "content": "Be brief."},
+                  {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]}],
+        max_completion_tokens=8, temperature=0,
+    )
+    assert alt.choices[0].message.content == choice.message.content
+
+
+def test_chat_stream_chunks_concatenate_to_the_greedy_text(client, live):
+    full = client.chat.completions.create(model="sorsa-1", messages=CHAT, max_tokens=12, temperature=0)
+    stream = client.chat.completions.create(model="sorsa-1", messages=CHAT, max_tokens=12, temperature=0, stream=True)
+    chunks = list(stream)
+    assert len(chunks) >= 3
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id and c.model == "sorsa-1" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == full.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_raw_sse_framing(http, live):
+    """data: lines with OpenAI chunk objects, the first delta carrying the role, and data: [DONE] last."""
+    body = {"model": live.base_name, "messages": CHAT, "max_tokens": 4, "temperature": 0, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in resp.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    first = json.loads(events[0][6:])
+    assert set(first) >= {"id", "object", "created", "model", "choices"}
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert first["choices"][0]["finish_reason"] is None and first["choices"][0]["index"] == 0
+    last = json.loads(events[-2][6:])
+    assert last["choices"][0]["finish_reason"] in ("stop", "length") and last["choices"][0]["delta"] == {}
+
+
+# --- errors ------------------------------------------------------------------------------------------------
+
+
+def test_unknown_and_foreign_models_are_not_found_alike(client):
+    errors = {}
+    for model in ("no-such-adapter", "theirs"):
+        with pytest.raises(openai.NotFoundError) as exc:
+            client.chat.completions.create(model=model, messages=CHAT, max_tokens=4)
+        errors[model] = exc.value
+        assert exc.value.code == "model_not_found" and exc.value.param == "model"
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model=model, prompt=PROMPT, max_tokens=4)
+    assert errors["theirs"].message.replace("theirs", "X") == errors["no-such-adapter"].message.replace("no-such-adapter", "X")
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"n": 2}, "n"),
+        ({"temperature": 3.5}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": MAX_TOKENS_LIMIT + 1}, "max_tokens"),  # over acme's per-request limit
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"stop": [""]}, "stop"),
+        ({"extra_body": {"best_of_luck": 1}}, "best_of_luck"),
+    ],
+)
+def test_bad_parameters_are_bad_request(client, live, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=live.base_name, messages=CHAT, **{"max_tokens": 4, **kwargs})
+    assert exc.value.status_code == 400 and exc.value.param == param, exc.value.body
+    assert exc.value.type == "invalid_request_error"
+
+
+def test_completion_specific_bad_parameters(client, live):
+    for kwargs in ({"prompt": ["a", "b"]}, {"echo": True}, {"logprobs": 2}, {"prompt": "x" * 600}):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=live.base_name, **{"prompt": PROMPT, "max_tokens": 4, **kwargs})
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=live.base_name, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=live.base_name, messages=[])
+
+
+def test_error_body_is_openai_shaped_and_keys_are_checked(live):
+    with httpx.Client(base_url=live.url, timeout=30) as h:
+        resp = h.post("/v1/completions", json={"model": "x", "prompt": "hi"})
+        assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
+        err = resp.json()["error"]
+        assert set(err) == {"message", "type", "code", "param"} and err["code"] == "missing_api_key"
+        resp = h.post("/v1/completions", json={"model": live.base_name}, headers={"Authorization": f"Bearer {live.keys['acme']}"})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt"
+    with openai.OpenAI(base_url=live.url + "/v1", api_key="sk-svd-0123456789abcdef_" + "n" * 43, max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    with openai.OpenAI(base_url=live.url + "/v1", api_key=ADMIN, max_retries=0) as admin:
+        with pytest.raises(openai.PermissionDeniedError):  # the admin key is for /admin only
+            admin.models.list()
+
+
+def test_async_client_and_concurrent_requests(live):
+    import asyncio
+
+    async def main() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=live.url + "/v1", api_key=live.keys["acme"], max_retries=0) as c:
+            calls = [c.completions.create(model=m, prompt=PROMPT, max_tokens=6, temperature=0)
+                     for m in ("strong", "identity", "sorsa-1", live.base_name)]
+            return [r.choices[0].text for r in await asyncio.gather(*calls)]
+
+    texts = asyncio.run(main())
+    assert texts[1] == texts[3] and texts[0] != texts[3]
+
+
+def test_client_disconnect_mid_stream_frees_the_batch_row(live):
+    engine = live.app.state.engine
+    before = engine.stats()
+    body = {"model": "theirs", "prompt": "hi", "max_tokens": 480, "temperature": 0, "stream": True}
+    # tenant "other": no max_tokens limit
+    with httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {live.keys['other']}"}, timeout=30) as h:
+        with h.stream("POST", "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line).startswith("data: ")
+        # leaving the block closes the connection mid-stream
+    for _ in range(300):
+        if engine.stats()["active"] == 0:
+            break
+        time.sleep(0.01)
+    after = engine.stats()
+    assert after["active"] == 0 and after["requests"] == before["requests"] + 1
+    assert after["finished"] == before["finished"]  # cancelled, not run to max_tokens
+    assert after["completion_tokens"] - before["completion_tokens"] < 480
