@@ -72,6 +72,8 @@ def test_load_prompt_completion_and_messages(tmp_path):
     ('{"messages": [{"role": "assistant", "content": "x"}]}', "no prompt before it"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', "unknown role"),
     ('{"messages": "hi"}', "non-empty list"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
+     '{"role": "user", "content": "c"}]}', r"messages\[2:\] come after the last assistant"),
 ])
 def test_data_errors_name_the_line(tmp_path, line, msg):
     p = write(tmp_path, [json.dumps({"prompt": "ok", "completion": "ok"}), line])
@@ -195,6 +197,12 @@ def test_cli_eval_and_data_errors(tmp_path, capsys, monkeypatch):
     assert main(["eval", "--adapter", str(out), "--base", "tiny", "--data", str(train), "--all-data"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["n_eval"] == 10 and 0.0 <= res["exact_match"] <= 1.0
+
+    # An adapter for another base (here: perturbed fingerprint) is refused with a clear error.
+    fp = adapter_from_bytes_unchecked(out.read_bytes()).base_fingerprint.encode()
+    (tmp_path / "other.safetensors").write_bytes(out.read_bytes().replace(fp, b"0" * len(fp)))
+    assert main(["eval", "--adapter", str(tmp_path / "other.safetensors"), "--base", "tiny", "--task", "sentiment"]) == 2
+    assert "fingerprint" in capsys.readouterr().err
 
     bad = write(tmp_path, [json.dumps({"prompt": "q", "completion": "a"}), "{oops"], "bad.jsonl")
     assert main(["train", "--method", "lora", "--base", "tiny", "--data", str(bad), "--out", str(out)]) == 2

@@ -36,13 +36,18 @@ def _limit(test: list[Example], limit: int | None) -> list[Example]:
     return test[:limit] if limit else test
 
 
-def _load(base_spec: str):
+def _load(args: argparse.Namespace):
     # Imported late so `tasks` and `--help` stay instant.
+    import torch
+
     from svd_adapters.base_model import load_base
     from svd_adapters.factors import load_or_compute
 
-    base = load_base(base_spec)
-    return base, load_or_compute(base.model, base.cache_dir)
+    base = load_base(args.base)
+    factors = load_or_compute(base.model, base.cache_dir)  # on the CPU, before any move: SVD is a CPU job
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base.model.to(device)
+    return base, factors
 
 
 def _eval(base, factors, adapter, test, args) -> float:
@@ -60,7 +65,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     train, test, source = _examples(args)
     test = _limit(test, args.eval_limit)
-    base, factors = _load(args.base)
+    base, factors = _load(args)
     cfg = TrainConfig(
         method=args.method, rank=args.rank, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         alpha=args.alpha, seed=args.seed, weight_decay=args.weight_decay, max_len=args.max_len,
@@ -95,19 +100,19 @@ def cmd_train(args: argparse.Namespace) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
-    from adapters_store.format import adapter_from_bytes_unchecked
+    from adapters_store.validate import load_adapter
 
     t0 = time.perf_counter()
     _, test, source = _examples(args)
     test = _limit(test, args.eval_limit)
-    base, factors = _load(args.base)
+    base, factors = _load(args)
     adapter = None
     if args.adapter != "none":
-        blob = Path(args.adapter).read_bytes()
+        # Full validation (the same as the server's upload path): a foreign or corrupt file gets a clear error.
         try:
-            adapter = adapter_from_bytes_unchecked(blob)
-        except Exception as e:  # safetensors / metadata errors: say which file, not a traceback
-            raise ValueError(f"{args.adapter}: not a readable adapter file ({e})") from None
+            adapter = load_adapter(Path(args.adapter).read_bytes(), factors, base.name)
+        except ValueError as e:
+            raise ValueError(f"{args.adapter}: {e}") from None
     em = _eval(base, factors, adapter, test, args)
     print(f"exact match: {em:.3f} on {len(test)} examples ({source})")
     return {
@@ -140,6 +145,7 @@ def _add_source(p: argparse.ArgumentParser, eval_data: bool) -> None:
     p.add_argument("--base", default="default", help="'default' (SmolLM2-135M-Instruct), 'tiny', or an HF model dir")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many held-out examples")
     p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument(
         "--threads", type=int, default=None,
         help="torch CPU threads (default: torch's choice). On a shared CPU use 1: oversubscribed OpenMP threads "

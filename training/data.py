@@ -59,6 +59,8 @@ def parse_record(obj: object) -> Example:
             raise ValueError("'messages' has no assistant message to learn as the completion")
         if last == 0:
             raise ValueError("the last assistant message has no prompt before it")
+        if last != len(pairs) - 1:
+            raise ValueError(f"messages[{last + 1}:] come after the last assistant message (nothing would learn them)")
         if not pairs[last][1].strip():
             raise ValueError("the last assistant message is empty")
         return Example(messages=tuple(pairs[:last]), completion=pairs[last][1])

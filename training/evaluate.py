@@ -98,7 +98,9 @@ def evaluate_adapter(
                 f"adapter was trained against base fingerprint {adapter.base_fingerprint} ({adapter.base_model}), "
                 f"but this base has {factors.fingerprint}"
             )
-        inject.attach(model, adapter, factors)
+        device = next(model.parameters()).device
+        for mod in inject.attach(model, adapter, factors).values():
+            mod.to(device)  # the factors live on the CPU; the adapted layers go where the model is
     try:
         return exact_match(model, tokenizer, examples, batch_size=batch_size, progress=progress)
     finally:
