@@ -489,7 +489,9 @@ class Engine:
                             self.cache.misses += 1
                             for obs in self.observers:
                                 obs.on_cache_miss()
-                            self._loading[req.adapter_id] = self._loader.submit(self._load, req.adapter_id)
+                            fut = self._loader.submit(self._load, req.adapter_id)
+                            fut.add_done_callback(lambda _: self._notify())  # wake the engine: the adapter is ready
+                            self._loading[req.adapter_id] = fut
                         continue  # waits for its own adapter only
                     res = self.cache.acquire(req.adapter_id)
                     req.method = res.method
