@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The main job on the embedded default (disk store, SmolLM2-135M-Instruct):
+#   set up → convert the default model and compute its SVD factors (once) → train a demo OSoRA adapter
+#   (once) → start the service → upload the adapter → generate with and without it → keep serving.
+# Re-running skips what is already built. Ctrl-C stops the server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+
+DATA=${SVDSERVE_DATA:-$PWD/data}
+PORT=${PORT:-8000}
+TASK=${DEMO_TASK:-sentiment}
+STEPS=${DEMO_STEPS:-120}
+ADAPTER="$DATA/demo-$TASK-osora.safetensors"
+mkdir -p "$DATA"
+
+if [ ! -f "$ADAPTER" ]; then
+  echo "== training a demo OSoRA adapter on the built-in '$TASK' task ($STEPS steps, a few minutes on a CPU)"
+  python -m training train --method osora --rank 16 --base default --task "$TASK" --steps "$STEPS" --out "$ADAPTER" | tail -n 1
+fi
+
+echo "== starting the service on http://127.0.0.1:$PORT (disk store $DATA/adapters)"
+python -m service --base default --store "$DATA/adapters" --port "$PORT" &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
+for _ in $(seq 1 300); do
+  curl -fs "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break
+  kill -0 $SERVER 2>/dev/null || { echo "the service failed to start" >&2; exit 1; }
+  sleep 1
+done
+
+if ! curl -fs "http://127.0.0.1:$PORT/adapters/demo-$TASK" >/dev/null; then
+  echo "== uploading $ADAPTER as adapter 'demo-$TASK'"
+  curl -fsS -X POST "http://127.0.0.1:$PORT/adapters" -F "file=@$ADAPTER" -F "adapter_id=demo-$TASK"; echo
+fi
+
+PROMPT=$(python -c "from training.tasks import make_task; print(make_task('$TASK').test[0].messages[0][1])" 2>/dev/null \
+  || echo "Review: I think the staff was rude and the food was poor.
+Sentiment?")
+for ADAPTER_ID in null "\"demo-$TASK\""; do
+  echo "== POST /generate adapter_id=$ADAPTER_ID"
+  python - "$PORT" "$ADAPTER_ID" "$PROMPT" <<'PY'
+import json, sys, urllib.request
+port, adapter_id, prompt = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+body = json.dumps({"adapter_id": adapter_id, "prompt": prompt, "max_tokens": 24}).encode()
+req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", body, {"Content-Type": "application/json"})
+print(json.dumps(json.load(urllib.request.urlopen(req)), indent=2))
+PY
+done
+echo "== serving on http://127.0.0.1:$PORT (API docs at /docs); Ctrl-C to stop"
+wait $SERVER
