@@ -8,6 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adapters_store.base import StoreUnavailable
 from adapters_store.disk import DiskStore
+from service.engine import AdapterNotFound, AdapterUnavailable, SamplingParams
 from service.metrics import Metrics
 
 pytestmark = pytest.mark.anyio
@@ -58,6 +59,11 @@ async def gen(client, adapter_id: str | None, max_tokens: int = 4, prompt: str =
     return await client.post("/generate", json={"prompt": prompt, "adapter_id": adapter_id, "max_tokens": max_tokens})
 
 
+async def engine_gen(client, adapter_id: str):
+    """Straight to the engine: the API answers an unknown (or unowned) adapter itself, from the store record."""
+    return await client.app.state.engine.generate([5, 6, 7], adapter_id, SamplingParams(max_tokens=2))
+
+
 async def settled(client) -> Samples:
     """A scrape taken once the engine has retired every row (the answer can arrive a step before that)."""
     for _ in range(100):
@@ -79,6 +85,8 @@ async def test_requests_tokens_cache_and_latencies(serve, store, make_blob):
             assert resp.status_code == 200, resp.text
             usages.append(resp.json()["usage"])
         assert (await gen(client, "no-such-adapter")).status_code == 404
+        with pytest.raises(AdapterNotFound):  # a cold load that finds nothing in the store
+            await engine_gen(client, "no-such-adapter")
         assert (await client.get(f"/adapters/{SECRET_ID}-missing")).status_code == 404
         assert (await client.get(f"/nowhere/{SECRET_ID}")).status_code == 404
         after = await settled(client)
@@ -165,13 +173,15 @@ async def test_store_errors_and_upload_limit(serve, tmp_path, make_blob):
             store.down = True
             assert (await client.get("/adapters/some-id")).status_code == 503
             assert (await gen(client, "some-id")).status_code == 503
+            with pytest.raises(AdapterUnavailable):  # the engine's own cold load hits the dead store
+                await engine_gen(client, "some-id")
             after = await settled(client)
     finally:
         store.close()
     d = lambda name, **labels: delta(after, before, name, **labels)  # noqa: E731
     assert d("svdserve_http_requests_total", endpoint="/adapters", http_method="POST", status="4xx") == 1
     assert d("svdserve_http_requests_total", endpoint="/adapters/{adapter_id}", http_method="GET", status="5xx") == 1
-    assert d("svdserve_store_errors_total", source="api", kind="unavailable") == 1
+    assert d("svdserve_store_errors_total", source="api", kind="unavailable") == 2  # GET and /generate
     assert d("svdserve_store_errors_total", source="engine", kind="unavailable") == 1
     assert d("svdserve_adapter_load_errors_total", reason="store_unavailable") == 1
     assert_no_ids_in_labels(after, "some-id")
