@@ -81,6 +81,13 @@ ANONYMOUS_DEFAULT = Caller(tenant=DEFAULT_TENANT)
 ADMIN = Caller(tenant=None, admin=True)
 
 
+class AdapterStoreUnreachable(StoreUnavailable):
+    """The store is down and this replica has not seen the adapter's owner: 503 adapter_unavailable (a store
+    error, so it is counted like one)."""
+
+    code = "adapter_unavailable"
+
+
 def _unauthorized(code: str, message: str) -> ApiError:
     return ApiError(401, code, message, dict(BEARER))
 
@@ -241,10 +248,8 @@ class Auth:
         except StoreUnavailable as exc:
             owner = self.known_owner(adapter_id)
             if owner is None:
-                raise ApiError(
-                    503, "adapter_unavailable",
-                    f"adapter {adapter_id!r} cannot be loaded: the adapter store is unreachable ({exc}); retry shortly",
-                    {"Retry-After": str(STORE_RETRY_AFTER_S)},
+                raise AdapterStoreUnreachable(
+                    f"adapter {adapter_id!r} cannot be loaded: the adapter store is unreachable ({exc}); retry shortly"
                 ) from exc
             return owner == caller.tenant
 

@@ -179,7 +179,8 @@ async def _adapter_exists(request: Request, exc: AdapterExists) -> JSONResponse:
 async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
     if isinstance(exc, StoreUnavailable):
         log.warning("store unavailable: %s", exc)
-        return error_response_for(request.url.path, 503, "store_unavailable", str(exc), _retry_after(exc, STORE_RETRY_AFTER_S))
+        code = getattr(exc, "code", None) or "store_unavailable"  # e.g. adapter_unavailable (service/auth.py)
+        return error_response_for(request.url.path, 503, code, str(exc), _retry_after(exc, STORE_RETRY_AFTER_S))
     log.error("store error: %s", exc)
     return error_response_for(request.url.path, 500, "store_error", str(exc))
 
