@@ -31,7 +31,7 @@ from service import engine as eng
 from service import openai_api
 from service.auth import AuthMiddleware, TenantCaller, admin_router, build_auth, max_tokens_for
 from service.config import Settings, resolve_device
-from service.errors import ApiError, engine_error_body, error_body, register_error_handlers
+from service.errors import ApiError, engine_error_body, error_response_for, register_error_handlers
 from service.schemas import (
     AdapterCreated,
     AdapterInfo,
@@ -127,7 +127,7 @@ class UploadSizeLimit:
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and length.isdigit() and int(length) > limit:
             err = self._too_large(int(length), upload)
-            response = JSONResponse(error_body(err.code, err.message), status_code=413, headers={"Connection": "close"})
+            response = error_response_for(scope["path"], 413, err.code, err.message, {"Connection": "close"})  # /v1: OpenAI's shape
             await response(scope, receive, send)
             return
         received = 0

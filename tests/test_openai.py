@@ -270,7 +270,8 @@ def test_error_body_is_openai_shaped_and_keys_are_checked(live):
         assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
         err = resp.json()["error"]
         assert set(err) == {"message", "type", "code", "param"} and err["code"] == "missing_api_key"
-        resp = h.post("/v1/completions", json={"model": live.base_name}, headers={"Authorization": f"Bearer {live.keys['acme']}"})
+        auth = {"Authorization": f"Bearer {live.keys['acme']}"}
+        resp = h.post("/v1/completions", json={"model": live.base_name}, headers=auth)
         assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt"
     with openai.OpenAI(base_url=live.url + "/v1", api_key="sk-svd-0123456789abcdef_" + "n" * 43, max_retries=0) as bad:
         with pytest.raises(openai.AuthenticationError):

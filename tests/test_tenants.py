@@ -309,6 +309,16 @@ async def test_startup_logs_the_auth_mode(serve, store, caplog):
     assert "auth: OFF" in caplog.text
 
 
+async def test_errors_before_routing_use_openai_shape_on_v1(serve, store):
+    """The body-size limit and unknown /v1 routes answer in OpenAI's error shape too."""
+    async with serve(store, max_request_bytes=1000) as client:
+        for resp in (await client.post("/v1/completions", json={"model": "m", "prompt": "x" * 2000}),
+                     await client.get("/v1/nowhere")):
+            e = resp.json()["error"]
+            assert resp.status_code in (413, 404) and set(e) == {"message", "type", "code", "param"}, resp.text
+        assert set((await client.post("/generate", json={"prompt": "x" * 2000})).json()["error"]) == {"code", "message"}
+
+
 def test_settings_auth_modes(monkeypatch):
     from service.config import Settings
 
