@@ -88,7 +88,9 @@ def live(tiny_base, tiny_factors, make_blob, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(live) -> openai.OpenAI:
-    with openai.OpenAI(base_url=live.url + "/v1", api_key=live.keys["acme"], max_retries=0, timeout=60) as c:
+    # strict: every response must validate against the client's own models of OpenAI's shapes
+    with openai.OpenAI(base_url=live.url + "/v1", api_key=live.keys["acme"], max_retries=0, timeout=60,
+                       _strict_response_validation=True) as c:
         yield c
 
 
@@ -160,9 +162,12 @@ def test_completion_default_temperature_samples_and_a_seed_reproduces(client, li
 
 def test_completion_stream_concatenates_to_the_full_text(client, live):
     full = client.completions.create(model="strong", prompt=PROMPT, max_tokens=10, temperature=0)
-    chunks = list(client.completions.create(
-        model="strong", prompt=PROMPT, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}
-    ))
+    # Not strict here: the SDK types a streamed Completion's finish_reason as non-null, while OpenAI itself
+    # (and this server) sends null on every chunk but the last.
+    with openai.OpenAI(base_url=live.url + "/v1", api_key=live.keys["acme"], max_retries=0, timeout=60) as lenient:
+        chunks = list(lenient.completions.create(
+            model="strong", prompt=PROMPT, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}
+        ))
     assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
