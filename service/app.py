@@ -371,9 +371,10 @@ def create_app(
                 422, "validation_error", f"max_tokens: must be ≤ {settings.max_seq_len} (this server's max_seq_len)"
             )
         body.max_tokens = max_tokens_for(caller, body.max_tokens, explicit="max_tokens" in body.model_fields_set)
-        if body.adapter_id is not None and not await run_in_threadpool(
-            request.app.state.auth.can_use, the_store(request), caller, body.adapter_id
-        ):  # another tenant's adapter answers exactly like a nonexistent one
+        allowed, version = (True, None) if body.adapter_id is None else await run_in_threadpool(
+            request.app.state.auth.usable_version, the_store(request), caller, body.adapter_id
+        )
+        if not allowed:  # another tenant's adapter answers exactly like a nonexistent one
             raise ApiError(
                 404, "adapter_not_found",
                 f"adapter {body.adapter_id!r} not found; upload it with POST /adapters or list them with GET /adapters",
@@ -384,8 +385,8 @@ def create_app(
             max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list()
         )
         if body.stream:
-            return await _stream_response(engine.stream(prompt_ids, body.adapter_id, params), body.adapter_id)
-        result = await _unless_disconnected(request, engine.generate(prompt_ids, body.adapter_id, params))
+            return await _stream_response(engine.stream(prompt_ids, body.adapter_id, params, version), body.adapter_id)
+        result = await _unless_disconnected(request, engine.generate(prompt_ids, body.adapter_id, params, version))
         if result is None:  # the client went away; its batch row is already freed
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return _response_of(result, body.adapter_id)

@@ -241,17 +241,24 @@ class Auth:
         return record if record is not None and record.tenant == caller.tenant else None
 
     def can_use(self, store: AdapterStore, caller: Caller, adapter_id: str) -> bool:
-        """Whether `caller` may generate with `adapter_id`. With the store unreachable, the owner last seen
-        decides (so adapters cached on the device keep serving); never seen → 503 adapter_unavailable."""
+        """Whether `caller` may generate with `adapter_id` (see `usable_version`)."""
+        return self.usable_version(store, caller, adapter_id)[0]
+
+    def usable_version(self, store: AdapterStore, caller: Caller, adapter_id: str) -> tuple[bool, str | None]:
+        """(may `caller` generate with `adapter_id`, the stored version's sha256 to serve). The version keys the
+        engine's device cache, so a deleted and re-uploaded id never serves old weights on any replica. With the
+        store unreachable, the owner last seen decides and the version is unknown (the cached copy serves);
+        never seen → 503 adapter_unavailable."""
         try:
-            return self.owned_record(store, caller, adapter_id) is not None
+            record = self.owned_record(store, caller, adapter_id)
+            return (record is not None, record.sha256 if record is not None else None)
         except StoreUnavailable as exc:
             owner = self.known_owner(adapter_id)
             if owner is None:
                 raise AdapterStoreUnreachable(
                     f"adapter {adapter_id!r} cannot be loaded: the adapter store is unreachable ({exc}); retry shortly"
                 ) from exc
-            return owner == caller.tenant
+            return owner == caller.tenant, None
 
     def put_for(self, store: AdapterStore, caller: Caller, record: AdapterRecord, blob: bytes) -> None:
         """Store an upload for its tenant, within the tenant's adapter quota (checked and written under one

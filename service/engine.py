@@ -12,6 +12,7 @@ The asyncio side talks to the engine through `generate` / `stream`; events come 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import random
 import threading
@@ -40,6 +41,11 @@ __all__ = [
     "Engine", "EngineConfig", "SamplingParams", "GenerationResult", "EngineError", "AdapterNotFound",
     "AdapterUnavailable", "QueueFull", "EngineShuttingDown", "InvalidRequest", "RequestTimeout",
 ]
+
+
+def _key_id(cache_key: str) -> str:
+    """The adapter id of a device-cache key (`id` or `id@sha256`; ids never contain '@')."""
+    return cache_key.partition("@")[0]
 
 
 class EngineError(Exception):
@@ -105,6 +111,7 @@ class _Request:
     id: int
     prompt: list[int]
     adapter_id: str | None
+    cache_key: str | None  # adapter_id@sha256 when the caller knows the version: re-uploads never serve stale weights
     params: SamplingParams
     detok: Detokenizer
     loop: asyncio.AbstractEventLoop
@@ -228,17 +235,19 @@ class Engine:
                 f"(max_rank {R}); retrain with --rank {limit} or lower, or start the server with --max-rank {adapter.rank}"
             )
 
-    async def generate(self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams) -> GenerationResult:
+    async def generate(self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams,
+                       version: str | None = None) -> GenerationResult:
         result = None
-        async for item in self.stream(prompt_ids, adapter_id, params):
+        async for item in self.stream(prompt_ids, adapter_id, params, version):
             if isinstance(item, GenerationResult):
                 result = item
         assert result is not None
         return result
 
-    async def stream(self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams) -> AsyncIterator[str | GenerationResult]:
+    async def stream(self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams,
+                     version: str | None = None) -> AsyncIterator[str | GenerationResult]:
         """Text deltas as they are generated, then the final GenerationResult."""
-        req = self._submit(prompt_ids, adapter_id, params)
+        req = self._submit(prompt_ids, adapter_id, params, version)
         try:
             while True:
                 kind, payload = await req.queue.get()
@@ -287,7 +296,7 @@ class Engine:
         return min(30.0, max(1.0, len(self._waiting) / rate))
 
     # ---------- submission ----------
-    def _submit(self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams) -> _Request:
+    def _submit(self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams, version: str | None = None) -> _Request:
         if not self.accepting:
             raise EngineShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
         if not prompt_ids:
@@ -309,6 +318,7 @@ class Engine:
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
         req = _Request(
             id=next(self._ids), prompt=list(prompt_ids), adapter_id=adapter_id, params=params,
+            cache_key=None if adapter_id is None else (adapter_id if version is None else f"{adapter_id}@{version}"),
             detok=Detokenizer(self.tokenizer, params.stop), loop=asyncio.get_running_loop(),
             queue=asyncio.Queue(), generator=gen,
         )
@@ -357,8 +367,8 @@ class Engine:
 
     def _has_admissible(self) -> bool:
         return bool(self._commands) or any(
-            r.cancelled or r.adapter_id is None or r.adapter_id in self.cache.resident
-            or (r.adapter_id not in self._loading and r.adapter_id not in self._ready)
+            r.cancelled or r.cache_key is None or r.cache_key in self.cache.resident
+            or (r.cache_key not in self._loading and r.cache_key not in self._ready)
             for r in self._waiting
         ) or any(f.done() for f in self._loading.values()) or bool(self._ready)
 
@@ -393,21 +403,24 @@ class Engine:
         while self._commands:
             with self._cond:
                 verb, adapter_id = self._commands.popleft()
-            if verb == "evict":
-                res = self.cache.get(adapter_id)
-                self._ready.pop(adapter_id, None)
-                if res is not None and self.cache.remove(adapter_id):
-                    self.sub_slots.discard(res.slot) if res.pool == "core" else None
-                elif res is not None:  # still in use: retry after running requests release it
-                    with self._cond:
-                        self._commands.append((verb, adapter_id))
-                    return
+            if verb == "evict":  # every cached version of the adapter
+                for key in [k for k in list(self.cache.resident) + list(self._ready) if _key_id(k) == adapter_id]:
+                    self._ready.pop(key, None)
+                    res = self.cache.get(key)
+                    if res is not None and self.cache.remove(key):
+                        self.sub_slots.discard(res.slot) if res.pool == "core" else None
+                    elif res is not None:  # still in use: retry after running requests release it
+                        with self._cond:
+                            self._commands.append((verb, adapter_id))
+                        return
             elif verb in ("pin", "unpin"):
-                self.cache.pin(adapter_id, verb == "pin")
+                for key in [k for k in self.cache.resident if _key_id(k) == adapter_id]:
+                    self.cache.pin(key, verb == "pin")
 
-    def _load(self, adapter_id: str) -> tuple[str, dict, float]:
+    def _load(self, key: str) -> tuple[str, dict, float]:
         """Loader thread: fetch, validate, and turn into slot terms (all CPU work off the engine thread)."""
         t0 = time.perf_counter()
+        adapter_id, _, version = key.partition("@")
         try:
             blob = self.store.get_blob(adapter_id)
         except StoreUnavailable as exc:
@@ -416,6 +429,8 @@ class Engine:
             ) from exc
         if blob is None:
             raise AdapterNotFound(f"adapter {adapter_id!r} not found; upload it with POST /adapters or list them with GET /adapters")
+        if version and hashlib.sha256(blob).hexdigest() != version:
+            raise AdapterUnavailable(f"adapter {adapter_id!r} was replaced while it was loading; retry")
         try:
             adapter = load_adapter(blob, self.factors)
             self.check_servable(adapter)
@@ -424,28 +439,28 @@ class Engine:
         return adapter.method, adapter.terms(self.factors), time.perf_counter() - t0
 
     def _place_loaded(self) -> None:
-        for adapter_id, fut in list(self._loading.items()):
+        for key, fut in list(self._loading.items()):
             if not fut.done():
                 continue
-            del self._loading[adapter_id]
+            del self._loading[key]
             try:
                 method, terms, seconds = fut.result()
             except Exception as exc:
                 self.counters["adapter_load_errors"] += 1
                 for obs in self.observers:
                     obs.on_adapter_load_error(exc)
-                err = exc if isinstance(exc, EngineError) else EngineError(f"loading adapter {adapter_id!r} failed: {exc}")
-                self._fail_waiting(adapter_id, err)
+                err = exc if isinstance(exc, EngineError) else EngineError(f"loading adapter {_key_id(key)!r} failed: {exc}")
+                self._fail_waiting(key, err)
                 continue
             self.counters["adapter_loads"] += 1
             self.load_latencies.append(seconds)
             for obs in self.observers:
                 obs.on_adapter_load(method, seconds)
-            self._ready[adapter_id] = (method, terms)
-        for adapter_id, (method, terms) in list(self._ready.items()):
+            self._ready[key] = (method, terms)
+        for key, (method, terms) in list(self._ready.items()):
             if not self.cache.can_place(method):
                 continue  # every slot of its pool is busy: it waits for a running request to finish
-            res, evicted = self.cache.place(adapter_id, method)
+            res, evicted = self.cache.place(key, method)
             if evicted is not None:
                 for obs in self.observers:
                     obs.on_eviction(res.pool)
@@ -456,11 +471,11 @@ class Engine:
                     self.sub_slots.add(res.slot)
             else:
                 self.runner.write_lr_slot(res.slot, terms)
-            del self._ready[adapter_id]
+            del self._ready[key]
 
-    def _fail_waiting(self, adapter_id: str, err: Exception) -> None:
+    def _fail_waiting(self, key: str, err: Exception) -> None:
         with self._cond:
-            failed = [r for r in self._waiting if r.adapter_id == adapter_id]
+            failed = [r for r in self._waiting if r.cache_key == key]
             for r in failed:
                 self._waiting.remove(r)
         for r in failed:
@@ -483,17 +498,21 @@ class Engine:
                 longest_if = max(longest, len(req.prompt))
                 if admitted and longest_if * (len(admitted) + 1) > self.config.max_prefill_tokens:
                     break
-                if req.adapter_id is not None:
-                    if req.adapter_id not in self.cache.resident:
-                        if req.adapter_id not in self._loading and req.adapter_id not in self._ready:
+                key = req.cache_key
+                if key is not None and "@" not in key and key not in self.cache.resident:
+                    # version unknown (store unreachable at the API): any resident copy of this id serves
+                    key = req.cache_key = next((k for k in reversed(self.cache.resident) if _key_id(k) == key), key)
+                if key is not None:
+                    if key not in self.cache.resident:
+                        if key not in self._loading and key not in self._ready:
                             self.cache.misses += 1
                             for obs in self.observers:
                                 obs.on_cache_miss()
-                            fut = self._loader.submit(self._load, req.adapter_id)
+                            fut = self._loader.submit(self._load, key)
                             fut.add_done_callback(lambda _: self._notify())  # wake the engine: the adapter is ready
-                            self._loading[req.adapter_id] = fut
+                            self._loading[key] = fut
                         continue  # waits for its own adapter only
-                    res = self.cache.acquire(req.adapter_id)
+                    res = self.cache.acquire(key)
                     req.method = res.method
                     for obs in self.observers:
                         obs.on_cache_hit(res.method)
@@ -590,7 +609,7 @@ class Engine:
                 i += 1
                 continue
             if req.adapter_id is not None:
-                self.cache.release(req.adapter_id)
+                self.cache.release(req.cache_key)
             last = len(self._active) - 1
             if i != last:
                 mover = self._active[last]

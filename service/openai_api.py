@@ -201,14 +201,15 @@ def _the(request: Request) -> tuple[eng.Engine, AdapterStore, Auth]:
     return st.engine, st.store, app_auth(request)
 
 
-async def _adapter_of(request: Request, caller: Any, model: str) -> str | None:
-    """None for the base model, else the caller's adapter id; 404 model_not_found otherwise."""
+async def _adapter_of(request: Request, caller: Any, model: str) -> tuple[str | None, str | None]:
+    """(None, None) for the base model, else (the caller's adapter id, its stored version); 404 otherwise."""
     _, store, auth = _the(request)
     if model == request.app.state.base.name:
-        return None
-    if not await run_in_threadpool(auth.can_use, store, caller, model):
+        return None, None
+    allowed, version = await run_in_threadpool(auth.usable_version, store, caller, model)
+    if not allowed:
         raise _model_not_found(model)
-    return model
+    return model, version
 
 
 def _params(body: _Common, stops: list[str], max_tokens: int) -> eng.SamplingParams:
@@ -236,10 +237,10 @@ DONE = b"data: [DONE]\n\n"
 
 
 async def _run(request: Request, engine: eng.Engine, prompt_ids: list[int], adapter_id: str | None,
-               params: eng.SamplingParams) -> eng.GenerationResult | None:
+               params: eng.SamplingParams, version: str | None = None) -> eng.GenerationResult | None:
     from service.app import _unless_disconnected  # service.app includes this router: import when first used
 
-    return await _unless_disconnected(request, engine.generate(prompt_ids, adapter_id, params))
+    return await _unless_disconnected(request, engine.generate(prompt_ids, adapter_id, params, version))
 
 
 async def _sse(
@@ -292,7 +293,7 @@ CLIENT_CLOSED_REQUEST = 499
 async def completions(request: Request, body: CompletionRequest, caller: TenantCaller) -> Any:
     engine, _, _ = _the(request)
     stops = _check(body)
-    adapter_id = await _adapter_of(request, caller, body.model)
+    adapter_id, version = await _adapter_of(request, caller, body.model)
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     explicit = body.max_tokens is not None
     max_tokens = max_tokens_for(caller, body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, explicit)
@@ -317,8 +318,8 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
                 out.append(envelope([], usage=_usage(result)))
             return out
 
-        return await _sse(engine.stream(prompt_ids, adapter_id, params), [], lambda t: envelope([choice(t, None)]), closing)
-    result = await _run(request, engine, prompt_ids, adapter_id, params)
+        return await _sse(engine.stream(prompt_ids, adapter_id, params, version), [], lambda t: envelope([choice(t, None)]), closing)
+    result = await _run(request, engine, prompt_ids, adapter_id, params, version)
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     return envelope([choice(result.text, result.finish_reason)], usage=_usage(result))
@@ -328,7 +329,7 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
 async def chat_completions(request: Request, body: ChatCompletionRequest, caller: TenantCaller) -> Any:
     engine, _, _ = _the(request)
     stops = _check(body)
-    adapter_id = await _adapter_of(request, caller, body.model)
+    adapter_id, version = await _adapter_of(request, caller, body.model)
     prompt_ids = await run_in_threadpool(engine.encode_prompt, None, body.chat(), False)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -357,8 +358,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
             return out
 
         opening = [delta({"role": "assistant", "content": ""})]
-        return await _sse(engine.stream(prompt_ids, adapter_id, params), opening, lambda t: delta({"content": t}), closing)
-    result = await _run(request, engine, prompt_ids, adapter_id, params)
+        return await _sse(engine.stream(prompt_ids, adapter_id, params, version), opening, lambda t: delta({"content": t}), closing)
+    result = await _run(request, engine, prompt_ids, adapter_id, params, version)
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     message = {"role": "assistant", "content": result.text, "refusal": None}

@@ -154,3 +154,24 @@ async def test_redis_down_is_503_and_the_base_still_serves(serve, dead_store, ma
         assert base.status_code == 200, base.text
         cold = await client.post("/generate", json={"adapter_id": "x", "prompt": PROMPT, "max_tokens": 4})
         assert_error(cold, 503, "adapter_unavailable", "unreachable")
+
+
+async def test_reupload_never_serves_the_old_weights_on_another_replica(serve, prefix, make_blob):
+    """Replica B caches adapter 'x'; it is deleted and re-uploaded (other weights) through replica A.
+    B's device cache is keyed by the stored version, so B serves the new weights, not its cached copy."""
+    a_store, b_store = RedisStore(REDIS_URL, prefix=prefix), RedisStore(REDIS_URL, prefix=prefix)
+    old, new = make_blob("osora", rank=4, seed=1, scale=0.5), make_blob("osora", rank=4, seed=2, scale=0.5)
+    body = {"adapter_id": "x", "prompt": PROMPT, "max_tokens": 12}
+    try:
+        async with serve(a_store) as a, serve(b_store) as b:
+            assert (await upload(a, old, "x")).status_code == 201
+            old_text = (await b.post("/generate", json=body)).json()["text"]  # B now has the old weights cached
+            assert (await a.delete("/adapters/x")).status_code == 204
+            assert (await upload(a, new, "x")).status_code == 201
+            new_on_a = (await a.post("/generate", json=body)).json()["text"]
+            new_on_b = (await b.post("/generate", json=body)).json()["text"]
+            assert new_on_a != old_text  # the two versions really answer differently
+            assert new_on_b == new_on_a
+    finally:
+        a_store.close()
+        b_store.close()
