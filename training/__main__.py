@@ -1,4 +1,4 @@
-"""`python -m training {train,eval,tasks}`: the trainer CLI. Progress and logs go to stderr; for `train`
+"""`python -m training {train,eval,tasks,merge}`: the trainer CLI. Progress and logs go to stderr; for `train`
 and `eval` the last line of stdout is one JSON object, so scripts can `tail -n1 | jq`."""
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-
 from svd_adapters.log import get_logger
 from svd_adapters.methods import METHODS
 from training.data import DataError, Example, load_jsonl, split_holdout
+from training.plots import loss_curve_path, save_loss_curve
 from training.tasks import GENERATORS, make_task
 from training.trainer import DEFAULT_LR, TrainConfig, train_adapter
+from training.upload import UploadError, upload_adapter
 
 log = get_logger("training")
 
@@ -74,6 +75,11 @@ def cmd_train(args: argparse.Namespace) -> dict:
     result = train_adapter(base, factors, train, cfg, progress=not args.quiet)
     nbytes = save_adapter(result.adapter, args.out)
     after = _eval(base, factors, result.adapter, test, args)
+    curve = save_loss_curve(result.losses, loss_curve_path(args.out), f"{cfg.method} r{cfg.rank} on {source}")
+    uploaded = None
+    if args.upload:
+        uploaded = upload_adapter(args.upload, args.out, api_key=args.api_key, adapter_id=args.adapter_id)
+        log.info("uploaded to %s as adapter %r", args.upload, uploaded["adapter_id"])
     tail = result.losses[-10:]  # last loss smoothed over ≤10 steps; the first is the untrained loss
     return {
         "method": cfg.method,
@@ -96,7 +102,16 @@ def cmd_train(args: argparse.Namespace) -> dict:
         "cpu_seconds": round(result.cpu_seconds, 1),
         "seconds_total": round(time.perf_counter() - t0, 1),
         "out": str(args.out),
+        "loss_curve": str(curve),
+        "uploaded": uploaded,
     }
+
+
+def cmd_merge(args: argparse.Namespace) -> dict:
+    from training.merge import merge_to_dir
+
+    out = merge_to_dir(args.adapter, args.base, args.out)
+    return {"adapter": str(args.adapter), "base": args.base, "out": str(out)}
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
@@ -162,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rank", type=int, default=16)
     _add_source(tr, eval_data=True)
     tr.add_argument("--out", type=Path, required=True, help="adapter file to write (.safetensors)")
-    tr.add_argument("--steps", type=int, default=100)
+    tr.add_argument("--steps", type=int, default=60)
     tr.add_argument("--lr", type=float, default=None, help=f"peak lr (default per method: {DEFAULT_LR})")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--batch-size", type=int, default=8)
@@ -171,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-len", type=int, default=256, help="truncate prompts (from the left) beyond this")
     tr.add_argument("--skip-eval-before", action="store_true", help="do not evaluate the base model first")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--upload", metavar="URL", default=None, help="after training, upload the adapter to this svdserve (e.g. http://127.0.0.1:8000)")
+    tr.add_argument("--api-key", default=None, help="API key for --upload when the server runs with auth on")
+    tr.add_argument("--adapter-id", default=None, help="adapter id for --upload (default: the server picks one)")
+
+    mg = sub.add_parser("merge", help="export an adapter merged into its base as a plain HF model directory")
+    mg.add_argument("--adapter", type=Path, required=True, help="adapter file (.safetensors)")
+    mg.add_argument("--base", default="default", help="'default', 'tiny', or an HF model dir (the adapter's base)")
+    mg.add_argument("--out", type=Path, required=True, help="directory to write (config, safetensors, tokenizer)")
 
     ev = sub.add_parser("eval", help="exact match of an adapter (or 'none') on held-out data")
     ev.add_argument("--adapter", required=True, help="adapter file, or 'none' for the base model")
@@ -197,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tasks":
             cmd_tasks(args)
             return 0
-        out = cmd_train(args) if args.command == "train" else cmd_eval(args)
-    except (DataError, FileNotFoundError, ValueError) as e:
+        out = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge}[args.command](args)
+    except (DataError, FileNotFoundError, ValueError, UploadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sys.stdout.flush()
