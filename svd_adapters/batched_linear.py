@@ -63,23 +63,27 @@ class SlotMapping:
 
 
 def core_delta_(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tensor | None, d: torch.Tensor | None,
-                Ut: torch.Tensor, Ut_members: list[torch.Tensor], offsets: list[int]) -> None:
+                Ut_members: list[torch.Tensor], offsets: list[int]) -> None:
     """Add the per-row core delta o ⊙ (Ut-projection of C h) + Ut-projection of (d ⊙ h) into y in place.
 
-    y (P·L, M); h (P, L, k, R); Ct (P, k, R, R) the cores transposed; o (P, M) or None; d (P, k·R) or None. Ut is the block-diagonal
-    (k·R, M) stack of the members' U_rᵀ, Ut_members its diagonal blocks (R, m_i).
-    Decode (L = 1) is bound by memory and op count: apply C token by token, then one block-diagonal GEMM
-    projects every member. Prefill (long L) is bound by FLOPs: fold each row's core into an effective
-    (R, m_i) projection per member first, so each token costs one skinny GEMM per member, no zero blocks.
+    y (P·L, M); h (P, L, k, R); Ct (P, k, R, R) the cores transposed; o (P, M) or None; d (P, k·R) or None;
+    Ut_members the members' U_rᵀ (R, m_i), written at column `offsets[i]` of y.
+    Decode (L = 1) is bound by memory: apply C token by token, then one skinny GEMM per member (a single
+    block-diagonal GEMM would read k× the U bytes, zeros included; measured slower). Prefill (long L) is bound
+    by FLOPs: fold each row's core into an effective (R, m_i) projection per member first, so each token costs
+    one skinny GEMM per member whatever the method.
     """
     P, L, k, R = h.shape
     if L == 1:
         g = torch.matmul(h.view(P, k, 1, R), Ct).reshape(P, k * R)
         if d is None:
-            y.addmm_(g, Ut)
+            for i, (Ui, off) in enumerate(zip(Ut_members, offsets)):
+                y[:, off : off + Ui.shape[1]].addmm_(g[:, i * R : (i + 1) * R], Ui)
             return
-        both = torch.cat([g, h.reshape(P, k * R) * d], dim=0) @ Ut  # one GEMM: scaled part and subtracted part
-        y.addcmul_(both[:P], o).add_(both[P:])
+        both = torch.cat([g, h.reshape(P, k * R) * d], dim=0)  # one GEMM per member: scaled and subtracted part
+        for i, (Ui, off) in enumerate(zip(Ut_members, offsets)):
+            t = both[:, i * R : (i + 1) * R] @ Ui
+            y[:, off : off + Ui.shape[1]].addcmul_(t[:P], o[:, off : off + Ui.shape[1]]).add_(t[P:])
         return
     yv = y.view(P, L, -1)
     for i, (Ui, off) in enumerate(zip(Ut_members, offsets)):
@@ -190,11 +194,7 @@ class LinearGroup(nn.Module):
             ]))
         else:
             self.bias = None
-        Ut = torch.zeros(self.k * self.R, self.M).to(ref)
-        for i, f in enumerate(factors):
-            Ut[i * self.R : (i + 1) * self.R, pools.offsets[i] : pools.offsets[i] + self.out_sizes[i]] = f.U[:, : self.R].T.to(ref)
-        self.register_buffer("Ut", Ut)
-        self.Ut_members = [Ut[i * self.R : (i + 1) * self.R, o : o + m].contiguous() for i, (o, m) in enumerate(zip(pools.offsets, self.out_sizes))]
+        self.Ut_members = [f.U[:, : self.R].T.contiguous().to(ref) for f in factors]  # U_rᵀ (R, m_i) per member
 
     def forward(self, x: torch.Tensor, mp: SlotMapping, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """x (T, n) → (T, M): base outputs of all members plus each token's adapter delta.
@@ -211,7 +211,7 @@ class LinearGroup(nn.Module):
         if mp.has_core:
             # Without OSoRA rows every o is 1 and every d is 0: skip the scale and the subtraction.
             o, d = (rows["o"][:, li], rows["d"][:, li]) if mp.has_sub else (None, None)
-            core_delta_(y, h.reshape(P, L, self.k, self.R), rows["C"][:, li], o, d, self.Ut, self.Ut_members, p.offsets)
+            core_delta_(y, h.reshape(P, L, self.k, self.R), rows["C"][:, li], o, d, self.Ut_members, p.offsets)
         if mp.has_lr:
             sel = mp.lr_rows
             slots = mp.lr_idx[sel]
