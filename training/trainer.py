@@ -33,7 +33,7 @@ DEFAULT_LR = {"osora": 1e-2, "loraxs": 1e-2, "sorsa": 1e-4, "lora": 1e-3}
 class TrainConfig:
     method: str
     rank: int = 16
-    steps: int = 100
+    steps: int = 60
     lr: float | None = None  # None → DEFAULT_LR[method]
     batch_size: int = 8
     alpha: float | None = None  # None → rank (scale 1 for LoRA / LoRA-XS)
