@@ -56,7 +56,7 @@ def test_init_reproduces_base(tiny, inputs, method):
         assert torch.equal(out, ref)  # B = 0: the delta is exactly zero
     elif method == "loraxs":
         # R ~ N(0, 1e-5²): the delta is on the scale of the init, not exactly zero ...
-        assert diff <= 1e-3
+        assert diff <= 1e-4  # measured 1.7e-5 on the tiny model
         # ... and with R = 0 it is gone up to float32 rounding.
         zero = new_adapter(method, RANK, factors, base.name)
         for p in zero.params.values():
