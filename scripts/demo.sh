@@ -11,7 +11,7 @@ bash scripts/setup.sh
 DATA=${SVDSERVE_DATA:-$PWD/data}
 PORT=${PORT:-8000}
 TASK=${DEMO_TASK:-sentiment}
-STEPS=${DEMO_STEPS:-120}
+STEPS=${DEMO_STEPS:-60}
 ADAPTER="$DATA/demo-$TASK-osora.safetensors"
 mkdir -p "$DATA"
 
