@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters_store import AdapterStore, open_store, record_for, validate_id
+from adapters_store.base import AdapterExists
 from adapters_store.records import ID_PATTERN, AdapterRecord
 from adapters_store.format import adapter_to_bytes
 from adapters_store.peft_import import MAX_CONFIG_BYTES, looks_like_peft, peft_to_adapter
@@ -315,10 +316,19 @@ def create_app(
             return record_for(adapter, data, adapter_id, tenant=caller.tenant), data
 
         record, stored = await run_in_threadpool(validate)
-        await run_in_threadpool(st.auth.put_for, store, caller, record, stored)  # the tenant's quota, then put
-        log.info("stored adapter %s (%s, rank %d, %d bytes)", adapter_id, record.method, record.rank, record.size_bytes)
+        status = 201
+        try:
+            await run_in_threadpool(st.auth.put_for, store, caller, record, stored)  # the tenant's quota, then put
+            log.info("stored adapter %s (%s, rank %d, %d bytes)", adapter_id, record.method, record.rank, record.size_bytes)
+        except AdapterExists:
+            # A retry of an upload whose answer was lost (e.g. a 503 after the write landed): the same tenant, id
+            # and bytes are already durable, so the retry succeeds (200) instead of failing with 409.
+            existing = await run_in_threadpool(store.get_record, adapter_id)
+            if existing is None or existing.tenant != caller.tenant or existing.sha256 != record.sha256:
+                raise
+            record, status = existing, 200
         body = AdapterCreated.model_validate(record.model_dump(include=set(AdapterCreated.model_fields)))
-        return JSONResponse(body.model_dump(), status_code=201, headers={"Location": f"/adapters/{adapter_id}"})
+        return JSONResponse(body.model_dump(), status_code=status, headers={"Location": f"/adapters/{adapter_id}"})
 
     @app.get("/adapters", response_model=AdapterList, responses=_errors(503), tags=["adapters"], summary="List adapters")
     async def list_adapters(request: Request, caller: TenantCaller) -> AdapterList:

@@ -115,6 +115,19 @@ async def test_duplicate_id_is_409_and_keeps_the_first(serve, store, make_blob):
         assert (await client.get("/adapters/dup")).json()["method"] == "osora"
 
 
+async def test_retrying_the_same_upload_is_idempotent(serve, store, make_blob):
+    """A client that lost the answer to an upload (a 503 after the write landed, a dropped connection) retries:
+    the same id with the same bytes answers 200 with the stored adapter, not 409; other bytes still get 409."""
+    blob = make_blob("loraxs", seed=4)
+    async with serve(store) as client:
+        first = await upload(client, blob, "again")
+        assert first.status_code == 201
+        retry = await upload(client, blob, "again")
+        assert retry.status_code == 200 and retry.json() == first.json()
+        assert_error(await upload(client, make_blob("loraxs", seed=5), "again"), 409, "adapter_exists")
+        assert store.get_blob("again") == blob and len(store.list()) == 1
+
+
 def _nan_blob(tiny_base, tiny_factors) -> bytes:
     a = new_adapter("osora", 2, tiny_factors, tiny_base.name)
     first = next(iter(a.params.values()))
