@@ -70,8 +70,8 @@ def core_delta_(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Ten
     Ut_members the members' U_rᵀ (R, m_i), written at column `offsets[i]` of y.
     Decode (L = 1) is bound by memory: apply C token by token, then one skinny GEMM per member (a single
     block-diagonal GEMM would read k× the U bytes, zeros included; measured slower). Prefill (long L) is bound
-    by FLOPs: fold each row's core into an effective (R, m_i) projection per member first, so each token costs
-    one skinny GEMM per member whatever the method.
+    by FLOPs: without output scales, one GEMM per member over all tokens; with OSoRA's per-row scale o, fold
+    each row's core and scale into an effective (R, m_i) projection per member first (no T×m elementwise passes).
     """
     P, L, k, R = h.shape
     if L == 1:
@@ -84,6 +84,13 @@ def core_delta_(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Ten
         for i, (Ui, off) in enumerate(zip(Ut_members, offsets)):
             t = both[:, i * R : (i + 1) * R] @ Ui
             y[:, off : off + Ui.shape[1]].addcmul_(t[:P], o[:, off : off + Ui.shape[1]]).add_(t[P:])
+        return
+    if d is None:
+        # No output scale (LoRA-XS and base rows): apply each row's core to its tokens (tiny), then every member
+        # is one plain GEMM over all P·L tokens — large, multi-threaded, no per-row loop.
+        g = torch.matmul(h.permute(2, 0, 1, 3), Ct.transpose(0, 1))  # (k, P, L, R)
+        for i, (Ui, off) in enumerate(zip(Ut_members, offsets)):
+            y[:, off : off + Ui.shape[1]].addmm_(g[i].view(P * L, R), Ui)
         return
     yv = y.view(P, L, -1)
     for i, (Ui, off) in enumerate(zip(Ut_members, offsets)):

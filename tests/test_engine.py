@@ -183,3 +183,17 @@ def test_streaming_yields_deltas_that_add_up(engine, adapters):
     parts, final = asyncio.run(run())
     assert "".join(parts) == final.text
     assert final.completion_tokens > 0
+
+
+def test_runner_prefill_without_output_scales_matches_merged_reference(tiny_base, tiny_factors, adapters):
+    """A batch with LoRA-XS and base rows only takes the unscaled prefill path (one GEMM per member)."""
+    runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=4, max_seq_len=32, core_slots=4, lr_slots=2)
+    xs = [aid for aid, a in adapters.items() if a.method == "loraxs"]
+    for slot, aid in enumerate(xs, start=1):
+        runner.write_core_slot(slot, adapters[aid].terms(tiny_factors))
+    prompts = [[5, 9, 77, 3, 12, 40], [8, 8, 100, 31, 2, 19], [60, 61, 62, 63, 64, 65]]
+    logits = runner.prefill(prompts, [0, 1, 2], [1, 2, 0], [0, 0, 0], set(), all_logits=True)
+    for i, aid in enumerate(xs + [None]):
+        with torch.no_grad():
+            ref = merged_model(tiny_base, tiny_factors, adapters.get(aid)).eval()(torch.tensor([prompts[i]])).logits[0]
+        assert (logits[i] - ref).abs().max().item() <= 1e-4
