@@ -353,6 +353,7 @@ class Engine:
                 admitted = self._admit()
                 if admitted:
                     self._prefill(admitted)
+                    self._retire()  # a request can end at its first token (EOS, stop string, max_tokens 1)
                 if self._active:
                     self._decode()
                 self._retire()

@@ -11,7 +11,7 @@ from adapters_store.disk import DiskStore
 from adapters_store.format import adapter_to_bytes
 from adapters_store.records import record_for
 from service.engine import AdapterNotFound, Engine, EngineConfig, InvalidRequest, SamplingParams
-from svd_adapters.adapter import Adapter, new_adapter
+from svd_adapters.adapter import Adapter, random_adapter
 from svd_adapters.batched_linear import SlotMapping
 from svd_adapters.inject import merge_into
 from svd_adapters.runner import BatchedRunner
@@ -20,19 +20,9 @@ from svd_adapters.runner import BatchedRunner
 MIX = [("osora", 8), ("loraxs", 4), ("sorsa", 6), ("lora", 8), ("osora", 3), ("loraxs", 8), ("lora", 16), ("sorsa", 2)]
 
 
-def perturbed(method: str, rank: int, factors, name: str, seed: int) -> Adapter:
-    a = new_adapter(method, rank, factors, name, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    scale = {"osora": 0.1, "loraxs": 2.0, "sorsa": 0.05, "lora": 0.1}[method]
-    for p in a.params.values():
-        for k, v in p.items():
-            p[k] = v + scale * torch.randn(v.shape, generator=g)
-    return a
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_base, tiny_factors) -> dict[str, Adapter]:
-    return {f"{m}-r{r}-{i}": perturbed(m, r, tiny_factors, tiny_base.name, seed=100 + i) for i, (m, r) in enumerate(MIX)}
+    return {f"{m}-r{r}-{i}": random_adapter(m, r, tiny_factors, tiny_base.name, seed=100 + i) for i, (m, r) in enumerate(MIX)}
 
 
 def merged_model(base, factors, adapter: Adapter | None):
@@ -197,3 +187,26 @@ def test_runner_prefill_without_output_scales_matches_merged_reference(tiny_base
         with torch.no_grad():
             ref = merged_model(tiny_base, tiny_factors, adapters.get(aid)).eval()(torch.tensor([prompts[i]])).logits[0]
         assert (logits[i] - ref).abs().max().item() <= 1e-4
+
+
+def test_requests_ending_at_their_first_token_leave_before_the_decode_step(engine, tiny_base):
+    """A prefill whose first sampled token is EOS finishes with no output while other rows keep decoding."""
+    prompt = engine.encode_prompt("first token ends it")
+    with torch.no_grad():
+        first = int(tiny_base.model(torch.tensor([prompt])).logits[0, -1].argmax())
+    engine.eos_ids.add(first)  # make this prompt's greedy first token an end-of-sequence token
+    try:
+        async def run():
+            other = engine.encode_prompt("a longer answer please")
+            return await asyncio.gather(
+                engine.generate(other, None, SamplingParams(max_tokens=12)),
+                engine.generate(prompt, None, SamplingParams(max_tokens=12)),
+                engine.generate(other, None, SamplingParams(max_tokens=5)),
+            )
+
+        long, ended, short = asyncio.run(run())
+    finally:
+        engine.eos_ids.discard(first)
+    assert ended.completion_tokens == 0 and ended.finish_reason == "stop" and ended.text == ""
+    assert long.finish_reason in ("length", "stop") and short.completion_tokens <= 5
+    assert engine.stats()["active"] == 0
