@@ -14,18 +14,15 @@ exclusive flock on <root>/.lock, so replicas sharing a local directory do not tr
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
-import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from adapters_store.base import AdapterExists, AdapterStore, StoreError, validate_id
+from adapters_store.filelock import DirLock
 from adapters_store.records import AdapterRecord
 from svd_adapters.log import get_logger
 
@@ -42,10 +39,9 @@ class DiskStore(AdapterStore):
         self.dir = self.root / "adapters"
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock = DirLock(self.root / ".lock")
         except OSError as exc:
             raise StoreError(f"cannot open adapter store directory {self.root}: {exc}") from exc
-        self._thread_lock = threading.Lock()  # flock does not exclude threads sharing one fd
         # Blobs already hashed, keyed by (name, inode, size, mtime): list() does not re-read unchanged files.
         self._verified: set[tuple[str, int, int, int]] = set()
         try:
@@ -70,15 +66,6 @@ class DiskStore(AdapterStore):
         return (adapter_id, sha) if adapter_id and len(sha) == 64 else None
 
     # --- locking and fsync -----------------------------------------------------------------------------
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with self._thread_lock:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.dir, os.O_RDONLY)
@@ -191,7 +178,7 @@ class DiskStore(AdapterStore):
     def put(self, record: AdapterRecord, blob: bytes, overwrite: bool = False) -> None:
         self._check_put(record, blob)
         adapter_id = record.adapter_id
-        with self._locked():
+        with self._lock.held():
             old = self._visible(adapter_id)
             if old is not None and not overwrite:
                 raise AdapterExists(adapter_id)
@@ -217,7 +204,7 @@ class DiskStore(AdapterStore):
 
     def delete(self, adapter_id: str) -> bool:
         validate_id(adapter_id)
-        with self._locked():
+        with self._lock.held():
             record = self._read_record_file(adapter_id)
             try:
                 self._record_path(adapter_id).unlink()  # record first: the id disappears atomically
@@ -232,7 +219,7 @@ class DiskStore(AdapterStore):
 
     def _cleanup(self) -> None:
         """Remove what crashed writers left: temp files and blobs no committed record points at."""
-        with self._locked():
+        with self._lock.held():
             names = os.listdir(self.dir)
             for name in names:
                 path = self.dir / name
@@ -250,9 +237,7 @@ class DiskStore(AdapterStore):
         return self.dir.is_dir() and os.access(self.dir, os.W_OK)
 
     def close(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        self._lock.close()
 
     def __repr__(self) -> str:
         return f"DiskStore({str(self.root)!r})"

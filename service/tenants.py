@@ -15,7 +15,6 @@ Backends:
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -34,6 +33,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from adapters_store.base import AdapterStore, StoreError, StoreUnavailable
+from adapters_store.filelock import DirLock
 from adapters_store.records import check_id
 from svd_adapters.log import get_logger
 
@@ -180,20 +180,10 @@ class DiskTenantStore(TenantStore):
         self.path = self.root / TENANTS_FILE
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.root / TENANTS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock = DirLock(self.root / TENANTS_LOCK)
         except OSError as exc:
             raise StoreError(f"cannot open tenant store in {self.root}: {exc}") from exc
-        self._thread_lock = threading.Lock()
         self._cache: tuple[tuple[int, int, int], dict[str, dict[str, Any]]] | None = None
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with self._thread_lock:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _read(self) -> dict[str, dict[str, Any]]:
         try:
@@ -238,7 +228,7 @@ class DiskTenantStore(TenantStore):
 
     @contextmanager
     def _modify(self) -> Iterator[dict[str, dict[str, Any]]]:
-        with self._locked():
+        with self._lock.held():
             self._cache = None  # re-read under the lock: another process may have written
             current = self._read()
             data = {"tenants": dict(current["tenants"]), "keys": dict(current["keys"])}
@@ -290,9 +280,7 @@ class DiskTenantStore(TenantStore):
             return data["keys"].pop(key_id, None) is not None
 
     def close(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        self._lock.close()
 
     def __repr__(self) -> str:
         return f"DiskTenantStore({str(self.path)!r})"
