@@ -467,6 +467,14 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None
             task.cancel()
 
 
+async def first_item(items: AsyncIterator[Any]) -> Any:
+    """Await an engine stream's first item before answering: errors raised before any text keep their status."""
+    try:
+        return await items.__anext__()
+    except StopAsyncIteration:
+        raise ApiError(500, "engine_error", "the engine ended the stream without a result") from None
+
+
 def _sse(event: str, data: str) -> bytes:
     return f"event: {event}\ndata: {data}\n\n".encode()
 
@@ -474,10 +482,7 @@ def _sse(event: str, data: str) -> bytes:
 async def _stream_response(items: AsyncIterator[Any], adapter_id: str | None) -> Response:
     """Server-sent events. The first item is awaited before answering, so errors that come before any text
     (queue full, unknown adapter, store down) still get their HTTP status; later ones become an 'error' event."""
-    try:
-        first = await items.__anext__()
-    except StopAsyncIteration:
-        raise ApiError(500, "engine_error", "the engine ended the stream without a result") from None
+    first = await first_item(items)
 
     async def events() -> AsyncIterator[bytes]:
         item = first

@@ -253,10 +253,9 @@ async def _sse(
     before any text (queue full, unknown adapter, store down) keep their HTTP status; a later error becomes a
     `data: {"error": …}` event (the OpenAI client raises it). Closing the response (a client that hangs up)
     closes the engine stream, which frees the request's batch row."""
-    try:
-        first = await items.__anext__()
-    except StopAsyncIteration:
-        raise ApiError(500, "engine_error", "the engine ended the stream without a result") from None
+    from service.app import first_item  # service.app includes this router: import when first used
+
+    first = await first_item(items)
 
     async def events() -> AsyncIterator[bytes]:
         item = first
