@@ -22,22 +22,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from svd_adapters.adapter import Adapter, new_adapter  # noqa: E402
+from svd_adapters.adapter import Adapter  # noqa: E402
+from svd_adapters.adapter import random_adapter as make_random_adapter  # noqa: E402
 from svd_adapters.base_model import load_base  # noqa: E402
 from svd_adapters.batched_linear import SlotMapping  # noqa: E402
 from svd_adapters.factors import load_or_compute  # noqa: E402
 from svd_adapters.runner import BatchedRunner  # noqa: E402
 
 
+# Trained-looking deltas on the real base (the tiny model's defaults would swamp SmolLM2's outputs).
+BENCH_NOISE = {"osora": 0.02, "loraxs": 0.05, "sorsa": 0.01, "lora": 0.01}
+
+
 def random_adapter(method: str, rank: int, factors, name: str, seed: int) -> Adapter:
-    """A trained-looking adapter: initialised, then perturbed so the delta is non-zero."""
-    a = new_adapter(method, rank, factors, name, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    scale = {"osora": 0.02, "loraxs": 0.05, "sorsa": 0.01, "lora": 0.01}[method]
-    for p in a.params.values():
-        for k, v in p.items():
-            p[k] = v + scale * torch.randn(v.shape, generator=g)
-    return a
+    return make_random_adapter(method, rank, factors, name, seed=seed, scale=BENCH_NOISE)
 
 
 def load_slots(runner: BatchedRunner, adapters: list[Adapter], factors) -> tuple[list[int], list[int], set[int]]:

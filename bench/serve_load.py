@@ -138,7 +138,12 @@ def main() -> None:
                                data={"adapter_id": f"bench-{i}"}, timeout=60)
                 r.raise_for_status()
                 ids.append(r.json()["adapter_id"])
-            res = asyncio.run(run(args, url, ids))
+            try:
+                res = asyncio.run(run(args, url, ids))
+            except Exception:
+                log.flush()
+                print(open(log.name).read()[-4000:], file=sys.stderr)  # the server's side of the failure
+                raise
         finally:
             server.terminate()
             server.wait(timeout=60)

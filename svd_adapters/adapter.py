@@ -102,5 +102,25 @@ def new_adapter(
     )
 
 
+def random_adapter(method: str, rank: int, factors: BaseFactors, base_model: str, seed: int = 0,
+                   scale: float | dict[str, float] | None = None) -> Adapter:
+    """A stand-in for a trained adapter (benchmarks, tests): initialised, then moved by Gaussian noise of
+    `scale` (a number, or per method) so its delta is clearly non-zero."""
+    adapter = new_adapter(method, rank, factors, base_model, seed=seed)
+    if isinstance(scale, dict):
+        scale = scale[method]
+    if scale is None:
+        scale = DEFAULT_NOISE[method]
+    gen = torch.Generator().manual_seed(1000 + seed)
+    for params in adapter.params.values():
+        for k, v in params.items():
+            params[k] = v + scale * torch.randn(v.shape, generator=gen)
+    return adapter
+
+
+# Noise that moves each method's output clearly but not chaotically on the tiny test model.
+DEFAULT_NOISE = {"osora": 0.1, "loraxs": 2.0, "sorsa": 0.05, "lora": 0.1}
+
+
 def expected_param_count(method: str, factors: BaseFactors, rank: int, target_modules: tuple[str, ...] = TARGET_MODULES) -> int:
     return sum(param_count(method, *factors.modules[n].shape, rank) for n in selected_modules(factors, target_modules))

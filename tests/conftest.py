@@ -29,20 +29,11 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="session")
 def make_blob(tiny_base: BaseModel, tiny_factors: BaseFactors):
     """make_blob(method, rank, seed, scale) → the bytes of a valid adapter file, perturbed away from init."""
-    import torch
-
     from adapters_store.format import adapter_to_bytes
-    from svd_adapters.adapter import new_adapter
+    from svd_adapters.adapter import random_adapter
 
     def make(method: str = "osora", rank: int = 2, seed: int = 0, scale: float | None = None) -> bytes:
-        adapter = new_adapter(method, rank, tiny_factors, tiny_base.name, seed=seed)
-        if scale is None:
-            scale = {"osora": 0.1, "loraxs": 2.0, "sorsa": 0.05, "lora": 0.1}[method]
-        gen = torch.Generator().manual_seed(1000 + seed)
-        for params in adapter.params.values():
-            for k, v in params.items():
-                params[k] = v + scale * torch.randn(v.shape, generator=gen)
-        return adapter_to_bytes(adapter)
+        return adapter_to_bytes(random_adapter(method, rank, tiny_factors, tiny_base.name, seed=seed, scale=scale))
 
     return make
 
