@@ -14,6 +14,7 @@ import pytest
 from adapters_store.disk import DiskStore
 from adapters_store.format import adapter_to_bytes
 from svd_adapters.adapter import new_adapter
+from tests._reliability import assert_error
 
 pytestmark = pytest.mark.anyio
 
@@ -32,16 +33,6 @@ def stored_files(store: DiskStore) -> list[str]:
     return sorted(os.listdir(store.dir))
 
 
-def assert_error(resp, status: int, code: str, *hints: str) -> dict:
-    """The one error shape: {"error": {"code", "message"}} and nothing else."""
-    assert resp.status_code == status, (resp.status_code, resp.text)
-    body = resp.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
-    assert body["error"]["code"] == code, body
-    assert body["error"]["message"], body
-    for hint in hints:
-        assert hint.lower() in body["error"]["message"].lower(), (hint, body["error"]["message"])
-    return body["error"]
 
 
 async def upload(client, blob: bytes, adapter_id: str | None = None, filename: str = "adapter.safetensors"):

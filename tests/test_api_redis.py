@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from adapters_store.redis_store import RedisStore
+from tests._reliability import assert_error
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -65,14 +66,6 @@ def keys(client, prefix: str) -> set[str]:
     return {k.decode() for k in client.scan_iter(match=prefix + "*")}
 
 
-def assert_error(resp, status: int, code: str, *hints: str) -> dict:
-    assert resp.status_code == status, (resp.status_code, resp.text)
-    body = resp.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
-    assert body["error"]["code"] == code, body
-    for hint in hints:
-        assert hint.lower() in body["error"]["message"].lower(), (hint, body["error"]["message"])
-    return body["error"]
 
 
 async def upload(client, blob: bytes, adapter_id: str | None = None):
