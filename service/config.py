@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from adapters_store.validate import DEFAULT_MAX_BYTES
+from service.engine import EngineConfig
 from svd_adapters.factors import DEFAULT_R_MAX
 
 ENV_PREFIX = "SVDSERVE_"
@@ -56,13 +57,13 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"
-    # engine
-    max_batch: int = 32
-    max_rank: int = 16
-    max_seq_len: int = 1024
-    core_slots: int = 64
-    lr_slots: int = 8
-    max_waiting: int = 256
+    # engine (defaults are the engine's own, so the two never drift apart)
+    max_batch: int = EngineConfig.max_batch
+    max_rank: int = EngineConfig.max_rank
+    max_seq_len: int = EngineConfig.max_seq_len
+    core_slots: int = EngineConfig.core_slots
+    lr_slots: int = EngineConfig.lr_slots
+    max_waiting: int = EngineConfig.max_waiting
     shutdown_timeout: float = 30.0
     request_timeout: float = 300.0  # 0 = no limit
     max_request_bytes: int = 1024 * 1024  # bodies of /generate and other JSON routes (uploads: max_upload_bytes)

@@ -26,7 +26,7 @@ import torch
 
 from adapters_store.base import AdapterStore, StoreUnavailable
 from adapters_store.validate import AdapterValidationError, load_adapter
-from service.adapter_cache import LOWRANK_METHODS, AdapterCache, pool_of
+from service.adapter_cache import AdapterCache
 from service.sampling import Detokenizer, SamplingParams, sample
 from svd_adapters.adapter import Adapter
 from svd_adapters.base_model import BaseModel

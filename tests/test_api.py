@@ -14,7 +14,7 @@ import pytest
 from adapters_store.disk import DiskStore
 from adapters_store.format import adapter_to_bytes
 from svd_adapters.adapter import new_adapter
-from tests._reliability import assert_error
+from _reliability import assert_error
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from adapters_store.redis_store import RedisStore
-from tests._reliability import assert_error
+from _reliability import assert_error
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 

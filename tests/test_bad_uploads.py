@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import gzip
 import io
-import json
 import os
 import pickle
 import uuid
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from _reliability import REPO, assert_error, upload_files
+from test_validate import join, split  # take a good file apart and put it back with one thing wrong
 from adapters_store.disk import DiskStore
 from adapters_store.validate import MAX_HEADER_BYTES
 
@@ -33,16 +33,6 @@ SMALL_LIMIT = 20_000  # max_upload_bytes for the "oversized" case: rank-2 OSoRA 
 
 
 # --- building bad files from good ones ------------------------------------------------------------------
-
-
-def split(blob: bytes) -> tuple[dict, bytes]:
-    n = int.from_bytes(blob[:8], "little")
-    return json.loads(blob[8 : 8 + n]), blob[8 + n :]
-
-
-def join(header: dict | bytes, data: bytes) -> bytes:
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return len(raw).to_bytes(8, "little") + raw + data
 
 
 def with_meta(blob: bytes, **changes: str | None) -> bytes:

@@ -14,7 +14,7 @@ from service.app import create_app
 from service.config import Settings
 from svd_adapters.adapter import new_adapter
 from svd_adapters.inject import attach
-from tests._reliability import UvicornThread, free_port
+from _reliability import UvicornThread, free_port
 from training.__main__ import main
 
 
