@@ -65,7 +65,7 @@ def timed(fn) -> float:
     return CLOCK() - t0
 
 
-def peft_model(base, rank: int, n: int):
+def peft_model(base, rank: int, n: int, dtype: torch.dtype):
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], init_lora_weights=False)
@@ -73,7 +73,7 @@ def peft_model(base, rank: int, n: int):
     for i in range(1, n):
         model.add_adapter(f"a{i}", cfg)
     model.eval()
-    return model
+    return model.to(dtype)
 
 
 def main() -> None:
@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--decode-reps", type=int, default=6, help="rounds of decode steps per configuration")
     ap.add_argument("--steps-per-round", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="weights and activations of every configuration, PEFT's included")
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: one torch thread timed by its own CPU time, robust when other jobs share the machine")
@@ -99,7 +101,8 @@ def main() -> None:
 
     base = load_base(args.base)
     factors = load_or_compute(base.model, base.cache_dir)
-    base.model.to(args.device)
+    dtype = getattr(torch, args.dtype)
+    base.model.to(args.device, dtype)  # after the factors: they are computed from (and fingerprint) the fp32 weights
     runner = BatchedRunner(base, factors, max_rank=r, max_batch=B, max_seq_len=L + args.decode_reps + 8,
                            core_slots=B + 1, lr_slots=B + 1)
     name = base.name
@@ -147,7 +150,7 @@ def main() -> None:
     peft = None
     if not args.no_peft:
         del runner
-        pm = peft_model(base, r, B)
+        pm = peft_model(base, r, B, dtype)
         ids = torch.tensor(prompts, device=args.device)
         names = [f"a{i}" for i in range(B)]
         with torch.inference_mode():
@@ -163,7 +166,7 @@ def main() -> None:
 
     base_r = results["base (no adapters)"]
     print(f"\nMixed-adapter batch: {name}, batch {B} rows with {B} distinct adapters, rank {r}, prompt {L} tokens, "
-          f"device {args.device}, clock {args.clock}\n")
+          f"device {args.device}, {args.dtype}, clock {args.clock}\n")
     print("| configuration | prefill tok/s | × base | × PEFT | decode tok/s | × base | × PEFT |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     table = {}
@@ -176,7 +179,7 @@ def main() -> None:
     if peft:
         print(f"| PEFT mixed-batch LoRA r{r} (adapter_names) | {peft['prefill_tok_s']:.0f} | {peft['prefill_tok_s']/base_r['prefill_tok_s']:.3f} | 1.00 "
               f"| {peft['decode_tok_s']:.1f} | {peft['decode_tok_s']/base_r['decode_tok_s']:.3f} | 1.00 |")
-    print(json.dumps({"bench": "mixed_batch", "base": name, "batch": B, "rank": r, "prompt_len": L, "device": args.device, "clock": args.clock,
+    print(json.dumps({"bench": "mixed_batch", "base": name, "batch": B, "rank": r, "prompt_len": L, "device": args.device, "dtype": args.dtype, "clock": args.clock,
                       "results": table, "peft": peft}))
 
 

@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default 8000)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="serving dtype of weights and adapters (default float32; bfloat16 ~1.7x faster decode on CPUs "
+                        "with AVX512-BF16/AMX, and the usual choice on GPUs; float16: GPU only)")
     p.add_argument("--max-batch", type=int, help="rows decoded together (default 32)")
     p.add_argument("--max-rank", type=int, help="largest adapter rank served (default 16)")
     p.add_argument("--max-seq-len", type=int, help="prompt + generated tokens per request (default 1024)")
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not store.ping():
         log.warning("adapter store %r is not reachable now; uploads and cold adapters answer 503 until it is", store)
-    log.info("adapter store: %r; device: %s", store, resolve_device(settings.device))
+    log.info("adapter store: %r; device: %s; dtype: %s", store, resolve_device(settings.device), settings.dtype)
 
     app = create_app(settings, base=base, factors=factors, store=store)
     try:

@@ -72,6 +72,7 @@ def engine_config(settings: Settings) -> eng.EngineConfig:
         lr_slots=settings.lr_slots,
         max_waiting=settings.max_waiting,
         device=resolve_device(settings.device),
+        dtype=settings.dtype,
         request_timeout=settings.request_timeout,
     )
 
@@ -415,6 +416,7 @@ def create_app(
             base_model=st.base.name,
             factors_fingerprint=st.factors.fingerprint,
             device=str(getattr(getattr(engine, "config", None), "device", settings.device)),
+            dtype=str(getattr(getattr(engine, "config", None), "dtype", settings.dtype)),
             store=StoreHealth(
                 backend=_backend(store),
                 location=_location(store),

@@ -8,6 +8,7 @@ Environment (all optional):
     SVDSERVE_REDIS_PREFIX     key prefix in Redis                                     (default svdserve:)
     SVDSERVE_HOST / _PORT     where uvicorn listens                                   (127.0.0.1:8000)
     SVDSERVE_DEVICE           auto | cpu | cuda | cuda:N                              (default auto)
+    SVDSERVE_DTYPE            float32 | bfloat16 | float16 (GPU only)                 (default float32)
     SVDSERVE_MAX_BATCH, SVDSERVE_MAX_RANK, SVDSERVE_MAX_SEQ_LEN, SVDSERVE_CORE_SLOTS, SVDSERVE_LR_SLOTS,
     SVDSERVE_MAX_WAITING, SVDSERVE_MAX_UPLOAD_BYTES, SVDSERVE_R_MAX, SVDSERVE_FACTORS_DIR
     SVDSERVE_REQUEST_TIMEOUT  seconds a generation may take, queueing included; 0 = no limit (default 300)
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from adapters_store.validate import DEFAULT_MAX_BYTES
-from service.engine import EngineConfig
+from service.engine import EngineConfig, check_dtype
 from svd_adapters.factors import DEFAULT_R_MAX
 
 ENV_PREFIX = "SVDSERVE_"
@@ -57,6 +58,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"
+    dtype: str = EngineConfig.dtype
     # engine (defaults are the engine's own, so the two never drift apart)
     max_batch: int = EngineConfig.max_batch
     max_rank: int = EngineConfig.max_rank
@@ -102,6 +104,7 @@ class Settings:
         self.auth = str(self.auth).strip().lower()
         if self.auth not in AUTH_MODES:
             raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")
+        check_dtype(self.dtype, resolve_device(self.device))
         if self.max_rank > self.r_max:
             raise ValueError(f"max_rank {self.max_rank} exceeds r_max {self.r_max} (the SVD factors' rank)")
 

@@ -82,6 +82,17 @@ class RequestTimeout(EngineError):
     status = 504
 
 
+SERVING_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_dtype(dtype: str, device: str) -> None:
+    """A clear error for a dtype this device cannot serve in."""
+    if dtype not in SERVING_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(SERVING_DTYPES)}, got {dtype!r}")
+    if dtype == "float16" and not str(device).startswith("cuda"):
+        raise ValueError("float16 needs a GPU (--device cuda); on the CPU use --dtype bfloat16 or float32")
+
+
 @dataclass
 class EngineConfig:
     max_batch: int = 32
@@ -93,6 +104,7 @@ class EngineConfig:
     max_prefill_tokens: int = 4096  # padded prompt tokens per prefill step, so one step stays short
     loader_threads: int = 2
     device: str = "cpu"
+    dtype: str = "float32"  # weights, activations and adapter slots; bfloat16 halves the bytes a decode step reads
     request_timeout: float = 0.0  # seconds from arrival until a request is failed with RequestTimeout; 0 = none
 
 
@@ -137,8 +149,10 @@ class Engine:
     def __init__(self, base: BaseModel, factors: BaseFactors, store: AdapterStore, config: EngineConfig | None = None):
         self.base, self.factors, self.store = base, factors, store
         self.config = cfg = config or EngineConfig()
+        check_dtype(cfg.dtype, cfg.device)
         self.tokenizer = base.tokenizer
-        base.model.to(cfg.device)
+        # The factors were computed (and fingerprinted) from the float32 weights before this cast.
+        base.model.to(cfg.device, SERVING_DTYPES[cfg.dtype])
         self.runner = BatchedRunner(base, factors, max_rank=cfg.max_rank, max_batch=cfg.max_batch,
                                     max_seq_len=cfg.max_seq_len, core_slots=cfg.core_slots, lr_slots=cfg.lr_slots)
         self.cache = AdapterCache(cfg.core_slots, cfg.lr_slots)

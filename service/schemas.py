@@ -151,6 +151,7 @@ class HealthResponse(BaseModel):
     base_model: str
     factors_fingerprint: str
     device: str
+    dtype: str = Field(description="serving dtype of the base weights and adapter slots")
     store: StoreHealth
     adapters_cached: int | None = Field(description="adapters resident in the engine's device cache")
     max_rank: int

@@ -201,6 +201,7 @@ class BatchedRunner(nn.Module):
         mask = (torch.arange(L, device=self.device)[None, :] <= positions[:, None]).view(T, 1, 1, L)
         # Flat (row, kv-head, position) offsets into the cache viewed as (rows·heads·seq, D): index_copy_ is
         # one cheap scatter, unlike advanced-index assignment.
+        group = self.n_heads // self.n_kv
         heads = torch.arange(self.n_kv, device=self.device)
         flat = ((torch.arange(T, device=self.device)[:, None] * self.n_kv + heads) * self.max_seq_len + positions[:, None]).view(-1)
 
@@ -208,9 +209,10 @@ class BatchedRunner(nn.Module):
             kc, vc = self.k_cache[li], self.v_cache[li]
             kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim))
             vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim))
-            o = F.scaled_dot_product_attention(
-                q.unsqueeze(2), kc[:T, :, :L], vc[:T, :, :L], attn_mask=mask, enable_gqa=self.n_kv != self.n_heads
-            )
-            return o.squeeze(2)
+            # One query per row: the query heads sharing a KV head become that head's queries (same mask),
+            # so no GQA expansion of the cache is needed (several times faster on CPU, bf16 most of all).
+            o = F.scaled_dot_product_attention(q.view(T, self.n_kv, group, self.head_dim), kc[:T, :, :L], vc[:T, :, :L],
+                                               attn_mask=mask)
+            return o.reshape(T, self.n_heads, self.head_dim)
 
         return self.lm_head(self._layers(x, mp, cos, sin, attend, decode=True))
