@@ -3,9 +3,10 @@
 One batch of B rows, each with its own adapter (B distinct adapters), through svdserve's batched runner;
 the baseline is the same runner with no adapters, measured in the same run, interleaved round by round so
 machine noise hits every configuration alike. PEFT's mixed-batch LoRA (`adapter_names`) at the same rank is
-measured on the HF model in the same run.
+measured on the HF model in the same run, after transformers' own forward without adapters (for context).
+Every configuration runs in the same dtype (--dtype; factors always come from the float32 weights).
 
-    python bench/mixed_batch.py [--base default] [--batch 32] [--rank 16] [--prompt-len 64] [--device cpu]
+    python bench/mixed_batch.py [--base default] [--batch 32] [--rank 16] [--prompt-len 64] [--device cpu] [--dtype bfloat16]
 
 Prints a markdown table and a last line of JSON.
 """
@@ -74,6 +75,19 @@ def peft_model(base, rank: int, n: int, dtype: torch.dtype):
         model.add_adapter(f"a{i}", cfg)
     model.eval()
     return model.to(dtype)
+
+
+@torch.inference_mode()
+def hf_throughput(model, args, ids: torch.Tensor, step_ids: torch.Tensor, sync, **kw) -> dict[str, float]:
+    """Prefill and one KV-cached decode step of an HF model (PEFT's included), timed like the runner."""
+    B, L = ids.shape
+    past = model(input_ids=ids, use_cache=True, **kw).past_key_values
+    pt = [timed(lambda: (model(input_ids=ids, use_cache=False, **kw), sync())) for _ in range(args.prefill_reps)]
+    dt = []
+    for _ in range(max(3, args.decode_reps // 2)):
+        dt.append(timed(lambda: (model(input_ids=step_ids, past_key_values=past, use_cache=True, **kw), sync())))
+        past.crop(-1)  # back to the prompt length, so every timed step sees the same context
+    return {"prefill_tok_s": B * L / statistics.median(pt), "decode_tok_s": B / statistics.median(dt)}
 
 
 def main() -> None:
@@ -147,22 +161,15 @@ def main() -> None:
         p, d = statistics.median(prefill_t[c]), statistics.median(decode_t[c])
         results[c] = {"prefill_tok_s": B * L / p, "decode_tok_s": B / d, "prefill_s": p, "decode_step_s": d}
 
-    peft = None
+    peft = hf_base = None
     if not args.no_peft:
         del runner
-        pm = peft_model(base, r, B, dtype)
         ids = torch.tensor(prompts, device=args.device)
+        step = dict(args=args, ids=ids, step_ids=tokens.view(B, 1), sync=sync)
+        # transformers' own forward without adapters (context for PEFT's ratio), then PEFT wrapped around it
+        hf_base = hf_throughput(base.model, **step)
         names = [f"a{i}" for i in range(B)]
-        with torch.inference_mode():
-            out = pm(input_ids=ids, adapter_names=names, use_cache=True)
-            past = out.past_key_values
-            pt = [timed(lambda: (pm(input_ids=ids, adapter_names=names, use_cache=False), sync())) for _ in range(args.prefill_reps)]
-            step_ids = tokens.view(B, 1)
-            dt = []
-            for _ in range(max(3, args.decode_reps // 4)):
-                dt.append(timed(lambda: (pm(input_ids=step_ids, adapter_names=names, past_key_values=past, use_cache=True), sync())))
-                past.crop(-1)  # back to the prompt length, so every timed step sees the same context
-        peft = {"prefill_tok_s": B * L / statistics.median(pt), "decode_tok_s": B / statistics.median(dt)}
+        peft = hf_throughput(peft_model(base, r, B, dtype), adapter_names=names, **step)
 
     base_r = results["base (no adapters)"]
     print(f"\nMixed-adapter batch: {name}, batch {B} rows with {B} distinct adapters, rank {r}, prompt {L} tokens, "
@@ -176,11 +183,15 @@ def main() -> None:
         dp = v["decode_tok_s"] / peft["decode_tok_s"] if peft else float("nan")
         table[c] = {**v, "prefill_x_base": pr, "decode_x_base": dr, "prefill_x_peft": pp, "decode_x_peft": dp}
         print(f"| {c} | {v['prefill_tok_s']:.0f} | {pr:.3f} | {pp:.2f} | {v['decode_tok_s']:.1f} | {dr:.3f} | {dp:.2f} |")
+    if hf_base:
+        print(f"| HF transformers base (no adapters) | {hf_base['prefill_tok_s']:.0f} | {hf_base['prefill_tok_s']/base_r['prefill_tok_s']:.3f} "
+              f"| {hf_base['prefill_tok_s']/peft['prefill_tok_s']:.2f} | {hf_base['decode_tok_s']:.1f} "
+              f"| {hf_base['decode_tok_s']/base_r['decode_tok_s']:.3f} | {hf_base['decode_tok_s']/peft['decode_tok_s']:.2f} |")
     if peft:
         print(f"| PEFT mixed-batch LoRA r{r} (adapter_names) | {peft['prefill_tok_s']:.0f} | {peft['prefill_tok_s']/base_r['prefill_tok_s']:.3f} | 1.00 "
               f"| {peft['decode_tok_s']:.1f} | {peft['decode_tok_s']/base_r['decode_tok_s']:.3f} | 1.00 |")
     print(json.dumps({"bench": "mixed_batch", "base": name, "batch": B, "rank": r, "prompt_len": L, "device": args.device, "dtype": args.dtype, "clock": args.clock,
-                      "results": table, "peft": peft}))
+                      "results": table, "peft": peft, "hf_base": hf_base}))
 
 
 if __name__ == "__main__":
