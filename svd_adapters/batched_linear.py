@@ -70,7 +70,8 @@ def row_cores(h: torch.Tensor, Ct: torch.Tensor) -> torch.Tensor:
     P, k, R = h.shape
     if h.device.type != "cpu":
         return torch.matmul(h.unsqueeze(-2), Ct).view(P, k * R)
-    return (h.float().unsqueeze(-1) * Ct).sum(-2).view(P, k * R).to(h.dtype)
+    wide = h.to(torch.promote_types(h.dtype, torch.float32))  # bf16 products summed in float32
+    return (wide.unsqueeze(-1) * Ct).sum(-2).view(P, k * R).to(h.dtype)
 
 
 def core_delta_(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tensor | None, d: torch.Tensor | None,
@@ -80,13 +81,14 @@ def core_delta_(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Ten
 
     y (P·L, M); h (P, L, k, R); Ct (P, k, R, R) the cores transposed; o (P, M) or None; d (P, k·R) or None;
     Ut_members the members' U_rᵀ (R, m_i), written at column `offsets[i]` of y.
-    Decode (L = 1) is bound by memory and op count: apply C token by token, then per member one skinny GEMM
-    accumulated straight into y (in float32 on the CPU; a single block-diagonal GEMM reads k× the U bytes,
-    zeros included, and measured slower there, while for bf16 and on GPUs the per-call cost wins and
-    `Ut_blockdiag` makes it one GEMM per group); OSoRA's scaled part goes through `scratch` (a preallocated flat buffer, so no
-    per-call allocation) and its subtraction is a second in-place GEMM. Prefill (long L) is bound by FLOPs:
-    without output scales, one GEMM per member over all tokens; with OSoRA's per-row scale o, fold each row's
-    core and scale into an effective (R, m_i) projection per member first (no T×m elementwise passes).
+    Decode (L = 1) is bound by memory and op count: apply C token by token, then project with skinny GEMMs
+    accumulated straight into y: one per member in float32 on the CPU (a single block-diagonal GEMM reads k×
+    the U bytes, zeros included, and measured slower there), one per group with `Ut_blockdiag` in bf16 and on
+    GPUs (per-call cost wins there: ~2× faster in bf16 on the CPU). OSoRA's scaled part goes through `scratch`
+    (a preallocated flat buffer, so no per-call allocation) and its subtraction is a second in-place GEMM.
+    Prefill (long L) is bound by FLOPs: without output scales, one GEMM per member over all tokens; with
+    OSoRA's per-row scale o, fold each row's core and scale into an effective (R, m_i) projection per member
+    first (no T×m elementwise passes).
     """
     P, L, k, R = h.shape
     if L == 1:
@@ -94,17 +96,11 @@ def core_delta_(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Ten
         g = row_cores(h, Ct)
         hd = h.reshape(P, k * R) * d if d is not None else None
         if Ut_blockdiag is not None and not (y.dtype == torch.float32 and y.device.type == "cpu"):
-            # bf16 (CPU) and GPUs: one GEMM for the whole group, ~2× faster than one per member (per-call cost)
-            M = Ut_blockdiag.shape[1]
-            if hd is None:
-                y[:, :M].addmm_(g, Ut_blockdiag)
-            else:
-                t = scratch[: P * M].view(P, M) if scratch is not None else None
-                t = torch.mm(g, Ut_blockdiag, out=t) if t is not None else g @ Ut_blockdiag
-                y[:, :M].addcmul_(t, o).addmm_(hd, Ut_blockdiag)
-            return
-        for i, (Ui, off) in enumerate(zip(Ut_members, offsets)):
-            m, cols = Ui.shape[1], slice(i * R, (i + 1) * R)
+            projections = [(Ut_blockdiag, 0, slice(0, k * R))]
+        else:
+            projections = [(Ui, off, slice(i * R, (i + 1) * R)) for i, (Ui, off) in enumerate(zip(Ut_members, offsets))]
+        for Ui, off, cols in projections:
+            m = Ui.shape[1]
             yi = y[:, off : off + m]
             if hd is None:
                 yi.addmm_(g[:, cols], Ui)
