@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--cold", type=int, default=8, help="adapters whose first use is timed (cold)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the server's --dtype")
     args = ap.parse_args()
 
     base = load_base(args.base)
@@ -117,7 +118,7 @@ def main() -> None:
         log = open(Path(tmp) / "server.log", "w")
         server = subprocess.Popen(
             [sys.executable, "-m", "service", "--base", args.base, "--store", str(Path(tmp) / "adapters"),
-             "--port", str(port), "--auth", "off", "--max-batch", str(args.clients)],
+             "--port", str(port), "--auth", "off", "--max-batch", str(args.clients), "--dtype", args.dtype],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         try:
@@ -150,7 +151,7 @@ def main() -> None:
 
     s, c = res["sequential"], res["concurrent"]
     print(f"\nServer under load: {base.name}, {args.requests} requests over {args.adapters} distinct adapters "
-          f"(OSoRA/LoRA-XS r16), max_tokens {args.max_tokens}, greedy\n")
+          f"(OSoRA/LoRA-XS r16), max_tokens {args.max_tokens}, greedy, {args.dtype}\n")
     print("| mode | tokens/s | × one-at-a-time | p50 latency s | p99 latency s |")
     print("|---|---:|---:|---:|---:|")
     print(f"| one at a time | {s['tok_s']:.1f} | 1.00 | {s['p50_s']:.2f} | {s['p99_s']:.2f} |")
@@ -158,7 +159,7 @@ def main() -> None:
     print(f"\n| first token | p50 ms |\n|---|---:|\n| cold adapter (first use, from the store) | {res['ttft_cold_p50_ms']:.1f} |"
           f"\n| warm adapter (resident) | {res['ttft_warm_p50_ms']:.1f} |")
     print(json.dumps({"bench": "serve_load", "base": base.name, "clients": args.clients, "adapters": args.adapters,
-                      "requests": args.requests, "max_tokens": args.max_tokens,
+                      "requests": args.requests, "max_tokens": args.max_tokens, "dtype": args.dtype,
                       "speedup": c["tok_s"] / s["tok_s"], **res}))
 
 
