@@ -120,8 +120,8 @@ def core_delta_(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Ten
     for i, (Ui, off) in enumerate(zip(Ut_members, offsets)):
         m = Ui.shape[1]
         U_eff = torch.matmul(Ct[:, i], Ui)  # (P, R, m_i): row p's h_i ↦ Δy_i
-        if d is not None:
-            U_eff = U_eff * o[:, None, off : off + m] + d[:, i * R : (i + 1) * R, None] * Ui
+        if d is not None:  # in place: no (P, R, m_i) temporaries (this pass is a few % of an OSoRA prefill)
+            U_eff.mul_(o[:, None, off : off + m]).addcmul_(d[:, i * R : (i + 1) * R, None], Ui)
         yv[:, :, off : off + m].baddbmm_(h[:, :, i], U_eff)
 
 
