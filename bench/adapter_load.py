@@ -24,7 +24,7 @@ from adapters_store.format import adapter_to_bytes  # noqa: E402
 from adapters_store.records import record_for  # noqa: E402
 from adapters_store.redis_store import RedisStore  # noqa: E402
 from bench.mixed_batch import random_adapter  # noqa: E402
-from service.adapter_cache import pool_of  # noqa: E402
+from svd_adapters.methods import pool_of  # noqa: E402
 from service.engine import Engine, EngineConfig  # noqa: E402
 from svd_adapters.base_model import load_base  # noqa: E402
 from svd_adapters.factors import load_or_compute  # noqa: E402

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from svd_adapters.adapter import Adapter  # noqa: E402
 from svd_adapters.adapter import random_adapter as make_random_adapter  # noqa: E402
 from svd_adapters.base_model import load_base  # noqa: E402
-from svd_adapters.batched_linear import SlotMapping  # noqa: E402
 from svd_adapters.factors import load_or_compute  # noqa: E402
+from svd_adapters.methods import pool_of  # noqa: E402
 from svd_adapters.runner import BatchedRunner  # noqa: E402
 
 
@@ -37,24 +37,6 @@ BENCH_NOISE = {"osora": 0.02, "loraxs": 0.05, "sorsa": 0.01, "lora": 0.01}
 
 def random_adapter(method: str, rank: int, factors, name: str, seed: int) -> Adapter:
     return make_random_adapter(method, rank, factors, name, seed=seed, scale=BENCH_NOISE)
-
-
-def load_slots(runner: BatchedRunner, adapters: list[Adapter], factors) -> tuple[list[int], list[int], set[int]]:
-    core, lr, sub = [], [], set()
-    nc = nl = 0
-    for a in adapters:
-        terms = a.terms(factors)
-        if a.method in ("osora", "loraxs"):
-            nc += 1
-            runner.write_core_slot(nc, terms)
-            core.append(nc), lr.append(0)
-            if a.method == "osora":
-                sub.add(nc)
-        else:
-            nl += 1
-            runner.write_lr_slot(nl, terms)
-            core.append(0), lr.append(nl)
-    return core, lr, sub
 
 
 CLOCK = time.perf_counter
@@ -117,19 +99,24 @@ def main() -> None:
     factors = load_or_compute(base.model, base.cache_dir)
     dtype = getattr(torch, args.dtype)
     base.model.to(args.device, dtype)  # after the factors: they are computed from (and fingerprint) the fp32 weights
-    runner = BatchedRunner(base, factors, max_rank=r, max_batch=B, max_seq_len=L + args.decode_reps + 8,
-                           core_slots=B + 1, lr_slots=B + 1)
     name = base.name
     mixes = {
         f"osora r{r}": ["osora"] * B,
         f"loraxs r{r}": ["loraxs"] * B,
         f"mix of all methods r{r}": [("osora", "loraxs", "sorsa", "lora")[i % 4] for i in range(B)],
     }
-    configs: dict[str, tuple[list[int], list[int], set[int]]] = {"base (no adapters)": ([0] * B, [0] * B, set())}
-    # Each config gets its own slot range so all of them can stay resident and be interleaved.
+    # Each config gets its own slot range so all of them stay resident and can be interleaved.
+    n_core = sum(pool_of(m) == "core" for methods in mixes.values() for m in methods)
+    n_lr = sum(len(methods) for methods in mixes.values()) - n_core
+    runner = BatchedRunner(base, factors, max_rank=r, max_batch=B, max_seq_len=L + args.decode_reps + 8,
+                           core_slots=n_core + 1, lr_slots=n_lr + 1)
+    configs: dict[str, tuple[list[int], list[int]]] = {"base (no adapters)": ([0] * B, [0] * B)}
+    next_core = next_lr = 1
     for cname, methods in mixes.items():
         adapters = [random_adapter(m, r, factors, name, seed=1000 * len(configs) + i) for i, m in enumerate(methods)]
-        configs[cname] = load_slots(runner, adapters, factors)
+        configs[cname] = runner.place(adapters, factors, next_core, next_lr)
+        cores = sum(pool_of(m) == "core" for m in methods)
+        next_core, next_lr = next_core + cores, next_lr + len(methods) - cores
     vocab = base.model.config.vocab_size
     prompts = [torch.randint(3, vocab, (L,)).tolist() for _ in range(B)]
     rows = list(range(B))
@@ -139,19 +126,19 @@ def main() -> None:
     prefill_t = {c: [] for c in configs}
     decode_t = {c: [] for c in configs}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    for c, (cs, ls, sub) in configs.items():  # warm-up
-        runner.prefill(prompts, rows, cs, ls, sub)
-        runner.decode(tokens, positions, SlotMapping.build(cs, ls, sub, device=args.device))
+    for c, (cs, ls) in configs.items():  # warm-up
+        runner.prefill(prompts, rows, cs, ls)
+        runner.decode(tokens, positions, runner.mapping(cs, ls))
     for _ in range(args.prefill_reps):
-        for c, (cs, ls, sub) in configs.items():
-            prefill_t[c].append(timed(lambda: (runner.prefill(prompts, rows, cs, ls, sub), sync())))
+        for c, (cs, ls) in configs.items():
+            prefill_t[c].append(timed(lambda: (runner.prefill(prompts, rows, cs, ls), sync())))
     for _ in range(args.decode_reps):
-        for c, (cs, ls, sub) in configs.items():
+        for c, (cs, ls) in configs.items():
             # A run of consecutive steps with the same batch, as in serving; its first step also refreshes every
             # row's adapter buffers (all 32 rows change when the configuration switches: the worst case).
             t0 = CLOCK()
             for _ in range(args.steps_per_round):
-                mp = SlotMapping.build(cs, ls, sub, device=args.device)  # built once per step, as the engine does
+                mp = runner.mapping(cs, ls)  # built once per step, as the engine does
                 runner.decode(tokens, positions, mp)
             sync()
             decode_t[c].append((CLOCK() - t0) / args.steps_per_round)

@@ -10,12 +10,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-CORE_METHODS = ("osora", "loraxs")
-LOWRANK_METHODS = ("sorsa", "lora")
-
-
-def pool_of(method: str) -> str:
-    return "core" if method in CORE_METHODS else "lr"
+from svd_adapters.methods import pool_of
 
 
 @dataclass

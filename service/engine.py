@@ -30,7 +30,6 @@ from service.adapter_cache import AdapterCache
 from service.sampling import Detokenizer, SamplingParams, sample
 from svd_adapters.adapter import Adapter
 from svd_adapters.base_model import BaseModel
-from svd_adapters.batched_linear import SlotMapping
 from svd_adapters.factors import BaseFactors
 from svd_adapters.log import get_logger
 from svd_adapters.runner import BatchedRunner
@@ -156,7 +155,6 @@ class Engine:
         self.runner = BatchedRunner(base, factors, max_rank=cfg.max_rank, max_batch=cfg.max_batch,
                                     max_seq_len=cfg.max_seq_len, core_slots=cfg.core_slots, lr_slots=cfg.lr_slots)
         self.cache = AdapterCache(cfg.core_slots, cfg.lr_slots)
-        self.sub_slots: set[int] = set()  # core slots holding OSoRA (scale + subtraction)
         self.eos_ids = self._eos_ids()
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
@@ -422,9 +420,7 @@ class Engine:
                 for key in [k for k in list(self.cache.resident) + list(self._ready) if _key_id(k) == adapter_id]:
                     self._ready.pop(key, None)
                     res = self.cache.get(key)
-                    if res is not None and self.cache.remove(key):
-                        self.sub_slots.discard(res.slot) if res.pool == "core" else None
-                    elif res is not None:  # still in use: retry after running requests release it
+                    if res is not None and not self.cache.remove(key):  # still in use: retry after running requests release it
                         with self._cond:
                             self._commands.append((verb, adapter_id))
                         return
@@ -481,9 +477,6 @@ class Engine:
                     obs.on_eviction(res.pool)
             if res.pool == "core":
                 self.runner.write_core_slot(res.slot, terms)
-                self.sub_slots.discard(res.slot)
-                if method == "osora":
-                    self.sub_slots.add(res.slot)
             else:
                 self.runner.write_lr_slot(res.slot, terms)
             del self._ready[key]
@@ -545,7 +538,7 @@ class Engine:
         start = len(self._active)
         rows = list(range(start, start + len(reqs)))
         logits = self.runner.prefill(
-            [r.prompt for r in reqs], rows, [r.core_slot for r in reqs], [r.lr_slot for r in reqs], self.sub_slots
+            [r.prompt for r in reqs], rows, [r.core_slot for r in reqs], [r.lr_slot for r in reqs]
         )
         self._active.extend(reqs)
         now = time.monotonic()
@@ -564,7 +557,7 @@ class Engine:
         device = self.runner.device
         tokens = torch.tensor([r.out[-1] for r in live], device=device)
         positions = torch.tensor([len(r.prompt) + len(r.out) - 1 for r in live], device=device)
-        mp = SlotMapping.build([r.core_slot for r in live], [r.lr_slot for r in live], self.sub_slots, device=device)
+        mp = self.runner.mapping([r.core_slot for r in live], [r.lr_slot for r in live])
         logits = self.runner.decode(tokens, positions, mp)
         greedy = torch.argmax(logits, dim=-1).tolist()  # one batched argmax for every greedy row
         for i, req in enumerate(live):

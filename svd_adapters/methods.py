@@ -11,6 +11,13 @@ from svd_adapters.factors import ModuleFactors
 from svd_adapters.terms import DeltaTerms, delta_weight
 
 METHODS: dict[str, ModuleType] = {m.NAME: m for m in (osora, loraxs, sorsa, lora)}
+# Which slot pool of the batched forward serves a method (svd_adapters.batched_linear): r×r cores or low-rank A/B.
+CORE_METHODS = ("osora", "loraxs")
+LOWRANK_METHODS = ("sorsa", "lora")
+
+
+def pool_of(method: str) -> str:
+    return "core" if method in CORE_METHODS else "lr"
 
 
 def get_method(name: str) -> ModuleType:

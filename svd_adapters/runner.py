@@ -14,7 +14,8 @@ from torch import nn
 from svd_adapters.base_model import BaseModel
 from svd_adapters.batched_linear import GroupPools, LinearGroup, SlotMapping
 from svd_adapters.factors import BaseFactors
-from svd_adapters.adapter import LayerTerms
+from svd_adapters.adapter import Adapter, LayerTerms
+from svd_adapters.methods import pool_of
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Members of each fused group, by the HF linear's short name; one GEMM serves a whole group.
@@ -81,6 +82,9 @@ class BatchedRunner(nn.Module):
             block.ln1, block.ln2, block.act = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp.act_fn
             self.layers.append(block)
         self._slot_version = [0] * core_slots
+        # Core slots whose adapter scales outputs and subtracts U_r σ_r V_rᵀ (OSoRA), read off the terms written
+        # there, so no caller has to keep (and can get wrong) a list of its own.
+        self.scaled_slots: set[int] = set()
         self._row_keys: list[tuple[int, int] | None] = [None] * max_batch  # (slot, its version) per row buffer
         for pools in self.pools.values():
             pools.enable_row_cache(max_batch)
@@ -102,6 +106,10 @@ class BatchedRunner(nn.Module):
         for kind, lt in terms.items():
             gname, i = self.member_of[kind]
             self.pools[gname].write_core(slot, lt.layers, i, lt.terms)
+        if any(lt.terms.o is not None or lt.terms.d is not None for lt in terms.values()):
+            self.scaled_slots.add(slot)
+        else:
+            self.scaled_slots.discard(slot)
 
     @torch.no_grad()
     def write_lr_slot(self, slot: int, terms: dict[str, LayerTerms]) -> None:
@@ -111,6 +119,24 @@ class BatchedRunner(nn.Module):
         for kind, lt in terms.items():
             gname, i = self.member_of[kind]
             self.pools[gname].write_lr(slot, lt.layers, i, lt.terms)
+
+    def place(self, adapters: list[Adapter], factors: BaseFactors, first_core_slot: int = 1,
+              first_lr_slot: int = 1) -> tuple[list[int], list[int]]:
+        """Each adapter in its own slot of its pool, consecutively from the given first slots; returns every
+        adapter's core slot and low-rank slot (0 for the pool it is not in). For benchmarks and tests: the
+        engine places adapters through its LRU device cache instead."""
+        nxt = {"core": first_core_slot, "lr": first_lr_slot}
+        core, lr = [], []
+        for a in adapters:
+            pool = pool_of(a.method)
+            slot, nxt[pool] = nxt[pool], nxt[pool] + 1
+            (self.write_core_slot if pool == "core" else self.write_lr_slot)(slot, a.terms(factors))
+            core.append(slot if pool == "core" else 0), lr.append(slot if pool == "lr" else 0)
+        return core, lr
+
+    def mapping(self, core_slots: list[int], lr_slots: list[int], tokens_per_row: int = 1) -> SlotMapping:
+        """The step's slot mapping for rows reading these slots (0 = none)."""
+        return SlotMapping.build(core_slots, lr_slots, self.scaled_slots, tokens_per_row, device=self.device)
 
     # ---- KV rows ----
     def move_row(self, src: int, dst: int, length: int) -> None:
@@ -159,7 +185,7 @@ class BatchedRunner(nn.Module):
     @torch.inference_mode()
     def prefill(
         self, prompts: list[list[int]], rows: list[int], core_slots: list[int], lr_slots: list[int],
-        sub_slots: set[int], all_logits: bool = False,
+        all_logits: bool = False,
     ) -> torch.Tensor:
         """Run new requests' prompts into KV rows `rows`; returns last-token logits (P, V) or all (P, L, V)."""
         P, L = len(prompts), max(len(p) for p in prompts)
@@ -172,7 +198,7 @@ class BatchedRunner(nn.Module):
         x = self.embed(ids.view(-1))
         positions = torch.arange(L, device=self.device).repeat(P)
         cos, sin = self._cos_sin(x, positions)
-        mp = SlotMapping.build(core_slots, lr_slots, sub_slots, L, device=self.device)
+        mp = self.mapping(core_slots, lr_slots, L)
         row_idx = torch.tensor(rows, device=self.device)
 
         def attend(li, q, k, v):

@@ -14,7 +14,6 @@ from adapters_store.records import record_for
 from service.config import Settings
 from service.engine import Engine, EngineConfig, SamplingParams, check_dtype
 from svd_adapters.adapter import random_adapter
-from svd_adapters.batched_linear import SlotMapping
 from svd_adapters.inject import merge_into
 from svd_adapters.runner import BatchedRunner
 
@@ -41,26 +40,14 @@ def merged(model, adapter, factors, dtype):
 def test_bf16_mixed_batch_is_as_accurate_as_the_merged_model_in_bf16(tiny_base, bf16_base, tiny_factors, adapters):
     runner = BatchedRunner(bf16_base, tiny_factors, max_rank=8, max_batch=8, max_seq_len=32, core_slots=4, lr_slots=4)
     assert runner.pools["qkv"].C.dtype == torch.bfloat16 and runner.k_cache[0].dtype == torch.bfloat16
-    cs, ls, sub = [], [], set()
-    n_core = n_lr = 0
-    for a in adapters:
-        if a.method in ("osora", "loraxs"):
-            n_core += 1
-            cs.append(n_core), ls.append(0)
-            runner.write_core_slot(n_core, a.terms(tiny_factors))
-            if a.method == "osora":
-                sub.add(n_core)
-        else:
-            n_lr += 1
-            cs.append(0), ls.append(n_lr)
-            runner.write_lr_slot(n_lr, a.terms(tiny_factors))
+    cs, ls = runner.place(adapters, tiny_factors)
     rows = adapters + [None]
-    cs.append(0), ls.append(0)
+    cs, ls = cs + [0], ls + [0]
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 200, (10,), generator=gen).tolist() for _ in rows]
-    logits = runner.prefill(prompts, list(range(len(rows))), cs, ls, sub)
+    logits = runner.prefill(prompts, list(range(len(rows))), cs, ls)
     nxt = torch.randint(3, 200, (len(rows),), generator=gen)
-    step = runner.decode(nxt, torch.full((len(rows),), 10), SlotMapping.build(cs, ls, sub))
+    step = runner.decode(nxt, torch.full((len(rows),), 10), runner.mapping(cs, ls))
     for i, a in enumerate(rows):
         ids = torch.tensor([prompts[i] + [int(nxt[i])]])
         with torch.no_grad():

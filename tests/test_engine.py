@@ -13,7 +13,6 @@ from adapters_store.format import adapter_to_bytes
 from adapters_store.records import record_for
 from service.engine import AdapterNotFound, Engine, EngineConfig, InvalidRequest, SamplingParams
 from svd_adapters.adapter import Adapter, random_adapter
-from svd_adapters.batched_linear import SlotMapping
 from svd_adapters.inject import merge_into
 from svd_adapters.runner import BatchedRunner
 
@@ -35,22 +34,13 @@ def merged_model(base, factors, adapter: Adapter | None):
 
 def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factors, adapters):
     runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=16, max_seq_len=64, core_slots=8, lr_slots=8)
-    core, lr, sub = {}, {}, set()
-    for aid, a in adapters.items():
-        if a.method in ("osora", "loraxs"):
-            core[aid] = len(core) + 1
-            runner.write_core_slot(core[aid], a.terms(tiny_factors))
-            if a.method == "osora":
-                sub.add(core[aid])
-        else:
-            lr[aid] = len(lr) + 1
-            runner.write_lr_slot(lr[aid], a.terms(tiny_factors))
+    cs, ls = runner.place(list(adapters.values()), tiny_factors)
+    assert runner.scaled_slots == {c for c, a in zip(cs, adapters.values()) if a.method == "osora"}
     row_ids = list(adapters) + [None, None]  # plus two base rows
+    cs, ls = cs + [0, 0], ls + [0, 0]
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 200, (int(n),), generator=gen).tolist() for n in torch.randint(3, 12, (len(row_ids),), generator=gen)]
-    cs = [core.get(a, 0) for a in row_ids]
-    ls = [lr.get(a, 0) for a in row_ids]
-    logits = runner.prefill(prompts, list(range(len(row_ids))), cs, ls, sub, all_logits=True)
+    logits = runner.prefill(prompts, list(range(len(row_ids))), cs, ls, all_logits=True)
     refs = [merged_model(tiny_base, tiny_factors, adapters.get(a)) for a in row_ids]
     worst = 0.0
     for i, p in enumerate(prompts):
@@ -61,7 +51,7 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
     # two decode steps for every row at its own position, still exact
     seqs = [list(p) for p in prompts]
     last = logits[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])]
-    mp = SlotMapping.build(cs, ls, sub)
+    mp = runner.mapping(cs, ls)
     for _ in range(2):
         nxt = last.argmax(-1)
         for i in range(len(seqs)):
@@ -182,7 +172,7 @@ def test_runner_prefill_without_output_scales_matches_merged_reference(tiny_base
     for slot, aid in enumerate(xs, start=1):
         runner.write_core_slot(slot, adapters[aid].terms(tiny_factors))
     prompts = [[5, 9, 77, 3, 12, 40], [8, 8, 100, 31, 2, 19], [60, 61, 62, 63, 64, 65]]
-    logits = runner.prefill(prompts, [0, 1, 2], [1, 2, 0], [0, 0, 0], set(), all_logits=True)
+    logits = runner.prefill(prompts, [0, 1, 2], [1, 2, 0], [0, 0, 0], all_logits=True)
     for i, aid in enumerate(xs + [None]):
         with torch.no_grad():
             ref = merged_model(tiny_base, tiny_factors, adapters.get(aid)).eval()(torch.tensor([prompts[i]])).logits[0]
