@@ -41,6 +41,7 @@ from adapters_store.validate import (
     _check_entries,
     _check_magic_and_header_len,
     _check_size,
+    _first_few,
     _no_duplicate_keys,
     _parse_header_json,
 )
@@ -373,10 +374,9 @@ def peft_to_adapter(
         )
     missing = [f"{KEY_PREFIX}{m}.lora_{p}.weight" for m in expected for p in "AB" if p not in found.get(m, {})]
     if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise _fail(
             "missing_tensor",
-            f"tensor(s) {', '.join(missing[:3])}{more} are missing; adapter_config.json targets {len(expected)} "
+            f"tensor(s) {_first_few(missing)} are missing; adapter_config.json targets {len(expected)} "
             "modules and each needs lora_A and lora_B. Upload the complete adapter_model.safetensors",
         )
 

@@ -44,6 +44,12 @@ def _fail(code: str, message: str) -> AdapterValidationError:
     return AdapterValidationError(code, message)
 
 
+def _first_few(names: list[str], n: int = 3) -> str:
+    """'a, b, c (and 4 more)': enough names for an error message to be actionable without being a wall."""
+    more = f" (and {len(names) - n} more)" if len(names) > n else ""
+    return f"{', '.join(names[:n])}{more}"
+
+
 def load_adapter(
     blob: bytes,
     factors: BaseFactors,
@@ -337,18 +343,16 @@ def _check_tensor_names_and_shapes(
     }
     missing = [k for k in expected if k not in entries]
     if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise _fail(
             "missing_tensor",
-            f"tensor(s) {', '.join(missing[:3])}{more} are missing; a {meta['method']} adapter over "
+            f"tensor(s) {_first_few(missing)} are missing; a {meta['method']} adapter over "
             f"target_modules {list(meta['targets'])} needs {len(expected)} tensors. Save the complete adapter",
         )
     extra = sorted(k for k in entries if k not in expected)
     if extra:
-        more = f" (and {len(extra) - 3} more)" if len(extra) > 3 else ""
         raise _fail(
             "unexpected_tensor",
-            f"tensor(s) {', '.join(extra[:3])}{more} do not belong to a {meta['method']} adapter over "
+            f"tensor(s) {_first_few(extra)} do not belong to a {meta['method']} adapter over "
             f"target_modules {list(meta['targets'])}; remove them or fix target_modules/method in the metadata",
         )
 
