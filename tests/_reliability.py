@@ -4,6 +4,7 @@ Everything here talks to 127.0.0.1 only, and every process it starts is stopped 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -12,18 +13,55 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
+if TYPE_CHECKING:
+    import redis
+
 REPO = Path(__file__).resolve().parent.parent
+# The shared Redis the tests talk to (a real one: no fakes). Each test works under its own key prefix.
+REDIS_URL = os.environ.get("SVDSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@contextlib.contextmanager
+def redis_key_prefix(label: str) -> Iterator[tuple[redis.Redis, str]]:
+    """(client, prefix) on the shared test Redis, the prefix `label:<uuid>:` unique to the caller; afterwards only
+    its own keys are deleted (never FLUSHDB). No Redis fails the test (never skips) with how to start one."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        pytest.fail(
+            f"Redis tests need a real Redis at {REDIS_URL} ({exc}); start one with "
+            "`redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no`"
+        )
+    prefix = f"{label}:{uuid.uuid4().hex}:"
+    try:
+        yield client, prefix
+    finally:
+        keys = list(client.scan_iter(match=prefix + "*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def stored_files(store) -> list[str]:
+    """Every file a disk store holds (records, blobs, temp files): to check a refused upload wrote nothing."""
+    return sorted(os.listdir(store.dir))
 
 
 def assert_error(resp: httpx.Response, status: int, code: str, *hints: str) -> dict:
@@ -63,7 +101,7 @@ class RedisServer:
     def __init__(self, workdir: Path, aof: bool, port: int | None = None) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
-            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+            pytest.fail("redis-server is not installed: these tests start their own (apt-get install redis-server)")
         self.exe, self.dir, self.aof = exe, Path(workdir), aof
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()

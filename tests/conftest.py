@@ -21,6 +21,16 @@ def tiny_factors(tiny_base: BaseModel, tmp_path_factory: pytest.TempPathFactory)
 # --- HTTP API (tests/test_api.py, tests/test_api_redis.py) ---------------------------------------------
 
 
+@pytest.fixture
+def store(tmp_path):
+    """An empty disk adapter store in the test's temp dir (test_store.py has its own, over disk and Redis)."""
+    from adapters_store.disk import DiskStore
+
+    s = DiskStore(tmp_path / "store")
+    yield s
+    s.close()
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"

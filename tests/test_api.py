@@ -4,33 +4,20 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import pickle
 import re
 import zipfile
 
 import pytest
 
-from adapters_store.disk import DiskStore
 from adapters_store.format import adapter_to_bytes
 from svd_adapters.adapter import new_adapter
-from _reliability import assert_error
+from _reliability import assert_error, stored_files
 
 pytestmark = pytest.mark.anyio
 
 PROMPT = "Hello there"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = DiskStore(tmp_path / "store")
-    yield s
-    s.close()
-
-
-def stored_files(store: DiskStore) -> list[str]:
-    return sorted(os.listdir(store.dir))
 
 
 

@@ -5,43 +5,32 @@ prefix and deletes only its own keys (never FLUSHDB).
 """
 from __future__ import annotations
 
-import os
 import socket
-import uuid
 
 import pytest
-import redis
 
 from adapters_store.redis_store import RedisStore
-from _reliability import assert_error
+from _reliability import REDIS_URL, assert_error, redis_key_prefix
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
-REDIS_URL = os.environ.get("SVDSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PROMPT = "Hello there"
 
 
 @pytest.fixture
-def redis_client():
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:
-        pytest.fail(
-            f"Redis API tests need a real Redis at {REDIS_URL} ({exc}); start one with "
-            "`redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no`"
-        )
-    yield client
-    client.close()
+def redis_space():
+    with redis_key_prefix("svdserve-test-api") as space:
+        yield space
 
 
 @pytest.fixture
-def prefix(redis_client):
-    p = f"svdserve-test-api:{uuid.uuid4().hex}:"
-    yield p
-    keys = list(redis_client.scan_iter(match=p + "*"))
-    if keys:
-        redis_client.delete(*keys)
+def redis_client(redis_space):
+    return redis_space[0]
+
+
+@pytest.fixture
+def prefix(redis_space):
+    return redis_space[1]
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import gzip
 import io
-import os
 import pickle
 import uuid
 import zipfile
@@ -20,9 +19,8 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from _reliability import REPO, assert_error, upload_files
+from _reliability import REDIS_URL, REPO, assert_error, redis_key_prefix, stored_files, upload_files
 from test_validate import join, split  # take a good file apart and put it back with one thing wrong
-from adapters_store.disk import DiskStore
 from adapters_store.validate import MAX_HEADER_BYTES
 
 pytestmark = pytest.mark.anyio
@@ -188,17 +186,6 @@ CORPUS = {
 
 
 @pytest.fixture
-def disk_store(tmp_path):
-    s = DiskStore(tmp_path / "store")
-    yield s
-    s.close()
-
-
-def store_files(store: DiskStore) -> list[str]:
-    return sorted(os.listdir(store.dir))
-
-
-@pytest.fixture
 def no_unpickling(monkeypatch):
     """Any unpickling while the corpus runs fails the test (and Evil's marker file must never appear)."""
 
@@ -218,20 +205,20 @@ def test_corpus_is_big_enough():
 
 @pytest.mark.parametrize("case", list(CORPUS))
 async def test_bad_upload_is_refused_with_its_code_and_nothing_is_stored(
-    case, serve, disk_store, make_blob, tiny_factors, no_unpickling
+    case, serve, store, make_blob, tiny_factors, no_unpickling
 ):
     build, status, code, hints = CORPUS[case]
     blob = build(make_blob, tiny_factors)
     limit = SMALL_LIMIT if case == "oversized_file" else 64 * 1024 * 1024
-    async with serve(disk_store, max_upload_bytes=limit) as client:
+    async with serve(store, max_upload_bytes=limit) as client:
         assert (await client.post("/adapters", **upload_files(make_blob("osora", seed=1), "keep"))).status_code == 201
-        files, listing = store_files(disk_store), (await client.get("/adapters")).json()
+        files, listing = stored_files(store), (await client.get("/adapters")).json()
 
         assert_error(await client.post("/adapters", **upload_files(blob, "bad-one")), status, code, *hints)
         # the same file without an id (a generated one) is refused the same way
         assert_error(await client.post("/adapters", **upload_files(blob)), status, code)
 
-        assert store_files(disk_store) == files  # no record, no blob, no temp file
+        assert stored_files(store) == files  # no record, no blob, no temp file
         assert (await client.get("/adapters")).json() == listing
         assert_error(await client.get("/adapters/bad-one"), 404, "adapter_not_found")
 
@@ -242,45 +229,33 @@ async def test_bad_upload_is_refused_with_its_code_and_nothing_is_stored(
             assert resp.status_code == 200, resp.text
 
 
-async def test_oversized_body_is_refused_before_it_is_read(serve, disk_store):
+async def test_oversized_body_is_refused_before_it_is_read(serve, store):
     """Content-Length over the upload limit: 413 from the size guard, before any validation."""
-    async with serve(disk_store, max_upload_bytes=4096) as client:
+    async with serve(store, max_upload_bytes=4096) as client:
         assert_error(await client.post("/adapters", **upload_files(b"\0" * 200_000, "big")), 413, "too_large", "the upload is")
-        assert store_files(disk_store) == []
+        assert stored_files(store) == []
 
 
 async def test_corpus_on_redis_writes_no_keys(serve, make_blob, tiny_factors, no_unpickling):
     """The whole corpus against a Redis store: not one key is written, and a good adapter still serves after."""
-    import redis
-
     from adapters_store.redis_store import RedisStore
 
-    url = os.environ.get("SVDSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-    client_r = redis.Redis.from_url(url, socket_connect_timeout=1)
-    try:
-        client_r.ping()
-    except redis.ConnectionError as exc:
-        pytest.fail(f"needs a real Redis at {url} ({exc})")
-    prefix = f"svdserve-test-bad:{uuid.uuid4().hex}:"
-    store = RedisStore(url, prefix=prefix)
-    try:
-        async with serve(store) as client:
-            for case, (build, status, code, _) in CORPUS.items():
-                if case == "oversized_file":  # a valid adapter, refused only by the size limit: not with this server's limit
-                    continue
-                resp = await client.post("/adapters", **upload_files(build(make_blob, tiny_factors), f"bad-{case.replace('_', '-')}"))
-                assert_error(resp, status, code)
-                assert list(client_r.scan_iter(match=prefix + "*")) == [], case
-            assert (await client.get("/adapters")).json()["count"] == 0
-            assert (await client.post("/adapters", **upload_files(make_blob("sorsa", rank=2), "good"))).status_code == 201
-            resp = await client.post("/generate", json={"adapter_id": "good", "prompt": PROMPT, "max_tokens": 4})
-            assert resp.status_code == 200, resp.text
-    finally:
-        keys = list(client_r.scan_iter(match=prefix + "*"))
-        if keys:
-            client_r.delete(*keys)
-        store.close()
-        client_r.close()
+    with redis_key_prefix("svdserve-test-bad") as (client_r, prefix):
+        store = RedisStore(REDIS_URL, prefix=prefix)
+        try:
+            async with serve(store) as client:
+                for case, (build, status, code, _) in CORPUS.items():
+                    if case == "oversized_file":  # a valid adapter, refused only by the size limit: not with this server's limit
+                        continue
+                    resp = await client.post("/adapters", **upload_files(build(make_blob, tiny_factors), f"bad-{case.replace('_', '-')}"))
+                    assert_error(resp, status, code)
+                    assert list(client_r.scan_iter(match=prefix + "*")) == [], case
+                assert (await client.get("/adapters")).json()["count"] == 0
+                assert (await client.post("/adapters", **upload_files(make_blob("sorsa", rank=2), "good"))).status_code == 201
+                resp = await client.post("/generate", json={"adapter_id": "good", "prompt": PROMPT, "max_tokens": 4})
+                assert resp.status_code == 200, resp.text
+        finally:
+            store.close()
 
 
 # --- nothing unpickles ----------------------------------------------------------------------------------

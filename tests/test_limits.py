@@ -17,13 +17,6 @@ pytestmark = pytest.mark.anyio
 LONG = {"prompt": "hello world", "raw": True, "max_tokens": 1000}  # ~1000 decode steps: well over 0.25 s on any CPU
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = DiskStore(tmp_path / "store")
-    yield s
-    s.close()
-
-
 # --- request size --------------------------------------------------------------------------------------
 
 

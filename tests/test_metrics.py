@@ -17,13 +17,6 @@ SECRET_ID = "acme-corp.secret-adapter"  # must never appear in a label value
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = DiskStore(tmp_path / "store")
-    yield s
-    s.close()
-
-
 async def scrape(client) -> Samples:
     resp = await client.get("/metrics")
     assert resp.status_code == 200, resp.text

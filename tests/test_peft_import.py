@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import zipfile
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from adapters_store.disk import DiskStore
+from _reliability import stored_files
 from adapters_store.format import adapter_to_bytes
 from adapters_store.peft_import import peft_to_adapter
 from adapters_store.validate import AdapterValidationError, load_adapter
@@ -20,7 +20,6 @@ from service.sampling import SamplingParams
 from svd_adapters.base_model import load_base
 from svd_adapters.runner import BatchedRunner
 
-peft = pytest.importorskip("peft")
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {
@@ -51,13 +50,6 @@ def peft_adapters(tmp_path_factory):
         model.save_pretrained(str(d))
         out[name] = (model, (d / "adapter_model.safetensors").read_bytes(), (d / "adapter_config.json").read_bytes())
     return out
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = DiskStore(tmp_path / "store")
-    yield s
-    s.close()
 
 
 def peft_logits(model, prompt: list[int]) -> torch.Tensor:
@@ -213,7 +205,7 @@ async def test_refusals_are_clear_4xx_and_store_nothing(peft_adapters, serve, st
         assert resp.status_code == 400 and resp.json()["error"]["code"] == "peft_config_required", resp.text
         assert "'config'" in resp.json()["error"]["message"]
         assert (await client.get("/adapters")).json()["count"] == 0
-    assert os.listdir(store.dir) == []
+    assert stored_files(store) == []
 
 
 def _lie_about_shape(weights: bytes) -> bytes:

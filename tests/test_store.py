@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,12 @@ from adapters_store import AdapterExists, AdapterRecord, StoreError, StoreUnavai
 from adapters_store.base import AdapterStore
 from adapters_store.disk import DiskStore
 from adapters_store.format import adapter_to_bytes
+from _reliability import REDIS_URL, redis_key_prefix
 from adapters_store.redis_store import RedisStore
 from adapters_store.validate import load_adapter
 from svd_adapters.adapter import new_adapter
 from svd_adapters.factors import BaseFactors
 
-REDIS_URL = os.environ.get("SVDSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REPO = Path(__file__).resolve().parents[1]
 BAD_IDS = ["", ".hidden", "../etc/passwd", "a/b", "a b", "-x", "é", "a" * 129, "x:y", "a\n"]
 
@@ -55,20 +54,8 @@ def make(blobs: dict[str, bytes], tiny_factors: BaseFactors):
 @pytest.fixture
 def redis_prefix():
     """A key prefix unique to this test; only its own keys are deleted afterwards (never FLUSHDB)."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:
-        pytest.fail(
-            f"Redis tests need a real Redis at {REDIS_URL} ({exc}); start one with "
-            "`redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no`"
-        )
-    prefix = f"svdserve-test:{uuid.uuid4().hex}:"
-    yield prefix
-    keys = list(client.scan_iter(match=prefix + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with redis_key_prefix("svdserve-test") as (_, prefix):
+        yield prefix
 
 
 @pytest.fixture(params=["disk", pytest.param("redis", marks=pytest.mark.redis)])

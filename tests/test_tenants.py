@@ -5,14 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import uuid
 
 import pytest
-import redis
 
-from adapters_store.disk import DiskStore
 from adapters_store.records import record_for
+from _reliability import REDIS_URL, redis_key_prefix
 from adapters_store.redis_store import RedisStore
 from service.auth import Auth
 from service.tenants import DiskTenantStore, RateLimiter, Tenant, TenantStore, new_api_key
@@ -23,14 +20,6 @@ ADMIN = "test-admin-key-" + "a" * 24
 ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}
 PROMPT = "Hello there"
 CHAT = [{"role": "user", "content": "Name a colour."}]
-REDIS_URL = os.environ.get("SVDSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = DiskStore(tmp_path / "store")
-    yield s
-    s.close()
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -390,17 +379,8 @@ def test_a_store_outage_keeps_recently_seen_keys_working(tmp_path):
 
 @pytest.fixture
 def redis_prefix():
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:
-        pytest.fail(f"tenant tests need a real Redis at {REDIS_URL} ({exc})")
-    prefix = f"svdserve-test-tenants:{uuid.uuid4().hex}:"
-    yield client, prefix
-    keys = list(client.scan_iter(match=prefix + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with redis_key_prefix("svdserve-test-tenants") as space:
+        yield space
 
 
 @pytest.mark.redis
