@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapters_store.disk import DiskStore
 from adapters_store.format import save_adapter
 from service.app import create_app
 from service.config import Settings

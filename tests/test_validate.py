@@ -226,7 +226,7 @@ def test_rank_above_r_max(tiny_factors: BaseFactors) -> None:
     adapter = new_adapter("loraxs", 2, tiny_factors, base_model="tiny", target_modules=("q_proj",))
     tensors = {f"{m}.R": torch.zeros(r, r) for m in adapter.params}
     meta = parts(adapter)[1] | {"rank": str(r)}
-    refused(st_save(tensors, metadata=meta), tiny_factors, "rank_too_large", f"r_max", f"rank ≤ {tiny_factors.r_max}")
+    refused(st_save(tensors, metadata=meta), tiny_factors, "rank_too_large", "r_max", f"rank ≤ {tiny_factors.r_max}")
 
 
 def test_lora_rank_above_min_dim(tiny_factors: BaseFactors) -> None:
