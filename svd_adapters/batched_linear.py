@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from svd_adapters import cpu_kernels
 from svd_adapters.factors import ModuleFactors
 from svd_adapters.terms import DeltaTerms
 
@@ -233,6 +234,10 @@ class LinearGroup(nn.Module):
             self.bias = None
         self.Ut_members = [f.U[:, : self.R].T.contiguous().to(ref) for f in factors]  # U_rᵀ (R, m_i) per member
         self.Ut_blockdiag = torch.block_diag(*self.Ut_members).contiguous() if self.k > 1 else None  # (k·R, M)
+        # The fused CPU decode kernel's copy: members side by side, (R, M), in the accumulation dtype.
+        acc = torch.promote_types(ref.dtype, torch.float32)
+        self.Ut_cat = torch.cat([f.U[:, : self.R].T for f in factors], dim=1).to(ref.device, acc).contiguous()
+        self.bounds = pools.offsets + [self.M]
 
     def forward(self, x: torch.Tensor, mp: SlotMapping, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """x (T, n) → (T, M): base outputs of all members plus each token's adapter delta.
@@ -249,8 +254,11 @@ class LinearGroup(nn.Module):
         if mp.has_core:
             # Without OSoRA rows every o is 1 and every d is 0: skip the scale and the subtraction.
             o, d = (rows["o"][:, li], rows["d"][:, li]) if mp.has_sub else (None, None)
-            core_delta_(y, h.reshape(P, L, self.k, self.R), rows["C"][:, li], o, d, self.Ut_members, p.offsets,
-                        p.scratch_for(P) if L == 1 else None, self.Ut_blockdiag)
+            if L == 1 and cpu_kernels.serves(y):
+                cpu_kernels.core_delta_decode(y, h, rows["C"][:, li], o, d, self.Ut_cat, self.bounds)
+            else:
+                core_delta_(y, h.reshape(P, L, self.k, self.R), rows["C"][:, li], o, d, self.Ut_members, p.offsets,
+                            p.scratch_for(P) if L == 1 else None, self.Ut_blockdiag)
         if mp.has_lr:
             sel = mp.lr_rows
             slots = mp.lr_idx[sel]

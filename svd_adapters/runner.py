@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from svd_adapters import cpu_kernels
 from svd_adapters.base_model import BaseModel
 from svd_adapters.batched_linear import GroupPools, LinearGroup, SlotMapping
 from svd_adapters.factors import BaseFactors
@@ -46,6 +47,8 @@ class BatchedRunner(nn.Module):
         if max_rank > factors.r_max:
             raise ValueError(f"max_rank {max_rank} exceeds the base factors' r_max {factors.r_max}")
         self.cfg, self.factors = cfg, factors
+        if base.model.device.type == "cpu":
+            cpu_kernels.available()  # build (first time) or load the fused decode kernel now, not in a request
         self.max_rank, self.max_batch, self.max_seq_len = max_rank, max_batch, max_seq_len
         self.core_slots, self.lr_slots = core_slots, lr_slots
         self.embed = model.model.embed_tokens

@@ -1,37 +1,115 @@
-"""core_delta_'s decode paths (one GEMM per member, or one block-diagonal GEMM per group) against the formula."""
+"""The decode-step core delta against the formula: the PyTorch paths of `core_delta_` (one GEMM per member, or
+one block-diagonal GEMM per group) and the fused CPU kernel (`svd_adapters/csrc/core_delta.cpp`)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from svd_adapters import cpu_kernels
 from svd_adapters.batched_linear import core_delta_
+
+
+def case(dtype: torch.dtype, scaled: bool, P: int = 5, R: int = 4, sizes: tuple[int, ...] = (12, 6, 6), seed: int = 0):
+    """Random inputs shaped as in LinearGroup.forward: y and h are column ranges of one (P, M + k·R) output."""
+    gen = torch.Generator().manual_seed(seed)
+    k, M = len(sizes), sum(sizes)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    return dict(
+        sizes=list(sizes), offsets=[sum(sizes[:i]) for i in range(k)], R=R, M=M, k=k, P=P,
+        Ut=[rnd(R, m).to(dtype) for m in sizes],
+        z=rnd(P, M + k * R).to(dtype),
+        Ct=rnd(P, k, R, R).to(dtype),
+        o=rnd(P, M).to(dtype) if scaled else None,
+        d=rnd(P, k * R).to(dtype) if scaled else None,
+    )
+
+
+def reference(c) -> torch.Tensor:
+    """y + Δy in float64, row by row and member by member, straight from the formula."""
+    want = c["z"].double().clone()
+    M, R = c["M"], c["R"]
+    for p in range(c["P"]):
+        for i, off in enumerate(c["offsets"]):
+            m = c["sizes"][i]
+            hi = c["z"][p, M + i * R : M + (i + 1) * R].double()
+            g = hi @ c["Ct"][p, i].double()  # Ct is Cᵀ: row vector h·Cᵀ = (C h)ᵀ
+            delta = g @ c["Ut"][i].double()
+            if c["o"] is not None:
+                delta = delta * c["o"][p, off : off + m].double() + (hi * c["d"][p, i * R : (i + 1) * R].double()) @ c["Ut"][i].double()
+            want[p, off : off + m] += delta
+    return want
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64 takes the block-diagonal path
 @pytest.mark.parametrize("scaled", [False, True])
-def test_decode_delta_matches_the_formula(dtype, scaled):
-    gen = torch.Generator().manual_seed(0)
-    P, R, sizes = 5, 4, [12, 6, 6]
-    k, M = len(sizes), sum(sizes)
-    offsets = [sum(sizes[:i]) for i in range(k)]
-    Ut = [torch.randn(R, m, generator=gen, dtype=torch.float64).to(dtype) for m in sizes]
-    h = torch.randn(P, 1, k, R, generator=gen, dtype=torch.float64).to(dtype)
-    Ct = torch.randn(P, k, R, R, generator=gen, dtype=torch.float64).to(dtype)
-    o = torch.randn(P, M, generator=gen, dtype=torch.float64).to(dtype) if scaled else None
-    d = torch.randn(P, k * R, generator=gen, dtype=torch.float64).to(dtype) if scaled else None
-    y0 = torch.randn(P, M + k * R, generator=gen, dtype=torch.float64).to(dtype)  # + h's columns, as in LinearGroup
-    y = y0.clone()
-    core_delta_(y[:, :M], h, Ct, o, d, Ut, offsets, scratch=torch.empty(P * M, dtype=dtype),
-                Ut_blockdiag=torch.block_diag(*Ut))
-    want = y0.double().clone()
-    for p in range(P):
-        for i, off in enumerate(offsets):
-            hi = h[p, 0, i].double()
-            g = hi @ Ct[p, i].double()  # Ct is Cᵀ: row vector h·Cᵀ = (C h)ᵀ
-            delta = g @ Ut[i].double()
-            if scaled:
-                delta = delta * o[p, off : off + sizes[i]].double() + (hi * d[p, i * R : (i + 1) * R].double()) @ Ut[i].double()
-            want[p, off : off + sizes[i]] += delta
+def test_pytorch_decode_delta_matches_the_formula(dtype, scaled):
+    c = case(dtype, scaled)
+    P, M, k, R = c["P"], c["M"], c["k"], c["R"]
+    y = c["z"].clone()
+    core_delta_(y[:, :M], y[:, M:].reshape(P, 1, k, R), c["Ct"], c["o"], c["d"], c["Ut"], c["offsets"],
+                scratch=torch.empty(P * M, dtype=dtype), Ut_blockdiag=torch.block_diag(*c["Ut"]))
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    assert (y.double() - want).abs().max().item() <= tol
-    assert torch.equal(y[:, M:], y0[:, M:])  # h's columns are left alone
+    assert (y.double() - reference(c)).abs().max().item() <= tol
+    assert torch.equal(y[:, M:], c["z"][:, M:])  # h's columns are left alone
+
+
+def test_fused_kernel_builds_here():
+    # CI and the Docker image have a C++ compiler: serving there must not silently fall back to the slow path.
+    assert cpu_kernels.available(), "the fused CPU kernel did not build (see the log for the compiler's error)"
+
+
+# Sizes that are and are not multiples of the kernel's tile width (16 floats, 8 doubles), row counts that are
+# and are not multiples of its row block (4 plain, 2 scaled), and the real model's rank.
+SHAPES = [dict(P=5, R=4, sizes=(12, 6, 6)), dict(P=32, R=16, sizes=(64, 32, 32)), dict(P=7, R=16, sizes=(48, 33)),
+          dict(P=1, R=3, sizes=(16,))]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"P{s['P']}-R{s['R']}-{'x'.join(map(str, s['sizes']))}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fused_kernel_matches_the_formula(shape, dtype, scaled):
+    assert cpu_kernels.available()
+    c = case(dtype, scaled, **shape)
+    M = c["M"]
+    y = c["z"].clone()
+    acc = torch.promote_types(dtype, torch.float32)
+    U = torch.cat(c["Ut"], dim=1).to(acc).contiguous()
+    cpu_kernels.core_delta_decode(y[:, :M], y[:, M:], c["Ct"], c["o"], c["d"], U, c["offsets"] + [M])
+    want = reference(c)
+    err = (y.double() - want).abs().max().item()
+    scale = want[:, :M].abs().max().item()  # outputs reach ~100 at R = 16: bound the error relative to them
+    # bf16: accumulated in float32 and rounded once on the way out, so within one bf16 rounding (2⁻⁸ relative).
+    assert err <= {torch.bfloat16: 2 ** -8, torch.float32: 1e-6, torch.float64: 1e-14}[dtype] * scale
+    assert torch.equal(y[:, M:], c["z"][:, M:])
+
+
+def test_fused_kernel_keeps_nan_and_rounds_bfloat16_like_torch():
+    assert cpu_kernels.available()
+    P, R, M = 1, 2, 16
+    y = torch.zeros(P, M + R, dtype=torch.bfloat16)
+    y[0, 3] = float("nan")
+    y[0, M:] = torch.tensor([1.0, 0.0])
+    Ct = torch.eye(R, dtype=torch.bfloat16).view(1, 1, R, R)
+    U = torch.zeros(R, M)
+    U[0] = torch.linspace(1.0, 1.06, M)  # between bf16 steps (2⁻⁷ here): truncating would differ from rounding
+    cpu_kernels.core_delta_decode(y[:, :M], y[:, M:], Ct, None, None, U, [0, M])
+    expect = U[0].to(torch.bfloat16)
+    assert torch.isnan(y[0, 3])
+    mask = torch.arange(M) != 3
+    assert torch.equal(y[0, :M][mask], expect[mask])
+
+
+def test_fused_kernel_refuses_bad_shapes_with_a_message():
+    assert cpu_kernels.available()
+    c = case(torch.float32, True)
+    M = c["M"]
+    U = torch.cat(c["Ut"], dim=1).contiguous()
+    with pytest.raises(RuntimeError, match="offsets"):
+        cpu_kernels.core_delta_decode(c["z"][:, :M], c["z"][:, M:], c["Ct"], c["o"], c["d"], U, [0, M - 1])
+    with pytest.raises(RuntimeError, match="accumulation dtype"):
+        cpu_kernels.core_delta_decode(c["z"][:, :M], c["z"][:, M:], c["Ct"], c["o"], c["d"], U.double(), c["offsets"] + [M])
+    with pytest.raises(RuntimeError, match="o and d"):
+        cpu_kernels.core_delta_decode(c["z"][:, :M], c["z"][:, M:], c["Ct"], c["o"], None, U, c["offsets"] + [M])
