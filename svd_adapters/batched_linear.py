@@ -12,7 +12,8 @@ Adapter tensors live in fixed device slot pools, one `GroupPools` per group kind
 Slot 0 of each pool is the zero adapter (base rows). A `SlotMapping`, built once per step and shared by all
 layers, says which slots each row (request) reads; the core tensors of every layer are gathered once per
 step (`GroupPools.gather`), the low-rank ones per layer for the rows that have one. Decode and prefill go
-through the same two delta functions.
+through the same two delta functions; on the CPU a decode step's GEMMs and core delta run in svdserve's own
+kernels where they are faster (`cpu_kernels.py`).
 """
 from __future__ import annotations
 
@@ -234,7 +235,7 @@ class LinearGroup(nn.Module):
             self.bias = None
         self.Ut_members = [f.U[:, : self.R].T.contiguous().to(ref) for f in factors]  # U_rᵀ (R, m_i) per member
         self.Ut_blockdiag = torch.block_diag(*self.Ut_members).contiguous() if self.k > 1 else None  # (k·R, M)
-        # The fused CPU decode kernel's copy: members side by side, (R, M), in the accumulation dtype.
+        # The CPU decode kernel's copy: the members' U_rᵀ side by side, (R, M), in its accumulation dtype.
         acc = torch.promote_types(ref.dtype, torch.float32)
         self.Ut_cat = torch.cat([f.U[:, : self.R].T for f in factors], dim=1).to(ref.device, acc).contiguous()
         self.bounds = pools.offsets + [self.M]
@@ -243,15 +244,10 @@ class LinearGroup(nn.Module):
         """x (T, n) → (T, M): base outputs of all members plus each token's adapter delta.
 
         `rows` is this group kind's `GroupPools.gather` result for the step."""
-        if not (mp.has_core or mp.has_lr):
-            y = x @ self.W_aug[: self.M].T  # base-only batch: skip the shared projections entirely
-            return y + self.bias if self.bias is not None else y
-        z = x @ self.W_aug.T  # our own fresh tensor: the deltas below are added into it in place
-        y, h = z[:, : self.M], z[:, self.M :]
-        if self.bias is not None:
-            y.add_(self.bias)
         P, L, li, p = mp.rows, mp.tokens_per_row, self.layer, self.pools
         if mp.has_core:
+            z = cpu_kernels.matmul_t(x, self.W_aug)  # [y_base | h], our own fresh tensor: the delta goes in in place
+            y, h = z[:, : self.M], z[:, self.M :]
             # Without OSoRA rows every o is 1 and every d is 0: skip the scale and the subtraction.
             o, d = (rows["o"][:, li], rows["d"][:, li]) if mp.has_sub else (None, None)
             if L == 1 and cpu_kernels.serves(y):
@@ -259,6 +255,10 @@ class LinearGroup(nn.Module):
             else:
                 core_delta_(y, h.reshape(P, L, self.k, self.R), rows["C"][:, li], o, d, self.Ut_members, p.offsets,
                             p.scratch_for(P) if L == 1 else None, self.Ut_blockdiag)
+        else:  # no core adapter in the batch: skip the shared projections entirely
+            y = cpu_kernels.matmul_t(x, self.W_aug[: self.M])
+        if self.bias is not None:
+            y.add_(self.bias)
         if mp.has_lr:
             sel = mp.lr_rows
             slots = mp.lr_idx[sel]

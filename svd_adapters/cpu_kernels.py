@@ -1,16 +1,29 @@
-"""The fused CPU kernel of the decode-step core delta (`csrc/core_delta.cpp`), built once on first use.
+"""svdserve's CPU kernels (`csrc/`), built once on first use, and the choice of when to use them.
 
-At decode the adapter work of a group is a few hundred KFLOPs spread over ~6 PyTorch ops per member, so op
-costs, not arithmetic, set its speed; the C++ kernel does a whole group in one call. It is compiled with
-torch's extension builder (needs a C++ compiler; ~1 min once) into `$SVDSERVE_HOME/kernels/<cpu>`, one build
-per CPU capability, so a cache shared between machines never hands one a binary it cannot run. Without a
-compiler, or with SVDSERVE_CPU_KERNELS=0, serving falls back to the plain PyTorch path (same results).
+A decode step is nothing but GEMMs with a few rows (one token per running request). BLAS libraries tune for
+large products; with 1–64 rows some (MKL on AMD CPUs: 1.2–4× slower, measured) fall far short. And the core
+adapters' delta, run as PyTorch ops after the GEMM, is ~6 small ops per member (a few hundred KFLOPs in all,
+so op costs, not arithmetic, set its speed).
+
+- `skinny_linear` (`csrc/skinny_linear.cpp`): x · Wᵀ for a few rows: every group's GEMM and lm_head at decode.
+- `core_delta_decode` (`csrc/core_delta.cpp`): one group's whole core delta (OSoRA, LoRA-XS, base rows) for
+  one token per row, in one call. (Folding it into the GEMM's accumulators instead was measured slower: its
+  per-output epilogue costs more than this separate sweep over an output that is still in cache.)
+
+Whether the GEMM kernel beats torch's matmul depends on the CPU and its BLAS, so `calibrate` times both once
+per weight shape and keeps the faster (`uses_kernel`); base-only batches go through the same choice, so
+adapters are compared like for like. Compiled with torch's extension builder (needs a C++ compiler; ~30 s
+once) into `$SVDSERVE_HOME/kernels/<cpu capability>`, so a cache shared between machines never hands one a
+binary it cannot run. Without a compiler, or with SVDSERVE_CPU_KERNELS=0, everything runs through plain
+PyTorch ops (the same results to float rounding, slower).
 """
 from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -19,14 +32,19 @@ from svd_adapters.log import get_logger
 
 log = get_logger(__name__)
 
-_SOURCE = Path(__file__).with_name("csrc") / "core_delta.cpp"
-# Vector flags for the capability torch itself detected on this CPU (the kernel's inner loops are plain C++).
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / "skinny_linear.cpp", _CSRC / "core_delta.cpp"]
+# Vector flags for the capability torch itself detected on this CPU (the kernels' inner loops are plain C++).
 _ARCH_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
 }
+_LINEAR_DTYPES = (torch.float32, torch.bfloat16)
+_DELTA_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+SKINNY_MAX_ROWS = 64  # above this many rows BLAS is as fast or faster (measured: parity at 256 rows)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+_skinny_faster: dict[tuple, bool] = {}  # (N, K, dtype) → the kernel beat torch's matmul at calibration
 
 
 def enabled() -> bool:
@@ -34,7 +52,7 @@ def enabled() -> bool:
 
 
 def available() -> bool:
-    """Build (once per process; the compiled library is cached on disk) and load the kernel; False if it
+    """Build (once per process; the compiled library is cached on disk) and load the kernels; False if they
     cannot be built here, with the reason logged once."""
     if not enabled():
         return False
@@ -42,14 +60,6 @@ def available() -> bool:
         if "ok" not in _state:
             _state["ok"] = _build()
         return bool(_state["ok"])
-
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
-
-
-def serves(y: torch.Tensor) -> bool:
-    """Whether the kernel takes this output: a CPU tensor of a dtype it is built for, kernel loaded."""
-    return y.device.type == "cpu" and y.dtype in _DTYPES and bool(_state.get("ok"))
 
 
 def _build() -> bool:
@@ -65,17 +75,17 @@ def _build() -> bool:
     except ImportError:
         pass
     cap = torch.backends.cpu.get_cpu_capability()
-    name = f"svdserve_core_delta_{cap.lower()}"
+    name = f"svdserve_kernels_{cap.lower()}"
     build_dir = svdserve_home() / "kernels" / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    log.info("loading the fused CPU kernel (%s; compiled once into %s, ~1 min the first time)", cap, build_dir)
+    log.info("loading the CPU kernels (%s; compiled once into %s, ~30 s the first time)", cap, build_dir)
     try:
         cpp_extension.load(
-            name=name, sources=[str(_SOURCE)], build_directory=str(build_dir), is_python_module=False,
+            name=name, sources=[str(s) for s in _SOURCES], build_directory=str(build_dir), is_python_module=False,
             extra_cflags=["-O3", "-fopenmp", *_ARCH_FLAGS.get(cap, [])], extra_ldflags=["-fopenmp"], verbose=False,
         )
     except Exception as exc:  # no compiler, no ninja, headers missing: serve through the PyTorch path instead
-        log.warning("fused CPU kernel unavailable, so decode takes the slower PyTorch path (install g++ to get it; "
+        log.warning("CPU kernels unavailable, so decode takes the slower PyTorch path (install g++ to get them; "
                     "SVDSERVE_CPU_KERNELS=0 silences this): %s", _reason(exc))
         return False
     return True
@@ -86,11 +96,80 @@ def _reason(exc: Exception) -> str:
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("[")]
+    errors = [ln for ln in lines if "error:" in ln]  # the compiler's (or linker's) own message
     return (errors or lines or [type(exc).__name__])[0][:300]
+
+
+def skinny_linear(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """x (T, K) · Wᵀ, W (N, K), by the kernel; `matmul_t` decides when to use it."""
+    return torch.ops.svdserve.skinny_linear(x, W)
 
 
 def core_delta_decode(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tensor | None, d: torch.Tensor | None,
                       U: torch.Tensor, offsets: list[int]) -> None:
-    """y (P, M) += the core delta of one group, in place; see `csrc/core_delta.cpp`. Call `available()` first."""
+    """y (P, M) += one group's core delta for one token per row, in place; see `csrc/core_delta.cpp`.
+
+    h (P, k·R) the shared projections; Ct (P, k, R, R) the rows' cores transposed; o (P, M), d (P, k·R) for
+    output-scaling rows or None; U (R, M) the members' U_rᵀ side by side in float32 (float64 for float64 y);
+    offsets: the members' column bounds. Check `serves(y)` first."""
     torch.ops.svdserve.core_delta_decode(y, h, Ct, o, d, U, offsets)
+
+
+def serves(y: torch.Tensor) -> bool:
+    """Whether `core_delta_decode` takes this output: a CPU tensor of a dtype it is built for, kernels loaded."""
+    return y.device.type == "cpu" and y.dtype in _DELTA_DTYPES and bool(_state.get("ok")) \
+        and _state.get("force") is not False
+
+
+def _key(W: torch.Tensor) -> tuple:
+    return (W.shape[0], W.shape[1], W.dtype)
+
+
+def uses_kernel(x: torch.Tensor, W: torch.Tensor) -> bool:
+    """Whether x · Wᵀ goes through the kernels: a few rows, and calibration found them faster for W's shape
+    (or `force` says so)."""
+    if not (_state.get("ok") and x.shape[0] <= SKINNY_MAX_ROWS and x.device.type == "cpu" and x.dtype in _LINEAR_DTYPES):
+        return False
+    forced = _state.get("force")
+    return bool(_skinny_faster.get(_key(W))) if forced is None else bool(forced)
+
+
+def force(use: bool | None) -> None:
+    """Use the kernels for every shape they take (True), for none (False), or as calibrated (None): for
+    benchmarks' A/B runs and for tests of either path."""
+    _state["force"] = use
+
+
+def matmul_t(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """x · Wᵀ (W as nn.Linear stores it): by the kernel where `uses_kernel`, else torch's matmul."""
+    return skinny_linear(x, W) if uses_kernel(x, W) else x @ W.T
+
+
+def calibrate(weights: list[torch.Tensor], rows: int, reps: int = 5) -> None:
+    """Time the kernel against torch's matmul for each weight shape not timed yet, at `rows` rows (a full decode
+    batch), alternating the two; keep the faster. Both give the same results to float rounding."""
+    if not available():
+        return
+    todo = {}
+    for W in weights:
+        if W.device.type == "cpu" and W.dtype in _LINEAR_DTYPES and W.is_contiguous() and _key(W) not in _skinny_faster:
+            todo.setdefault(_key(W), W)
+    if not todo:
+        return
+    rows = max(1, min(rows, SKINNY_MAX_ROWS))
+    report = []
+    with torch.inference_mode():
+        for key, W in todo.items():
+            x = torch.randn(rows, W.shape[1], dtype=W.dtype)
+            times = {"kernel": [], "torch": []}
+            for i in range(reps + 1):
+                for name, fn in (("kernel", skinny_linear), ("torch", lambda a, b: a @ b.T)):
+                    t0 = time.perf_counter()
+                    fn(x, W)
+                    if i:  # the first round warms caches and thread pools
+                        times[name].append(time.perf_counter() - t0)
+            kernel, blas = statistics.median(times["kernel"]), statistics.median(times["torch"])
+            _skinny_faster[key] = kernel < blas
+            report.append(f"{key[0]}x{key[1]} {blas / kernel:.2f}x")
+    log.info("decode GEMMs at %d rows, kernel speed relative to torch's matmul (kernel used where > 1): %s",
+             rows, ", ".join(report))

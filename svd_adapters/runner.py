@@ -91,6 +91,10 @@ class BatchedRunner(nn.Module):
         self._row_keys: list[tuple[int, int] | None] = [None] * max_batch  # (slot, its version) per row buffer
         for pools in self.pools.values():
             pools.enable_row_cache(max_batch)
+        if self.device.type == "cpu":  # decode's GEMMs: the skinny-GEMM kernel where it beats BLAS on this CPU
+            grp = self.layers[0].groups
+            cpu_kernels.calibrate([w for g in grp.values() for w in (g.W_aug, g.W_aug[: g.M])] + [self.lm_head.weight],
+                                  rows=max_batch)
         shape = (max_batch, self.n_kv, max_seq_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in self.layers]
@@ -218,7 +222,7 @@ class BatchedRunner(nn.Module):
         if all_logits:
             return self.lm_head(h)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self.lm_head(h[torch.arange(P, device=self.device), last])
+        return self.logits(h[torch.arange(P, device=self.device), last])
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, mp: SlotMapping) -> torch.Tensor:
@@ -244,4 +248,9 @@ class BatchedRunner(nn.Module):
                                                attn_mask=mask)
             return o.reshape(T, self.n_heads, self.head_dim)
 
-        return self.lm_head(self._layers(x, mp, cos, sin, attend, decode=True))
+        return self.logits(self._layers(x, mp, cos, sin, attend, decode=True))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """lm_head for one hidden state per row (through the skinny-GEMM kernel where it is faster)."""
+        y = cpu_kernels.matmul_t(h, self.lm_head.weight)
+        return y + self.lm_head.bias if self.lm_head.bias is not None else y

@@ -1,5 +1,5 @@
-"""The decode-step core delta against the formula: the PyTorch paths of `core_delta_` (one GEMM per member, or
-one block-diagonal GEMM per group) and the fused CPU kernel (`svd_adapters/csrc/core_delta.cpp`)."""
+"""The decode step's core delta and GEMMs against the formula: the PyTorch paths of `core_delta_` (one GEMM per
+member, or one block-diagonal GEMM per group) and the CPU kernels (`svd_adapters/csrc/`)."""
 from __future__ import annotations
 
 import pytest
@@ -56,9 +56,9 @@ def test_pytorch_decode_delta_matches_the_formula(dtype, scaled):
     assert torch.equal(y[:, M:], c["z"][:, M:])  # h's columns are left alone
 
 
-def test_fused_kernel_builds_here():
+def test_kernels_build_here():
     # CI and the Docker image have a C++ compiler: serving there must not silently fall back to the slow path.
-    assert cpu_kernels.available(), "the fused CPU kernel did not build (see the log for the compiler's error)"
+    assert cpu_kernels.available(), "the CPU kernels did not build (see the log for the compiler's error)"
 
 
 # Sizes that are and are not multiples of the kernel's tile width (16 floats, 8 doubles), row counts that are
@@ -70,7 +70,7 @@ SHAPES = [dict(P=5, R=4, sizes=(12, 6, 6)), dict(P=32, R=16, sizes=(64, 32, 32))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"P{s['P']}-R{s['R']}-{'x'.join(map(str, s['sizes']))}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("scaled", [False, True])
-def test_fused_kernel_matches_the_formula(shape, dtype, scaled):
+def test_core_delta_kernel_matches_the_formula(shape, dtype, scaled):
     assert cpu_kernels.available()
     c = case(dtype, scaled, **shape)
     M = c["M"]
@@ -86,7 +86,7 @@ def test_fused_kernel_matches_the_formula(shape, dtype, scaled):
     assert torch.equal(y[:, M:], c["z"][:, M:])
 
 
-def test_fused_kernel_keeps_nan_and_rounds_bfloat16_like_torch():
+def test_core_delta_kernel_keeps_nan_and_rounds_bfloat16_like_torch():
     assert cpu_kernels.available()
     P, R, M = 1, 2, 16
     y = torch.zeros(P, M + R, dtype=torch.bfloat16)
@@ -102,7 +102,7 @@ def test_fused_kernel_keeps_nan_and_rounds_bfloat16_like_torch():
     assert torch.equal(y[0, :M][mask], expect[mask])
 
 
-def test_fused_kernel_refuses_bad_shapes_with_a_message():
+def test_core_delta_kernel_refuses_bad_shapes_with_a_message():
     assert cpu_kernels.available()
     c = case(torch.float32, True)
     M = c["M"]
@@ -113,3 +113,32 @@ def test_fused_kernel_refuses_bad_shapes_with_a_message():
         cpu_kernels.core_delta_decode(c["z"][:, :M], c["z"][:, M:], c["Ct"], c["o"], c["d"], U.double(), c["offsets"] + [M])
     with pytest.raises(RuntimeError, match="o and d"):
         cpu_kernels.core_delta_decode(c["z"][:, :M], c["z"][:, M:], c["Ct"], c["o"], None, U, c["offsets"] + [M])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,K,N", [(1, 8, 3), (5, 37, 10), (32, 64, 100), (65, 24, 7)])
+def test_skinny_linear_matches_matmul(dtype, T, K, N):
+    assert cpu_kernels.available()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(T + 2, K, generator=gen).to(dtype)[1:-1]  # a row-strided view, as inside the runner
+    W = torch.randn(N, K, generator=gen).to(dtype)
+    want = x.double() @ W.double().T
+    y = cpu_kernels.skinny_linear(x, W)
+    assert y.dtype == dtype
+    assert (y.double() - want).abs().max().item() <= (2 ** -8 if dtype == torch.bfloat16 else 1e-6) * want.abs().max().item()
+
+
+def test_skinny_linear_rounds_bfloat16_to_nearest_even_and_keeps_nan():
+    assert cpu_kernels.available()
+    M = 16
+    x = torch.ones(1, 8, dtype=torch.bfloat16)
+    W = torch.zeros(M, 8, dtype=torch.bfloat16)
+    W[:, 0] = 1.0
+    W[3, 0] = float("nan")
+    # outputs 1 + (between bf16 steps, 2⁻⁷ here): truncating would differ from rounding in half of them
+    W[:, 1] = (torch.linspace(1.0, 1.06, M) - 1).to(torch.bfloat16)
+    y = cpu_kernels.skinny_linear(x, W)[0]
+    expect = (1 + W[:, 1].float()).to(torch.bfloat16)
+    assert torch.isnan(y[3])
+    mask = torch.arange(M) != 3
+    assert torch.equal(y[mask], expect[mask])

@@ -13,49 +13,13 @@
 #include <torch/library.h>
 
 #include <vector>
+#include "vec.h"
 
 namespace {
 
-// 32-byte vectors (AVX2 registers; GCC splits them where the build has no AVX).
-template <typename T> struct Vec;
-template <> struct Vec<float> { typedef float type __attribute__((vector_size(32))); };
-template <> struct Vec<double> { typedef double type __attribute__((vector_size(32))); };
-
-template <typename T>
-inline typename Vec<T>::type load(const T* p) {
-  typename Vec<T>::type v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-inline void store(T* p, typename Vec<T>::type v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
-
-// bfloat16 rows, 8 at a time in float registers: widening is a shift; narrowing rounds to nearest even
-// (as c10::BFloat16 does), NaN kept NaN.
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-
-inline Vec<float>::type load(const c10::BFloat16* p) {
-  u16x8 raw;
-  __builtin_memcpy(&raw, p, sizeof(raw));
-  const u32x8 bits = __builtin_convertvector(raw, u32x8) << 16;
-  Vec<float>::type v;
-  __builtin_memcpy(&v, &bits, sizeof(v));
-  return v;
-}
-
-inline void store(c10::BFloat16* p, Vec<float>::type v) {
-  u32x8 bits;
-  __builtin_memcpy(&bits, &v, sizeof(bits));
-  const u32x8 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const u32x8 nan = (u32x8)(v != v);  // all ones where NaN
-  const u16x8 out = __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), u16x8);
-  __builtin_memcpy(p, &out, sizeof(out));
-}
+using svdserve::Vec;
+using svdserve::load;
+using svdserve::store;
 
 // Row cores of every row and member: g = C h and, for scaled rows, e = d ⊙ h; (P, k·R) each.
 template <typename scalar_t, typename acc_t, bool kScaled>
@@ -86,7 +50,8 @@ inline void tile_rows(scalar_t* y, int64_t sy, const scalar_t* o, int64_t so, co
                       const acc_t* U, int64_t M, int64_t R, int64_t gstride, int64_t c, int64_t p) {
   using V = typename Vec<acc_t>::type;
   constexpr int W = sizeof(V) / sizeof(acc_t);
-  V a[RB][2] = {}, b[RB][2] = {};
+  V a[RB][2], b[RB][2];
+  for (int r = 0; r < RB; ++r) a[r][0] = a[r][1] = b[r][0] = b[r][1] = V{};
   for (int64_t j = 0; j < R; ++j) {
     const V u0 = load(U + j * M + c), u1 = load(U + j * M + c + W);
     for (int r = 0; r < RB; ++r) {
@@ -204,7 +169,7 @@ void core_delta_decode(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, 
 
 }  // namespace
 
-TORCH_LIBRARY(svdserve, m) {
+TORCH_LIBRARY_FRAGMENT(svdserve, m) {
   m.def("core_delta_decode(Tensor(a!) y, Tensor h, Tensor Ct, Tensor? o, Tensor? d, Tensor U, int[] offsets) -> ()");
 }
 
