@@ -12,7 +12,7 @@ Adapter tensors live in fixed device slot pools, one `GroupPools` per group kind
 Slot 0 of each pool is the zero adapter (base rows). A `SlotMapping`, built once per step and shared by all
 layers, says which slots each row (request) reads; the core tensors of every layer are gathered once per
 step (`GroupPools.gather`), the low-rank ones per layer for the rows that have one. Decode and prefill go
-through the same two delta functions; on the CPU a decode step's GEMMs and core delta run in svdserve's own
+through the same two delta functions; on the CPU the core delta and a decode step's GEMMs run in svdserve's own
 kernels where they are faster (`cpu_kernels.py`).
 """
 from __future__ import annotations
@@ -235,7 +235,7 @@ class LinearGroup(nn.Module):
             self.bias = None
         self.Ut_members = [f.U[:, : self.R].T.contiguous().to(ref) for f in factors]  # U_rᵀ (R, m_i) per member
         self.Ut_blockdiag = torch.block_diag(*self.Ut_members).contiguous() if self.k > 1 else None  # (k·R, M)
-        # The CPU decode kernel's copy: the members' U_rᵀ side by side, (R, M), in its accumulation dtype.
+        # The CPU kernel's copy: the members' U_rᵀ side by side, (R, M), in its accumulation dtype.
         acc = torch.promote_types(ref.dtype, torch.float32)
         self.Ut_cat = torch.cat([f.U[:, : self.R].T for f in factors], dim=1).to(ref.device, acc).contiguous()
         self.bounds = pools.offsets + [self.M]
@@ -250,8 +250,8 @@ class LinearGroup(nn.Module):
             y, h = z[:, : self.M], z[:, self.M :]
             # Without OSoRA rows every o is 1 and every d is 0: skip the scale and the subtraction.
             o, d = (rows["o"][:, li], rows["d"][:, li]) if mp.has_sub else (None, None)
-            if L == 1 and cpu_kernels.serves(y):
-                cpu_kernels.core_delta_decode(y, h, rows["C"][:, li], o, d, self.Ut_cat, self.bounds)
+            if cpu_kernels.serves(y):
+                cpu_kernels.core_delta(y, h, rows["C"][:, li], o, d, self.Ut_cat, self.bounds, L)
             else:
                 core_delta_(y, h.reshape(P, L, self.k, self.R), rows["C"][:, li], o, d, self.Ut_members, p.offsets,
                             p.scratch_for(P) if L == 1 else None, self.Ut_blockdiag)

@@ -6,9 +6,9 @@ adapters' delta, run as PyTorch ops after the GEMM, is ~6 small ops per member (
 so op costs, not arithmetic, set its speed).
 
 - `skinny_linear` (`csrc/skinny_linear.cpp`): x · Wᵀ for a few rows: every group's GEMM and lm_head at decode.
-- `core_delta_decode` (`csrc/core_delta.cpp`): one group's whole core delta (OSoRA, LoRA-XS, base rows) for
-  one token per row, in one call. (Folding it into the GEMM's accumulators instead was measured slower: its
-  per-output epilogue costs more than this separate sweep over an output that is still in cache.)
+- `core_delta` (`csrc/core_delta.cpp`): one group's whole core delta (OSoRA, LoRA-XS, base rows) in one call,
+  at decode and prefill. (Folding it into the GEMM's accumulators instead was measured slower: its per-output
+  epilogue costs more than this separate sweep over an output that is still in cache.)
 
 Whether the GEMM kernel beats torch's matmul depends on the CPU and its BLAS, so `calibrate` times both once
 per weight shape and keeps the faster (`uses_kernel`); base-only batches go through the same choice, so
@@ -105,18 +105,19 @@ def skinny_linear(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return torch.ops.svdserve.skinny_linear(x, W)
 
 
-def core_delta_decode(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tensor | None, d: torch.Tensor | None,
-                      U: torch.Tensor, offsets: list[int]) -> None:
-    """y (P, M) += one group's core delta for one token per row, in place; see `csrc/core_delta.cpp`.
+def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tensor | None, d: torch.Tensor | None,
+               U: torch.Tensor, offsets: list[int], tokens_per_row: int = 1) -> None:
+    """y (T, M) += one group's core delta, in place; see `csrc/core_delta.cpp`.
 
-    h (P, k·R) the shared projections; Ct (P, k, R, R) the rows' cores transposed; o (P, M), d (P, k·R) for
-    output-scaling rows or None; U (R, M) the members' U_rᵀ side by side in float32 (float64 for float64 y);
-    offsets: the members' column bounds. Check `serves(y)` first."""
-    torch.ops.svdserve.core_delta_decode(y, h, Ct, o, d, U, offsets)
+    h (T, k·R) the tokens' shared projections; token t belongs to request row t // tokens_per_row, whose core
+    Ct[row] (k, R, R) is transposed and whose o (rows, M), d (rows, k·R) are given for output-scaling rows or
+    None; U (R, M) the members' U_rᵀ side by side in float32 (float64 for a float64 y); offsets: the members'
+    column bounds. Check `serves(y)` first."""
+    torch.ops.svdserve.core_delta(y, h, Ct, o, d, U, offsets, tokens_per_row)
 
 
 def serves(y: torch.Tensor) -> bool:
-    """Whether `core_delta_decode` takes this output: a CPU tensor of a dtype it is built for, kernels loaded."""
+    """Whether `core_delta` takes this output: a CPU tensor of a dtype it is built for, kernels loaded."""
     return y.device.type == "cpu" and y.dtype in _DELTA_DTYPES and bool(_state.get("ok")) \
         and _state.get("force") is not False
 

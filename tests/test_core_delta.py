@@ -9,8 +9,10 @@ from svd_adapters import cpu_kernels
 from svd_adapters.batched_linear import core_delta_
 
 
-def case(dtype: torch.dtype, scaled: bool, P: int = 5, R: int = 4, sizes: tuple[int, ...] = (12, 6, 6), seed: int = 0):
-    """Random inputs shaped as in LinearGroup.forward: y and h are column ranges of one (P, M + k·R) output."""
+def case(dtype: torch.dtype, scaled: bool, P: int = 5, R: int = 4, sizes: tuple[int, ...] = (12, 6, 6), L: int = 1,
+         seed: int = 0):
+    """Random inputs shaped as in LinearGroup.forward: y and h are column ranges of one (P·L, M + k·R) output,
+    L tokens per request row; cores, o and d per row."""
     gen = torch.Generator().manual_seed(seed)
     k, M = len(sizes), sum(sizes)
 
@@ -18,9 +20,9 @@ def case(dtype: torch.dtype, scaled: bool, P: int = 5, R: int = 4, sizes: tuple[
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
     return dict(
-        sizes=list(sizes), offsets=[sum(sizes[:i]) for i in range(k)], R=R, M=M, k=k, P=P,
+        sizes=list(sizes), offsets=[sum(sizes[:i]) for i in range(k)], R=R, M=M, k=k, P=P, L=L,
         Ut=[rnd(R, m).to(dtype) for m in sizes],
-        z=rnd(P, M + k * R).to(dtype),
+        z=rnd(P * L, M + k * R).to(dtype),
         Ct=rnd(P, k, R, R).to(dtype),
         o=rnd(P, M).to(dtype) if scaled else None,
         d=rnd(P, k * R).to(dtype) if scaled else None,
@@ -28,18 +30,19 @@ def case(dtype: torch.dtype, scaled: bool, P: int = 5, R: int = 4, sizes: tuple[
 
 
 def reference(c) -> torch.Tensor:
-    """y + Δy in float64, row by row and member by member, straight from the formula."""
+    """y + Δy in float64, token by token and member by member, straight from the formula."""
     want = c["z"].double().clone()
     M, R = c["M"], c["R"]
-    for p in range(c["P"]):
+    for t in range(c["P"] * c["L"]):
+        p = t // c["L"]
         for i, off in enumerate(c["offsets"]):
             m = c["sizes"][i]
-            hi = c["z"][p, M + i * R : M + (i + 1) * R].double()
+            hi = c["z"][t, M + i * R : M + (i + 1) * R].double()
             g = hi @ c["Ct"][p, i].double()  # Ct is Cᵀ: row vector h·Cᵀ = (C h)ᵀ
             delta = g @ c["Ut"][i].double()
             if c["o"] is not None:
                 delta = delta * c["o"][p, off : off + m].double() + (hi * c["d"][p, i * R : (i + 1) * R].double()) @ c["Ut"][i].double()
-            want[p, off : off + m] += delta
+            want[t, off : off + m] += delta
     return want
 
 
@@ -61,13 +64,14 @@ def test_kernels_build_here():
     assert cpu_kernels.available(), "the CPU kernels did not build (see the log for the compiler's error)"
 
 
-# Sizes that are and are not multiples of the kernel's tile width (16 floats, 8 doubles), row counts that are
-# and are not multiples of its row block (4 plain, 2 scaled), and the real model's rank.
+# Sizes that are and are not multiples of the kernel's tile width (16 floats, 8 doubles), token counts that are
+# and are not multiples of its row block (4 plain, 2 scaled), the real model's rank, and prefill-style rows of
+# several tokens sharing one adapter.
 SHAPES = [dict(P=5, R=4, sizes=(12, 6, 6)), dict(P=32, R=16, sizes=(64, 32, 32)), dict(P=7, R=16, sizes=(48, 33)),
-          dict(P=1, R=3, sizes=(16,))]
+          dict(P=1, R=3, sizes=(16,)), dict(P=3, R=16, sizes=(32, 16), L=7)]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"P{s['P']}-R{s['R']}-{'x'.join(map(str, s['sizes']))}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("scaled", [False, True])
 def test_core_delta_kernel_matches_the_formula(shape, dtype, scaled):
@@ -77,7 +81,7 @@ def test_core_delta_kernel_matches_the_formula(shape, dtype, scaled):
     y = c["z"].clone()
     acc = torch.promote_types(dtype, torch.float32)
     U = torch.cat(c["Ut"], dim=1).to(acc).contiguous()
-    cpu_kernels.core_delta_decode(y[:, :M], y[:, M:], c["Ct"], c["o"], c["d"], U, c["offsets"] + [M])
+    cpu_kernels.core_delta(y[:, :M], y[:, M:], c["Ct"], c["o"], c["d"], U, c["offsets"] + [M], c["L"])
     want = reference(c)
     err = (y.double() - want).abs().max().item()
     scale = want[:, :M].abs().max().item()  # outputs reach ~100 at R = 16: bound the error relative to them
@@ -95,7 +99,7 @@ def test_core_delta_kernel_keeps_nan_and_rounds_bfloat16_like_torch():
     Ct = torch.eye(R, dtype=torch.bfloat16).view(1, 1, R, R)
     U = torch.zeros(R, M)
     U[0] = torch.linspace(1.0, 1.06, M)  # between bf16 steps (2⁻⁷ here): truncating would differ from rounding
-    cpu_kernels.core_delta_decode(y[:, :M], y[:, M:], Ct, None, None, U, [0, M])
+    cpu_kernels.core_delta(y[:, :M], y[:, M:], Ct, None, None, U, [0, M])
     expect = U[0].to(torch.bfloat16)
     assert torch.isnan(y[0, 3])
     mask = torch.arange(M) != 3
@@ -108,11 +112,13 @@ def test_core_delta_kernel_refuses_bad_shapes_with_a_message():
     M = c["M"]
     U = torch.cat(c["Ut"], dim=1).contiguous()
     with pytest.raises(RuntimeError, match="offsets"):
-        cpu_kernels.core_delta_decode(c["z"][:, :M], c["z"][:, M:], c["Ct"], c["o"], c["d"], U, [0, M - 1])
+        cpu_kernels.core_delta(c["z"][:, :M], c["z"][:, M:], c["Ct"], c["o"], c["d"], U, [0, M - 1])
     with pytest.raises(RuntimeError, match="accumulation dtype"):
-        cpu_kernels.core_delta_decode(c["z"][:, :M], c["z"][:, M:], c["Ct"], c["o"], c["d"], U.double(), c["offsets"] + [M])
+        cpu_kernels.core_delta(c["z"][:, :M], c["z"][:, M:], c["Ct"], c["o"], c["d"], U.double(), c["offsets"] + [M])
     with pytest.raises(RuntimeError, match="o and d"):
-        cpu_kernels.core_delta_decode(c["z"][:, :M], c["z"][:, M:], c["Ct"], c["o"], None, U, c["offsets"] + [M])
+        cpu_kernels.core_delta(c["z"][:, :M], c["z"][:, M:], c["Ct"], c["o"], None, U, c["offsets"] + [M])
+    with pytest.raises(RuntimeError, match="tokens_per_row"):
+        cpu_kernels.core_delta(c["z"][:, :M], c["z"][:, M:], c["Ct"], c["o"], c["d"], U, c["offsets"] + [M], 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -38,7 +38,7 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
     assert cpu_kernels.available()
     monkeypatch.setitem(cpu_kernels._state, "force", fused)  # every decode GEMM through the kernels, or none
     calls = []
-    for name in ("skinny_linear", "core_delta_decode"):
+    for name in ("skinny_linear", "core_delta"):
         kernel = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
     runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=16, max_seq_len=64, core_slots=8, lr_slots=8)
@@ -70,7 +70,7 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
                 ref = refs[i](torch.tensor([s])).logits[0, -1]
             assert (last[i] - ref).abs().max().item() <= 1e-4
     # the decode steps above went through the path under test
-    assert set(calls) == ({"skinny_linear", "core_delta_decode"} if fused else set())
+    assert set(calls) == ({"skinny_linear", "core_delta"} if fused else set())
     # the adapters really change the output (the comparison above is not vacuous)
     base_row = refs[-1](torch.tensor([prompts[0]])).logits[0]
     assert (logits[0, : len(prompts[0])] - base_row).abs().max().item() > 1e-3
