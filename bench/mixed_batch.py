@@ -2,7 +2,9 @@
 
 One batch of B rows, each with its own adapter (B distinct adapters), through svdserve's batched runner;
 the baseline is the same runner with no adapters, measured in the same run, interleaved round by round so
-machine noise hits every configuration alike. PEFT's mixed-batch LoRA (`adapter_names`) at the same rank is
+machine noise hits every configuration alike. On the CPU the runner uses svdserve's kernels where they are
+faster (`svd_adapters/cpu_kernels.py`), for the baseline too; a context row runs the base with plain torch
+ops only, to show what the kernels change. PEFT's mixed-batch LoRA (`adapter_names`) at the same rank is
 measured on the HF model in the same run, after transformers' own forward without adapters (for context).
 Every configuration runs in the same dtype (--dtype; factors always come from the float32 weights).
 
@@ -23,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from svd_adapters import cpu_kernels  # noqa: E402
 from svd_adapters.adapter import Adapter  # noqa: E402
 from svd_adapters.adapter import random_adapter as make_random_adapter  # noqa: E402
 from svd_adapters.base_model import load_base  # noqa: E402
@@ -111,6 +114,10 @@ def main() -> None:
     runner = BatchedRunner(base, factors, max_rank=r, max_batch=B, max_seq_len=L + args.decode_reps + 8,
                            core_slots=n_core + 1, lr_slots=n_lr + 1)
     configs: dict[str, tuple[list[int], list[int]]] = {"base (no adapters)": ([0] * B, [0] * B)}
+    # context: the same base with every op in plain torch (no svdserve CPU kernels), when the kernels are in use
+    TORCH_ONLY = "base, torch ops only (no svdserve CPU kernels)"
+    if args.device == "cpu" and cpu_kernels.available():
+        configs[TORCH_ONLY] = ([0] * B, [0] * B)
     next_core = next_lr = 1
     for cname, methods in mixes.items():
         adapters = [random_adapter(m, r, factors, name, seed=1000 * len(configs) + i) for i, m in enumerate(methods)]
@@ -127,13 +134,16 @@ def main() -> None:
     decode_t = {c: [] for c in configs}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for c, (cs, ls) in configs.items():  # warm-up
+        cpu_kernels.force(False if c == TORCH_ONLY else None)
         runner.prefill(prompts, rows, cs, ls)
         runner.decode(tokens, positions, runner.mapping(cs, ls))
     for _ in range(args.prefill_reps):
         for c, (cs, ls) in configs.items():
+            cpu_kernels.force(False if c == TORCH_ONLY else None)
             prefill_t[c].append(timed(lambda: (runner.prefill(prompts, rows, cs, ls), sync())))
     for _ in range(args.decode_reps):
         for c, (cs, ls) in configs.items():
+            cpu_kernels.force(False if c == TORCH_ONLY else None)
             # A run of consecutive steps with the same batch, as in serving; its first step also refreshes every
             # row's adapter buffers (all 32 rows change when the configuration switches: the worst case).
             t0 = CLOCK()
@@ -143,6 +153,7 @@ def main() -> None:
             sync()
             decode_t[c].append((CLOCK() - t0) / args.steps_per_round)
 
+    cpu_kernels.force(None)
     results = {}
     for c in configs:
         p, d = statistics.median(prefill_t[c]), statistics.median(decode_t[c])
@@ -160,7 +171,8 @@ def main() -> None:
 
     base_r = results["base (no adapters)"]
     print(f"\nMixed-adapter batch: {name}, batch {B} rows with {B} distinct adapters, rank {r}, prompt {L} tokens, "
-          f"device {args.device}, {args.dtype}, clock {args.clock}\n")
+          f"device {args.device}, {args.dtype}, clock {args.clock}, {torch.get_num_threads()} threads, "
+          f"CPU kernels: {cpu_kernels.summary() if args.device == 'cpu' else 'n/a'}\n")
     print("| configuration | prefill tok/s | × base | × PEFT | decode tok/s | × base | × PEFT |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     table = {}
@@ -178,6 +190,7 @@ def main() -> None:
         print(f"| PEFT mixed-batch LoRA r{r} (adapter_names) | {peft['prefill_tok_s']:.0f} | {peft['prefill_tok_s']/base_r['prefill_tok_s']:.3f} | 1.00 "
               f"| {peft['decode_tok_s']:.1f} | {peft['decode_tok_s']/base_r['decode_tok_s']:.3f} | 1.00 |")
     print(json.dumps({"bench": "mixed_batch", "base": name, "batch": B, "rank": r, "prompt_len": L, "device": args.device, "dtype": args.dtype, "clock": args.clock,
+                      "threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.summary() if args.device == "cpu" else None,
                       "results": table, "peft": peft, "hf_base": hf_base}))
 
 

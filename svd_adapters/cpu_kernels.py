@@ -174,3 +174,10 @@ def calibrate(weights: list[torch.Tensor], rows: int, reps: int = 5) -> None:
             report.append(f"{key[0]}x{key[1]} {blas / kernel:.2f}x")
     log.info("decode GEMMs at %d rows, kernel speed relative to torch's matmul (kernel used where > 1): %s",
              rows, ", ".join(report))
+
+
+def summary() -> str:
+    """One line for logs and benchmark headers: built or not, and where calibration chose the GEMM kernel."""
+    if not _state.get("ok"):
+        return "not in use (PyTorch path)"
+    return f"core delta kernel on; GEMM kernel for {sum(_skinny_faster.values())}/{len(_skinny_faster)} decode weight shapes"

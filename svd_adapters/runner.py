@@ -47,8 +47,6 @@ class BatchedRunner(nn.Module):
         if max_rank > factors.r_max:
             raise ValueError(f"max_rank {max_rank} exceeds the base factors' r_max {factors.r_max}")
         self.cfg, self.factors = cfg, factors
-        if base.model.device.type == "cpu":
-            cpu_kernels.available()  # build (first time) or load the fused decode kernel now, not in a request
         self.max_rank, self.max_batch, self.max_seq_len = max_rank, max_batch, max_seq_len
         self.core_slots, self.lr_slots = core_slots, lr_slots
         self.embed = model.model.embed_tokens
@@ -91,7 +89,9 @@ class BatchedRunner(nn.Module):
         self._row_keys: list[tuple[int, int] | None] = [None] * max_batch  # (slot, its version) per row buffer
         for pools in self.pools.values():
             pools.enable_row_cache(max_batch)
-        if self.device.type == "cpu":  # decode's GEMMs: the skinny-GEMM kernel where it beats BLAS on this CPU
+        if self.device.type == "cpu":
+            # Build (the first time) and load the CPU kernels now, not in a request, and time the decode GEMMs'
+            # kernel against torch's matmul for this model's weight shapes.
             grp = self.layers[0].groups
             cpu_kernels.calibrate([w for g in grp.values() for w in (g.W_aug, g.W_aug[: g.M])] + [self.lm_head.weight],
                                   rows=max_batch)

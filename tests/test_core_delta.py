@@ -66,9 +66,9 @@ def test_kernels_build_here():
 
 # Sizes that are and are not multiples of the kernel's tile width (16 floats, 8 doubles), token counts that are
 # and are not multiples of its row block (4 plain, 2 scaled), the real model's rank, and prefill-style rows of
-# several tokens sharing one adapter.
+# several tokens sharing one adapter (scaled ones take the folded path; R = 6 is not a multiple of its 4-row block).
 SHAPES = [dict(P=5, R=4, sizes=(12, 6, 6)), dict(P=32, R=16, sizes=(64, 32, 32)), dict(P=7, R=16, sizes=(48, 33)),
-          dict(P=1, R=3, sizes=(16,)), dict(P=3, R=16, sizes=(32, 16), L=7)]
+          dict(P=1, R=3, sizes=(16,)), dict(P=3, R=16, sizes=(32, 16), L=7), dict(P=2, R=6, sizes=(20, 9), L=5)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))

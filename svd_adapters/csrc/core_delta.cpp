@@ -7,6 +7,9 @@
 // (R, M) in the accumulation type. In PyTorch this is ~6 ops per member at decode (core, scale, two skinny
 // GEMMs, multiply-add), each a dispatch and a pass over memory, and at prefill K = R GEMMs that BLAS runs at
 // half speed; here it is one call per group: every token's cores (tiny), then one sweep over U per tile.
+// With output scales and several tokens per row (OSoRA at prefill) each row's scale, core and d are first
+// folded into its own projection, Δy_t = h_t · U_eff,p with U_eff,p[l, c] = o[p, c] (Cᵀ U)[l, c] + d[p, l] U[l, c]
+// (R²·M per row, against R·M per token for the two sums above), so its tokens take the unscaled path.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,7 +26,8 @@ using svdserve::Vec;
 using svdserve::load;
 using svdserve::store;
 
-constexpr int NV = 2;  // vectors of output columns per tile (3 measured no faster)
+constexpr int NV = 2;        // vectors of output columns per tile (3 measured no faster)
+constexpr int64_t kChunk = 64;  // tokens per task at prefill
 
 // Every token's cores for every member: g = C h and, for scaled rows, e = d ⊙ h; (T, k·R) each.
 template <typename scalar_t, typename acc_t, bool kScaled>
@@ -81,23 +85,25 @@ inline void tile_rows(scalar_t* y, int64_t sy, const scalar_t* const* o, const a
   }
 }
 
+// Tiles [tb, te) of `tiles` for tokens [t0, t1), all reading U (R × M, row stride M). g and e hold k·R cores
+// per token (member i's at offset i·R).
 template <typename scalar_t, typename acc_t, bool kScaled>
 void apply_tiles(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e, const acc_t* U,
-                 int64_t M, int64_t R, int64_t k, int64_t T, const std::vector<int64_t>& off,
-                 const std::vector<int64_t>& tiles, int64_t begin, int64_t end) {
+                 int64_t M, int64_t R, int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
+                 int64_t tb, int64_t te, int64_t t0, int64_t t1) {
   constexpr int W = sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
   constexpr int RB = kScaled ? 2 : 4;  // accumulators: RB × NV (× 2 scaled) vectors, within 16 registers
-  for (int64_t ti = begin; ti < end; ++ti) {
+  for (int64_t ti = tb; ti < te; ++ti) {
     const int64_t i = tiles[2 * ti], c = tiles[2 * ti + 1];
     const acc_t* gi = g + i * R;  // token t's member-i cores at gi + t·k·R
     const acc_t* ei = kScaled ? e + i * R : nullptr;
     if (c + NV * W <= off[i + 1]) {
-      int64_t t = 0;
-      for (; t + RB <= T; t += RB) tile_rows<scalar_t, acc_t, kScaled, RB>(y, sy, o, gi, ei, U, M, R, k * R, c, t);
-      for (; t < T; ++t) tile_rows<scalar_t, acc_t, kScaled, 1>(y, sy, o, gi, ei, U, M, R, k * R, c, t);
+      int64_t t = t0;
+      for (; t + RB <= t1; t += RB) tile_rows<scalar_t, acc_t, kScaled, RB>(y, sy, o, gi, ei, U, M, R, k * R, c, t);
+      for (; t < t1; ++t) tile_rows<scalar_t, acc_t, kScaled, 1>(y, sy, o, gi, ei, U, M, R, k * R, c, t);
       continue;
     }
-    for (int64_t t = 0; t < T; ++t) {  // the member's last, partial tile
+    for (int64_t t = t0; t < t1; ++t) {  // the member's last, partial tile
       for (int64_t cc = c; cc < off[i + 1]; ++cc) {
         acc_t a = 0, b = 0;
         for (int64_t j = 0; j < R; ++j) {
@@ -110,6 +116,78 @@ void apply_tiles(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t*
       }
     }
   }
+}
+
+// Row p's folded projection for one tile's columns [c, c + NV·W) and l = l0..l0+LB-1 (see the top):
+// U_eff[l, c] = o[c] Σ_j Cᵀ[l, j] U[j, c] + d_l U[l, c], register-blocked like tile_rows.
+template <typename scalar_t, typename acc_t, int LB>
+inline void fold_tile(const scalar_t* Ci, const scalar_t* op, const scalar_t* di, const acc_t* U, int64_t M, int64_t R,
+                      int64_t c, int64_t l0, acc_t* Up) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int W = sizeof(V) / sizeof(acc_t);
+  V a[LB][NV];
+  for (int r = 0; r < LB; ++r)
+    for (int v = 0; v < NV; ++v) a[r][v] = V{};
+  for (int64_t j = 0; j < R; ++j) {
+    V u[NV];
+    for (int v = 0; v < NV; ++v) u[v] = load(U + j * M + c + v * W);
+    for (int r = 0; r < LB; ++r) {
+      const acc_t cj = static_cast<acc_t>(Ci[(l0 + r) * R + j]);
+      for (int v = 0; v < NV; ++v) a[r][v] += cj * u[v];
+    }
+  }
+  for (int r = 0; r < LB; ++r) {
+    const acc_t dl = static_cast<acc_t>(di[l0 + r]);
+    for (int v = 0; v < NV; ++v)
+      store(Up + (l0 + r) * M + c + v * W, load(op + c + v * W) * a[r][v] + dl * load(U + (l0 + r) * M + c + v * W));
+  }
+}
+
+// Rows [pb, pe)' folded projections U_eff,p (R × M each) into Ueff.
+template <typename scalar_t, typename acc_t>
+void fold_rows(const scalar_t* Ct, int64_t sC, const scalar_t* o, int64_t so, const scalar_t* d, int64_t sd,
+               const acc_t* U, int64_t M, int64_t R, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
+               acc_t* Ueff, int64_t pb, int64_t pe) {
+  constexpr int W = sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
+  constexpr int LB = 4;
+  for (int64_t p = pb; p < pe; ++p) {
+    acc_t* Up = Ueff + p * R * M;
+    const scalar_t* op = o + p * so;
+    for (size_t ti = 0; ti < tiles.size() / 2; ++ti) {
+      const int64_t i = tiles[2 * ti], c = tiles[2 * ti + 1];
+      const scalar_t* Ci = Ct + p * sC + i * R * R;
+      const scalar_t* di = d + p * sd + i * R;
+      if (c + NV * W <= off[i + 1]) {
+        int64_t l = 0;
+        for (; l + LB <= R; l += LB) fold_tile<scalar_t, acc_t, LB>(Ci, op, di, U, M, R, c, l, Up);
+        for (; l < R; ++l) fold_tile<scalar_t, acc_t, 1>(Ci, op, di, U, M, R, c, l, Up);
+        continue;
+      }
+      for (int64_t l = 0; l < R; ++l) {  // the member's last, partial tile
+        for (int64_t cc = c; cc < off[i + 1]; ++cc) {
+          acc_t a = 0;
+          for (int64_t j = 0; j < R; ++j) a += static_cast<acc_t>(Ci[l * R + j]) * U[j * M + cc];
+          Up[l * M + cc] = static_cast<acc_t>(op[cc]) * a + static_cast<acc_t>(di[l]) * U[l * M + cc];
+        }
+      }
+    }
+  }
+}
+
+// Every tile for every token, in (chunk of `chunk` tokens, tile) tasks across threads, so a task's stretch of y
+// (chunk rows × one tile) stays in cache and its pages in the TLB. Chunk c reads U + c·sU (sU = 0: one U).
+template <typename scalar_t, typename acc_t, bool kScaled>
+void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e, const acc_t* U, int64_t sU,
+           int64_t M, int64_t R, int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
+           int64_t T, int64_t chunk) {
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2, chunks = (T + chunk - 1) / chunk;
+  at::parallel_for(0, chunks * n_tiles, 4, [&](int64_t b, int64_t en) {
+    for (int64_t item = b; item < en; ++item) {
+      const int64_t c = item / n_tiles, ti = item % n_tiles;
+      apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U + c * sU, M, R, k, off, tiles, ti, ti + 1, c * chunk,
+                                            std::min(T, (c + 1) * chunk));
+    }
+  });
 }
 
 void check_rows(const at::Tensor& t, const char* name, int64_t P, int64_t width, at::ScalarType dtype) {
@@ -146,15 +224,25 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
     std::vector<int64_t> tiles;  // (member, first column) of every tile, members' columns in TW-wide tiles
     for (int64_t i = 0; i < k; ++i)
       for (int64_t c = off[i]; c < off[i + 1]; c += TW) tiles.insert(tiles.end(), {i, c});
-    const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
-    std::vector<acc_t> g(T * k * R), e(o.has_value() ? T * k * R : 0);
+    std::vector<acc_t> g(T * k * R), e(o.has_value() && L == 1 ? T * k * R : 0);
     scalar_t* yp = y.data_ptr<scalar_t>();
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const scalar_t* Cp = Ct.const_data_ptr<scalar_t>();
     const acc_t* Up = U.const_data_ptr<acc_t>();
     const int64_t sy = y.stride(0), sh = h.stride(0), sC = Ct.stride(0);
     // Two passes, each split across threads: every token's cores (tiny), then the output tiles.
-    if (o.has_value()) {
+    if (o.has_value() && L > 1) {  // scaled rows of several tokens: fold each row's projection, then as unscaled
+      std::vector<acc_t> Ueff(P * R * M);
+      at::parallel_for(0, P, 1, [&](int64_t b, int64_t en) {
+        fold_rows<scalar_t, acc_t>(Cp, sC, o->const_data_ptr<scalar_t>(), o->stride(0), d->const_data_ptr<scalar_t>(),
+                                   d->stride(0), Up, M, R, off, tiles, Ueff.data(), b, en);
+      });
+      at::parallel_for(0, T, 64, [&](int64_t b, int64_t en) {  // the "cores" are h itself, in acc_t
+        for (int64_t t = b; t < en; ++t)
+          for (int64_t j = 0; j < k * R; ++j) g[t * k * R + j] = static_cast<acc_t>(hp[t * sh + j]);
+      });
+      sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g.data(), nullptr, Ueff.data(), R * M, M, R, k, off, tiles, T, L);
+    } else if (o.has_value()) {
       const scalar_t* dp = d->const_data_ptr<scalar_t>();
       const int64_t sd = d->stride(0);
       std::vector<const scalar_t*> orow(T);  // token t's row of o: no division in the inner loops
@@ -162,16 +250,12 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
       at::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
         token_cores<scalar_t, acc_t, true>(hp, sh, Cp, sC, dp, sd, k, R, L, g.data(), e.data(), b, en);
       });
-      at::parallel_for(0, n_tiles, 4, [&](int64_t b, int64_t en) {
-        apply_tiles<scalar_t, acc_t, true>(yp, sy, orow.data(), g.data(), e.data(), Up, M, R, k, T, off, tiles, b, en);
-      });
+      sweep<scalar_t, acc_t, true>(yp, sy, orow.data(), g.data(), e.data(), Up, 0, M, R, k, off, tiles, T, kChunk);
     } else {
       at::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
         token_cores<scalar_t, acc_t, false>(hp, sh, Cp, sC, nullptr, 0, k, R, L, g.data(), nullptr, b, en);
       });
-      at::parallel_for(0, n_tiles, 4, [&](int64_t b, int64_t en) {
-        apply_tiles<scalar_t, acc_t, false>(yp, sy, nullptr, g.data(), nullptr, Up, M, R, k, T, off, tiles, b, en);
-      });
+      sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g.data(), nullptr, Up, 0, M, R, k, off, tiles, T, kChunk);
     }
   });
 }
