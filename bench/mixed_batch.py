@@ -157,7 +157,8 @@ def main() -> None:
     results = {}
     for c in configs:
         p, d = statistics.median(prefill_t[c]), statistics.median(decode_t[c])
-        results[c] = {"prefill_tok_s": B * L / p, "decode_tok_s": B / d, "prefill_s": p, "decode_step_s": d}
+        results[c] = {"prefill_tok_s": B * L / p, "decode_tok_s": B / d, "prefill_s": p, "decode_step_s": d,
+                      "prefill_best_s": min(prefill_t[c]), "decode_step_best_s": min(decode_t[c])}
 
     peft = hf_base = None
     if not args.no_peft:
@@ -173,22 +174,25 @@ def main() -> None:
     print(f"\nMixed-adapter batch: {name}, batch {B} rows with {B} distinct adapters, rank {r}, prompt {L} tokens, "
           f"device {args.device}, {args.dtype}, clock {args.clock}, {torch.get_num_threads()} threads, "
           f"CPU kernels: {cpu_kernels.summary() if args.device == 'cpu' else 'n/a'}\n")
-    print("| configuration | prefill tok/s | × base | × PEFT | decode tok/s | × base | × PEFT |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    # "× base" compares medians; "best" compares each configuration's fastest round with the base's: on a shared
+    # host, noise only ever adds time, so the best rounds are the least disturbed estimate of the real cost.
+    print("| configuration | prefill tok/s | × base | × base, best | × PEFT | decode tok/s | × base | × base, best | × PEFT |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     table = {}
     for c, v in results.items():
         pr, dr = v["prefill_tok_s"] / base_r["prefill_tok_s"], v["decode_tok_s"] / base_r["decode_tok_s"]
+        pb, db = base_r["prefill_best_s"] / v["prefill_best_s"], base_r["decode_step_best_s"] / v["decode_step_best_s"]
         pp = v["prefill_tok_s"] / peft["prefill_tok_s"] if peft else float("nan")
         dp = v["decode_tok_s"] / peft["decode_tok_s"] if peft else float("nan")
-        table[c] = {**v, "prefill_x_base": pr, "decode_x_base": dr, "prefill_x_peft": pp, "decode_x_peft": dp}
-        print(f"| {c} | {v['prefill_tok_s']:.0f} | {pr:.3f} | {pp:.2f} | {v['decode_tok_s']:.1f} | {dr:.3f} | {dp:.2f} |")
-    if hf_base:
-        print(f"| HF transformers base (no adapters) | {hf_base['prefill_tok_s']:.0f} | {hf_base['prefill_tok_s']/base_r['prefill_tok_s']:.3f} "
-              f"| {hf_base['prefill_tok_s']/peft['prefill_tok_s']:.2f} | {hf_base['decode_tok_s']:.1f} "
-              f"| {hf_base['decode_tok_s']/base_r['decode_tok_s']:.3f} | {hf_base['decode_tok_s']/peft['decode_tok_s']:.2f} |")
-    if peft:
-        print(f"| PEFT mixed-batch LoRA r{r} (adapter_names) | {peft['prefill_tok_s']:.0f} | {peft['prefill_tok_s']/base_r['prefill_tok_s']:.3f} | 1.00 "
-              f"| {peft['decode_tok_s']:.1f} | {peft['decode_tok_s']/base_r['decode_tok_s']:.3f} | 1.00 |")
+        table[c] = {**v, "prefill_x_base": pr, "decode_x_base": dr, "prefill_x_base_best": pb, "decode_x_base_best": db,
+                    "prefill_x_peft": pp, "decode_x_peft": dp}
+        print(f"| {c} | {v['prefill_tok_s']:.0f} | {pr:.3f} | {pb:.3f} | {pp:.2f} | {v['decode_tok_s']:.1f} | {dr:.3f} "
+              f"| {db:.3f} | {dp:.2f} |")
+    for label, hf in (("HF transformers base (no adapters)", hf_base), (f"PEFT mixed-batch LoRA r{r} (adapter_names)", peft)):
+        if hf:
+            print(f"| {label} | {hf['prefill_tok_s']:.0f} | {hf['prefill_tok_s'] / base_r['prefill_tok_s']:.3f} | | "
+                  f"{hf['prefill_tok_s'] / peft['prefill_tok_s']:.2f} | {hf['decode_tok_s']:.1f} "
+                  f"| {hf['decode_tok_s'] / base_r['decode_tok_s']:.3f} | | {hf['decode_tok_s'] / peft['decode_tok_s']:.2f} |")
     print(json.dumps({"bench": "mixed_batch", "base": name, "batch": B, "rank": r, "prompt_len": L, "device": args.device, "dtype": args.dtype, "clock": args.clock,
                       "threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.summary() if args.device == "cpu" else None,
                       "results": table, "peft": peft, "hf_base": hf_base}))
