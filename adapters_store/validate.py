@@ -140,11 +140,11 @@ def _check_magic_and_header_len(blob: bytes) -> int:
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:  # different parsers keep different duplicates: refuse the ambiguity
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)  # one C call per JSON object: a header has hundreds of them
+    if len(out) != len(pairs):  # different parsers keep different duplicates: refuse the ambiguity
+        seen: set[str] = set()
+        dup = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"duplicate key {dup!r}")
     return out
 
 
@@ -162,8 +162,7 @@ def _parse_header_json(raw: bytes) -> dict[str, Any]:
     return header
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 
 
 def _check_entries(header: dict[str, Any], data_len: int) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -171,7 +170,7 @@ def _check_entries(header: dict[str, Any], data_len: int) -> dict[str, tuple[str
     entries: dict[str, tuple[str, tuple[int, ...]]] = {}
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        if not isinstance(entry, dict) or entry.keys() != _ENTRY_KEYS:
             raise _fail(
                 "bad_header",
                 f"tensor {name!r}: entry must be an object with exactly dtype, shape and data_offsets; "
@@ -185,9 +184,9 @@ def _check_entries(header: dict[str, Any], data_len: int) -> dict[str, tuple[str
                 f"tensor {name!r} has {what}; adapter tensors must be F32, F16 or BF16. "
                 "Convert them to a float dtype (e.g. tensor.float()) before saving",
             )
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape) or len(shape) > 8:
+        if not isinstance(shape, list) or len(shape) > 8 or not all(type(d) is int and d >= 0 for d in shape):
             raise _fail("bad_header", f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and type(offsets[0]) is int and type(offsets[1]) is int):
             raise _fail("bad_header", f"tensor {name!r}: data_offsets {offsets!r} must be two integers [begin, end]")
         begin, end = offsets
         nbytes = math.prod(shape) * ALLOWED_DTYPES[dtype]
@@ -336,11 +335,11 @@ def _check_tensor_names_and_shapes(
     entries: dict[str, tuple[str, tuple[int, ...]]], meta: dict[str, Any], factors: BaseFactors
 ) -> None:
     probe = Adapter(meta["method"], meta["rank"], meta["alpha"], meta["base_model"], meta["fingerprint"], meta["targets"])
-    expected = {
+    expected = factors.memo(("expected_tensors", probe.method, probe.rank, tuple(probe.target_modules)), lambda: {
         f"{module}.{param}": shape
         for module, params in probe.expected_shapes(factors).items()
         for param, shape in params.items()
-    }
+    })
     missing = [k for k in expected if k not in entries]
     if missing:
         raise _fail(
@@ -390,8 +389,17 @@ def _decode_f32(blob: bytes, header: dict[str, Any], data_start: int) -> dict[st
     arr = np.frombuffer(blob, dtype="<f4", offset=data_start)
     if not np.isfinite(arr).all():
         return None
-    buf = torch.from_numpy(arr.copy())
-    return {name: buf[off[0] // 4 : off[1] // 4].view(shape) for name, shape, off in spans}
+    # Same-shaped tensors come out of one gather and one unbind: an adapter has hundreds of tensors, and a
+    # slice and a view each was most of a cold load's time.
+    groups: dict[tuple[int, ...], list[tuple[str, int]]] = {}
+    for name, shape, off in spans:
+        groups.setdefault(tuple(shape), []).append((name, off[0] // 4))
+    out: dict[str, torch.Tensor] = {}
+    for shape, members in groups.items():
+        starts = np.fromiter((s for _, s in members), dtype=np.int64, count=len(members))
+        block = arr[starts[:, None] + np.arange(math.prod(shape))].reshape(len(members), *shape)
+        out.update(zip((name for name, _ in members), torch.from_numpy(block).unbind(0)))
+    return out
 
 
 def _decode(blob: bytes, meta: dict[str, Any], header: dict[str, Any], data_start: int) -> Adapter:

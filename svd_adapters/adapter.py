@@ -1,6 +1,7 @@
 """An adapter in memory: method, rank, alpha, and per-module trainable tensors tied to one base fingerprint."""
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -25,11 +26,14 @@ class Adapter:
         return sum(t.numel() for p in self.params.values() for t in p.values())
 
     def expected_shapes(self, factors: BaseFactors) -> dict[str, dict[str, tuple[int, ...]]]:
-        shapes = {}
-        for name in selected_modules(factors, self.target_modules):
-            m, n = factors.modules[name].shape
-            shapes[name] = get_method(self.method).param_shapes(m, n, self.rank)
-        return shapes
+        """Module → param → shape for this method, rank and targets on these factors (memoized: every upload
+        and cold load validates against it; do not modify the result)."""
+        def compute() -> dict[str, dict[str, tuple[int, ...]]]:
+            method = get_method(self.method)
+            return {name: method.param_shapes(*factors.modules[name].shape, self.rank)
+                    for name in selected_modules(factors, self.target_modules)}
+
+        return factors.memo(("expected_shapes", self.method, self.rank, tuple(self.target_modules)), compute)
 
     def terms(self, factors: BaseFactors) -> dict[str, LayerTerms]:
         """Serving form: per module kind (q_proj, ...), its layers and their `DeltaTerms` stacked on a leading
@@ -62,6 +66,7 @@ class LayerTerms:
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the same few hundred module names, for every adapter loaded
 def layer_index(name: str) -> int:
     found = _LAYER.search(name)
     if found is None:

@@ -11,6 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -51,14 +52,20 @@ class BaseFactors:
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {name: f.shape for name, f in self.modules.items()}
 
-    def stacked(self, names: tuple[str, ...], r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """U_r (L, m, r), σ_r (L, r), V_rᵀ (L, r, n) of same-shaped modules, stacked; cached (adapter loads reuse it)."""
-        key = (names, r)
-        cache = self.__dict__.setdefault("_stacked", {})
+    def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """A value derived from these (never modified) factors, computed once: every adapter load reuses it."""
+        cache = self.__dict__.setdefault("_memo", {})
         if key not in cache:
-            tops = [self.modules[n].top(r) for n in names]
-            cache[key] = tuple(torch.stack([t[i] for t in tops]).contiguous() for i in range(3))
+            cache[key] = compute()
         return cache[key]
+
+    def stacked(self, names: tuple[str, ...], r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """U_r (L, m, r), σ_r (L, r), V_rᵀ (L, r, n) of same-shaped modules, stacked (memoized)."""
+        def compute() -> tuple[torch.Tensor, ...]:
+            tops = [self.modules[n].top(r) for n in names]
+            return tuple(torch.stack([t[i] for t in tops]).contiguous() for i in range(3))
+
+        return self.memo(("stacked", names, r), compute)
 
 
 def target_linears(model: nn.Module, targets: tuple[str, ...] = TARGET_MODULES) -> dict[str, nn.Linear]:
