@@ -22,8 +22,8 @@ ENV PYTHONUNBUFFERED=1 \
     SVDSERVE_HOME=/data/cache \
     SVDSERVE_DATA=/data
 
-# A C++ compiler: svdserve compiles its fused CPU decode kernel on first start (svd_adapters/cpu_kernels.py,
-# ~30 s once, cached under $SVDSERVE_HOME/kernels); without one it serves through a slower PyTorch path.
+# A C++ compiler: svdserve compiles its CPU kernels on first start (svd_adapters/cpu_kernels.py, ~30 s once,
+# cached under $SVDSERVE_HOME/kernels); without one it serves through slower PyTorch ops.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 
 # torch first, from the variant's index: a plain `pip install .` would pull PyPI's multi-GB CUDA build.

@@ -143,8 +143,10 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)  # one C call per JSON object: a header has hundreds of them
     if len(out) != len(pairs):  # different parsers keep different duplicates: refuse the ambiguity
         seen: set[str] = set()
-        dup = next(key for key, _ in pairs if key in seen or seen.add(key))
-        raise ValueError(f"duplicate key {dup!r}")
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return out
 
 

