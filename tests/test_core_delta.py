@@ -148,3 +148,16 @@ def test_skinny_linear_rounds_bfloat16_to_nearest_even_and_keeps_nan():
     assert torch.isnan(y[3])
     mask = torch.arange(M) != 3
     assert torch.equal(y[mask], expect[mask])
+
+
+def test_skinny_linear_refuses_bad_inputs_with_a_message():
+    assert cpu_kernels.available()
+    x, W = torch.randn(4, 16), torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="share K"):
+        cpu_kernels.skinny_linear(x[:, :8], W)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        cpu_kernels.skinny_linear(x.double(), W.double())
+    with pytest.raises(RuntimeError, match="one dtype"):
+        cpu_kernels.skinny_linear(x, W.to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="W contiguous"):
+        cpu_kernels.skinny_linear(x, torch.randn(16, 8).T)

@@ -12,8 +12,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 #include "vec.h"
 
 namespace {
@@ -95,35 +93,23 @@ void gemm(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t K, scalar_t*
   });
 }
 
-void check_x_w(const at::Tensor& x, const at::Tensor& W) {
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& W) {
   TORCH_CHECK(x.device().is_cpu() && W.device().is_cpu(), "skinny_linear runs on the CPU");
   TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "x (T, K) and W (N, K) must share K, got ",
               x.sizes(), " and ", W.sizes());
   TORCH_CHECK(x.stride(1) == 1 && W.is_contiguous(), "x must be contiguous within a row and W contiguous");
   TORCH_CHECK(x.scalar_type() == W.scalar_type(), "x and W must have one dtype");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "skinny_linear takes float32 or bfloat16, got ", x.scalar_type());
-}
-
-// Calls f with typed pointers to x's and W's data (float or bfloat16).
-template <typename F>
-void typed(const at::Tensor& x, const at::Tensor& W, F&& f) {
-  if (x.scalar_type() == at::kFloat) {
-    f(x.const_data_ptr<float>(), W.const_data_ptr<float>());
-  } else {
-    f(x.const_data_ptr<c10::BFloat16>(), W.const_data_ptr<c10::BFloat16>());
-  }
-}
-
-at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& W) {
-  check_x_w(x, W);
   const int64_t T = x.size(0), K = x.size(1), N = W.size(0);
   at::Tensor y = at::empty({T, N}, x.options());
   if (T == 0 || N == 0) return y;
-  typed(x, W, [&](auto* xp, auto* Wp) {
-    using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-    gemm(xp, x.stride(0), Wp, K, y.data_ptr<scalar_t>(), N, T, N);
-  });
+  if (x.scalar_type() == at::kFloat) {
+    gemm(x.const_data_ptr<float>(), x.stride(0), W.const_data_ptr<float>(), K, y.data_ptr<float>(), N, T, N);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    gemm(x.const_data_ptr<c10::BFloat16>(), x.stride(0), W.const_data_ptr<c10::BFloat16>(), K,
+         y.data_ptr<c10::BFloat16>(), N, T, N);
+  } else {
+    TORCH_CHECK(false, "skinny_linear takes float32 or bfloat16, got ", x.scalar_type());
+  }
   return y;
 }
 
