@@ -118,6 +118,9 @@ def main() -> None:
     TORCH_ONLY = "base, torch ops only (no svdserve CPU kernels)"
     if args.device == "cpu" and cpu_kernels.available():
         configs[TORCH_ONLY] = ([0] * B, [0] * B)
+
+    def kernels_for(c: str) -> None:
+        cpu_kernels.force(False if c == TORCH_ONLY else None)  # None: as calibrated, like every other config
     next_core = next_lr = 1
     for cname, methods in mixes.items():
         adapters = [random_adapter(m, r, factors, name, seed=1000 * len(configs) + i) for i, m in enumerate(methods)]
@@ -134,16 +137,16 @@ def main() -> None:
     decode_t = {c: [] for c in configs}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for c, (cs, ls) in configs.items():  # warm-up
-        cpu_kernels.force(False if c == TORCH_ONLY else None)
+        kernels_for(c)
         runner.prefill(prompts, rows, cs, ls)
         runner.decode(tokens, positions, runner.mapping(cs, ls))
     for _ in range(args.prefill_reps):
         for c, (cs, ls) in configs.items():
-            cpu_kernels.force(False if c == TORCH_ONLY else None)
+            kernels_for(c)
             prefill_t[c].append(timed(lambda: (runner.prefill(prompts, rows, cs, ls), sync())))
     for _ in range(args.decode_reps):
         for c, (cs, ls) in configs.items():
-            cpu_kernels.force(False if c == TORCH_ONLY else None)
+            kernels_for(c)
             # A run of consecutive steps with the same batch, as in serving; its first step also refreshes every
             # row's adapter buffers (all 32 rows change when the configuration switches: the worst case).
             t0 = CLOCK()

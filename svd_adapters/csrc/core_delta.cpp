@@ -230,7 +230,8 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
     const scalar_t* Cp = Ct.const_data_ptr<scalar_t>();
     const acc_t* Up = U.const_data_ptr<acc_t>();
     const int64_t sy = y.stride(0), sh = h.stride(0), sC = Ct.stride(0);
-    // Two passes, each split across threads: every token's cores (tiny), then the output tiles.
+    // Passes split across threads: every token's cores (tiny; for folded rows, each row's U_eff first), then
+    // the output tiles.
     if (o.has_value() && L > 1) {  // scaled rows of several tokens: fold each row's projection, then as unscaled
       std::vector<acc_t> Ueff(P * R * M);
       at::parallel_for(0, P, 1, [&](int64_t b, int64_t en) {
