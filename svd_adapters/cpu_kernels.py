@@ -19,6 +19,7 @@ PyTorch ops (the same results to float rounding, slower).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import statistics
@@ -34,6 +35,7 @@ log = get_logger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / "skinny_linear.cpp", _CSRC / "core_delta.cpp"]
+_HEADERS = [_CSRC / "vec.h"]
 # Vector flags for the capability torch itself detected on this CPU (the kernels' inner loops are plain C++).
 _ARCH_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
@@ -78,11 +80,13 @@ def _build() -> bool:
     name = f"svdserve_kernels_{cap.lower()}"
     build_dir = svdserve_home() / "kernels" / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    # torch rebuilds when a source file changes; a header's digest in the flags makes a header change count too.
+    headers = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:16]
     log.info("loading the CPU kernels (%s; compiled once into %s, ~30 s the first time)", cap, build_dir)
     try:
         cpp_extension.load(
             name=name, sources=[str(s) for s in _SOURCES], build_directory=str(build_dir), is_python_module=False,
-            extra_cflags=["-O3", "-fopenmp", *_ARCH_FLAGS.get(cap, [])], extra_ldflags=["-fopenmp"], verbose=False,
+            extra_cflags=["-O3", "-fopenmp", f"-DSVDSERVE_HEADERS={headers}", *_ARCH_FLAGS.get(cap, [])], extra_ldflags=["-fopenmp"], verbose=False,
         )
     except Exception as exc:  # no compiler, no ninja, headers missing: serve through the PyTorch path instead
         log.warning("CPU kernels unavailable, so decode takes the slower PyTorch path (install g++ to get them; "

@@ -28,6 +28,9 @@ using svdserve::store;
 
 constexpr int NV = 2;        // vectors of output columns per tile (3 measured no faster)
 constexpr int64_t kChunk = 64;  // tokens per task at prefill
+// Tokens whose cores one thread computes before another joins in: a decode step's few (≤ 64) take microseconds,
+// less than waking the other threads costs.
+constexpr int64_t kCoresGrain = 64;
 
 // Every token's cores for every member: g = C h and, for scaled rows, e = d ⊙ h; (T, k·R) each.
 template <typename scalar_t, typename acc_t, bool kScaled>
@@ -92,7 +95,8 @@ void apply_tiles(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t*
                  int64_t M, int64_t R, int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
                  int64_t tb, int64_t te, int64_t t0, int64_t t1) {
   constexpr int W = sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
-  constexpr int RB = kScaled ? 2 : 4;  // accumulators: RB × NV (× 2 scaled) vectors, within 16 registers
+  // accumulators: RB × NV (× 2 scaled) vectors, within the vector registers (16 with AVX2, 32 with AVX-512)
+  constexpr int RB = (kScaled ? 2 : 4) * (svdserve::kVecRegs / 16);
   for (int64_t ti = tb; ti < te; ++ti) {
     const int64_t i = tiles[2 * ti], c = tiles[2 * ti + 1];
     const acc_t* gi = g + i * R;  // token t's member-i cores at gi + t·k·R
@@ -149,7 +153,7 @@ void fold_rows(const scalar_t* Ct, int64_t sC, const scalar_t* o, int64_t so, co
                const acc_t* U, int64_t M, int64_t R, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
                acc_t* Ueff, int64_t pb, int64_t pe) {
   constexpr int W = sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
-  constexpr int LB = 4;
+  constexpr int LB = 4 * (svdserve::kVecRegs / 16);
   for (int64_t p = pb; p < pe; ++p) {
     acc_t* Up = Ueff + p * R * M;
     const scalar_t* op = o + p * so;
@@ -174,13 +178,27 @@ void fold_rows(const scalar_t* Ct, int64_t sC, const scalar_t* o, int64_t so, co
   }
 }
 
-// Every tile for every token, in (chunk of `chunk` tokens, tile) tasks across threads, so a task's stretch of y
-// (chunk rows × one tile) stays in cache and its pages in the TLB. Chunk c reads U + c·sU (sU = 0: one U).
+// Every tile for every token, split across threads. Unscaled: in (chunk of `chunk` tokens, tile) tasks, so a
+// task's stretch of y (chunk rows × one tile) stays in cache and its pages in the TLB; chunk c reads U + c·sU
+// (sU = 0: one U). Scaled (OSoRA rows at decode): in tasks of a few tokens across every tile, so each token's o
+// and y rows are read front to back, streams the hardware prefetchers follow, instead of 128-byte pieces of
+// every row at once: o comes from memory at decode (the step's GEMMs stream the weights through every cache
+// level), and this order measured ~25 % faster there (2 threads, AVX-512); for unscaled rows it was slower.
 template <typename scalar_t, typename acc_t, bool kScaled>
 void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e, const acc_t* U, int64_t sU,
            int64_t M, int64_t R, int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
            int64_t T, int64_t chunk) {
-  const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2, chunks = (T + chunk - 1) / chunk;
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
+  if constexpr (kScaled) {
+    constexpr int64_t kTokens = 4;
+    at::parallel_for(0, (T + kTokens - 1) / kTokens, 1, [&](int64_t b, int64_t en) {
+      for (int64_t q = b; q < en; ++q)
+        apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, 0, n_tiles, q * kTokens,
+                                              std::min(T, (q + 1) * kTokens));
+    });
+    return;
+  }
+  const int64_t chunks = (T + chunk - 1) / chunk;
   at::parallel_for(0, chunks * n_tiles, 4, [&](int64_t b, int64_t en) {
     for (int64_t item = b; item < en; ++item) {
       const int64_t c = item / n_tiles, ti = item % n_tiles;
@@ -188,6 +206,17 @@ void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, co
                                             std::min(T, (c + 1) * chunk));
     }
   });
+}
+
+// Per-thread scratch buffers that only grow: a prefill's folded projections are megabytes, and a fresh
+// allocation of that size per call costs a memset and page faults (measured: OSoRA's prefill delta ~1.7×
+// slower in the model than in a loop that reused its memory). Every element used is written before it is read.
+template <typename acc_t>
+acc_t* scratch(int which, int64_t n) {
+  thread_local std::vector<acc_t> buffers[3];
+  std::vector<acc_t>& b = buffers[which];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
 }
 
 void check_rows(const at::Tensor& t, const char* name, int64_t P, int64_t width, at::ScalarType dtype) {
@@ -224,7 +253,8 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
     std::vector<int64_t> tiles;  // (member, first column) of every tile, members' columns in TW-wide tiles
     for (int64_t i = 0; i < k; ++i)
       for (int64_t c = off[i]; c < off[i + 1]; c += TW) tiles.insert(tiles.end(), {i, c});
-    std::vector<acc_t> g(T * k * R), e(o.has_value() && L == 1 ? T * k * R : 0);
+    acc_t* g = scratch<acc_t>(0, T * k * R);
+    acc_t* e = o.has_value() && L == 1 ? scratch<acc_t>(1, T * k * R) : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const scalar_t* Cp = Ct.const_data_ptr<scalar_t>();
@@ -233,30 +263,30 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
     // Passes split across threads: every token's cores (tiny; for folded rows, each row's U_eff first), then
     // the output tiles.
     if (o.has_value() && L > 1) {  // scaled rows of several tokens: fold each row's projection, then as unscaled
-      std::vector<acc_t> Ueff(P * R * M);
+      acc_t* Ueff = scratch<acc_t>(2, P * R * M);
       at::parallel_for(0, P, 1, [&](int64_t b, int64_t en) {
         fold_rows<scalar_t, acc_t>(Cp, sC, o->const_data_ptr<scalar_t>(), o->stride(0), d->const_data_ptr<scalar_t>(),
-                                   d->stride(0), Up, M, R, off, tiles, Ueff.data(), b, en);
+                                   d->stride(0), Up, M, R, off, tiles, Ueff, b, en);
       });
       at::parallel_for(0, T, 64, [&](int64_t b, int64_t en) {  // the "cores" are h itself, in acc_t
         for (int64_t t = b; t < en; ++t)
           for (int64_t j = 0; j < k * R; ++j) g[t * k * R + j] = static_cast<acc_t>(hp[t * sh + j]);
       });
-      sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g.data(), nullptr, Ueff.data(), R * M, M, R, k, off, tiles, T, L);
+      sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Ueff, R * M, M, R, k, off, tiles, T, L);
     } else if (o.has_value()) {
       const scalar_t* dp = d->const_data_ptr<scalar_t>();
       const int64_t sd = d->stride(0);
       std::vector<const scalar_t*> orow(T);  // token t's row of o: no division in the inner loops
       for (int64_t t = 0; t < T; ++t) orow[t] = o->const_data_ptr<scalar_t>() + (t / L) * o->stride(0);
-      at::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
-        token_cores<scalar_t, acc_t, true>(hp, sh, Cp, sC, dp, sd, k, R, L, g.data(), e.data(), b, en);
+      at::parallel_for(0, T, kCoresGrain, [&](int64_t b, int64_t en) {
+        token_cores<scalar_t, acc_t, true>(hp, sh, Cp, sC, dp, sd, k, R, L, g, e, b, en);
       });
-      sweep<scalar_t, acc_t, true>(yp, sy, orow.data(), g.data(), e.data(), Up, 0, M, R, k, off, tiles, T, kChunk);
+      sweep<scalar_t, acc_t, true>(yp, sy, orow.data(), g, e, Up, 0, M, R, k, off, tiles, T, kChunk);
     } else {
-      at::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
-        token_cores<scalar_t, acc_t, false>(hp, sh, Cp, sC, nullptr, 0, k, R, L, g.data(), nullptr, b, en);
+      at::parallel_for(0, T, kCoresGrain, [&](int64_t b, int64_t en) {
+        token_cores<scalar_t, acc_t, false>(hp, sh, Cp, sC, nullptr, 0, k, R, L, g, nullptr, b, en);
       });
-      sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g.data(), nullptr, Up, 0, M, R, k, off, tiles, T, kChunk);
+      sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Up, 0, M, R, k, off, tiles, T, kChunk);
     }
   });
 }

@@ -16,20 +16,13 @@
 
 namespace {
 
+using svdserve::hsum;
 using svdserve::load;
 using V = svdserve::Vec<float>::type;
-constexpr int kLanes = 8;
-constexpr int RB = 4, CB = 3;     // 12 accumulators + 4 x + 1 W: the 16 AVX2 registers
+constexpr int kLanes = svdserve::kFloatLanes;
+// RB×CB accumulators + RB x + 1 W within the vector registers: 12 + 4 + 1 of AVX2's 16, 24 + 4 + 1 of AVX-512's 32
+constexpr int RB = 4, CB = svdserve::kVecRegs == 32 ? 6 : 3;
 constexpr int64_t kRowChunk = 64;  // rows per task: their x (≤ 64·K floats) stays in L2 across the tiles
-
-inline float hsum(V v) {
-  typedef float v4 __attribute__((vector_size(16)));
-  v4 lo, hi;
-  __builtin_memcpy(&lo, &v, sizeof(lo));
-  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-  const v4 s = lo + hi;
-  return (s[0] + s[2]) + (s[1] + s[3]);
-}
 
 template <int RB_, int CB_, typename scalar_t>
 inline void tile(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t K, scalar_t* y, int64_t sy, int64_t t,
