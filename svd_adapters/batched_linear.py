@@ -182,15 +182,15 @@ class GroupPools:
         self.A[L, slot, i * self.K : i * self.K + kr] = t.A.to(self.A)
         self.B[i][L, slot, :, :kr] = t.B.to(self.A)
 
-    def gather(self, mp: SlotMapping) -> dict[str, torch.Tensor]:
-        """Per-row core tensors for every layer, in one indexing op per step: (layers, P, ...)."""
+    def gather(self, mp: SlotMapping) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Per-row core tensors for every layer, in one indexing op per step; see `per_layer`."""
         if not mp.has_core:
             return {}
         ci = mp.core_idx
         out = {"C": self.C[:, ci]}
         if mp.has_sub:
             out["o"], out["d"] = self.o[:, ci], self.d[:, ci]
-        return out
+        return per_layer(out)
 
     def enable_row_cache(self, max_rows: int) -> None:
         """Persistent per-row copies of the core tensors, for decode steps: see `refresh_rows`."""
@@ -212,14 +212,20 @@ class GroupPools:
         ok = self.scratch is not None and rows * self.M <= self.scratch.numel()
         return self.scratch if ok else None
 
-    def cached_rows(self, mp: SlotMapping) -> dict[str, torch.Tensor]:
+    def cached_rows(self, mp: SlotMapping) -> dict[str, tuple[torch.Tensor, ...]]:
         if not mp.has_core:
             return {}
         P = mp.rows
         out = {"C": self.row_C[:, :P]}
         if mp.has_sub:
             out["o"], out["d"] = self.row_o[:, :P], self.row_d[:, :P]
-        return out
+        return per_layer(out)
+
+
+def per_layer(rows: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """(layers, P, ...) tensors as one (P, ...) view per layer, made in one op each per step: a layer then takes
+    its own by a tuple lookup, not a tensor indexing op per group call (a decode step has 120 of them)."""
+    return {name: t.unbind(0) for name, t in rows.items()}
 
 
 class LinearGroup(nn.Module):
@@ -247,7 +253,7 @@ class LinearGroup(nn.Module):
         self.Ut_cat = torch.cat([f.U[:, : self.R].T for f in factors], dim=1).to(ref.device, acc).contiguous()
         self.bounds = pools.offsets + [self.M]
 
-    def forward(self, x: torch.Tensor, mp: SlotMapping, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mp: SlotMapping, rows: dict[str, tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """x (T, n) → (T, M): base outputs of all members plus each token's adapter delta.
 
         `rows` is this group kind's `GroupPools.gather` result for the step."""

@@ -168,7 +168,7 @@ class BatchedRunner(nn.Module):
             x = x + g["down"](blk.act(gate) * up, mp, rows["down"])
         return self.norm(x)
 
-    def _gathered(self, mp: SlotMapping, decode: bool) -> dict[str, dict[str, torch.Tensor]]:
+    def _gathered(self, mp: SlotMapping, decode: bool) -> dict[str, dict[str, tuple[torch.Tensor, ...]]]:
         """Per-row core tensors of every layer. Prefill gathers them once for the step. Decode keeps them in
         per-row buffers and copies only rows whose adapter changed since the last step (a request joined,
         left, or its slot was rewritten), so a steady decode step just reads them."""

@@ -90,6 +90,30 @@ def test_core_delta_kernel_matches_the_formula(shape, dtype, scaled):
     assert torch.equal(y[:, M:], c["z"][:, M:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [dict(P=4, R=16, sizes=(64, 32, 32), L=6), dict(P=3, R=6, sizes=(20, 9), L=5)],
+                         ids=["R16", "R6-partial-tiles"])
+def test_core_delta_kernel_folds_diagonal_cores_like_dense_ones(shape, dtype):
+    # OSoRA's cores are diag(S): the folded path recognises them and scales U instead of multiplying by C. A batch
+    # mixes them with dense cores (LoRA-XS rows, or a diagonal core with one off-diagonal entry) in one call.
+    assert cpu_kernels.available()
+    c = case(dtype, True, **shape)
+    Ct = c["Ct"].clone()
+    eye = torch.eye(c["R"], dtype=torch.bool)
+    Ct[0] = Ct[0] * eye  # row 0: every member diagonal
+    Ct[1, 0] = Ct[1, 0] * eye  # row 1: member 0 diagonal, the others dense
+    Ct[2] = Ct[2] * eye
+    Ct[2, -1, 0, 1] = 0.5  # row 2: one member diagonal but for one entry (must take the dense fold)
+    c["Ct"] = Ct
+    M = c["M"]
+    y = c["z"].clone()
+    U = torch.cat(c["Ut"], dim=1).to(torch.promote_types(dtype, torch.float32)).contiguous()
+    cpu_kernels.core_delta(y[:, :M], y[:, M:], Ct, c["o"], c["d"], U, c["offsets"] + [M], c["L"])
+    want = reference(c)
+    err = (y.double() - want).abs().max().item()
+    assert err <= {torch.bfloat16: 2 ** -8, torch.float32: 1e-6}[dtype] * want[:, :M].abs().max().item()
+
+
 def test_core_delta_kernel_keeps_nan_and_rounds_bfloat16_like_torch():
     assert cpu_kernels.available()
     P, R, M = 1, 2, 16

@@ -9,7 +9,8 @@
 // half speed; here it is one call per group: every token's cores (tiny), then one sweep over U per tile.
 // With output scales and several tokens per row (OSoRA at prefill) each row's scale, core and d are first
 // folded into its own projection, Δy_t = h_t · U_eff,p with U_eff,p[l, c] = o[p, c] (Cᵀ U)[l, c] + d[p, l] U[l, c]
-// (R²·M per row, against R·M per token for the two sums above), so its tokens take the unscaled path.
+// (R²·M per row, R·M for a diagonal core, against R·M per token for the two sums above), tile by tile, so its
+// tokens take the unscaled path.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -59,7 +60,7 @@ void token_cores(const scalar_t* h, int64_t sh, const scalar_t* Ct, int64_t sC, 
 // (R × NV vectors) stays in L1 while tokens stream past; RB tokens at a time share each U load.
 template <typename scalar_t, typename acc_t, bool kScaled, int RB>
 inline void tile_rows(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e,
-                      const acc_t* U, int64_t M, int64_t R, int64_t gstride, int64_t c, int64_t t) {
+                      const acc_t* Uc, int64_t ldu, int64_t R, int64_t gstride, int64_t c, int64_t t) {
   using V = typename Vec<acc_t>::type;
   constexpr int W = sizeof(V) / sizeof(acc_t);
   V a[RB][NV], b[RB][NV];
@@ -67,7 +68,7 @@ inline void tile_rows(scalar_t* y, int64_t sy, const scalar_t* const* o, const a
     for (int v = 0; v < NV; ++v) a[r][v] = b[r][v] = V{};  // not `= {}`: that compiled to a slow rep-stos
   for (int64_t j = 0; j < R; ++j) {
     V u[NV];
-    for (int v = 0; v < NV; ++v) u[v] = load(U + j * M + c + v * W);
+    for (int v = 0; v < NV; ++v) u[v] = load(Uc + j * ldu + v * W);
     for (int r = 0; r < RB; ++r) {
       const acc_t gj = g[(t + r) * gstride + j];
       for (int v = 0; v < NV; ++v) a[r][v] += gj * u[v];
@@ -103,8 +104,8 @@ void apply_tiles(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t*
     const acc_t* ei = kScaled ? e + i * R : nullptr;
     if (c + NV * W <= off[i + 1]) {
       int64_t t = t0;
-      for (; t + RB <= t1; t += RB) tile_rows<scalar_t, acc_t, kScaled, RB>(y, sy, o, gi, ei, U, M, R, k * R, c, t);
-      for (; t < t1; ++t) tile_rows<scalar_t, acc_t, kScaled, 1>(y, sy, o, gi, ei, U, M, R, k * R, c, t);
+      for (; t + RB <= t1; t += RB) tile_rows<scalar_t, acc_t, kScaled, RB>(y, sy, o, gi, ei, U + c, M, R, k * R, c, t);
+      for (; t < t1; ++t) tile_rows<scalar_t, acc_t, kScaled, 1>(y, sy, o, gi, ei, U + c, M, R, k * R, c, t);
       continue;
     }
     for (int64_t t = t0; t < t1; ++t) {  // the member's last, partial tile
@@ -122,11 +123,21 @@ void apply_tiles(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t*
   }
 }
 
-// Row p's folded projection for one tile's columns [c, c + NV·W) and l = l0..l0+LB-1 (see the top):
-// U_eff[l, c] = o[c] Σ_j Cᵀ[l, j] U[j, c] + d_l U[l, c], register-blocked like tile_rows.
+// Whether an R×R core has nothing off its diagonal (OSoRA's diag(S); LoRA-XS's cores are dense).
+template <typename scalar_t>
+bool is_diagonal(const scalar_t* C, int64_t R) {
+  for (int64_t l = 0; l < R; ++l)
+    for (int64_t j = 0; j < R; ++j)
+      if (l != j && C[l * R + j] != scalar_t(0)) return false;
+  return true;
+}
+
+// Row p's folded projection for one tile's full width (see the top), rows l0..l0+LB-1, into buf (row stride
+// NV·W): U_eff[l, x] = o[x] Σ_j Cᵀ[l, j] U[j, x] + d_l U[l, x], register-blocked like tile_rows. op and Uc point at
+// the tile's first column.
 template <typename scalar_t, typename acc_t, int LB>
-inline void fold_tile(const scalar_t* Ci, const scalar_t* op, const scalar_t* di, const acc_t* U, int64_t M, int64_t R,
-                      int64_t c, int64_t l0, acc_t* Up) {
+inline void fold_tile(const scalar_t* Ci, const scalar_t* op, const scalar_t* di, const acc_t* Uc, int64_t M, int64_t R,
+                      int64_t l0, acc_t* buf) {
   using V = typename Vec<acc_t>::type;
   constexpr int W = sizeof(V) / sizeof(acc_t);
   V a[LB][NV];
@@ -134,7 +145,7 @@ inline void fold_tile(const scalar_t* Ci, const scalar_t* op, const scalar_t* di
     for (int v = 0; v < NV; ++v) a[r][v] = V{};
   for (int64_t j = 0; j < R; ++j) {
     V u[NV];
-    for (int v = 0; v < NV; ++v) u[v] = load(U + j * M + c + v * W);
+    for (int v = 0; v < NV; ++v) u[v] = load(Uc + j * M + v * W);
     for (int r = 0; r < LB; ++r) {
       const acc_t cj = static_cast<acc_t>(Ci[(l0 + r) * R + j]);
       for (int v = 0; v < NV; ++v) a[r][v] += cj * u[v];
@@ -143,49 +154,81 @@ inline void fold_tile(const scalar_t* Ci, const scalar_t* op, const scalar_t* di
   for (int r = 0; r < LB; ++r) {
     const acc_t dl = static_cast<acc_t>(di[l0 + r]);
     for (int v = 0; v < NV; ++v)
-      store(Up + (l0 + r) * M + c + v * W, load(op + c + v * W) * a[r][v] + dl * load(U + (l0 + r) * M + c + v * W));
+      store(buf + (l0 + r) * NV * W + v * W, load(op + v * W) * a[r][v] + dl * load(Uc + (l0 + r) * M + v * W));
   }
 }
 
-// Rows [pb, pe)' folded projections U_eff,p (R × M each) into Ueff.
+// Scaled rows of several tokens each (OSoRA at prefill): in (row, tile) tasks, fold the row's scale, core and d into
+// the tile's slice of its projection (R × NV·W, in L1: R²·NV·W multiply-adds, or R·NV·W for a diagonal core), then
+// run the row's L tokens through it as unscaled ones, with their h as the cores. Nothing of size rows × R × M is
+// ever written out (folding whole projections first cost ~10 MB of memory traffic per layer).
 template <typename scalar_t, typename acc_t>
-void fold_rows(const scalar_t* Ct, int64_t sC, const scalar_t* o, int64_t so, const scalar_t* d, int64_t sd,
-               const acc_t* U, int64_t M, int64_t R, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
-               acc_t* Ueff, int64_t pb, int64_t pe) {
+void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* Ct, int64_t sC, const scalar_t* o,
+                  int64_t so, const scalar_t* d, int64_t sd, const acc_t* U, int64_t M, int64_t R, int64_t k,
+                  const std::vector<int64_t>& off, const std::vector<int64_t>& tiles, int64_t P, int64_t L) {
   constexpr int W = sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
+  constexpr int64_t TW = NV * W;
   constexpr int LB = 4 * (svdserve::kVecRegs / 16);
-  for (int64_t p = pb; p < pe; ++p) {
-    acc_t* Up = Ueff + p * R * M;
-    const scalar_t* op = o + p * so;
-    for (size_t ti = 0; ti < tiles.size() / 2; ++ti) {
-      const int64_t i = tiles[2 * ti], c = tiles[2 * ti + 1];
+  constexpr int RB = 4 * (svdserve::kVecRegs / 16);
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
+  std::vector<char> diagonal(P * k);
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t i = 0; i < k; ++i) diagonal[p * k + i] = is_diagonal(Ct + p * sC + i * R * R, R);
+  at::parallel_for(0, P * n_tiles, 4, [&](int64_t b, int64_t en) {
+    std::vector<acc_t> buf(R * TW);
+    for (int64_t item = b; item < en; ++item) {
+      const int64_t p = item / n_tiles, ti = item % n_tiles, i = tiles[2 * ti], c = tiles[2 * ti + 1];
+      const int64_t width = std::min(TW, off[i + 1] - c);
       const scalar_t* Ci = Ct + p * sC + i * R * R;
+      const scalar_t* op = o + p * so + c;
       const scalar_t* di = d + p * sd + i * R;
-      if (c + NV * W <= off[i + 1]) {
+      const acc_t* Uc = U + c;
+      if (diagonal[p * k + i]) {  // U_eff[l, x] = U[l, x] (o[x] S_l + d_l)
+        for (int64_t l = 0; l < R; ++l) {
+          const acc_t sl = static_cast<acc_t>(Ci[l * R + l]), dl = static_cast<acc_t>(di[l]);
+          int64_t x = 0;
+          for (; x + W <= width; x += W) store(buf.data() + l * TW + x, load(Uc + l * M + x) * (load(op + x) * sl + dl));
+          for (; x < width; ++x) buf[l * TW + x] = Uc[l * M + x] * (static_cast<acc_t>(op[x]) * sl + dl);
+        }
+      } else if (width == TW) {
         int64_t l = 0;
-        for (; l + LB <= R; l += LB) fold_tile<scalar_t, acc_t, LB>(Ci, op, di, U, M, R, c, l, Up);
-        for (; l < R; ++l) fold_tile<scalar_t, acc_t, 1>(Ci, op, di, U, M, R, c, l, Up);
+        for (; l + LB <= R; l += LB) fold_tile<scalar_t, acc_t, LB>(Ci, op, di, Uc, M, R, l, buf.data());
+        for (; l < R; ++l) fold_tile<scalar_t, acc_t, 1>(Ci, op, di, Uc, M, R, l, buf.data());
+      } else {  // the member's last, partial tile
+        for (int64_t l = 0; l < R; ++l) {
+          for (int64_t x = 0; x < width; ++x) {
+            acc_t a = 0;
+            for (int64_t j = 0; j < R; ++j) a += static_cast<acc_t>(Ci[l * R + j]) * Uc[j * M + x];
+            buf[l * TW + x] = static_cast<acc_t>(op[x]) * a + static_cast<acc_t>(di[l]) * Uc[l * M + x];
+          }
+        }
+      }
+      const acc_t* gi = g + i * R;  // token t's member-i projection at gi + t·k·R
+      const int64_t t0 = p * L, t1 = t0 + L;
+      if (width == TW) {
+        int64_t t = t0;
+        for (; t + RB <= t1; t += RB) tile_rows<scalar_t, acc_t, false, RB>(y, sy, nullptr, gi, nullptr, buf.data(), TW, R, k * R, c, t);
+        for (; t < t1; ++t) tile_rows<scalar_t, acc_t, false, 1>(y, sy, nullptr, gi, nullptr, buf.data(), TW, R, k * R, c, t);
         continue;
       }
-      for (int64_t l = 0; l < R; ++l) {  // the member's last, partial tile
-        for (int64_t cc = c; cc < off[i + 1]; ++cc) {
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t x = 0; x < width; ++x) {
           acc_t a = 0;
-          for (int64_t j = 0; j < R; ++j) a += static_cast<acc_t>(Ci[l * R + j]) * U[j * M + cc];
-          Up[l * M + cc] = static_cast<acc_t>(op[cc]) * a + static_cast<acc_t>(di[l]) * U[l * M + cc];
+          for (int64_t j = 0; j < R; ++j) a += gi[t * k * R + j] * buf[j * TW + x];
+          y[t * sy + c + x] = static_cast<scalar_t>(static_cast<acc_t>(y[t * sy + c + x]) + a);
         }
       }
     }
-  }
+  });
 }
 
 // Every tile for every token, split across threads. Unscaled: in (chunk of `chunk` tokens, tile) tasks, so a
-// task's stretch of y (chunk rows × one tile) stays in cache and its pages in the TLB; chunk c reads U + c·sU
-// (sU = 0: one U). Scaled (OSoRA rows at decode): in tasks of a few tokens across every tile, so each token's o
+// task's stretch of y (chunk rows × one tile) stays in cache and its pages in the TLB. Scaled (OSoRA rows at decode): in tasks of a few tokens across every tile, so each token's o
 // and y rows are read front to back, streams the hardware prefetchers follow, instead of 128-byte pieces of
 // every row at once: o comes from memory at decode (the step's GEMMs stream the weights through every cache
 // level), and this order measured ~25 % faster there (2 threads, AVX-512); for unscaled rows it was slower.
 template <typename scalar_t, typename acc_t, bool kScaled>
-void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e, const acc_t* U, int64_t sU,
+void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e, const acc_t* U,
            int64_t M, int64_t R, int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
            int64_t T, int64_t chunk) {
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
@@ -202,7 +245,7 @@ void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, co
   at::parallel_for(0, chunks * n_tiles, 4, [&](int64_t b, int64_t en) {
     for (int64_t item = b; item < en; ++item) {
       const int64_t c = item / n_tiles, ti = item % n_tiles;
-      apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U + c * sU, M, R, k, off, tiles, ti, ti + 1, c * chunk,
+      apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, ti, ti + 1, c * chunk,
                                             std::min(T, (c + 1) * chunk));
     }
   });
@@ -262,17 +305,13 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
     const int64_t sy = y.stride(0), sh = h.stride(0), sC = Ct.stride(0);
     // Passes split across threads: every token's cores (tiny; for folded rows, each row's U_eff first), then
     // the output tiles.
-    if (o.has_value() && L > 1) {  // scaled rows of several tokens: fold each row's projection, then as unscaled
-      acc_t* Ueff = scratch<acc_t>(2, P * R * M);
-      at::parallel_for(0, P, 1, [&](int64_t b, int64_t en) {
-        fold_rows<scalar_t, acc_t>(Cp, sC, o->const_data_ptr<scalar_t>(), o->stride(0), d->const_data_ptr<scalar_t>(),
-                                   d->stride(0), Up, M, R, off, tiles, Ueff, b, en);
-      });
+    if (o.has_value() && L > 1) {  // scaled rows of several tokens: fold in each tile (sweep_folded)
       at::parallel_for(0, T, 64, [&](int64_t b, int64_t en) {  // the "cores" are h itself, in acc_t
         for (int64_t t = b; t < en; ++t)
           for (int64_t j = 0; j < k * R; ++j) g[t * k * R + j] = static_cast<acc_t>(hp[t * sh + j]);
       });
-      sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Ueff, R * M, M, R, k, off, tiles, T, L);
+      sweep_folded<scalar_t, acc_t>(yp, sy, g, Cp, sC, o->const_data_ptr<scalar_t>(), o->stride(0),
+                                    d->const_data_ptr<scalar_t>(), d->stride(0), Up, M, R, k, off, tiles, P, L);
     } else if (o.has_value()) {
       const scalar_t* dp = d->const_data_ptr<scalar_t>();
       const int64_t sd = d->stride(0);
@@ -281,12 +320,12 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
       at::parallel_for(0, T, kCoresGrain, [&](int64_t b, int64_t en) {
         token_cores<scalar_t, acc_t, true>(hp, sh, Cp, sC, dp, sd, k, R, L, g, e, b, en);
       });
-      sweep<scalar_t, acc_t, true>(yp, sy, orow.data(), g, e, Up, 0, M, R, k, off, tiles, T, kChunk);
+      sweep<scalar_t, acc_t, true>(yp, sy, orow.data(), g, e, Up, M, R, k, off, tiles, T, kChunk);
     } else {
       at::parallel_for(0, T, kCoresGrain, [&](int64_t b, int64_t en) {
         token_cores<scalar_t, acc_t, false>(hp, sh, Cp, sC, nullptr, 0, k, R, L, g, nullptr, b, en);
       });
-      sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Up, 0, M, R, k, off, tiles, T, kChunk);
+      sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Up, M, R, k, off, tiles, T, kChunk);
     }
   });
 }
