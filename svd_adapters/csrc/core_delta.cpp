@@ -223,10 +223,11 @@ void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* Ct, i
 }
 
 // Every tile for every token, split across threads. Unscaled: in (chunk of `chunk` tokens, tile) tasks, so a
-// task's stretch of y (chunk rows × one tile) stays in cache and its pages in the TLB. Scaled (OSoRA rows at decode): in tasks of a few tokens across every tile, so each token's o
-// and y rows are read front to back, streams the hardware prefetchers follow, instead of 128-byte pieces of
-// every row at once: o comes from memory at decode (the step's GEMMs stream the weights through every cache
-// level), and this order measured ~25 % faster there (2 threads, AVX-512); for unscaled rows it was slower.
+// task's stretch of y (chunk rows × one tile) stays in cache and its pages in the TLB. Scaled (OSoRA rows at
+// decode): each thread takes a range of tiles and walks it a few tokens at a time, so each token's o and y rows
+// are read front to back, streams the hardware prefetchers follow, instead of 128-byte pieces of every row at
+// once: o comes from memory at decode (the step's GEMMs stream the weights through every cache level), and this
+// order measured ~25 % faster there (2 threads, AVX-512); for unscaled rows it was slower.
 template <typename scalar_t, typename acc_t, bool kScaled>
 void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e, const acc_t* U,
            int64_t M, int64_t R, int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
@@ -234,10 +235,9 @@ void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, co
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
   if constexpr (kScaled) {
     constexpr int64_t kTokens = 4;
-    at::parallel_for(0, (T + kTokens - 1) / kTokens, 1, [&](int64_t b, int64_t en) {
-      for (int64_t q = b; q < en; ++q)
-        apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, 0, n_tiles, q * kTokens,
-                                              std::min(T, (q + 1) * kTokens));
+    at::parallel_for(0, n_tiles, 4, [&](int64_t tb, int64_t te) {
+      for (int64_t t = 0; t < T; t += kTokens)
+        apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, tb, te, t, std::min(T, t + kTokens));
     });
     return;
   }
