@@ -29,9 +29,6 @@ using svdserve::store;
 
 constexpr int NV = 2;        // vectors of output columns per tile (3 measured no faster)
 constexpr int64_t kChunk = 64;  // tokens per task at prefill
-// Tokens whose cores one thread computes before another joins in: a decode step's few (≤ 64) take microseconds,
-// less than waking the other threads costs.
-constexpr int64_t kCoresGrain = 64;
 
 // Every token's cores for every member: g = C h and, for scaled rows, e = d ⊙ h; (T, k·R) each.
 template <typename scalar_t, typename acc_t, bool kScaled>
@@ -317,12 +314,12 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
       const int64_t sd = d->stride(0);
       std::vector<const scalar_t*> orow(T);  // token t's row of o: no division in the inner loops
       for (int64_t t = 0; t < T; ++t) orow[t] = o->const_data_ptr<scalar_t>() + (t / L) * o->stride(0);
-      at::parallel_for(0, T, kCoresGrain, [&](int64_t b, int64_t en) {
+      at::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
         token_cores<scalar_t, acc_t, true>(hp, sh, Cp, sC, dp, sd, k, R, L, g, e, b, en);
       });
       sweep<scalar_t, acc_t, true>(yp, sy, orow.data(), g, e, Up, M, R, k, off, tiles, T, kChunk);
     } else {
-      at::parallel_for(0, T, kCoresGrain, [&](int64_t b, int64_t en) {
+      at::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
         token_cores<scalar_t, acc_t, false>(hp, sh, Cp, sC, nullptr, 0, k, R, L, g, nullptr, b, en);
       });
       sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Up, M, R, k, off, tiles, T, kChunk);
