@@ -259,14 +259,7 @@ class LinearGroup(nn.Module):
         `rows` is this group kind's `GroupPools.gather` result for the step."""
         P, L, li, p = mp.rows, mp.tokens_per_row, self.layer, self.pools
         if mp.has_core:
-            y, h = self.project(x)
-            # Without OSoRA rows every o is 1 and every d is 0: skip the scale and the subtraction.
-            o, d = (rows["o"][li], rows["d"][li]) if mp.has_sub else (None, None)
-            if cpu_kernels.serves(y):
-                cpu_kernels.core_delta(y, h, rows["C"][li], o, d, self.Ut_cat, self.bounds, L)
-            else:
-                core_delta_(y, h.reshape(P, L, self.k, self.R), rows["C"][li], o, d, self.Ut_members, p.offsets,
-                            p.scratch_for(P) if L == 1 else None, self.Ut_blockdiag)
+            y = self._with_core_delta(x, mp, rows)
         else:  # no core adapter in the batch: skip the shared projections entirely
             y = cpu_kernels.matmul_t(x, self.W_aug[: self.M])
         if self.bias is not None:
@@ -277,6 +270,40 @@ class LinearGroup(nn.Module):
             delta = lowrank_delta(x.view(P, L, -1)[sel], p.A[li, slots], [B[li, slots] for B in p.B], p.K)
             y.view(P, L, self.M).index_add_(0, sel, delta)
         return y
+
+    def _with_core_delta(self, x: torch.Tensor, mp: SlotMapping, rows: dict[str, tuple[torch.Tensor, ...]],
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+        """Base outputs plus every row's core delta (`out`: see `gated`)."""
+        P, L, li = mp.rows, mp.tokens_per_row, self.layer
+        y, h = self.project(x)
+        # Without OSoRA rows every o is 1 and every d is 0: skip the scale and the subtraction.
+        o, d = (rows["o"][li], rows["d"][li]) if mp.has_sub else (None, None)
+        if cpu_kernels.serves(y):
+            cpu_kernels.core_delta(y, h, rows["C"][li], o, d, self.Ut_cat, self.bounds, L, out=out)
+        else:
+            core_delta_(y, h.reshape(P, L, self.k, self.R), rows["C"][li], o, d, self.Ut_members, self.pools.offsets,
+                        self.pools.scratch_for(P) if L == 1 else None, self.Ut_blockdiag)
+        return y
+
+    def gated(self, x: torch.Tensor, mp: SlotMapping, rows: dict[str, tuple[torch.Tensor, ...]], act: nn.Module,
+              act_is_silu: bool = False) -> torch.Tensor:
+        """act(gate) · up of a gate/up group, with every row's delta: x (T, n) → (T, m).
+
+        At prefill on the CPU with SiLU (`act_is_silu`, from the model's config) the kernels apply the activation right after each chunk's delta, while the
+        chunk's rows of the (T, 2m) output are still in cache, instead of a later pass over them from memory (and
+        two more for silu and the product); base-only batches take the same one-pass activation, so the baseline
+        is not handicapped. Elsewhere: `forward`, then the activation as PyTorch ops."""
+        fused = (act_is_silu and self.k == 2 and self.out_sizes[0] == self.out_sizes[1]
+                 and self.bias is None and not mp.has_lr and x.shape[0] > cpu_kernels.SKINNY_MAX_ROWS
+                 and cpu_kernels.serves(x))
+        if not fused:
+            gate, up = self.split(self(x, mp, rows))
+            return act(gate) * up
+        if not mp.has_core:
+            return cpu_kernels.gated_silu(cpu_kernels.matmul_t(x, self.W_aug[: self.M]))
+        out = torch.empty(x.shape[0], self.M // 2, dtype=x.dtype, device=x.device)
+        self._with_core_delta(x, mp, rows, out=out)
+        return out
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Base outputs y (T, M), fresh (the delta goes in in place), and the shared projections h (T, k·R).

@@ -110,14 +110,20 @@ def skinny_linear(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 
 
 def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tensor | None, d: torch.Tensor | None,
-               U: torch.Tensor, offsets: list[int], tokens_per_row: int = 1) -> None:
+               U: torch.Tensor, offsets: list[int], tokens_per_row: int = 1, out: torch.Tensor | None = None) -> None:
     """y (T, M) += one group's core delta, in place; see `csrc/core_delta.cpp`.
 
     h (T, k·R) the tokens' shared projections; token t belongs to request row t // tokens_per_row, whose core
     Ct[row] (k, R, R) is transposed and whose o (rows, M), d (rows, k·R) are given for output-scaling rows or
     None; U (R, M) the members' U_rᵀ side by side in float32 (float64 for a float64 y); offsets: the members'
-    column bounds. Check `serves(y)` first."""
-    torch.ops.svdserve.core_delta(y, h, Ct, o, d, U, offsets, tokens_per_row)
+    column bounds. With `out` (T, M/2), for a gate/up group: also out = silu(gate) · up of the final y, each
+    chunk of tokens right after its delta, while its rows are in cache. Check `serves(y)` first."""
+    torch.ops.svdserve.core_delta(y, h, Ct, o, d, U, offsets, tokens_per_row, out)
+
+
+def gated_silu(y: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up for y = [gate | up] (T, 2m) in one pass: what `core_delta`'s `out` gives, without adapters."""
+    return torch.ops.svdserve.gated_silu(y)
 
 
 def serves(y: torch.Tensor) -> bool:

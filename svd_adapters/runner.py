@@ -81,6 +81,7 @@ class BatchedRunner(nn.Module):
             block = nn.Module()
             block.groups = groups
             block.ln1, block.ln2, block.act = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp.act_fn
+            block.silu = getattr(cfg, "hidden_act", None) in ("silu", "swish")  # the kernels can fuse this activation
             self.layers.append(block)
         self._slot_version = [0] * core_slots
         # Core slots whose adapter scales outputs and subtracts U_r σ_r V_rᵀ (OSoRA), read off the terms written
@@ -164,8 +165,7 @@ class BatchedRunner(nn.Module):
             v = v.view(T, self.n_kv, self.head_dim)
             attn = attend(li, q, k, v).reshape(T, self.n_heads * self.head_dim)
             x = x + g["o"](attn, mp, rows["o"])
-            gate, up = g["gate_up"].split(g["gate_up"](blk.ln2(x), mp, rows["gate_up"]))
-            x = x + g["down"](blk.act(gate) * up, mp, rows["down"])
+            x = x + g["down"](g["gate_up"].gated(blk.ln2(x), mp, rows["gate_up"], blk.act, blk.silu), mp, rows["down"])
         return self.norm(x)
 
     def _gathered(self, mp: SlotMapping, decode: bool) -> dict[str, dict[str, tuple[torch.Tensor, ...]]]:

@@ -114,6 +114,60 @@ def test_core_delta_kernel_folds_diagonal_cores_like_dense_ones(shape, dtype):
     assert err <= {torch.bfloat16: 2 ** -8, torch.float32: 1e-6}[dtype] * want[:, :M].abs().max().item()
 
 
+def gated_reference(y: torch.Tensor) -> torch.Tensor:
+    gate, up = y.double().chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+# decode (L = 1) and prefill (L > 1) rows, unscaled and scaled (folded at prefill), members wider and narrower
+# than a vector, and gates large enough to reach the exponential's clamp.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("shape", [dict(P=6, R=16, sizes=(80, 80), L=1), dict(P=3, R=16, sizes=(80, 80), L=9),
+                                   dict(P=2, R=5, sizes=(7, 7), L=4)], ids=["decode", "prefill", "narrow"])
+def test_core_delta_kernel_applies_the_gated_activation_to_its_final_output(shape, scaled, dtype):
+    assert cpu_kernels.available()
+    c = case(dtype, scaled, seed=3, **shape)
+    M = c["M"]
+    c["z"][:, : M // 2] *= 30  # gates from about -100 to 100: silu's tails
+    y = c["z"].clone()
+    U = torch.cat(c["Ut"], dim=1).to(torch.promote_types(dtype, torch.float32)).contiguous()
+    out = torch.full((y.shape[0], M // 2), float("nan"), dtype=dtype)
+    cpu_kernels.core_delta(y[:, :M], y[:, M:], c["Ct"], c["o"], c["d"], U, c["offsets"] + [M], c["L"], out=out)
+    want_y = reference(c)[:, :M]
+    scale = want_y.abs().max().item()
+    tol = {torch.bfloat16: 2 ** -8, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
+    assert (y[:, :M].double() - want_y).abs().max().item() <= tol * scale  # y itself is still updated
+    want = gated_reference(y[:, :M])  # the activation of the y the kernel wrote
+    assert (out.double() - want).abs().max().item() <= tol * want.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_silu_matches_torch(dtype):
+    assert cpu_kernels.available()
+    gen = torch.Generator().manual_seed(1)
+    y = (torch.randn(70, 2 * 37, generator=gen, dtype=torch.float64) * 20).to(dtype)
+    y[0, 0], y[1, 1], y[2, 2] = -200.0, 200.0, 0.0  # past the clamp both ways, and zero
+    out = cpu_kernels.gated_silu(y)
+    want = gated_reference(y)
+    tol = {torch.bfloat16: 2 ** -8, torch.float32: 1e-6}[dtype]
+    assert out.dtype == dtype and out.shape == (70, 37)
+    assert (out.double() - want).abs().max().item() <= tol * want.abs().max().item()
+    assert abs(out[0, 0].item()) < 1e-30 and torch.isfinite(out).all()  # silu(-200) is 0 to float precision
+
+
+def test_gated_activation_refuses_groups_it_cannot_split_with_a_message():
+    assert cpu_kernels.available()
+    c = case(torch.float32, False)  # three members
+    M = c["M"]
+    U = torch.cat(c["Ut"], dim=1).contiguous()
+    with pytest.raises(RuntimeError, match="two equal members"):
+        cpu_kernels.core_delta(c["z"][:, :M], c["z"][:, M:], c["Ct"], None, None, U, c["offsets"] + [M], 1,
+                               out=torch.empty(c["P"], M // 2))
+    with pytest.raises(RuntimeError, match=r"\(T, 2m\)"):
+        cpu_kernels.gated_silu(torch.zeros(4, 5))
+
+
 def test_core_delta_kernel_keeps_nan_and_rounds_bfloat16_like_torch():
     assert cpu_kernels.available()
     P, R, M = 1, 2, 16

@@ -40,7 +40,7 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
     calls = []
     for name in ("skinny_linear", "core_delta"):
         kernel = getattr(cpu_kernels, name)
-        monkeypatch.setattr(cpu_kernels, name, lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _k=kernel, _n=name, **kw: (calls.append(_n), _k(*a, **kw))[1])
     runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=16, max_seq_len=64, core_slots=8, lr_slots=8)
     cs, ls = runner.place(list(adapters.values()), tiny_factors)
     assert runner.scaled_slots == {c for c, a in zip(cs, adapters.values()) if a.method == "osora"}
@@ -74,6 +74,35 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
     # the adapters really change the output (the comparison above is not vacuous)
     base_row = refs[-1](torch.tensor([prompts[0]])).logits[0]
     assert (logits[0, : len(prompts[0])] - base_row).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("with_adapters", [True, False], ids=["osora-loraxs-base-rows", "base-only"])
+def test_prefill_fuses_the_gated_activation_and_still_matches_merged_reference(tiny_base, tiny_factors, adapters,
+                                                                              with_adapters, monkeypatch):
+    """A prefill of more than 64 tokens without low-rank rows applies silu(gate)·up inside the kernels (right
+    after the gate/up delta, or in one pass for base-only batches); the logits stay the merged reference's."""
+    assert cpu_kernels.available() and tiny_base.model.config.hidden_act == "silu"
+    used = []
+    for name in ("core_delta", "gated_silu"):
+        kernel = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _k=kernel, _n=name, **kw: (
+            used.append(_n if kw.get("out") is None and _n == "core_delta" else _n + "+act"), _k(*a, **kw))[1])
+    runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=8, max_seq_len=32, core_slots=8, lr_slots=2)
+    ids = [aid for aid, a in adapters.items() if a.method in ("osora", "loraxs")] if with_adapters else []
+    for slot, aid in enumerate(ids, start=1):
+        runner.write_core_slot(slot, adapters[aid].terms(tiny_factors))
+    rows = ids + [None] * (2 if with_adapters else 6)  # base rows
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 200, (int(n),), generator=gen).tolist() for n in torch.randint(14, 20, (len(rows),), generator=gen)]
+    assert len(rows) * max(map(len, prompts)) > cpu_kernels.SKINNY_MAX_ROWS
+    cs = list(range(1, len(ids) + 1)) + [0] * (len(rows) - len(ids))
+    logits = runner.prefill(prompts, list(range(len(rows))), cs, [0] * len(rows), all_logits=True)
+    layers = len(runner.layers)
+    assert used.count("core_delta+act" if with_adapters else "gated_silu+act") == layers
+    for i, aid in enumerate(rows):
+        with torch.no_grad():
+            ref = merged_model(tiny_base, tiny_factors, adapters.get(aid)).eval()(torch.tensor([prompts[i]])).logits[0]
+        assert (logits[i, : len(prompts[i])] - ref).abs().max().item() <= 1e-4
 
 
 @pytest.fixture()

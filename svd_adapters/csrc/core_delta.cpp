@@ -17,6 +17,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <functional>
 #include <vector>
 
 #include "vec.h"
@@ -155,6 +157,29 @@ inline void fold_tile(const scalar_t* Ci, const scalar_t* op, const scalar_t* di
   }
 }
 
+// Called with a range of tokens [t0, t1) once their rows of y are final (see `gated_silu_rows`), or null.
+using Epilogue = std::function<void(int64_t, int64_t)>;
+
+// out[t, c] = silu(y[t, c]) · y[t, m + c] for tokens [t0, t1): a gate/up group's activation (its two members'
+// outputs side by side), run on rows of y that the caller has just written, so they are read from cache.
+template <typename scalar_t>
+void gated_silu_rows(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, int64_t m, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const scalar_t* yt = y + t * sy;
+    scalar_t* ot = out + t * so;
+    int64_t c = 0;
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      for (; c + svdserve::kFloatLanes <= m; c += svdserve::kFloatLanes)
+        store(ot + c, svdserve::silu(load(yt + c)) * load(yt + m + c));
+    }
+    for (; c < m; ++c) {
+      using acc_t = at::opmath_type<scalar_t>;
+      const acc_t gate = static_cast<acc_t>(yt[c]);
+      ot[c] = static_cast<scalar_t>(gate / (acc_t(1) + std::exp(-gate)) * static_cast<acc_t>(yt[m + c]));
+    }
+  }
+}
+
 // Scaled rows of several tokens each (OSoRA at prefill): in (row, tile) tasks, fold the row's scale, core and d into
 // the tile's slice of its projection (R × NV·W, in L1: R²·NV·W multiply-adds, or R·NV·W for a diagonal core), then
 // run the row's L tokens through it as unscaled ones, with their h as the cores. Nothing of size rows × R × M is
@@ -162,7 +187,8 @@ inline void fold_tile(const scalar_t* Ci, const scalar_t* op, const scalar_t* di
 template <typename scalar_t, typename acc_t>
 void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* Ct, int64_t sC, const scalar_t* o,
                   int64_t so, const scalar_t* d, int64_t sd, const acc_t* U, int64_t M, int64_t R, int64_t k,
-                  const std::vector<int64_t>& off, const std::vector<int64_t>& tiles, int64_t P, int64_t L) {
+                  const std::vector<int64_t>& off, const std::vector<int64_t>& tiles, int64_t P, int64_t L,
+                  const Epilogue* epilogue) {
   constexpr int W = sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
   constexpr int64_t TW = NV * W;
   constexpr int LB = 4 * (svdserve::kVecRegs / 16);
@@ -171,10 +197,9 @@ void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* Ct, i
   std::vector<char> diagonal(P * k);
   for (int64_t p = 0; p < P; ++p)
     for (int64_t i = 0; i < k; ++i) diagonal[p * k + i] = is_diagonal(Ct + p * sC + i * R * R, R);
-  at::parallel_for(0, P * n_tiles, 4, [&](int64_t b, int64_t en) {
-    std::vector<acc_t> buf(R * TW);
-    for (int64_t item = b; item < en; ++item) {
-      const int64_t p = item / n_tiles, ti = item % n_tiles, i = tiles[2 * ti], c = tiles[2 * ti + 1];
+  // Row p's tile ti, with buf (R × TW) as its folded projection's slice.
+  auto row_tile = [&](int64_t p, int64_t ti, acc_t* bufp) {
+      const int64_t i = tiles[2 * ti], c = tiles[2 * ti + 1];
       const int64_t width = std::min(TW, off[i + 1] - c);
       const scalar_t* Ci = Ct + p * sC + i * R * R;
       const scalar_t* op = o + p * so + c;
@@ -184,19 +209,19 @@ void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* Ct, i
         for (int64_t l = 0; l < R; ++l) {
           const acc_t sl = static_cast<acc_t>(Ci[l * R + l]), dl = static_cast<acc_t>(di[l]);
           int64_t x = 0;
-          for (; x + W <= width; x += W) store(buf.data() + l * TW + x, load(Uc + l * M + x) * (load(op + x) * sl + dl));
-          for (; x < width; ++x) buf[l * TW + x] = Uc[l * M + x] * (static_cast<acc_t>(op[x]) * sl + dl);
+          for (; x + W <= width; x += W) store(bufp + l * TW + x, load(Uc + l * M + x) * (load(op + x) * sl + dl));
+          for (; x < width; ++x) bufp[l * TW + x] = Uc[l * M + x] * (static_cast<acc_t>(op[x]) * sl + dl);
         }
       } else if (width == TW) {
         int64_t l = 0;
-        for (; l + LB <= R; l += LB) fold_tile<scalar_t, acc_t, LB>(Ci, op, di, Uc, M, R, l, buf.data());
-        for (; l < R; ++l) fold_tile<scalar_t, acc_t, 1>(Ci, op, di, Uc, M, R, l, buf.data());
+        for (; l + LB <= R; l += LB) fold_tile<scalar_t, acc_t, LB>(Ci, op, di, Uc, M, R, l, bufp);
+        for (; l < R; ++l) fold_tile<scalar_t, acc_t, 1>(Ci, op, di, Uc, M, R, l, bufp);
       } else {  // the member's last, partial tile
         for (int64_t l = 0; l < R; ++l) {
           for (int64_t x = 0; x < width; ++x) {
             acc_t a = 0;
             for (int64_t j = 0; j < R; ++j) a += static_cast<acc_t>(Ci[l * R + j]) * Uc[j * M + x];
-            buf[l * TW + x] = static_cast<acc_t>(op[x]) * a + static_cast<acc_t>(di[l]) * Uc[l * M + x];
+            bufp[l * TW + x] = static_cast<acc_t>(op[x]) * a + static_cast<acc_t>(di[l]) * Uc[l * M + x];
           }
         }
       }
@@ -204,18 +229,31 @@ void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* Ct, i
       const int64_t t0 = p * L, t1 = t0 + L;
       if (width == TW) {
         int64_t t = t0;
-        for (; t + RB <= t1; t += RB) tile_rows<scalar_t, acc_t, false, RB>(y, sy, nullptr, gi, nullptr, buf.data(), TW, R, k * R, c, t);
-        for (; t < t1; ++t) tile_rows<scalar_t, acc_t, false, 1>(y, sy, nullptr, gi, nullptr, buf.data(), TW, R, k * R, c, t);
-        continue;
+        for (; t + RB <= t1; t += RB) tile_rows<scalar_t, acc_t, false, RB>(y, sy, nullptr, gi, nullptr, bufp, TW, R, k * R, c, t);
+        for (; t < t1; ++t) tile_rows<scalar_t, acc_t, false, 1>(y, sy, nullptr, gi, nullptr, bufp, TW, R, k * R, c, t);
+        return;
       }
       for (int64_t t = t0; t < t1; ++t) {
         for (int64_t x = 0; x < width; ++x) {
           acc_t a = 0;
-          for (int64_t j = 0; j < R; ++j) a += gi[t * k * R + j] * buf[j * TW + x];
+          for (int64_t j = 0; j < R; ++j) a += gi[t * k * R + j] * bufp[j * TW + x];
           y[t * sy + c + x] = static_cast<scalar_t>(static_cast<acc_t>(y[t * sy + c + x]) + a);
         }
       }
-    }
+  };
+  if (epilogue) {  // a row per task: all its tiles, then the epilogue over its tokens while they are in cache
+    at::parallel_for(0, P, 1, [&](int64_t b, int64_t en) {
+      std::vector<acc_t> buf(R * TW);
+      for (int64_t p = b; p < en; ++p) {
+        for (int64_t ti = 0; ti < n_tiles; ++ti) row_tile(p, ti, buf.data());
+        (*epilogue)(p * L, (p + 1) * L);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, P * n_tiles, 4, [&](int64_t b, int64_t en) {
+    std::vector<acc_t> buf(R * TW);
+    for (int64_t item = b; item < en; ++item) row_tile(item / n_tiles, item % n_tiles, buf.data());
   });
 }
 
@@ -228,7 +266,7 @@ void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* Ct, i
 template <typename scalar_t, typename acc_t, bool kScaled>
 void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e, const acc_t* U,
            int64_t M, int64_t R, int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
-           int64_t T, int64_t chunk) {
+           int64_t T, int64_t chunk, const Epilogue* epilogue) {
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
   if constexpr (kScaled) {
     constexpr int64_t kTokens = 4;
@@ -236,9 +274,20 @@ void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, co
       for (int64_t t = 0; t < T; t += kTokens)
         apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, tb, te, t, std::min(T, t + kTokens));
     });
+    if (epilogue) at::parallel_for(0, T, 16, [&](int64_t b, int64_t en) { (*epilogue)(b, en); });
     return;
   }
   const int64_t chunks = (T + chunk - 1) / chunk;
+  if (epilogue) {  // a chunk per task: all its tiles, then the epilogue over its tokens while they are in cache
+    at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t en) {
+      for (int64_t c = b; c < en; ++c) {
+        const int64_t t0 = c * chunk, t1 = std::min(T, (c + 1) * chunk);
+        apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, 0, n_tiles, t0, t1);
+        (*epilogue)(t0, t1);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, chunks * n_tiles, 4, [&](int64_t b, int64_t en) {
     for (int64_t item = b; item < en; ++item) {
       const int64_t c = item / n_tiles, ti = item % n_tiles;
@@ -248,12 +297,12 @@ void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, co
   });
 }
 
-// Per-thread scratch buffers that only grow: a prefill's folded projections are megabytes, and a fresh
-// allocation of that size per call costs a memset and page faults (measured: OSoRA's prefill delta ~1.7×
-// slower in the model than in a loop that reused its memory). Every element used is written before it is read.
+// Per-thread scratch buffers that only grow: a fresh allocation of a prefill's size per call costs a memset and
+// page faults (measured, when it held whole folded projections: OSoRA's prefill delta ~1.7× slower in the model
+// than in a loop that reused its memory). Every element used is written before it is read.
 template <typename acc_t>
 acc_t* scratch(int which, int64_t n) {
-  thread_local std::vector<acc_t> buffers[3];
+  thread_local std::vector<acc_t> buffers[2];
   std::vector<acc_t>& b = buffers[which];
   if (static_cast<int64_t>(b.size()) < n) b.resize(n);
   return b.data();
@@ -266,7 +315,8 @@ void check_rows(const at::Tensor& t, const char* name, int64_t P, int64_t width,
 }
 
 void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const std::optional<at::Tensor>& o,
-                const std::optional<at::Tensor>& d, const at::Tensor& U, at::IntArrayRef offsets, int64_t L) {
+                const std::optional<at::Tensor>& d, const at::Tensor& U, at::IntArrayRef offsets, int64_t L,
+                const std::optional<at::Tensor>& out) {
   TORCH_CHECK(y.device().is_cpu(), "core_delta runs on the CPU");
   const int64_t T = y.size(0), M = y.size(1), R = U.size(0), k = static_cast<int64_t>(offsets.size()) - 1;
   TORCH_CHECK(k >= 1 && offsets[0] == 0 && offsets[k] == M, "offsets must run from 0 to y's width");
@@ -284,6 +334,10 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
     check_rows(*o, "o", P, M, y.scalar_type());
     check_rows(*d, "d", P, k * R, y.scalar_type());
   }
+  if (out.has_value()) {
+    TORCH_CHECK(k == 2 && offsets[1] * 2 == M, "out (the gated activation) needs a group of two equal members");
+    check_rows(*out, "out", T, M / 2, y.scalar_type());
+  }
   if (T == 0) return;
   const std::vector<int64_t> off(offsets.begin(), offsets.end());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "core_delta", [&] {
@@ -300,6 +354,14 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
     const scalar_t* Cp = Ct.const_data_ptr<scalar_t>();
     const acc_t* Up = U.const_data_ptr<acc_t>();
     const int64_t sy = y.stride(0), sh = h.stride(0), sC = Ct.stride(0);
+    // With `out`: out = silu(gate) · up of the final y, applied per chunk of tokens right after their delta.
+    Epilogue gated;
+    if (out.has_value()) {
+      scalar_t* outp = out->data_ptr<scalar_t>();
+      const int64_t so = out->stride(0), m = M / 2;
+      gated = [=](int64_t t0, int64_t t1) { gated_silu_rows<scalar_t>(yp, sy, outp, so, m, t0, t1); };
+    }
+    const Epilogue* epilogue = out.has_value() ? &gated : nullptr;
     // Passes split across threads: every token's cores (tiny; for folded rows, each row's U_eff first), then
     // the output tiles.
     if (o.has_value() && L > 1) {  // scaled rows of several tokens: fold in each tile (sweep_folded)
@@ -308,7 +370,7 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
           for (int64_t j = 0; j < k * R; ++j) g[t * k * R + j] = static_cast<acc_t>(hp[t * sh + j]);
       });
       sweep_folded<scalar_t, acc_t>(yp, sy, g, Cp, sC, o->const_data_ptr<scalar_t>(), o->stride(0),
-                                    d->const_data_ptr<scalar_t>(), d->stride(0), Up, M, R, k, off, tiles, P, L);
+                                    d->const_data_ptr<scalar_t>(), d->stride(0), Up, M, R, k, off, tiles, P, L, epilogue);
     } else if (o.has_value()) {
       const scalar_t* dp = d->const_data_ptr<scalar_t>();
       const int64_t sd = d->stride(0);
@@ -317,23 +379,42 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
       at::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
         token_cores<scalar_t, acc_t, true>(hp, sh, Cp, sC, dp, sd, k, R, L, g, e, b, en);
       });
-      sweep<scalar_t, acc_t, true>(yp, sy, orow.data(), g, e, Up, M, R, k, off, tiles, T, kChunk);
+      sweep<scalar_t, acc_t, true>(yp, sy, orow.data(), g, e, Up, M, R, k, off, tiles, T, kChunk, epilogue);
     } else {
       at::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
         token_cores<scalar_t, acc_t, false>(hp, sh, Cp, sC, nullptr, 0, k, R, L, g, nullptr, b, en);
       });
-      sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Up, M, R, k, off, tiles, T, kChunk);
+      sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Up, M, R, k, off, tiles, T, kChunk, epilogue);
     }
   });
+}
+
+// silu(gate) · up for y = [gate | up] (T, 2m): the activation of a gate/up group without adapters, in one pass
+// (torch's silu and multiply are two passes and a temporary), so base rows get the same activation as
+// `core_delta`'s `out`.
+at::Tensor gated_silu(const at::Tensor& y) {
+  TORCH_CHECK(y.device().is_cpu(), "gated_silu runs on the CPU");
+  TORCH_CHECK(y.dim() == 2 && y.size(1) % 2 == 0 && y.stride(1) == 1,
+              "y must be (T, 2m) [gate | up], contiguous within a row, got ", y.sizes());
+  const int64_t T = y.size(0), m = y.size(1) / 2;
+  at::Tensor out = at::empty({T, m}, y.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "gated_silu", [&] {
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 16, [&](int64_t b, int64_t en) { gated_silu_rows<scalar_t>(yp, y.stride(0), op, m, m, b, en); });
+  });
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(svdserve, m) {
   m.def("core_delta(Tensor(a!) y, Tensor h, Tensor Ct, Tensor? o, Tensor? d, Tensor U, int[] offsets, "
-        "int tokens_per_row) -> ()");
+        "int tokens_per_row, Tensor(b!)? out=None) -> ()");
+  m.def("gated_silu(Tensor y) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(svdserve, CPU, m) {
   m.impl("core_delta", &core_delta);
+  m.impl("gated_silu", &gated_silu);
 }

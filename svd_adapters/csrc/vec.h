@@ -54,6 +54,36 @@ inline float hsum(Vec<float>::type v) {
   return (s[0] + s[2]) + (s[1] + s[3]);
 }
 
+// e^x for a float vector: x = n·ln2 + r with |r| ≤ ln2/2, e^r by its degree-6 Taylor polynomial (relative
+// error < 2e-7 on that range), 2^n put into the exponent bits. Inputs are clamped to [-87, 88], where e^x stays a
+// normal float: silu only needs it there (below, x·σ(x) is 0 to float precision; above, σ(x) is 1).
+inline Vec<float>::type exp_approx(Vec<float>::type x) {
+  typedef Vec<float>::type V;
+  typedef int32_t i32v __attribute__((vector_size(kVecBytes)));
+  const V lo = V{} - 87.0f, hi = V{} + 88.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const V shifter = V{} + 12582912.0f;  // 1.5·2^23: adding and subtracting it rounds to the nearest integer
+  const V n = (x * 1.44269504088896341f + shifter) - shifter;
+  const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts, so r keeps its low bits
+  V p = V{} + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const i32v bits = (__builtin_convertvector(n, i32v) + 127) << 23;
+  V scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// silu(x) = x / (1 + e^-x), a vector at a time.
+inline Vec<float>::type silu(Vec<float>::type x) {
+  return x / (1.0f + exp_approx(-x));
+}
+
 // bfloat16 rows in float registers: widening is a shift; narrowing rounds to nearest even (as c10::BFloat16
 // does), NaN kept NaN.
 typedef uint16_t u16v __attribute__((vector_size(kVecBytes / 2)));
