@@ -64,6 +64,13 @@ def test_kernels_build_here():
     assert cpu_kernels.available(), "the CPU kernels did not build (see the log for the compiler's error)"
 
 
+def test_large_blocks_are_kept_in_mallocs_heap_on_glibc():
+    # CI and the Docker image run glibc: prefill's activations must not be page-faulted in afresh every step.
+    assert cpu_kernels.keep_large_blocks()
+    x = torch.ones(4 << 20)  # a 16 MB block, under the new threshold: served (and later reused) from the heap
+    assert x.sum().item() == 4 << 20
+
+
 # Sizes that are and are not multiples of the kernel's tile width (16 floats, 8 doubles), token counts that are
 # and are not multiples of its row block (4 plain, 2 scaled), the real model's rank, and prefill-style rows of
 # several tokens sharing one adapter (scaled ones take the folded path; R = 6 is not a multiple of its 4-row block).
