@@ -66,9 +66,7 @@ def test_kernels_build_here():
 
 def test_large_blocks_are_kept_in_mallocs_heap_on_glibc():
     # CI and the Docker image run glibc: prefill's activations must not be page-faulted in afresh every step.
-    assert cpu_kernels.keep_large_blocks()
-    x = torch.ones(4 << 20)  # a 16 MB block, under the new threshold: served (and later reused) from the heap
-    assert x.sum().item() == 4 << 20
+    assert cpu_kernels.keep_large_blocks()  # mallopt accepted both settings
 
 
 # Sizes that are and are not multiples of the kernel's tile width (16 floats, 8 doubles), token counts that are
