@@ -241,20 +241,13 @@ void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* Ct, i
         }
       }
   };
-  if (epilogue) {  // a row per task: all its tiles, then the epilogue over its tokens while they are in cache
-    at::parallel_for(0, P, 1, [&](int64_t b, int64_t en) {
-      std::vector<acc_t> buf(R * TW);
-      for (int64_t p = b; p < en; ++p) {
-        for (int64_t ti = 0; ti < n_tiles; ++ti) row_tile(p, ti, buf.data());
-        (*epilogue)(p * L, (p + 1) * L);
-      }
-    });
-    return;
-  }
   at::parallel_for(0, P * n_tiles, 4, [&](int64_t b, int64_t en) {
     std::vector<acc_t> buf(R * TW);
     for (int64_t item = b; item < en; ++item) row_tile(item / n_tiles, item % n_tiles, buf.data());
   });
+  // The epilogue as a pass of its own: run per row right after the row's tiles it measured ~2× slower in the
+  // model (gate/up at 2048 tokens: 4.4 against 2.0 + 1.4 ms), unlike the unscaled sweep's per-chunk epilogue.
+  if (epilogue) at::parallel_for(0, P * L, 16, [&](int64_t b, int64_t en) { (*epilogue)(b, en); });
 }
 
 // Every tile for every token, split across threads. Unscaled: in (chunk of `chunk` tokens, tile) tasks, so a
