@@ -289,10 +289,11 @@ class LinearGroup(nn.Module):
               act_is_silu: bool = False) -> torch.Tensor:
         """act(gate) · up of a gate/up group, with every row's delta: x (T, n) → (T, m).
 
-        At prefill on the CPU with SiLU (`act_is_silu`, from the model's config) the kernels apply the activation right after each chunk's delta, while the
-        chunk's rows of the (T, 2m) output are still in cache, instead of a later pass over them from memory (and
-        two more for silu and the product); base-only batches take the same one-pass activation, so the baseline
-        is not handicapped. Elsewhere: `forward`, then the activation as PyTorch ops."""
+        At prefill on the CPU with SiLU (`act_is_silu`, from the model's config) the kernels apply it in one pass
+        (torch's silu and product take two and a temporary: ~7× slower in isolation), for rows without output
+        scales right after each chunk's delta while the chunk is in cache; base-only batches take the same
+        one-pass activation, so the baseline is not handicapped. Elsewhere: `forward`, then the activation as
+        PyTorch ops."""
         fused = (act_is_silu and self.k == 2 and self.out_sizes[0] == self.out_sizes[1]
                  and self.bias is None and not mp.has_lr and x.shape[0] > cpu_kernels.SKINNY_MAX_ROWS
                  and cpu_kernels.serves(x))

@@ -116,8 +116,9 @@ def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tens
     h (T, k·R) the tokens' shared projections; token t belongs to request row t // tokens_per_row, whose core
     Ct[row] (k, R, R) is transposed and whose o (rows, M), d (rows, k·R) are given for output-scaling rows or
     None; U (R, M) the members' U_rᵀ side by side in float32 (float64 for a float64 y); offsets: the members'
-    column bounds. With `out` (T, M/2), for a gate/up group: also out = silu(gate) · up of the final y, each
-    chunk of tokens right after its delta, while its rows are in cache. Check `serves(y)` first."""
+    column bounds. With `out` (T, M/2), for a gate/up group: also out = silu(gate) · up of the final y (without
+    output scales, each chunk of tokens right after its delta, while its rows are in cache). Check `serves(y)`
+    first."""
     torch.ops.svdserve.core_delta(y, h, Ct, o, d, U, offsets, tokens_per_row, out)
 
 

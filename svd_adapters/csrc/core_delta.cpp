@@ -161,7 +161,8 @@ inline void fold_tile(const scalar_t* Ci, const scalar_t* op, const scalar_t* di
 using Epilogue = std::function<void(int64_t, int64_t)>;
 
 // out[t, c] = silu(y[t, c]) · y[t, m + c] for tokens [t0, t1): a gate/up group's activation (its two members'
-// outputs side by side), run on rows of y that the caller has just written, so they are read from cache.
+// outputs side by side). The unscaled sweep runs it on each chunk right after the chunk's delta, while its rows are
+// in cache; the folded sweep and `gated_silu` as a pass of its own.
 template <typename scalar_t>
 void gated_silu_rows(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, int64_t m, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
@@ -347,7 +348,7 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
     const scalar_t* Cp = Ct.const_data_ptr<scalar_t>();
     const acc_t* Up = U.const_data_ptr<acc_t>();
     const int64_t sy = y.stride(0), sh = h.stride(0), sC = Ct.stride(0);
-    // With `out`: out = silu(gate) · up of the final y, applied per chunk of tokens right after their delta.
+    // With `out`: out = silu(gate) · up of the final y (see gated_silu_rows for when it runs).
     Epilogue gated;
     if (out.has_value()) {
       scalar_t* outp = out->data_ptr<scalar_t>();
