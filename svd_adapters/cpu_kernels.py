@@ -86,7 +86,8 @@ def _build() -> bool:
     try:
         cpp_extension.load(
             name=name, sources=[str(s) for s in _SOURCES], build_directory=str(build_dir), is_python_module=False,
-            extra_cflags=["-O3", "-fopenmp", f"-DSVDSERVE_HEADERS={headers}", *_ARCH_FLAGS.get(cap, [])], extra_ldflags=["-fopenmp"], verbose=False,
+            extra_cflags=["-O3", "-fopenmp", f"-DSVDSERVE_HEADERS={headers}", *_ARCH_FLAGS.get(cap, [])],
+            extra_ldflags=["-fopenmp"], verbose=False,
         )
     except Exception as exc:  # no compiler, no ninja, headers missing: serve through the PyTorch path instead
         log.warning("CPU kernels unavailable, so decode takes the slower PyTorch path (install g++ to get them; "

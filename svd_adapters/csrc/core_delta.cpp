@@ -356,8 +356,8 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
       gated = [=](int64_t t0, int64_t t1) { gated_silu_rows<scalar_t>(yp, sy, outp, so, m, t0, t1); };
     }
     const Epilogue* epilogue = out.has_value() ? &gated : nullptr;
-    // Passes split across threads: every token's cores (tiny; for folded rows, each row's U_eff first), then
-    // the output tiles.
+    // Passes split across threads: every token's cores (tiny; for folded rows, h itself in acc_t), then the
+    // output tiles (folded rows fold their projection per tile there).
     if (o.has_value() && L > 1) {  // scaled rows of several tokens: fold in each tile (sweep_folded)
       at::parallel_for(0, T, 64, [&](int64_t b, int64_t en) {  // the "cores" are h itself, in acc_t
         for (int64_t t = b; t < en; ++t)
