@@ -105,12 +105,14 @@ async def test_a_request_that_waits_past_the_timeout_gets_504_too(serve, tmp_pat
     store = SlowStore(tmp_path / "slow")
     store.put_blob_directly("slow-one", make_blob("osora", seed=3))
     try:
-        async with serve(store, request_timeout=0.3) as client:
+        # 1 s: long enough that the base request is served within it even on a loaded 2-core machine (at 0.3 s it
+        # was once not, and answered 504 too); the slow adapter's request waits forever without the timeout.
+        async with serve(store, request_timeout=1.0) as client:
             slow, base = await asyncio.gather(
                 client.post("/generate", json={"adapter_id": "slow-one", "prompt": "hi", "max_tokens": 3}),
                 client.post("/generate", json={"prompt": "hi", "max_tokens": 3}),
             )
-            assert_error(slow, 504, "request_timeout", "waited", "request timeout of 0.3 s", "adapter store is slow")
+            assert_error(slow, 504, "request_timeout", "waited", "request timeout of 1 s", "adapter store is slow")
             assert base.status_code == 200, base.text
             engine = engine_of(client)
             wait_until(lambda: engine.stats()["active"] == 0, 5, what="the base request's row to be retired")
