@@ -31,6 +31,9 @@ using svdserve::store;
 
 constexpr int NV = 2;        // vectors of output columns per tile (3 measured no faster)
 constexpr int64_t kChunk = 64;  // tokens per task at prefill
+// Tokens (or core rows) per register block of an unscaled tile: RB × NV accumulator vectors within the vector
+// registers (16 with AVX2, 32 with AVX-512); scaled tiles keep two accumulators per output, so half as many.
+constexpr int kRB = 4 * (svdserve::kVecRegs / 16);
 
 // Every token's cores for every member: g = C h and, for scaled rows, e = d ⊙ h; (T, k·R) each.
 template <typename scalar_t, typename acc_t, bool kScaled>
@@ -95,8 +98,7 @@ void apply_tiles(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t*
                  int64_t M, int64_t R, int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
                  int64_t tb, int64_t te, int64_t t0, int64_t t1) {
   constexpr int W = sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
-  // accumulators: RB × NV (× 2 scaled) vectors, within the vector registers (16 with AVX2, 32 with AVX-512)
-  constexpr int RB = (kScaled ? 2 : 4) * (svdserve::kVecRegs / 16);
+  constexpr int RB = kScaled ? kRB / 2 : kRB;
   for (int64_t ti = tb; ti < te; ++ti) {
     const int64_t i = tiles[2 * ti], c = tiles[2 * ti + 1];
     const acc_t* gi = g + i * R;  // token t's member-i cores at gi + t·k·R
@@ -162,7 +164,7 @@ using Epilogue = std::function<void(int64_t, int64_t)>;
 
 // out[t, c] = silu(y[t, c]) · y[t, m + c] for tokens [t0, t1): a gate/up group's activation (its two members'
 // outputs side by side). The unscaled sweep runs it on each chunk right after the chunk's delta, while its rows are
-// in cache; the folded sweep and `gated_silu` as a pass of its own.
+// in cache; for scaled rows core_delta, and `gated_silu`, run it as a pass of its own.
 template <typename scalar_t>
 void gated_silu_rows(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, int64_t m, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
@@ -188,71 +190,67 @@ void gated_silu_rows(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, i
 template <typename scalar_t, typename acc_t>
 void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* Ct, int64_t sC, const scalar_t* o,
                   int64_t so, const scalar_t* d, int64_t sd, const acc_t* U, int64_t M, int64_t R, int64_t k,
-                  const std::vector<int64_t>& off, const std::vector<int64_t>& tiles, int64_t P, int64_t L,
-                  const Epilogue* epilogue) {
+                  const std::vector<int64_t>& off, const std::vector<int64_t>& tiles, int64_t P, int64_t L) {
   constexpr int W = sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
   constexpr int64_t TW = NV * W;
-  constexpr int LB = 4 * (svdserve::kVecRegs / 16);
-  constexpr int RB = 4 * (svdserve::kVecRegs / 16);
+  constexpr int LB = kRB, RB = kRB;
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
   std::vector<char> diagonal(P * k);
   for (int64_t p = 0; p < P; ++p)
     for (int64_t i = 0; i < k; ++i) diagonal[p * k + i] = is_diagonal(Ct + p * sC + i * R * R, R);
   // Row p's tile ti, with buf (R × TW) as its folded projection's slice.
   auto row_tile = [&](int64_t p, int64_t ti, acc_t* bufp) {
-      const int64_t i = tiles[2 * ti], c = tiles[2 * ti + 1];
-      const int64_t width = std::min(TW, off[i + 1] - c);
-      const scalar_t* Ci = Ct + p * sC + i * R * R;
-      const scalar_t* op = o + p * so + c;
-      const scalar_t* di = d + p * sd + i * R;
-      const acc_t* Uc = U + c;
-      if (diagonal[p * k + i]) {  // U_eff[l, x] = U[l, x] (o[x] S_l + d_l)
-        for (int64_t l = 0; l < R; ++l) {
-          const acc_t sl = static_cast<acc_t>(Ci[l * R + l]), dl = static_cast<acc_t>(di[l]);
-          int64_t x = 0;
-          for (; x + W <= width; x += W) store(bufp + l * TW + x, load(Uc + l * M + x) * (load(op + x) * sl + dl));
-          for (; x < width; ++x) bufp[l * TW + x] = Uc[l * M + x] * (static_cast<acc_t>(op[x]) * sl + dl);
-        }
-      } else if (width == TW) {
-        int64_t l = 0;
-        for (; l + LB <= R; l += LB) fold_tile<scalar_t, acc_t, LB>(Ci, op, di, Uc, M, R, l, bufp);
-        for (; l < R; ++l) fold_tile<scalar_t, acc_t, 1>(Ci, op, di, Uc, M, R, l, bufp);
-      } else {  // the member's last, partial tile
-        for (int64_t l = 0; l < R; ++l) {
-          for (int64_t x = 0; x < width; ++x) {
-            acc_t a = 0;
-            for (int64_t j = 0; j < R; ++j) a += static_cast<acc_t>(Ci[l * R + j]) * Uc[j * M + x];
-            bufp[l * TW + x] = static_cast<acc_t>(op[x]) * a + static_cast<acc_t>(di[l]) * Uc[l * M + x];
-          }
-        }
+    const int64_t i = tiles[2 * ti], c = tiles[2 * ti + 1];
+    const int64_t width = std::min(TW, off[i + 1] - c);
+    const scalar_t* Ci = Ct + p * sC + i * R * R;
+    const scalar_t* op = o + p * so + c;
+    const scalar_t* di = d + p * sd + i * R;
+    const acc_t* Uc = U + c;
+    if (diagonal[p * k + i]) {  // U_eff[l, x] = U[l, x] (o[x] S_l + d_l)
+      for (int64_t l = 0; l < R; ++l) {
+        const acc_t sl = static_cast<acc_t>(Ci[l * R + l]), dl = static_cast<acc_t>(di[l]);
+        int64_t x = 0;
+        for (; x + W <= width; x += W) store(bufp + l * TW + x, load(Uc + l * M + x) * (load(op + x) * sl + dl));
+        for (; x < width; ++x) bufp[l * TW + x] = Uc[l * M + x] * (static_cast<acc_t>(op[x]) * sl + dl);
       }
-      const acc_t* gi = g + i * R;  // token t's member-i projection at gi + t·k·R
-      const int64_t t0 = p * L, t1 = t0 + L;
-      if (width == TW) {
-        int64_t t = t0;
-        for (; t + RB <= t1; t += RB) tile_rows<scalar_t, acc_t, false, RB>(y, sy, nullptr, gi, nullptr, bufp, TW, R, k * R, c, t);
-        for (; t < t1; ++t) tile_rows<scalar_t, acc_t, false, 1>(y, sy, nullptr, gi, nullptr, bufp, TW, R, k * R, c, t);
-        return;
-      }
-      for (int64_t t = t0; t < t1; ++t) {
+    } else if (width == TW) {
+      int64_t l = 0;
+      for (; l + LB <= R; l += LB) fold_tile<scalar_t, acc_t, LB>(Ci, op, di, Uc, M, R, l, bufp);
+      for (; l < R; ++l) fold_tile<scalar_t, acc_t, 1>(Ci, op, di, Uc, M, R, l, bufp);
+    } else {  // the member's last, partial tile
+      for (int64_t l = 0; l < R; ++l) {
         for (int64_t x = 0; x < width; ++x) {
           acc_t a = 0;
-          for (int64_t j = 0; j < R; ++j) a += gi[t * k * R + j] * bufp[j * TW + x];
-          y[t * sy + c + x] = static_cast<scalar_t>(static_cast<acc_t>(y[t * sy + c + x]) + a);
+          for (int64_t j = 0; j < R; ++j) a += static_cast<acc_t>(Ci[l * R + j]) * Uc[j * M + x];
+          bufp[l * TW + x] = static_cast<acc_t>(op[x]) * a + static_cast<acc_t>(di[l]) * Uc[l * M + x];
         }
       }
+    }
+    const acc_t* gi = g + i * R;  // token t's member-i projection at gi + t·k·R
+    const int64_t t0 = p * L, t1 = t0 + L;
+    if (width == TW) {
+      int64_t t = t0;
+      for (; t + RB <= t1; t += RB) tile_rows<scalar_t, acc_t, false, RB>(y, sy, nullptr, gi, nullptr, bufp, TW, R, k * R, c, t);
+      for (; t < t1; ++t) tile_rows<scalar_t, acc_t, false, 1>(y, sy, nullptr, gi, nullptr, bufp, TW, R, k * R, c, t);
+      return;
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t x = 0; x < width; ++x) {
+        acc_t a = 0;
+        for (int64_t j = 0; j < R; ++j) a += gi[t * k * R + j] * bufp[j * TW + x];
+        y[t * sy + c + x] = static_cast<scalar_t>(static_cast<acc_t>(y[t * sy + c + x]) + a);
+      }
+    }
   };
   at::parallel_for(0, P * n_tiles, 4, [&](int64_t b, int64_t en) {
     std::vector<acc_t> buf(R * TW);
     for (int64_t item = b; item < en; ++item) row_tile(item / n_tiles, item % n_tiles, buf.data());
   });
-  // The epilogue as a pass of its own: run per row right after the row's tiles it measured ~2× slower in the
-  // model (gate/up at 2048 tokens: 4.4 against 2.0 + 1.4 ms), unlike the unscaled sweep's per-chunk epilogue.
-  if (epilogue) at::parallel_for(0, P * L, 16, [&](int64_t b, int64_t en) { (*epilogue)(b, en); });
 }
 
 // Every tile for every token, split across threads. Unscaled: in (chunk of `chunk` tokens, tile) tasks, so a
-// task's stretch of y (chunk rows × one tile) stays in cache and its pages in the TLB. Scaled (OSoRA rows at
+// task's stretch of y (chunk rows × one tile) stays in cache and its pages in the TLB; with an epilogue, a chunk
+// per task, the epilogue right after its tiles (the scaled order here takes none). Scaled (OSoRA rows at
 // decode): each thread takes a range of tiles and walks it a few tokens at a time, so each token's o and y rows
 // are read front to back, streams the hardware prefetchers follow, instead of 128-byte pieces of every row at
 // once: o comes from memory at decode (the step's GEMMs stream the weights through every cache level), and this
@@ -268,7 +266,6 @@ void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, co
       for (int64_t t = 0; t < T; t += kTokens)
         apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, tb, te, t, std::min(T, t + kTokens));
     });
-    if (epilogue) at::parallel_for(0, T, 16, [&](int64_t b, int64_t en) { (*epilogue)(b, en); });
     return;
   }
   const int64_t chunks = (T + chunk - 1) / chunk;
@@ -364,7 +361,7 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
           for (int64_t j = 0; j < k * R; ++j) g[t * k * R + j] = static_cast<acc_t>(hp[t * sh + j]);
       });
       sweep_folded<scalar_t, acc_t>(yp, sy, g, Cp, sC, o->const_data_ptr<scalar_t>(), o->stride(0),
-                                    d->const_data_ptr<scalar_t>(), d->stride(0), Up, M, R, k, off, tiles, P, L, epilogue);
+                                    d->const_data_ptr<scalar_t>(), d->stride(0), Up, M, R, k, off, tiles, P, L);
     } else if (o.has_value()) {
       const scalar_t* dp = d->const_data_ptr<scalar_t>();
       const int64_t sd = d->stride(0);
@@ -373,13 +370,17 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
       at::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
         token_cores<scalar_t, acc_t, true>(hp, sh, Cp, sC, dp, sd, k, R, L, g, e, b, en);
       });
-      sweep<scalar_t, acc_t, true>(yp, sy, orow.data(), g, e, Up, M, R, k, off, tiles, T, kChunk, epilogue);
+      sweep<scalar_t, acc_t, true>(yp, sy, orow.data(), g, e, Up, M, R, k, off, tiles, T, kChunk, nullptr);
     } else {
       at::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
         token_cores<scalar_t, acc_t, false>(hp, sh, Cp, sC, nullptr, 0, k, R, L, g, nullptr, b, en);
       });
       sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Up, M, R, k, off, tiles, T, kChunk, epilogue);
+      return;
     }
+    // Scaled rows: the epilogue as a pass of its own. Run per row right after the folded sweep's tiles it
+    // measured ~2× slower in the model (gate/up at 2048 tokens: 4.4 against 2.0 + 1.4 ms).
+    if (epilogue) at::parallel_for(0, T, 16, [&](int64_t b, int64_t en) { (*epilogue)(b, en); });
   });
 }
 
