@@ -46,6 +46,19 @@ def reference(c) -> torch.Tensor:
     return want
 
 
+# Error bound relative to the outputs' size per dtype. bf16: accumulated in float32 and rounded once on the way
+# out, so within one bf16 rounding (2⁻⁸ relative).
+KERNEL_TOL = {torch.bfloat16: 2 ** -8, torch.float32: 1e-6, torch.float64: 1e-14}
+
+
+def run_kernel(c, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The case's z after the core-delta kernel (y and h are its column ranges, as in LinearGroup.forward)."""
+    M, y = c["M"], c["z"].clone()
+    U = torch.cat(c["Ut"], dim=1).to(torch.promote_types(y.dtype, torch.float32)).contiguous()
+    cpu_kernels.core_delta(y[:, :M], y[:, M:], c["Ct"], c["o"], c["d"], U, c["offsets"] + [M], c["L"], out=out)
+    return y
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64 takes the block-diagonal path
 @pytest.mark.parametrize("scaled", [False, True])
 def test_pytorch_decode_delta_matches_the_formula(dtype, scaled):
@@ -83,15 +96,11 @@ def test_core_delta_kernel_matches_the_formula(shape, dtype, scaled):
     assert cpu_kernels.available()
     c = case(dtype, scaled, **shape)
     M = c["M"]
-    y = c["z"].clone()
-    acc = torch.promote_types(dtype, torch.float32)
-    U = torch.cat(c["Ut"], dim=1).to(acc).contiguous()
-    cpu_kernels.core_delta(y[:, :M], y[:, M:], c["Ct"], c["o"], c["d"], U, c["offsets"] + [M], c["L"])
+    y = run_kernel(c)
     want = reference(c)
     err = (y.double() - want).abs().max().item()
     scale = want[:, :M].abs().max().item()  # outputs reach ~100 at R = 16: bound the error relative to them
-    # bf16: accumulated in float32 and rounded once on the way out, so within one bf16 rounding (2⁻⁸ relative).
-    assert err <= {torch.bfloat16: 2 ** -8, torch.float32: 1e-6, torch.float64: 1e-14}[dtype] * scale
+    assert err <= KERNEL_TOL[dtype] * scale
     assert torch.equal(y[:, M:], c["z"][:, M:])
 
 
@@ -110,13 +119,10 @@ def test_core_delta_kernel_folds_diagonal_cores_like_dense_ones(shape, dtype):
     Ct[2] = Ct[2] * eye
     Ct[2, -1, 0, 1] = 0.5  # row 2: one member diagonal but for one entry (must take the dense fold)
     c["Ct"] = Ct
-    M = c["M"]
-    y = c["z"].clone()
-    U = torch.cat(c["Ut"], dim=1).to(torch.promote_types(dtype, torch.float32)).contiguous()
-    cpu_kernels.core_delta(y[:, :M], y[:, M:], Ct, c["o"], c["d"], U, c["offsets"] + [M], c["L"])
+    y = run_kernel(c)
     want = reference(c)
     err = (y.double() - want).abs().max().item()
-    assert err <= {torch.bfloat16: 2 ** -8, torch.float32: 1e-6}[dtype] * want[:, :M].abs().max().item()
+    assert err <= KERNEL_TOL[dtype] * want[:, : c["M"]].abs().max().item()
 
 
 def gated_reference(y: torch.Tensor) -> torch.Tensor:
@@ -135,13 +141,11 @@ def test_core_delta_kernel_applies_the_gated_activation_to_its_final_output(shap
     c = case(dtype, scaled, seed=3, **shape)
     M = c["M"]
     c["z"][:, : M // 2] *= 30  # gates from about -100 to 100: silu's tails
-    y = c["z"].clone()
-    U = torch.cat(c["Ut"], dim=1).to(torch.promote_types(dtype, torch.float32)).contiguous()
-    out = torch.full((y.shape[0], M // 2), float("nan"), dtype=dtype)
-    cpu_kernels.core_delta(y[:, :M], y[:, M:], c["Ct"], c["o"], c["d"], U, c["offsets"] + [M], c["L"], out=out)
+    out = torch.full((c["z"].shape[0], M // 2), float("nan"), dtype=dtype)
+    y = run_kernel(c, out=out)
     want_y = reference(c)[:, :M]
     scale = want_y.abs().max().item()
-    tol = {torch.bfloat16: 2 ** -8, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
+    tol = KERNEL_TOL[dtype]
     assert (y[:, :M].double() - want_y).abs().max().item() <= tol * scale  # y itself is still updated
     want = gated_reference(y[:, :M])  # the activation of the y the kernel wrote
     assert (out.double() - want).abs().max().item() <= tol * want.abs().max().item()
@@ -155,7 +159,7 @@ def test_gated_silu_matches_torch(dtype):
     y[0, 0], y[1, 1], y[2, 2] = -200.0, 200.0, 0.0  # past the clamp both ways, and zero
     out = cpu_kernels.gated_silu(y)
     want = gated_reference(y)
-    tol = {torch.bfloat16: 2 ** -8, torch.float32: 1e-6}[dtype]
+    tol = KERNEL_TOL[dtype]
     assert out.dtype == dtype and out.shape == (70, 37)
     assert (out.double() - want).abs().max().item() <= tol * want.abs().max().item()
     assert abs(out[0, 0].item()) < 1e-30 and torch.isfinite(out).all()  # silu(-200) is 0 to float precision
@@ -164,11 +168,8 @@ def test_gated_silu_matches_torch(dtype):
 def test_gated_activation_refuses_groups_it_cannot_split_with_a_message():
     assert cpu_kernels.available()
     c = case(torch.float32, False)  # three members
-    M = c["M"]
-    U = torch.cat(c["Ut"], dim=1).contiguous()
     with pytest.raises(RuntimeError, match="two equal members"):
-        cpu_kernels.core_delta(c["z"][:, :M], c["z"][:, M:], c["Ct"], None, None, U, c["offsets"] + [M], 1,
-                               out=torch.empty(c["P"], M // 2))
+        run_kernel(c, out=torch.empty(c["P"], c["M"] // 2))
     with pytest.raises(RuntimeError, match=r"\(T, 2m\)"):
         cpu_kernels.gated_silu(torch.zeros(4, 5))
 
