@@ -4,7 +4,9 @@ Measures the engine's own path: `Engine._load` (fetch the blob from the store, v
 turn it into slot terms) followed by the slot write the engine thread does before the adapter can serve.
 A baseline in the same run: a bare Redis GET of the same blob (the floor any design pays).
 
-    python bench/adapter_load.py [--base default] [--rank 16] [--n 40] [--redis redis://127.0.0.1:6379/0]
+    python bench/adapter_load.py [--base default] [--rank 16] [--n 40] [--redis redis://127.0.0.1:6379/0] [--device cuda]
+
+On a GPU the slot write includes the host → device copy: the clock stops after the device has finished it.
 
 Prints a markdown table and a last line of JSON. Uses its own key prefix and deletes only its keys.
 """
@@ -17,6 +19,8 @@ import sys
 import time
 import uuid
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,14 +45,16 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--n", type=int, default=40, help="adapters per method")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     base = load_base(args.base)
     factors = load_or_compute(base.model, base.cache_dir)
     prefix = f"svdserve-bench:{uuid.uuid4().hex[:8]}:"
     store = RedisStore(args.redis, prefix=prefix)
     engine = Engine(base, factors, store, EngineConfig(max_batch=4, max_rank=args.rank, max_seq_len=64,
-                                                       core_slots=4, lr_slots=4))
+                                                       core_slots=4, lr_slots=4, device=args.device))
     methods = ["osora", "loraxs", "sorsa", "lora"]
     rows = {}
     try:
@@ -74,6 +80,7 @@ def main() -> None:
                     engine.runner.write_core_slot(slot, terms)
                 else:
                     engine.runner.write_lr_slot(slot, terms)
+                sync()
                 t2 = time.perf_counter()
                 load_t.append(t1 - t0)
                 write_t.append(t2 - t1)
@@ -91,13 +98,14 @@ def main() -> None:
             store._client.delete(key)
         engine.shutdown(drain=False)
 
-    print(f"\nCold adapter load, Redis → ready in a device slot: {base.name}, rank {args.rank}, {args.n} adapters per method\n")
+    print(f"\nCold adapter load, Redis → ready in a device slot: {base.name}, rank {args.rank}, {args.n} adapters per method, "
+          f"device {args.device}\n")
     print("| method | adapter bytes | Redis GET p50 ms (floor) | fetch+validate p50 ms | slot write p50 ms | ready p50 ms | ready p99 ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for m, r in rows.items():
         print(f"| {m} | {r['adapter_bytes']:,} | {r['redis_get_p50_ms']:.2f} | {r['load_validate_p50_ms']:.2f} | "
               f"{r['slot_write_p50_ms']:.2f} | {r['ready_p50_ms']:.2f} | {r['ready_p99_ms']:.2f} |")
-    print(json.dumps({"bench": "adapter_load", "base": base.name, "rank": args.rank, "n": args.n, "results": rows}))
+    print(json.dumps({"bench": "adapter_load", "base": base.name, "rank": args.rank, "n": args.n, "device": args.device, "results": rows}))
 
 
 if __name__ == "__main__":

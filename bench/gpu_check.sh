@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU checks in one run, for a lent GPU machine that has PyTorch but none of svdserve's other packages and
+# no network: the CUDA correctness tests, then every serving benchmark on the GPU. Each step has its own time
+# limit, so one that hangs does not cost the others; logs go to $OUT (or ./gpu-out).
+#
+# Brought along from the developer's machine (ignored by git, passed with the run):
+#   .whl/       wheels of the Python packages the machine lacks (fastapi, pydantic, redis, transformers, peft ...)
+#   .devtools/redis/  a redis-server binary and its shared libraries (adapter_load talks to a real Redis)
+#   .devtools/smol/   the default model's config and tokenizer files. Its weights (~540 MB) cannot travel, so the
+#                     base is the same architecture with seeded random weights: identical shapes and FLOPs, so
+#                     identical throughput; only the generated text is meaningless.
+#
+#   bash bench/gpu_check.sh [quick]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 SVDSERVE_HOME=/tmp/svdserve-home TOKENIZERS_PARALLELISM=false
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+
+if [ -x .devtools/redis/redis-server ]; then
+  LD_LIBRARY_PATH=.devtools/redis .devtools/redis/redis-server --port 6379 --bind 127.0.0.1 --daemonize yes --save "" --appendonly no
+fi
+
+# The default model's architecture with seeded random weights (see above).
+BASE=/tmp/smol-random
+python3 - <<'EOF'
+import shutil, torch
+from pathlib import Path
+from transformers import AutoConfig, LlamaForCausalLM
+src, dst = Path(".devtools/smol"), Path("/tmp/smol-random")
+if not (dst / "model.safetensors").exists():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(AutoConfig.from_pretrained(src))
+    model.save_pretrained(dst)
+    for f in src.iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, dst / f.name)
+print("base:", dst, sum(p.numel() for p in LlamaForCausalLM.from_pretrained(dst).parameters()) / 1e6, "M params")
+EOF
+
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, keep going on failure
+  local name=$1 secs=$2; shift 2
+  echo "=== $name"
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  echo "rc=$?" >> "$OUT/$name.log"
+  grep -E "^\||passed|failed|error|Error|rc=" "$OUT/$name.log" | grep -v "^| *aten" | tail -25
+}
+step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step mixed_fp32 180 python3 bench/mixed_batch.py --base $BASE --prefill-reps 5 --decode-reps 8
+step profile_fp32 60 python3 bench/decode_profile.py --base $BASE
+[ "${1:-}" = quick ] && exit 0
+step adapter_load 60 python3 bench/adapter_load.py --base $BASE --n 20
+step serve_load 150 python3 bench/serve_load.py --base $BASE --requests 64
+step mixed_bf16 100 python3 bench/mixed_batch.py --base $BASE --dtype bfloat16 --prefill-reps 5 --decode-reps 8 --no-peft
