@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="GPU decode steps launched eagerly, not replayed")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -40,7 +41,7 @@ def main() -> None:
     factors = load_or_compute(base.model, base.cache_dir)
     base.model.to(args.device, getattr(torch, args.dtype))
     runner = BatchedRunner(base, factors, max_rank=r, max_batch=B, max_seq_len=L + 2 * args.steps + 8,
-                           core_slots=2 * B + 1, lr_slots=2)
+                           core_slots=2 * B + 1, lr_slots=2, cuda_graphs=not args.no_cuda_graphs)
     configs = {"base": [0] * B}
     for i, method in enumerate(("loraxs", "osora")):
         adapters = [random_adapter(method, r, factors, base.name, seed=100 * i + j) for j in range(B)]

@@ -51,10 +51,11 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
   echo "rc=$?" >> "$OUT/$name.log"
   grep -E "^\||passed|failed|error|Error|rc=" "$OUT/$name.log" | grep -v "^| *aten" | tail -25
 }
-step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step mixed_fp32 180 python3 bench/mixed_batch.py --base $BASE --prefill-reps 5 --decode-reps 8
-step profile_fp32 60 python3 bench/decode_profile.py --base $BASE
+step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_gpu_kernels.py tests/test_decode_graphs.py
+step mixed_fp32 150 python3 bench/mixed_batch.py --base $BASE --prefill-reps 5 --decode-reps 8
 [ "${1:-}" = quick ] && exit 0
+step serve_load 120 python3 bench/serve_load.py --base $BASE --requests 64
+step mixed_bf16 90 python3 bench/mixed_batch.py --base $BASE --dtype bfloat16 --prefill-reps 5 --decode-reps 8 --no-peft
+step profile_fp32 60 python3 bench/decode_profile.py --base $BASE
+step mixed_fp32_eager 90 python3 bench/mixed_batch.py --base $BASE --prefill-reps 3 --decode-reps 6 --no-peft --no-cuda-graphs
 step adapter_load 60 python3 bench/adapter_load.py --base $BASE --n 20
-step serve_load 150 python3 bench/serve_load.py --base $BASE --requests 64
-step mixed_bf16 100 python3 bench/mixed_batch.py --base $BASE --dtype bfloat16 --prefill-reps 5 --decode-reps 8 --no-peft

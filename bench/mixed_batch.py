@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--decode-reps", type=int, default=6, help="rounds of decode steps per configuration")
     ap.add_argument("--steps-per-round", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="GPU decode steps launched eagerly, not replayed")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                     help="weights and activations of every configuration, PEFT's included")
     ap.add_argument("--no-peft", action="store_true")
@@ -112,7 +113,7 @@ def main() -> None:
     n_core = sum(pool_of(m) == "core" for methods in mixes.values() for m in methods)
     n_lr = sum(len(methods) for methods in mixes.values()) - n_core
     runner = BatchedRunner(base, factors, max_rank=r, max_batch=B, max_seq_len=L + args.decode_reps + 8,
-                           core_slots=n_core + 1, lr_slots=n_lr + 1)
+                           core_slots=n_core + 1, lr_slots=n_lr + 1, cuda_graphs=not args.no_cuda_graphs)
     configs: dict[str, tuple[list[int], list[int]]] = {"base (no adapters)": ([0] * B, [0] * B)}
     # context: the same base with every op in plain torch (no svdserve CPU kernels), when the kernels are in use
     TORCH_ONLY = "base, torch ops only (no svdserve CPU kernels)"
@@ -174,8 +175,9 @@ def main() -> None:
         peft = hf_throughput(peft_model(base, r, B, dtype), adapter_names=names, **step)
 
     base_r = results["base (no adapters)"]
+    graphs_note = "" if args.device == "cpu" else (" (decode: eager)" if args.no_cuda_graphs else " (decode: CUDA graphs)")
     print(f"\nMixed-adapter batch: {name}, batch {B} rows with {B} distinct adapters, rank {r}, prompt {L} tokens, "
-          f"device {args.device}, {args.dtype}, clock {args.clock}, {torch.get_num_threads()} threads, "
+          f"device {args.device}{graphs_note}, {args.dtype}, clock {args.clock}, {torch.get_num_threads()} threads, "
           f"CPU kernels: {cpu_kernels.summary() if args.device == 'cpu' else 'n/a'}\n")
     # "× base" compares medians; "best" compares each configuration's fastest round with the base's: on a shared
     # host, noise only ever adds time, so the best rounds are the least disturbed estimate of the real cost.
@@ -196,7 +198,7 @@ def main() -> None:
             print(f"| {label} | {hf['prefill_tok_s']:.0f} | {hf['prefill_tok_s'] / base_r['prefill_tok_s']:.3f} | | "
                   f"{hf['prefill_tok_s'] / peft['prefill_tok_s']:.2f} | {hf['decode_tok_s']:.1f} "
                   f"| {hf['decode_tok_s'] / base_r['decode_tok_s']:.3f} | | {hf['decode_tok_s'] / peft['decode_tok_s']:.2f} |")
-    print(json.dumps({"bench": "mixed_batch", "base": name, "batch": B, "rank": r, "prompt_len": L, "device": args.device, "dtype": args.dtype, "clock": args.clock,
+    print(json.dumps({"bench": "mixed_batch", "base": name, "batch": B, "rank": r, "prompt_len": L, "device": args.device, "cuda_graphs": args.device != "cpu" and not args.no_cuda_graphs, "dtype": args.dtype, "clock": args.clock,
                       "threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.summary() if args.device == "cpu" else None,
                       "results": table, "peft": peft, "hf_base": hf_base}))
 

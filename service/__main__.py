@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="serving dtype of weights and adapters (default float32; bfloat16 ~1.7x faster decode on CPUs "
                         "with AVX512-BF16/AMX, and the usual choice on GPUs; float16: GPU only)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
+                   help="on a GPU, replay decode steps from captured CUDA graphs (default on; env SVDSERVE_CUDA_GRAPHS)")
     p.add_argument("--max-batch", type=int, help="rows decoded together (default 32)")
     p.add_argument("--max-rank", type=int, help="largest adapter rank served (default 16)")
     p.add_argument("--max-seq-len", type=int, help="prompt + generated tokens per request (default 1024)")

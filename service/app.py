@@ -73,6 +73,7 @@ def engine_config(settings: Settings) -> eng.EngineConfig:
         max_waiting=settings.max_waiting,
         device=resolve_device(settings.device),
         dtype=settings.dtype,
+        cuda_graphs=settings.cuda_graphs,
         request_timeout=settings.request_timeout,
     )
 

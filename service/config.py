@@ -9,6 +9,7 @@ Environment (all optional):
     SVDSERVE_HOST / _PORT     where uvicorn listens                                   (127.0.0.1:8000)
     SVDSERVE_DEVICE           auto | cpu | cuda | cuda:N                              (default auto)
     SVDSERVE_DTYPE            float32 | bfloat16 | float16 (GPU only)                 (default float32)
+    SVDSERVE_CUDA_GRAPHS      1 | 0: replay GPU decode steps from CUDA graphs          (default 1)
     SVDSERVE_MAX_BATCH, SVDSERVE_MAX_RANK, SVDSERVE_MAX_SEQ_LEN, SVDSERVE_CORE_SLOTS, SVDSERVE_LR_SLOTS,
     SVDSERVE_MAX_WAITING, SVDSERVE_MAX_UPLOAD_BYTES, SVDSERVE_R_MAX, SVDSERVE_FACTORS_DIR
     SVDSERVE_REQUEST_TIMEOUT  seconds a generation may take, queueing included; 0 = no limit (default 300)
@@ -59,6 +60,7 @@ class Settings:
     port: int = 8000
     device: str = "auto"
     dtype: str = EngineConfig.dtype
+    cuda_graphs: bool = EngineConfig.cuda_graphs
     # engine (defaults are the engine's own, so the two never drift apart)
     max_batch: int = EngineConfig.max_batch
     max_rank: int = EngineConfig.max_rank
@@ -130,6 +132,11 @@ def _parse(f: dataclasses.Field, raw: str) -> object:
             return int(raw)
         if kind == "float":
             return float(raw)
+        if kind == "bool":
+            return {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                    "off": False}[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(f"environment variable {ENV_PREFIX}{f.name.upper()}={raw!r}: expected 1 or 0") from None
     except ValueError:
         raise ValueError(f"environment variable {ENV_PREFIX}{f.name.upper()}={raw!r} is not a number") from None
     if kind.startswith("str | None"):

@@ -105,6 +105,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"  # weights, activations and adapter slots; bfloat16 halves the bytes a decode step reads
     request_timeout: float = 0.0  # seconds from arrival until a request is failed with RequestTimeout; 0 = none
+    cuda_graphs: bool = True  # on a GPU, replay decode steps from captured graphs (svd_adapters/decode_graphs.py)
 
 
 @dataclass
@@ -153,7 +154,8 @@ class Engine:
         # The factors were computed (and fingerprinted) from the float32 weights before this cast.
         base.model.to(cfg.device, SERVING_DTYPES[cfg.dtype])
         self.runner = BatchedRunner(base, factors, max_rank=cfg.max_rank, max_batch=cfg.max_batch,
-                                    max_seq_len=cfg.max_seq_len, core_slots=cfg.core_slots, lr_slots=cfg.lr_slots)
+                                    max_seq_len=cfg.max_seq_len, core_slots=cfg.core_slots, lr_slots=cfg.lr_slots,
+                                    cuda_graphs=cfg.cuda_graphs)
         self.cache = AdapterCache(cfg.core_slots, cfg.lr_slots)
         self.eos_ids = self._eos_ids()
         self._ids = itertools.count(1)

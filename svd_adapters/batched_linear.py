@@ -17,7 +17,8 @@ Slot 0 of each pool is the zero adapter (base rows). A `SlotMapping`, built once
 layers, says which slots each row (request) reads; the core tensors of every layer are gathered once per
 step (`GroupPools.gather`), the low-rank ones per layer for the rows that have one. Decode and prefill go
 through the same two delta functions; on the CPU the core delta and a decode step's GEMMs run in svdserve's own
-kernels where they are faster (`cpu_kernels.py`).
+kernels where they are faster (`cpu_kernels.py`), on a GPU the core delta is one Triton kernel per group
+(`gpu_kernels.py`).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from svd_adapters import cpu_kernels
+from svd_adapters import cpu_kernels, gpu_kernels
 from svd_adapters.factors import ModuleFactors
 from svd_adapters.terms import DeltaTerms
 
@@ -280,6 +281,8 @@ class LinearGroup(nn.Module):
         o, d = (rows["o"][li], rows["d"][li]) if mp.has_sub else (None, None)
         if cpu_kernels.serves(y):
             cpu_kernels.core_delta(y, h, rows["C"][li], o, d, self.Ut_cat, self.bounds, L, out=out)
+        elif gpu_kernels.serves(y):
+            gpu_kernels.core_delta(y, h, rows["C"][li], o, d, self.Ut_cat, self.bounds, L)
         else:
             core_delta_(y, h.reshape(P, L, self.k, self.R), rows["C"][li], o, d, self.Ut_members, self.pools.offsets,
                         self.pools.scratch_for(P) if L == 1 else None, self.Ut_blockdiag)

@@ -14,6 +14,7 @@ from torch import nn
 from svd_adapters import cpu_kernels
 from svd_adapters.base_model import BaseModel
 from svd_adapters.batched_linear import GroupPools, LinearGroup, SlotMapping
+from svd_adapters.decode_graphs import DecodeGraphs
 from svd_adapters.factors import BaseFactors
 from svd_adapters.adapter import Adapter, LayerTerms
 from svd_adapters.methods import pool_of
@@ -39,6 +40,7 @@ class BatchedRunner(nn.Module):
         max_seq_len: int = 1024,
         core_slots: int = 64,
         lr_slots: int = 8,
+        cuda_graphs: bool = True,
     ):
         super().__init__()
         model, cfg = base.model, base.model.config
@@ -100,6 +102,10 @@ class BatchedRunner(nn.Module):
         shape = (max_batch, self.n_kv, max_seq_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in self.layers]
+        # On a GPU, decode steps replay captured graphs (launching a step's kernels one by one from Python
+        # costs more than running them); `cuda_graphs=False` runs them eagerly.
+        self.graphs = (DecodeGraphs(self._decode_step, max_batch, max_seq_len, self.device)
+                       if cuda_graphs and self.device.type == "cuda" else None)
 
     @property
     def device(self) -> torch.device:
@@ -155,9 +161,9 @@ class BatchedRunner(nn.Module):
             vc[dst, :, :length] = vc[src, :, :length]
 
     # ---- forward ----
-    def _layers(self, x: torch.Tensor, mp: SlotMapping, cos: torch.Tensor, sin: torch.Tensor, attend, decode: bool) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, mp: SlotMapping, cos: torch.Tensor, sin: torch.Tensor, attend,
+                rows: dict[str, dict[str, tuple[torch.Tensor, ...]]]) -> torch.Tensor:
         T = x.shape[0]
-        rows = self._gathered(mp, decode)
         for li, blk in enumerate(self.layers):
             g = blk.groups
             q, k, v = g["qkv"].split(g["qkv"](blk.ln1(x), mp, rows["qkv"]))
@@ -219,7 +225,7 @@ class BatchedRunner(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
             return o.transpose(1, 2).reshape(P * L, self.n_heads, self.head_dim)
 
-        h = self._layers(x, mp, cos, sin, attend, decode=False).view(P, L, -1)
+        h = self._layers(x, mp, cos, sin, attend, self._gathered(mp, decode=False)).view(P, L, -1)
         if all_logits:
             return self.lm_head(h)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
@@ -228,10 +234,20 @@ class BatchedRunner(nn.Module):
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, mp: SlotMapping) -> torch.Tensor:
         """One token for each active row 0..T-1 at its position; returns logits (T, V)."""
+        rows = self._gathered(mp, decode=True)  # refreshes the row buffers a step (or its graph) reads
+        context = int(positions.max()) + 1
+        if self.graphs is not None:
+            return self.graphs.run(tokens, positions, mp, context)
+        return self._decode_step(tokens, positions, mp, context, rows)
+
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, mp: SlotMapping, L: int,
+                     rows: dict[str, dict[str, tuple[torch.Tensor, ...]]] | None = None) -> torch.Tensor:
+        """The decode step over keys [0, L); `rows` defaults to the row buffers' current contents (graphs)."""
         T = tokens.shape[0]
+        if rows is None:
+            rows = {g: pools.cached_rows(mp) for g, pools in self.pools.items()}
         x = self.embed(tokens)
         cos, sin = self._cos_sin(x, positions)
-        L = int(positions.max()) + 1
         mask = (torch.arange(L, device=self.device)[None, :] <= positions[:, None]).view(T, 1, 1, L)
         # Flat (row, kv-head, position) offsets into the cache viewed as (rows·heads·seq, D): index_copy_ is
         # one cheap scatter, unlike advanced-index assignment.
@@ -249,7 +265,7 @@ class BatchedRunner(nn.Module):
                                                attn_mask=mask)
             return o.reshape(T, self.n_heads, self.head_dim)
 
-        return self.logits(self._layers(x, mp, cos, sin, attend, decode=True))
+        return self.logits(self._layers(x, mp, cos, sin, attend, rows))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """lm_head for one hidden state per row (through the skinny-GEMM kernel where it is faster)."""

@@ -1,10 +1,19 @@
 """Shared fixtures: the tiny random Llama and its SVD factors, built once per test session (~4 s)."""
 from __future__ import annotations
 
-import pytest
+import os
 
-from svd_adapters.base_model import BaseModel, load_base
-from svd_adapters.factors import BaseFactors, load_or_compute
+import torch
+
+# Without a GPU, Triton kernels (svd_adapters/gpu_kernels.py) run under Triton's interpreter, which it reads
+# when first imported (transformers imports it), so this comes before every other import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from svd_adapters.base_model import BaseModel, load_base  # noqa: E402
+from svd_adapters.factors import BaseFactors, load_or_compute  # noqa: E402
 
 
 @pytest.fixture(scope="session")

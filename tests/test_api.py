@@ -435,6 +435,7 @@ async def test_client_disconnect_frees_the_batch_row(serve, store):
 
 
 def test_settings_from_env_and_overrides(monkeypatch, tmp_path):
+    from service.app import engine_config
     from service.config import Settings
 
     for var in ("REDIS_URL", "SVDSERVE_STORE", "SVDSERVE_PORT", "SVDSERVE_MAX_RANK", "SVDSERVE_FACTORS_DIR"):
@@ -458,3 +459,11 @@ def test_settings_from_env_and_overrides(monkeypatch, tmp_path):
     monkeypatch.delenv("SVDSERVE_PORT")
     with pytest.raises(ValueError, match="max_rank"):
         Settings.from_env(max_rank=128, r_max=64)
+
+    assert Settings.from_env().cuda_graphs is True
+    monkeypatch.setenv("SVDSERVE_CUDA_GRAPHS", "0")
+    assert Settings.from_env().cuda_graphs is False
+    assert engine_config(Settings.from_env()).cuda_graphs is False
+    monkeypatch.setenv("SVDSERVE_CUDA_GRAPHS", "maybe")
+    with pytest.raises(ValueError, match="SVDSERVE_CUDA_GRAPHS='maybe': expected 1 or 0"):
+        Settings.from_env()

@@ -15,6 +15,7 @@ from adapters_store.disk import DiskStore
 from adapters_store.format import adapter_to_bytes
 from adapters_store.records import record_for
 from service.engine import Engine, EngineConfig, SamplingParams
+from svd_adapters import gpu_kernels
 from svd_adapters.base_model import BaseModel
 from svd_adapters.runner import BatchedRunner
 from test_engine import adapters, merged_model, reference_greedy  # noqa: F401  (adapters: the shared fixture)
@@ -29,9 +30,17 @@ def gpu_base(tiny_base) -> BaseModel:
                      name=tiny_base.name, cache_dir=tiny_base.cache_dir)
 
 
-def test_gpu_mixed_batch_logits_match_merged_reference(gpu_base, tiny_base, tiny_factors, adapters):
-    runner = BatchedRunner(gpu_base, tiny_factors, max_rank=8, max_batch=16, max_seq_len=64, core_slots=8, lr_slots=8)
-    assert runner.device.type == "cuda"
+@pytest.mark.parametrize("graphs,kernel", [(True, True), (False, True), (False, False)],
+                         ids=["graphs-triton", "eager-triton", "eager-torch-ops"])
+def test_gpu_mixed_batch_logits_match_merged_reference(gpu_base, tiny_base, tiny_factors, adapters, graphs, kernel,
+                                                       monkeypatch):
+    calls = []
+    real = gpu_kernels.core_delta
+    monkeypatch.setattr(gpu_kernels, "core_delta", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    monkeypatch.setitem(gpu_kernels._state, "force", None if kernel else False)
+    runner = BatchedRunner(gpu_base, tiny_factors, max_rank=8, max_batch=16, max_seq_len=64, core_slots=8, lr_slots=8,
+                           cuda_graphs=graphs)
+    assert runner.device.type == "cuda" and (runner.graphs is not None) == graphs
     cs, ls = runner.place(list(adapters.values()), tiny_factors)
     row_ids = list(adapters) + [None, None]
     cs, ls = cs + [0, 0], ls + [0, 0]
@@ -55,6 +64,9 @@ def test_gpu_mixed_batch_logits_match_merged_reference(gpu_base, tiny_base, tiny
             with torch.no_grad():
                 ref = refs[i](torch.tensor([s])).logits[0, -1]
             assert (last[i] - ref).abs().max().item() <= TOL, f"decode row {i} ({row_ids[i]})"
+    if graphs:  # the steps above were replays: 10 rows padded to 16, one bucket
+        assert [k[0] for k in runner.graphs.graphs] == [16]
+    assert bool(calls) == kernel  # the path under test took the core deltas
 
 
 def test_gpu_engine_greedy_matches_solo_reference(gpu_base, tiny_base, tiny_factors, adapters, tmp_path):
@@ -85,3 +97,4 @@ def test_gpu_engine_greedy_matches_solo_reference(gpu_base, tiny_base, tiny_fact
         ref = reference_greedy(tiny_base, tiny_factors, adapters.get(ids[i]) if ids[i] else None, prompts[i],
                                max_new[i], eng.eos_ids)
         assert res.token_ids == ref, f"request {i} ({ids[i]}) differs from its solo reference"
+    assert len(eng.runner.graphs.graphs) > 1  # the engine decoded through graphs, in several buckets
