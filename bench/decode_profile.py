@@ -58,16 +58,16 @@ def main() -> None:
         lr = [0] * B
         runner.prefill(prompts, list(range(B)), cs, lr)
         for _ in range(3):  # warm-up, and the row buffers refreshed for this configuration
-            runner.decode(tokens, positions, runner.mapping(cs, lr))
+            runner.decode(tokens, positions, runner.mapping(cs, lr), context=L + 1)
         sync()
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            runner.decode(tokens, positions, runner.mapping(cs, lr))
+            runner.decode(tokens, positions, runner.mapping(cs, lr), context=L + 1)
         sync()
         wall = (time.perf_counter() - t0) / args.steps
         with profile(activities=activities) as prof:
             for _ in range(args.steps):
-                runner.decode(tokens, positions, runner.mapping(cs, lr))
+                runner.decode(tokens, positions, runner.mapping(cs, lr), context=L + 1)
             sync()
         events = prof.key_averages()
         ops = sum(e.count for e in events if e.key.startswith("aten::") and not e.is_legacy)
@@ -76,6 +76,18 @@ def main() -> None:
         kernel_us = sum(e.self_device_time_total for e in kernels)
         rows[name] = {"wall_ms": 1e3 * wall, "aten_ops": ops / args.steps, "kernels": n_kernels / args.steps,
                       "kernel_ms": kernel_us / 1e3 / args.steps}
+        # the same for one prefill of the batch's prompts
+        sync()
+        t0 = time.perf_counter()
+        runner.prefill(prompts, list(range(B)), cs, lr)
+        sync()
+        pwall = time.perf_counter() - t0
+        with profile(activities=activities) as prof:
+            runner.prefill(prompts, list(range(B)), cs, lr)
+            sync()
+        pk = [e for e in prof.key_averages() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        rows[name].update({"prefill_wall_ms": 1e3 * pwall, "prefill_kernels": sum(e.count for e in pk),
+                           "prefill_kernel_ms": sum(e.self_device_time_total for e in pk) / 1e3})
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         tops[name] = events.table(sort_by=sort, row_limit=12)
     print(f"\nDecode step profile: {base.name}, batch {B}, rank {r}, device {args.device}, {args.dtype}\n")
@@ -84,6 +96,10 @@ def main() -> None:
     for name, v in rows.items():
         print(f"| {name} | {v['wall_ms']:.2f} | {rows['base']['wall_ms'] / v['wall_ms']:.3f} | {v['aten_ops']:.0f} | "
               f"{v['kernels']:.0f} | {v['kernel_ms']:.3f} |")
+    print("\n| configuration | prefill wall ms | × base | kernels | kernel ms |\n|---|---:|---:|---:|---:|")
+    for name, v in rows.items():
+        print(f"| {name} | {v['prefill_wall_ms']:.2f} | {rows['base']['prefill_wall_ms'] / v['prefill_wall_ms']:.3f} | "
+              f"{v['prefill_kernels']:.0f} | {v['prefill_kernel_ms']:.3f} |")
     for name, t in tops.items():
         print(f"\n### {name}\n{t}")
     print(json.dumps({"bench": "decode_profile", "base": base.name, "batch": B, "rank": r, "device": args.device,

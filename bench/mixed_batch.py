@@ -153,7 +153,7 @@ def main() -> None:
             t0 = CLOCK()
             for _ in range(args.steps_per_round):
                 mp = runner.mapping(cs, ls)  # built once per step, as the engine does
-                runner.decode(tokens, positions, mp)
+                runner.decode(tokens, positions, mp, context=L + 1)
             sync()
             decode_t[c].append((CLOCK() - t0) / args.steps_per_round)
 

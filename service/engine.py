@@ -558,9 +558,10 @@ class Engine:
         live = [r for r in self._active]
         device = self.runner.device
         tokens = torch.tensor([r.out[-1] for r in live], device=device)
-        positions = torch.tensor([len(r.prompt) + len(r.out) - 1 for r in live], device=device)
+        pos = [len(r.prompt) + len(r.out) - 1 for r in live]
+        positions = torch.tensor(pos, device=device)
         mp = self.runner.mapping([r.core_slot for r in live], [r.lr_slot for r in live])
-        logits = self.runner.decode(tokens, positions, mp)
+        logits = self.runner.decode(tokens, positions, mp, context=max(pos) + 1)
         greedy = torch.argmax(logits, dim=-1).tolist()  # one batched argmax for every greedy row
         for i, req in enumerate(live):
             if req.finish_reason is not None:

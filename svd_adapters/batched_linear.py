@@ -46,6 +46,7 @@ class SlotMapping:
     has_core: bool
     has_sub: bool  # some row's core adapter scales outputs and subtracts U_r σ_r V_rᵀ (OSoRA)
     lr_rows: torch.Tensor | None  # rows that carry a low-rank adapter; only those pay for its GEMMs
+    core_slots: tuple[int, ...] | None = None  # core_idx on the host, when known (saves a device → host copy)
 
     @property
     def rows(self) -> int:
@@ -59,13 +60,19 @@ class SlotMapping:
     def build(core_slots: list[int], lr_slots: list[int], sub_slots: set[int], tokens_per_row: int = 1,
               device: torch.device | str = "cpu") -> "SlotMapping":
         lr_rows = [i for i, s in enumerate(lr_slots) if s != 0]
+
+        def index(values: list[int]) -> torch.Tensor:
+            # non_blocking: a blocking host → GPU copy would wait for every queued kernel (a stall per step)
+            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
         return SlotMapping(
-            core_idx=torch.tensor(core_slots, dtype=torch.long, device=device),
-            lr_idx=torch.tensor(lr_slots, dtype=torch.long, device=device),
+            core_idx=index(core_slots),
+            lr_idx=index(lr_slots),
             tokens_per_row=tokens_per_row,
             has_core=any(s != 0 for s in core_slots),
             has_sub=any(s in sub_slots for s in core_slots),
-            lr_rows=torch.tensor(lr_rows, dtype=torch.long, device=device) if lr_rows else None,
+            lr_rows=index(lr_rows) if lr_rows else None,
+            core_slots=tuple(core_slots),
         )
 
 

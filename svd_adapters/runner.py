@@ -181,7 +181,15 @@ class BatchedRunner(nn.Module):
         left, or its slot was rewritten), so a steady decode step just reads them."""
         if not decode or not mp.has_core:
             return {g: pools.gather(mp) for g, pools in self.pools.items()}
-        keys = [(s, self._slot_version[s]) for s in mp.core_idx.tolist()]
+        self._refresh_rows(mp)
+        return {g: pools.cached_rows(mp) for g, pools in self.pools.items()}
+
+    def _refresh_rows(self, mp: SlotMapping) -> None:
+        """Copy into the row buffers the core tensors of rows whose adapter changed (see `_gathered`)."""
+        if not mp.has_core:
+            return
+        slots = mp.core_slots if mp.core_slots is not None else mp.core_idx.tolist()
+        keys = [(s, self._slot_version[s]) for s in slots]
         changed = [i for i, k in enumerate(keys) if self._row_keys[i] != k]
         if changed:
             rows = torch.tensor(changed, device=self.device)
@@ -190,7 +198,6 @@ class BatchedRunner(nn.Module):
                 pools.refresh_rows(rows, slots)
             for i in changed:
                 self._row_keys[i] = keys[i]
-        return {g: pools.cached_rows(mp) for g, pools in self.pools.items()}
 
     def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.rotary(x, positions.view(1, -1))
@@ -232,13 +239,16 @@ class BatchedRunner(nn.Module):
         return self.logits(h[torch.arange(P, device=self.device), last])
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, mp: SlotMapping) -> torch.Tensor:
-        """One token for each active row 0..T-1 at its position; returns logits (T, V)."""
-        rows = self._gathered(mp, decode=True)  # refreshes the row buffers a step (or its graph) reads
-        context = int(positions.max()) + 1
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, mp: SlotMapping, context: int | None = None) -> torch.Tensor:
+        """One token for each active row 0..T-1 at its position; returns logits (T, V).
+
+        `context`: max(positions) + 1 where the caller knows it (spares reading it back from the device)."""
+        if context is None:
+            context = int(positions.max()) + 1
         if self.graphs is not None:
+            self._refresh_rows(mp)  # the graph reads the row buffers
             return self.graphs.run(tokens, positions, mp, context)
-        return self._decode_step(tokens, positions, mp, context, rows)
+        return self._decode_step(tokens, positions, mp, context, self._gathered(mp, decode=True))
 
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, mp: SlotMapping, L: int,
                      rows: dict[str, dict[str, tuple[torch.Tensor, ...]]] | None = None) -> torch.Tensor:

@@ -20,20 +20,26 @@ def core_delta_kernel(
     acc = tl.zeros((BT, BN), dtype=tl.float32)
     if SCALED:
         o = tl.load(o_ptr + p[:, None] * s_op + c[None, :], mask=t_ok[:, None] & c_ok[None, :], other=1.0).to(tl.float32)
+    # Only the members this tile's columns belong to (one, unless the tile straddles a member bound): each
+    # member's pass is a chain of dependent loads and products, which sets a decode-sized kernel's time.
+    c_last = tl.minimum(tl.program_id(1) * BN + BN, M) - 1
+    first = (tl.program_id(1) * BN >= b1).to(tl.int32) + (tl.program_id(1) * BN >= b2).to(tl.int32)
+    last = (c_last >= b1).to(tl.int32) + (c_last >= b2).to(tl.int32)
     for i in tl.static_range(K):
-        cols_i = c_ok & (member == i)
-        u = tl.load(u_ptr + r[:, None] * s_ur + c[None, :], mask=r_ok[:, None] & cols_i[None, :], other=0.0).to(tl.float32)
-        h = tl.load(h_ptr + t[:, None] * s_ht + i * R + r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        # g[t, :] = h[t, :] · Ct[p(t), i]: every token through its own row's core (stored transposed)
-        ct = tl.load(c_ptr + p[:, None, None] * s_cp + i * s_ck + r[None, :, None] * s_cr + r[None, None, :],
-                     mask=t_ok[:, None, None] & r_ok[None, :, None] & r_ok[None, None, :], other=0.0).to(tl.float32)
-        g = tl.sum(h[:, :, None] * ct, axis=1)
-        core = tl.dot(g, u, input_precision="ieee")
-        if SCALED:
-            dd = tl.load(d_ptr + p[:, None] * s_dp + i * R + r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-            acc += o * core + tl.dot(h * dd, u, input_precision="ieee")
-        else:
-            acc += core
+        if (i >= first) & (i <= last):
+            cols_i = c_ok & (member == i)
+            u = tl.load(u_ptr + r[:, None] * s_ur + c[None, :], mask=r_ok[:, None] & cols_i[None, :], other=0.0).to(tl.float32)
+            h = tl.load(h_ptr + t[:, None] * s_ht + i * R + r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+            # g[t, :] = h[t, :] · Ct[p(t), i]: every token through its own row's core (stored transposed)
+            ct = tl.load(c_ptr + p[:, None, None] * s_cp + i * s_ck + r[None, :, None] * s_cr + r[None, None, :],
+                         mask=t_ok[:, None, None] & r_ok[None, :, None] & r_ok[None, None, :], other=0.0).to(tl.float32)
+            g = tl.sum(h[:, :, None] * ct, axis=1)
+            core = tl.dot(g, u, input_precision="ieee")
+            if SCALED:
+                dd = tl.load(d_ptr + p[:, None] * s_dp + i * R + r[None, :], mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+                acc += o * core + tl.dot(h * dd, u, input_precision="ieee")
+            else:
+                acc += core
     ptrs = y_ptr + t[:, None] * s_yt + c[None, :]
     mask = t_ok[:, None] & c_ok[None, :]
     y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
