@@ -10,7 +10,7 @@
 #                     base is the same architecture with seeded random weights: identical shapes and FLOPs, so
 #                     identical throughput; only the generated text is meaningless.
 #
-#   bash bench/gpu_check.sh [quick]
+#   bash bench/gpu_check.sh [quick | final]   (quick: tests and the mixed batch; final: a short run, ~3 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -51,8 +51,6 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
   echo "rc=$?" >> "$OUT/$name.log"
   grep -E "^\||passed|failed|error|Error|rc=" "$OUT/$name.log" | grep -v "^| *aten" | tail -25
 }
-step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_gpu_kernels.py tests/test_decode_graphs.py
-step mixed_fp32 150 python3 bench/mixed_batch.py --base $BASE --prefill-reps 5 --decode-reps 8
 if [ "${1:-}" = final ]; then  # a short run: kernels and graphs checked, the mixed batch and the profile
   step tests 80 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py tests/test_cuda.py -k "not eager"
   step mixed_fp32 60 python3 bench/mixed_batch.py --base $BASE --prefill-reps 5 --decode-reps 8 --no-peft
@@ -60,6 +58,8 @@ if [ "${1:-}" = final ]; then  # a short run: kernels and graphs checked, the mi
   step mixed_bf16 50 python3 bench/mixed_batch.py --base $BASE --dtype bfloat16 --prefill-reps 5 --decode-reps 8 --no-peft
   exit 0
 fi
+step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_gpu_kernels.py tests/test_decode_graphs.py
+step mixed_fp32 150 python3 bench/mixed_batch.py --base $BASE --prefill-reps 5 --decode-reps 8
 [ "${1:-}" = quick ] && exit 0
 step serve_load 120 python3 bench/serve_load.py --base $BASE --requests 64
 step mixed_bf16 90 python3 bench/mixed_batch.py --base $BASE --dtype bfloat16 --prefill-reps 5 --decode-reps 8 --no-peft
