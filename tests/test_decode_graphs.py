@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from svd_adapters.decode_graphs import DecodeGraphs, context_bucket, row_bucket
-from svd_adapters.runner import BatchedRunner
+from svd_adapters.runner import BatchedRunner, pack_terms
 from test_engine import adapters  # noqa: F401  (the shared fixture)
 
 
@@ -59,3 +59,23 @@ def test_replayed_decode_steps_equal_eager_ones(tiny_base, tiny_factors, adapter
     replayed = runner.decode(tokens, positions, mp)
     runner.graphs = None
     torch.testing.assert_close(replayed, runner.decode(tokens, positions, mp), rtol=0, atol=1e-5)
+
+
+def test_packed_adapter_terms_write_the_same_slots(tiny_base, tiny_factors, adapters):
+    """`pack_terms` (how a GPU runner moves an adapter's terms: one transfer, then views of it) loses nothing:
+    writing its views into a slot gives the same pools as writing the terms themselves."""
+    runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=4, max_seq_len=16, core_slots=3, lr_slots=3)
+    for method in ("osora", "loraxs", "sorsa", "lora"):
+        a = next(x for x in adapters.values() if x.method == method)
+        terms = a.terms(tiny_factors)
+        packed = pack_terms(terms, torch.float32, torch.device("cpu"))
+        assert all(getattr(lt.terms, f) is None or getattr(lt.terms, f)._base is not None
+                   for lt in packed.values() for f in ("C", "o", "d", "A", "B"))  # views of one buffer
+        write = runner.write_core_slot if a.method in ("osora", "loraxs") else runner.write_lr_slot
+        write(1, terms)
+        want = {g: [t.clone() for t in (p.C, p.o, p.d, p.A, *p.B)] for g, p in runner.pools.items()}
+        write(1, packed)
+        for g, p in runner.pools.items():
+            for x, y in zip([p.C, p.o, p.d, p.A, *p.B], want[g]):
+                assert torch.equal(x, y)
+        assert any(bool((t[:, 1] != 0).any()) for ts in want.values() for t in (ts[0], ts[3]))  # something was written
