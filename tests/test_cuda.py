@@ -18,7 +18,7 @@ from service.engine import Engine, EngineConfig, SamplingParams
 from svd_adapters import gpu_kernels
 from svd_adapters.base_model import BaseModel
 from svd_adapters.runner import BatchedRunner
-from test_engine import adapters, merged_model, reference_greedy  # noqa: F401  (adapters: the shared fixture)
+from test_engine import adapters, assert_decode_matches, merged_model, reference_greedy  # noqa: F401  (adapters: fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOL = 1e-4  # the bound for fp32 logits
@@ -52,18 +52,7 @@ def test_gpu_mixed_batch_logits_match_merged_reference(gpu_base, tiny_base, tiny
         with torch.no_grad():
             ref = refs[i](torch.tensor([p])).logits[0]
         assert (logits[i, : len(p)] - ref).abs().max().item() <= TOL, f"prefill row {i} ({row_ids[i]})"
-    seqs = [list(p) for p in prompts]
-    last = logits[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])]
-    mp = runner.mapping(cs, ls)
-    for _ in range(3):
-        nxt = last.argmax(-1)
-        for i in range(len(seqs)):
-            seqs[i].append(int(nxt[i]))
-        last = runner.decode(nxt.cuda(), torch.tensor([len(s) - 1 for s in seqs], device="cuda"), mp).cpu()
-        for i, s in enumerate(seqs):
-            with torch.no_grad():
-                ref = refs[i](torch.tensor([s])).logits[0, -1]
-            assert (last[i] - ref).abs().max().item() <= TOL, f"decode row {i} ({row_ids[i]})"
+    assert_decode_matches(runner, logits, prompts, refs, runner.mapping(cs, ls), steps=3, device="cuda", tol=TOL)
     if graphs:  # the steps above were replays: 10 rows padded to 16, one bucket
         assert [k[0] for k in runner.graphs.graphs] == [16]
     assert bool(calls) == kernel  # the path under test took the core deltas

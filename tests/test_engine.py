@@ -33,6 +33,22 @@ def merged_model(base, factors, adapter: Adapter | None):
     return model
 
 
+def assert_decode_matches(runner, logits, prompts, refs, mp, steps: int, device: str = "cpu", tol: float = 1e-4) -> None:
+    """Greedy decode steps after a prefill (`logits`: all positions), every row at its own position: each row's
+    logits against its merged reference model (`refs`, on the CPU)."""
+    seqs = [list(p) for p in prompts]
+    last = logits[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])].cpu()
+    for _ in range(steps):
+        nxt = last.argmax(-1)
+        for i in range(len(seqs)):
+            seqs[i].append(int(nxt[i]))
+        last = runner.decode(nxt.to(device), torch.tensor([len(s) - 1 for s in seqs], device=device), mp).cpu()
+        for i, s in enumerate(seqs):
+            with torch.no_grad():
+                ref = refs[i](torch.tensor([s])).logits[0, -1]
+            assert (last[i] - ref).abs().max().item() <= tol, f"decode row {i}"
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu-kernels", "pytorch-path"])
 def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factors, adapters, fused, monkeypatch):
     assert cpu_kernels.available()
@@ -56,19 +72,7 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
             ref = refs[i](torch.tensor([p])).logits[0]
         worst = max(worst, (logits[i, : len(p)] - ref).abs().max().item())
     assert worst <= 1e-4
-    # two decode steps for every row at its own position, still exact
-    seqs = [list(p) for p in prompts]
-    last = logits[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])]
-    mp = runner.mapping(cs, ls)
-    for _ in range(2):
-        nxt = last.argmax(-1)
-        for i in range(len(seqs)):
-            seqs[i].append(int(nxt[i]))
-        last = runner.decode(nxt, torch.tensor([len(s) - 1 for s in seqs]), mp)
-        for i, s in enumerate(seqs):
-            with torch.no_grad():
-                ref = refs[i](torch.tensor([s])).logits[0, -1]
-            assert (last[i] - ref).abs().max().item() <= 1e-4
+    assert_decode_matches(runner, logits, prompts, refs, runner.mapping(cs, ls), steps=2)
     # the decode steps above went through the path under test
     assert set(calls) == ({"skinny_linear", "core_delta"} if fused else set())
     # the adapters really change the output (the comparison above is not vacuous)
