@@ -14,8 +14,9 @@ comes from memory, and contiguous blocks stream faster than per-row pieces (meas
 time per decode step than slot-major).
 
 Slot 0 of each pool is the zero adapter (base rows). A `SlotMapping`, built once per step and shared by all
-layers, says which slots each row (request) reads; the core tensors of every layer are gathered once per
-step (`GroupPools.gather`), the low-rank ones per layer for the rows that have one. Decode and prefill go
+layers, says which slots each row (request) reads. The CPU kernel reads each row's core tensors from its slot
+(`GroupPools.by_slot`); elsewhere they are gathered once per step (`GroupPools.gather`; at decode, kept in
+per-row buffers), the low-rank ones per layer for the rows that have one. Decode and prefill go
 through the same two delta functions; on the CPU the core delta and a decode step's GEMMs run in svdserve's own
 kernels where they are faster (`cpu_kernels.py`), on a GPU the core delta is one Triton kernel per group
 (`gpu_kernels.py`).
@@ -200,6 +201,18 @@ class GroupPools:
             out["o"], out["d"] = self.o[:, ci], self.d[:, ci]
         return per_layer(out)
 
+    def by_slot(self, mp: SlotMapping) -> dict[str, tuple[torch.Tensor, ...]]:
+        """The pools themselves, per layer, and the rows' slots: for the CPU kernel, which reads each row's core
+        tensors from its slot (`cpu_kernels.core_delta(slots=)`), so nothing is gathered or copied per step."""
+        if not mp.has_core:
+            return {}
+        out = {"C": self.C}
+        if mp.has_sub:
+            out["o"], out["d"] = self.o, self.d
+        views = per_layer(out)
+        views["slots"] = mp.core_idx
+        return views
+
     def enable_row_cache(self, max_rows: int) -> None:
         """Persistent per-row copies of the core tensors, for decode steps: see `refresh_rows`."""
         def rows_like(t: torch.Tensor) -> tuple[int, ...]:
@@ -286,7 +299,9 @@ class LinearGroup(nn.Module):
         y, h = self.project(x)
         # Without OSoRA rows every o is 1 and every d is 0: skip the scale and the subtraction.
         o, d = (rows["o"][li], rows["d"][li]) if mp.has_sub else (None, None)
-        if cpu_kernels.serves(y):
+        if "slots" in rows:  # the slot pools themselves (`GroupPools.by_slot`): the CPU kernel reads by slot
+            cpu_kernels.core_delta(y, h, rows["C"][li], o, d, self.Ut_cat, self.bounds, L, out=out, slots=rows["slots"])
+        elif cpu_kernels.serves(y):
             cpu_kernels.core_delta(y, h, rows["C"][li], o, d, self.Ut_cat, self.bounds, L, out=out)
         elif gpu_kernels.serves(y):
             gpu_kernels.core_delta(y, h, rows["C"][li], o, d, self.Ut_cat, self.bounds, L)

@@ -111,7 +111,8 @@ def skinny_linear(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 
 
 def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tensor | None, d: torch.Tensor | None,
-               U: torch.Tensor, offsets: list[int], tokens_per_row: int = 1, out: torch.Tensor | None = None) -> None:
+               U: torch.Tensor, offsets: list[int], tokens_per_row: int = 1, out: torch.Tensor | None = None,
+               slots: torch.Tensor | None = None) -> None:
     """y (T, M) += one group's core delta, in place; see `csrc/core_delta.cpp`.
 
     h (T, k·R) the tokens' shared projections; token t belongs to request row t // tokens_per_row, whose core
@@ -119,8 +120,8 @@ def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tens
     None; U (R, M) the members' U_rᵀ side by side in float32 (float64 for a float64 y); offsets: the members'
     column bounds. With `out` (T, M/2), for a gate/up group: also out = silu(gate) · up of the final y (without
     output scales, each chunk of tokens right after its delta, while its rows are in cache). Check `serves(y)`
-    first."""
-    torch.ops.svdserve.core_delta(y, h, Ct, o, d, U, offsets, tokens_per_row, out)
+    first. With `slots` (rows,) int64: Ct, o and d are slot pools (slots, ...) and row p reads slot slots[p]."""
+    torch.ops.svdserve.core_delta(y, h, Ct, o, d, U, offsets, tokens_per_row, out, slots)
 
 
 def gated_silu(y: torch.Tensor) -> torch.Tensor:

@@ -202,9 +202,12 @@ class BatchedRunner(nn.Module):
         return self.norm(x)
 
     def _gathered(self, mp: SlotMapping, decode: bool) -> dict[str, dict[str, tuple[torch.Tensor, ...]]]:
-        """Per-row core tensors of every layer. Prefill gathers them once for the step. Decode keeps them in
-        per-row buffers and copies only rows whose adapter changed since the last step (a request joined,
-        left, or its slot was rewritten), so a steady decode step just reads them."""
+        """Every layer's core tensors for the step's rows. The CPU kernel reads them from the slot pools by each
+        row's slot. Otherwise prefill gathers them once for the step, and decode keeps them in per-row buffers
+        and copies only rows whose adapter changed since the last step (a request joined, left, or its slot was
+        rewritten), so a steady decode step just reads them (CUDA graphs read those buffers too)."""
+        if cpu_kernels.serves(self.pools["qkv"].C):  # the CPU kernel reads the slot pools: nothing to copy
+            return {g: pools.by_slot(mp) for g, pools in self.pools.items()}
         if not decode or not mp.has_core:
             return {g: pools.gather(mp) for g, pools in self.pools.items()}
         self._refresh_rows(mp)

@@ -51,11 +51,21 @@ def reference(c) -> torch.Tensor:
 KERNEL_TOL = {torch.bfloat16: 2 ** -8, torch.float32: 1e-6, torch.float64: 1e-14}
 
 
-def run_kernel(c, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The case's z after the core-delta kernel (y and h are its column ranges, as in LinearGroup.forward)."""
+def run_kernel(c, out: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """The case's z after the core-delta kernel (y and h are its column ranges, as in LinearGroup.forward).
+    With `slots`, the rows' Ct, o and d are first placed in a larger slot pool at those slots and read from there."""
     M, y = c["M"], c["z"].clone()
     U = torch.cat(c["Ut"], dim=1).to(torch.promote_types(y.dtype, torch.float32)).contiguous()
-    cpu_kernels.core_delta(y[:, :M], y[:, M:], c["Ct"], c["o"], c["d"], U, c["offsets"] + [M], c["L"], out=out)
+    Ct, o, d = c["Ct"], c["o"], c["d"]
+    if slots is not None:
+        def pool(t):
+            if t is None:
+                return None
+            p = torch.full((int(slots.max()) + 3,) + t.shape[1:], float("nan"), dtype=t.dtype)  # unread slots: NaN
+            p[slots] = t
+            return p
+        Ct, o, d = pool(Ct), pool(o), pool(d)
+    cpu_kernels.core_delta(y[:, :M], y[:, M:], Ct, o, d, U, c["offsets"] + [M], c["L"], out=out, slots=slots)
     return y
 
 
@@ -102,6 +112,28 @@ def test_core_delta_kernel_matches_the_formula(shape, dtype, scaled):
     scale = want[:, :M].abs().max().item()  # outputs reach ~100 at R = 16: bound the error relative to them
     assert err <= KERNEL_TOL[dtype] * scale
     assert torch.equal(y[:, M:], c["z"][:, M:])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_core_delta_kernel_reads_rows_from_their_slots(shape, dtype, scaled):
+    """Rows reading their cores, scales and d from a slot pool (in any order, unread slots NaN) give exactly what
+    the rows' own tensors give: how the model calls the kernel (no per-step copy of the adapters)."""
+    c = case(dtype, scaled, **shape)
+    slots = torch.randperm(c["P"] + 2, generator=torch.Generator().manual_seed(c["P"]))[: c["P"]]
+    assert torch.equal(run_kernel(c, slots=slots), run_kernel(c))
+
+
+def test_core_delta_kernel_refuses_slots_outside_the_pool():
+    c = case(torch.float32, True, P=3)
+    M = c["M"]
+    U = torch.cat(c["Ut"], dim=1).contiguous()
+    args = (c["z"][:, :M], c["z"][:, M:], c["Ct"], c["o"], c["d"], U, c["offsets"] + [M], 1)
+    with pytest.raises(RuntimeError, match="slot 3 of row 1 is outside the pool of 3"):
+        cpu_kernels.core_delta(*args, slots=torch.tensor([0, 3, 1]))
+    with pytest.raises(RuntimeError, match="one entry per row"):
+        cpu_kernels.core_delta(*args, slots=torch.tensor([0, 1]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -3,7 +3,8 @@
 // Tokens t = 0..T-1, token t of request row p = t / L (L tokens per row: 1 at decode, the padded prompt length
 // at prefill). For member i (output columns [off_i, off_{i+1}) of y), with h_i the token's shared projection:
 //   y[t, c] += o[p, c] · Σ_j g[j] U[j, c] + Σ_j e[j] U[j, c],   g = C_{p,i} h_i,  e = d_{p,i} ⊙ h_i
-// (o and d only for rows whose adapter scales its outputs: OSoRA). U is the members' U_rᵀ side by side,
+// (o and d only for rows whose adapter scales its outputs: OSoRA). With `slots`, C, o and d are the adapter slot
+// pools and row p reads slot slots[p], so no per-row copy of them is ever made. U is the members' U_rᵀ side by side,
 // (R, M) in the accumulation type. In PyTorch this is ~6 ops per member at decode (core, scale, two skinny
 // GEMMs, multiply-add), each a dispatch and a pass over memory, and at prefill K = R GEMMs that BLAS runs at
 // half speed; here it is one call per group: every token's cores (tiny), then one sweep over U per tile.
@@ -37,7 +38,7 @@ constexpr int kRB = 4 * (svdserve::kVecRegs / 16);
 
 // Every token's cores for every member: g = C h and, for scaled rows, e = d ⊙ h; (T, k·R) each.
 template <typename scalar_t, typename acc_t, bool kScaled>
-void token_cores(const scalar_t* h, int64_t sh, const scalar_t* Ct, int64_t sC, const scalar_t* d, int64_t sd,
+void token_cores(const scalar_t* h, int64_t sh, const scalar_t* const* Crow, const scalar_t* const* drow,
                  int64_t k, int64_t R, int64_t L, acc_t* g, acc_t* e, int64_t begin, int64_t end) {
   for (int64_t t = begin; t < end; ++t) {
     const scalar_t* ht = h + t * sh;
@@ -45,14 +46,14 @@ void token_cores(const scalar_t* h, int64_t sh, const scalar_t* Ct, int64_t sC, 
     for (int64_t i = 0; i < k; ++i) {
       acc_t* gi = g + (t * k + i) * R;
       for (int64_t j = 0; j < R; ++j) gi[j] = 0;
-      const scalar_t* Ci = Ct + p * sC + i * R * R;  // Cᵀ: g_j = Σ_l h_l Cᵀ[l, j]
+      const scalar_t* Ci = Crow[p] + i * R * R;  // Cᵀ: g_j = Σ_l h_l Cᵀ[l, j]
       for (int64_t l = 0; l < R; ++l) {
         const acc_t hl = static_cast<acc_t>(ht[i * R + l]);
         for (int64_t j = 0; j < R; ++j) gi[j] += hl * static_cast<acc_t>(Ci[l * R + j]);
       }
       if constexpr (kScaled) {
         for (int64_t j = 0; j < R; ++j)
-          e[(t * k + i) * R + j] = static_cast<acc_t>(ht[i * R + j]) * static_cast<acc_t>(d[p * sd + i * R + j]);
+          e[(t * k + i) * R + j] = static_cast<acc_t>(ht[i * R + j]) * static_cast<acc_t>(drow[p][i * R + j]);
       }
     }
   }
@@ -188,8 +189,8 @@ void gated_silu_rows(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, i
 // run the row's L tokens through it as unscaled ones, with their h as the cores. Nothing of size rows × R × M is
 // ever written out (folding whole projections first cost ~10 MB of memory traffic per layer).
 template <typename scalar_t, typename acc_t>
-void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* Ct, int64_t sC, const scalar_t* o,
-                  int64_t so, const scalar_t* d, int64_t sd, const acc_t* U, int64_t M, int64_t R, int64_t k,
+void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* const* Crow, const scalar_t* const* orow,
+                  const scalar_t* const* drow, const acc_t* U, int64_t M, int64_t R, int64_t k,
                   const std::vector<int64_t>& off, const std::vector<int64_t>& tiles, int64_t P, int64_t L) {
   constexpr int W = sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
   constexpr int64_t TW = NV * W;
@@ -197,14 +198,14 @@ void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* Ct, i
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
   std::vector<char> diagonal(P * k);
   for (int64_t p = 0; p < P; ++p)
-    for (int64_t i = 0; i < k; ++i) diagonal[p * k + i] = is_diagonal(Ct + p * sC + i * R * R, R);
+    for (int64_t i = 0; i < k; ++i) diagonal[p * k + i] = is_diagonal(Crow[p] + i * R * R, R);
   // Row p's tile ti, with buf (R × TW) as its folded projection's slice.
   auto row_tile = [&](int64_t p, int64_t ti, acc_t* bufp) {
     const int64_t i = tiles[2 * ti], c = tiles[2 * ti + 1];
     const int64_t width = std::min(TW, off[i + 1] - c);
-    const scalar_t* Ci = Ct + p * sC + i * R * R;
-    const scalar_t* op = o + p * so + c;
-    const scalar_t* di = d + p * sd + i * R;
+    const scalar_t* Ci = Crow[p] + i * R * R;
+    const scalar_t* op = orow[p] + c;
+    const scalar_t* di = drow[p] + i * R;
     const acc_t* Uc = U + c;
     if (diagonal[p * k + i]) {  // U_eff[l, x] = U[l, x] (o[x] S_l + d_l)
       for (int64_t l = 0; l < R; ++l) {
@@ -307,7 +308,7 @@ void check_rows(const at::Tensor& t, const char* name, int64_t P, int64_t width,
 
 void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const std::optional<at::Tensor>& o,
                 const std::optional<at::Tensor>& d, const at::Tensor& U, at::IntArrayRef offsets, int64_t L,
-                const std::optional<at::Tensor>& out) {
+                const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& slots) {
   TORCH_CHECK(y.device().is_cpu(), "core_delta runs on the CPU");
   const int64_t T = y.size(0), M = y.size(1), R = U.size(0), k = static_cast<int64_t>(offsets.size()) - 1;
   TORCH_CHECK(k >= 1 && offsets[0] == 0 && offsets[k] == M, "offsets must run from 0 to y's width");
@@ -316,14 +317,28 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
   const int64_t P = T / L;
   check_rows(h, "h", T, k * R, y.scalar_type());
   TORCH_CHECK(y.stride(1) == 1, "y must be contiguous within a row");
-  TORCH_CHECK(Ct.dim() == 4 && Ct.size(0) == P && Ct.size(1) == k && Ct.size(2) == R && Ct.size(3) == R,
-              "Ct must be (rows, k, R, R)");
+  // With `slots`, Ct, o and d are slot pools (S, ...) and row p reads slot slots[p]; else row p reads its own.
+  const int64_t S = slots.has_value() ? Ct.size(0) : P;
+  std::vector<int64_t> slot(P);
+  if (slots.has_value()) {
+    TORCH_CHECK(slots->dim() == 1 && slots->size(0) == P && slots->scalar_type() == at::kLong && slots->device().is_cpu(),
+                "slots must be a CPU int64 vector with one entry per row (", P, ")");
+    const at::Tensor sl = slots->contiguous();
+    for (int64_t p = 0; p < P; ++p) {
+      slot[p] = sl.const_data_ptr<int64_t>()[p];
+      TORCH_CHECK(slot[p] >= 0 && slot[p] < S, "slot ", slot[p], " of row ", p, " is outside the pool of ", S);
+    }
+  } else {
+    for (int64_t p = 0; p < P; ++p) slot[p] = p;
+  }
+  TORCH_CHECK(Ct.dim() == 4 && Ct.size(0) == S && Ct.size(1) == k && Ct.size(2) == R && Ct.size(3) == R,
+              "Ct must be (rows, k, R, R), or (slots, k, R, R) with slots");
   TORCH_CHECK(Ct.stride(3) == 1 && Ct.stride(2) == R && Ct.stride(1) == R * R, "Ct must be contiguous within a row");
   TORCH_CHECK(Ct.scalar_type() == y.scalar_type(), "Ct must have y's dtype");
   TORCH_CHECK(o.has_value() == d.has_value(), "o and d come together");
   if (o.has_value()) {
-    check_rows(*o, "o", P, M, y.scalar_type());
-    check_rows(*d, "d", P, k * R, y.scalar_type());
+    check_rows(*o, "o", S, M, y.scalar_type());
+    check_rows(*d, "d", S, k * R, y.scalar_type());
   }
   if (out.has_value()) {
     TORCH_CHECK(k == 2 && offsets[1] * 2 == M, "out (the gated activation) needs a group of two equal members");
@@ -342,9 +357,17 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
     acc_t* e = o.has_value() && L == 1 ? scratch<acc_t>(1, T * k * R) : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
-    const scalar_t* Cp = Ct.const_data_ptr<scalar_t>();
     const acc_t* Up = U.const_data_ptr<acc_t>();
-    const int64_t sy = y.stride(0), sh = h.stride(0), sC = Ct.stride(0);
+    const int64_t sy = y.stride(0), sh = h.stride(0);
+    // Each row's core, scale and d, where its slot (or its own row) keeps them: no division in the inner loops.
+    std::vector<const scalar_t*> Crow(P), orow_p(P), drow(P);
+    for (int64_t p = 0; p < P; ++p) {
+      Crow[p] = Ct.const_data_ptr<scalar_t>() + slot[p] * Ct.stride(0);
+      if (o.has_value()) {
+        orow_p[p] = o->const_data_ptr<scalar_t>() + slot[p] * o->stride(0);
+        drow[p] = d->const_data_ptr<scalar_t>() + slot[p] * d->stride(0);
+      }
+    }
     // With `out`: out = silu(gate) · up of the final y (see gated_silu_rows for when it runs).
     Epilogue gated;
     if (out.has_value()) {
@@ -360,20 +383,17 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
         for (int64_t t = b; t < en; ++t)
           for (int64_t j = 0; j < k * R; ++j) g[t * k * R + j] = static_cast<acc_t>(hp[t * sh + j]);
       });
-      sweep_folded<scalar_t, acc_t>(yp, sy, g, Cp, sC, o->const_data_ptr<scalar_t>(), o->stride(0),
-                                    d->const_data_ptr<scalar_t>(), d->stride(0), Up, M, R, k, off, tiles, P, L);
+      sweep_folded<scalar_t, acc_t>(yp, sy, g, Crow.data(), orow_p.data(), drow.data(), Up, M, R, k, off, tiles, P, L);
     } else if (o.has_value()) {
-      const scalar_t* dp = d->const_data_ptr<scalar_t>();
-      const int64_t sd = d->stride(0);
-      std::vector<const scalar_t*> orow(T);  // token t's row of o: no division in the inner loops
-      for (int64_t t = 0; t < T; ++t) orow[t] = o->const_data_ptr<scalar_t>() + (t / L) * o->stride(0);
+      std::vector<const scalar_t*> orow(T);  // token t's row of o
+      for (int64_t t = 0; t < T; ++t) orow[t] = orow_p[t / L];
       at::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
-        token_cores<scalar_t, acc_t, true>(hp, sh, Cp, sC, dp, sd, k, R, L, g, e, b, en);
+        token_cores<scalar_t, acc_t, true>(hp, sh, Crow.data(), drow.data(), k, R, L, g, e, b, en);
       });
       sweep<scalar_t, acc_t, true>(yp, sy, orow.data(), g, e, Up, M, R, k, off, tiles, T, kChunk, nullptr);
     } else {
       at::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
-        token_cores<scalar_t, acc_t, false>(hp, sh, Cp, sC, nullptr, 0, k, R, L, g, nullptr, b, en);
+        token_cores<scalar_t, acc_t, false>(hp, sh, Crow.data(), nullptr, k, R, L, g, nullptr, b, en);
       });
       sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Up, M, R, k, off, tiles, T, kChunk, epilogue);
       return;
@@ -405,7 +425,7 @@ at::Tensor gated_silu(const at::Tensor& y) {
 
 TORCH_LIBRARY_FRAGMENT(svdserve, m) {
   m.def("core_delta(Tensor(a!) y, Tensor h, Tensor Ct, Tensor? o, Tensor? d, Tensor U, int[] offsets, "
-        "int tokens_per_row, Tensor(b!)? out=None) -> ()");
+        "int tokens_per_row, Tensor(b!)? out=None, Tensor? slots=None) -> ()");
   m.def("gated_silu(Tensor y) -> Tensor");
 }
 
