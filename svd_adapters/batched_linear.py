@@ -335,10 +335,10 @@ class LinearGroup(nn.Module):
         """Base outputs y (T, M), fresh (the delta goes in in place), and the shared projections h (T, k·R).
 
         A decode step's few rows take one GEMM over W_aug: it reads the weights once, which is what a skinny
-        product costs. A prefill's many rows take two (W, then V_rᵀ): BLAS ran the augmented shapes (e.g.
-        3104 = 3072 + 32 rows) up to 10 % slower than W alone, the extra 32 rows on their own cost ~1 %
-        (measured on the CPU, MKL, 2048 tokens)."""
-        if x.shape[0] > cpu_kernels.SKINNY_MAX_ROWS:
+        product costs. A prefill's many rows take one or two (W, then V_rᵀ), whichever the CPU runs faster
+        (`cpu_kernels.calibrate_prefill`: on one Xeon MKL ran e.g. 3104 = 3072 + 32 rows up to 10 % slower than
+        W alone, on a Zen 5 the one GEMM was faster); on a GPU, two."""
+        if x.shape[0] > cpu_kernels.SKINNY_MAX_ROWS and not cpu_kernels.prefill_stacked(self.W_aug, self.M):
             return cpu_kernels.matmul_t(x, self.W_aug[: self.M]), cpu_kernels.matmul_t(x, self.W_aug[self.M :])
         z = cpu_kernels.matmul_t(x, self.W_aug)
         return z[:, : self.M], z[:, self.M :]

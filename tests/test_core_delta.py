@@ -87,6 +87,16 @@ def test_kernels_build_here():
     assert cpu_kernels.available(), "the CPU kernels did not build (see the log for the compiler's error)"
 
 
+def test_prefill_projection_calibration_decides_per_shape(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_stacked_faster", {})
+    W = torch.randn(40, 24)
+    assert not cpu_kernels.prefill_stacked(W, 32)  # not timed: two GEMMs
+    cpu_kernels.calibrate_prefill([(W, 32), (W, 32)], rows=128, reps=2)
+    assert list(cpu_kernels._stacked_faster) == [(40, 24, 32, torch.float32)]  # each shape timed once
+    cpu_kernels._stacked_faster[(40, 24, 32, torch.float32)] = True
+    assert cpu_kernels.prefill_stacked(W, 32) and not cpu_kernels.prefill_stacked(W, 30)
+
+
 def test_large_blocks_are_kept_in_mallocs_heap_on_glibc():
     # CI and the Docker image run glibc: prefill's activations must not be page-faulted in afresh every step.
     assert cpu_kernels.keep_large_blocks()  # mallopt accepted both settings

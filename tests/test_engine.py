@@ -80,12 +80,15 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
     assert (logits[0, : len(prompts[0])] - base_row).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize("stacked", [True, False], ids=["one-projection-gemm", "two-projection-gemms"])
 @pytest.mark.parametrize("with_adapters", [True, False], ids=["osora-loraxs-base-rows", "base-only"])
 def test_prefill_fuses_the_gated_activation_and_still_matches_merged_reference(tiny_base, tiny_factors, adapters,
-                                                                              with_adapters, monkeypatch):
+                                                                              with_adapters, stacked, monkeypatch):
     """A prefill of more than 64 tokens without low-rank rows applies silu(gate)·up inside the kernels (right
-    after the gate/up delta, or in one pass for base-only batches); the logits stay the merged reference's."""
+    after the gate/up delta, or in one pass for base-only batches); the logits stay the merged reference's,
+    whether the projections come from one GEMM over [W; V_rᵀ] or two (calibration picks per CPU)."""
     assert cpu_kernels.available() and tiny_base.model.config.hidden_act == "silu"
+    monkeypatch.setattr(cpu_kernels, "prefill_stacked", lambda W, M: stacked)
     used = []
     for name in ("core_delta", "gated_silu"):
         kernel = getattr(cpu_kernels, name)
