@@ -167,6 +167,9 @@ class GroupPools:
         self.A = torch.zeros(n_layers, lr_slots, self.k * self.K, n_in, **kw)
         self.B = [torch.zeros(n_layers, lr_slots, m, self.K, **kw) for m in out_sizes]
         self.scratch: torch.Tensor | None = None  # decode's temporary for OSoRA's scaled part (enable_row_cache)
+        # Per-layer views of the core pools, made once: they stay valid (slots are written in place), and making
+        # them per step is ~360 tensor objects (`by_slot`).
+        self.layer_views = per_layer({"C": self.C, "o": self.o, "d": self.d})
 
     def clear_core(self, slot: int) -> None:
         self.C[:, slot].zero_(), self.o[:, slot].fill_(1.0), self.d[:, slot].zero_()
@@ -206,11 +209,9 @@ class GroupPools:
         tensors from its slot (`cpu_kernels.core_delta(slots=)`), so nothing is gathered or copied per step."""
         if not mp.has_core:
             return {}
-        out = {"C": self.C}
+        views = {"C": self.layer_views["C"], "slots": mp.core_idx}
         if mp.has_sub:
-            out["o"], out["d"] = self.o, self.d
-        views = per_layer(out)
-        views["slots"] = mp.core_idx
+            views["o"], views["d"] = self.layer_views["o"], self.layer_views["d"]
         return views
 
     def enable_row_cache(self, max_rows: int) -> None:
