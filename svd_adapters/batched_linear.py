@@ -9,9 +9,9 @@ Adapter tensors live in fixed device slot pools, one `GroupPools` per group kind
 - core pool (OSoRA, LoRA-XS):  Cᵀ (layers, slots, k, R, R) (stored transposed: h·Cᵀ needs no copy), o (layers, slots, M), d (layers, slots, k·R)
 - low-rank pool (SORSA, LoRA): A (layers, slots, k·K, n), B_i (layers, slots, m_i, K), K = 2R
 
-Layer-major, so what one layer reads in a step (its rows' cores, scales) is one contiguous block: at decode it
-comes from memory, and contiguous blocks stream faster than per-row pieces (measured ~10 % less core-delta
-time per decode step than slot-major).
+Layer-major, so what one layer reads in a step (its rows' cores, scales) lies in one contiguous block of the
+layer's slots: at decode it comes from memory, and that streams faster than pieces spread over all layers
+(measured ~10 % less core-delta time per decode step than slot-major).
 
 Slot 0 of each pool is the zero adapter (base rows). A `SlotMapping`, built once per step and shared by all
 layers, says which slots each row (request) reads. The CPU kernel reads each row's core tensors from its slot

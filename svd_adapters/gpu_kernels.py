@@ -25,6 +25,7 @@ from svd_adapters.log import get_logger
 
 log = get_logger(__name__)
 BLOCK_T, BLOCK_N = 16, 64  # tokens × output columns per program
+_state: dict[str, object] = {}  # "ok": Triton importable; "force": False turns the kernel off
 
 
 def enabled() -> bool:
@@ -65,9 +66,6 @@ def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tens
         o_.stride(0), d_.stride(0), U.stride(0),
         K=k, SCALED=scaled, R_PAD=max(16, triton.next_power_of_2(R)), BT=BLOCK_T, BN=BLOCK_N,
     )
-
-
-_state: dict[str, object] = {}
 
 
 def available() -> bool:
