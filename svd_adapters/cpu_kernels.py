@@ -160,6 +160,19 @@ def matmul_t(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return skinny_linear(x, W) if uses_kernel(x, W) else x @ W.T
 
 
+def _median_times(fns: dict[str, object], reps: int) -> dict[str, float]:
+    """Median seconds of each callable over `reps` rounds, the callables alternating within a round so machine
+    noise hits them alike; a first, untimed round warms caches and thread pools."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(reps + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def calibrate(weights: list[torch.Tensor], rows: int, reps: int = 5) -> None:
     """Time the kernel against torch's matmul for each weight shape not timed yet, at `rows` rows (a full decode
     batch), alternating the two; keep the faster. Both give the same results to float rounding."""
@@ -176,14 +189,8 @@ def calibrate(weights: list[torch.Tensor], rows: int, reps: int = 5) -> None:
     with torch.inference_mode():
         for key, W in todo.items():
             x = torch.randn(rows, W.shape[1], dtype=W.dtype)
-            times = {"kernel": [], "torch": []}
-            for i in range(reps + 1):
-                for name, fn in (("kernel", skinny_linear), ("torch", lambda a, b: a @ b.T)):
-                    t0 = time.perf_counter()
-                    fn(x, W)
-                    if i:  # the first round warms caches and thread pools
-                        times[name].append(time.perf_counter() - t0)
-            kernel, blas = statistics.median(times["kernel"]), statistics.median(times["torch"])
+            t = _median_times({"kernel": lambda: skinny_linear(x, W), "torch": lambda: x @ W.T}, reps)
+            kernel, blas = t["kernel"], t["torch"]
             _skinny_faster[key] = kernel < blas
             report.append(f"{key[0]}x{key[1]} {blas / kernel:.2f}x")
     log.info("decode GEMMs at %d rows, kernel speed relative to torch's matmul (kernel used where > 1): %s",
@@ -213,14 +220,8 @@ def calibrate_prefill(groups: list[tuple[torch.Tensor, int]], rows: int = 1024, 
         for key, (W, M) in todo.items():
             x = torch.randn(rows, W.shape[1], dtype=W.dtype)
             Wy, Wh = W[:M], W[M:]
-            times = {"one": [], "two": []}
-            for i in range(reps + 1):
-                for name, fn in (("one", lambda: x @ W.T), ("two", lambda: (x @ Wy.T, x @ Wh.T))):
-                    t0 = time.perf_counter()
-                    fn()
-                    if i:  # the first round warms caches and thread pools
-                        times[name].append(time.perf_counter() - t0)
-            one, two = statistics.median(times["one"]), statistics.median(times["two"])
+            t = _median_times({"one": lambda: x @ W.T, "two": lambda: (x @ Wy.T, x @ Wh.T)}, reps)
+            one, two = t["one"], t["two"]
             _stacked_faster[key] = one < two
             report.append(f"{M}+{key[0] - M}x{key[1]} {two / one:.2f}x")
     log.info("prefill projections at %d rows, one GEMM's speed relative to two (one used where > 1): %s",
