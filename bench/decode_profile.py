@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.mixed_batch import random_adapter  # noqa: E402
+from bench.mixed_batch import batch_args, random_adapter  # noqa: E402
 from svd_adapters.base_model import load_base  # noqa: E402
 from svd_adapters.factors import load_or_compute  # noqa: E402
 from svd_adapters.runner import BatchedRunner  # noqa: E402
@@ -26,14 +26,8 @@ from svd_adapters.runner import BatchedRunner  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base", default="default")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--prompt-len", type=int, default=64)
+    batch_args(ap)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--no-cuda-graphs", action="store_true", help="GPU decode steps launched eagerly, not replayed")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = ap.parse_args()
     torch.manual_seed(0)
     B, r, L = args.batch, args.rank, args.prompt_len

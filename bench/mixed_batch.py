@@ -75,19 +75,24 @@ def hf_throughput(model, args, ids: torch.Tensor, step_ids: torch.Tensor, sync, 
     return {"prefill_tok_s": B * L / statistics.median(pt), "decode_tok_s": B / statistics.median(dt)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def batch_args(ap: argparse.ArgumentParser) -> None:
+    """The batch every mixed-batch measurement runs (this benchmark, bench/decode_profile.py)."""
     ap.add_argument("--base", default="default")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--prefill-reps", type=int, default=3)
-    ap.add_argument("--decode-reps", type=int, default=6, help="rounds of decode steps per configuration")
-    ap.add_argument("--steps-per-round", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="GPU decode steps launched eagerly, not replayed")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                     help="weights and activations of every configuration, PEFT's included")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    batch_args(ap)
+    ap.add_argument("--prefill-reps", type=int, default=3)
+    ap.add_argument("--decode-reps", type=int, default=6, help="rounds of decode steps per configuration")
+    ap.add_argument("--steps-per-round", type=int, default=8)
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: one torch thread timed by its own CPU time, robust when other jobs share the machine")
