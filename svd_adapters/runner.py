@@ -107,9 +107,9 @@ class BatchedRunner(nn.Module):
         # Core slots whose adapter scales outputs and subtracts U_r σ_r V_rᵀ (OSoRA), read off the terms written
         # there, so no caller has to keep (and can get wrong) a list of its own.
         self.scaled_slots: set[int] = set()
-        self._row_keys: list[tuple[int, int] | None] = [None] * max_batch  # (slot, its version) per row buffer
-        for pools in self.pools.values():
-            pools.enable_row_cache(max_batch)
+        # (slot, its version) per row buffer; the buffers are made on first use (`_refresh_rows`): the CPU kernel
+        # reads the slot pools and never needs them.
+        self._row_keys: list[tuple[int, int] | None] | None = None
         if self.device.type == "cpu":
             # Build (the first time) and load the CPU kernels now, not in a request, and time the decode GEMMs'
             # kernel against torch's matmul for this model's weight shapes.
@@ -218,6 +218,10 @@ class BatchedRunner(nn.Module):
         """Copy into the row buffers the core tensors of rows whose adapter changed (see `_gathered`)."""
         if not mp.has_core:
             return
+        if self._row_keys is None:
+            for pools in self.pools.values():
+                pools.enable_row_cache(self.max_batch)
+            self._row_keys = [None] * self.max_batch
         slots = mp.core_slots if mp.core_slots is not None else mp.core_idx.tolist()
         keys = [(s, self._slot_version[s]) for s in slots]
         changed = [i for i, k in enumerate(keys) if self._row_keys[i] != k]
