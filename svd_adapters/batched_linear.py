@@ -7,7 +7,8 @@ outputs and the shared projections h = V_rᵀx.
 Adapter tensors live in fixed device slot pools, one `GroupPools` per group kind holding every layer:
 
 - core pool (OSoRA, LoRA-XS):  Cᵀ (layers, slots, k, R, R) (stored transposed: h·Cᵀ needs no copy), o (layers, slots, M), d (layers, slots, k·R)
-- low-rank pool (SORSA, LoRA): A (layers, slots, k·K, n), B_i (layers, slots, m_i, K), K = 2R
+- low-rank pool (SORSA, LoRA): A (layers, slots, k·K, n), B_iᵀ (layers, slots, K, m_i), K = 2R, and each slot's
+  rank (how many of its K rows are filled: a rank-16 LoRA fills half of a pool sized for SORSA's 2·16)
 
 Layer-major, so what one layer reads in a step (its rows' cores, scales) lies in one contiguous block of the
 layer's slots: at decode it comes from memory, and that streams faster than pieces spread over all layers
@@ -17,9 +18,9 @@ Slot 0 of each pool is the zero adapter (base rows). A `SlotMapping`, built once
 layers, says which slots each row (request) reads. The CPU kernel reads each row's core tensors from its slot
 (`GroupPools.by_slot`); elsewhere they are gathered once per step (`GroupPools.gather`; at decode, kept in
 per-row buffers), the low-rank ones per layer for the rows that have one. Decode and prefill go
-through the same two delta functions; on the CPU the core delta and a decode step's GEMMs run in svdserve's own
-kernels where they are faster (`cpu_kernels.py`), on a GPU the core delta is one Triton kernel per group
-(`gpu_kernels.py`).
+through the same two delta functions; on the CPU the core delta, a decode step's low-rank delta (read straight
+from the slots, no gather) and its GEMMs run in svdserve's own kernels where they are faster (`cpu_kernels.py`),
+on a GPU the core delta is one Triton kernel per group (`gpu_kernels.py`).
 """
 from __future__ import annotations
 
@@ -140,10 +141,10 @@ def core_delta_(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Ten
         yv[:, :, off : off + m].baddbmm_(h[:, :, i], U_eff)
 
 
-def lowrank_delta(x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor], K: int) -> torch.Tensor:
-    """Concatenated B_i (A_i x) over members, per row: x (P, L, n), A (P, k·K, n), B_i (P, m_i, K)."""
+def lowrank_delta(x: torch.Tensor, A: torch.Tensor, Bts: list[torch.Tensor], K: int) -> torch.Tensor:
+    """Concatenated B_i (A_i x) over members, per row: x (P, L, n), A (P, k·K, n), B_iᵀ (P, K, m_i)."""
     t = torch.bmm(x, A.transpose(1, 2))  # (P, L, k·K)
-    return torch.cat([torch.bmm(t[..., i * K : (i + 1) * K], B.transpose(1, 2)) for i, B in enumerate(Bs)], dim=-1)
+    return torch.cat([torch.bmm(t[..., i * K : (i + 1) * K], Bt) for i, Bt in enumerate(Bts)], dim=-1)
 
 
 def _layer_index(layers: list[int]) -> slice | list[int]:
@@ -165,19 +166,23 @@ class GroupPools:
         self.o = torch.ones(n_layers, core_slots, self.M, **kw)
         self.d = torch.zeros(n_layers, core_slots, self.k * R, **kw)
         self.A = torch.zeros(n_layers, lr_slots, self.k * self.K, n_in, **kw)
-        self.B = [torch.zeros(n_layers, lr_slots, m, self.K, **kw) for m in out_sizes]
+        self.Bt = [torch.zeros(n_layers, lr_slots, self.K, m, **kw) for m in out_sizes]
+        # Filled rows of each slot's K (the CPU kernel reads only those); on the host, like the kernel's slot ids.
+        self.lr_rank = torch.zeros(lr_slots, dtype=torch.long)
         self.scratch: torch.Tensor | None = None  # decode's temporary for OSoRA's scaled part (enable_row_cache)
         # Per-layer views of the core pools, made once: they stay valid (slots are written in place), and making
         # them per step is ~360 tensor objects (`by_slot`).
-        self.layer_views = per_layer({"C": self.C, "o": self.o, "d": self.d})
+        self.layer_views = per_layer({"C": self.C, "o": self.o, "d": self.d, "A": self.A,
+                                      **{f"Bt{i}": Bt for i, Bt in enumerate(self.Bt)}})
 
     def clear_core(self, slot: int) -> None:
         self.C[:, slot].zero_(), self.o[:, slot].fill_(1.0), self.d[:, slot].zero_()
 
     def clear_lr(self, slot: int) -> None:
         self.A[:, slot].zero_()
-        for B in self.B:
-            B[:, slot].zero_()
+        for Bt in self.Bt:
+            Bt[:, slot].zero_()
+        self.lr_rank[slot] = 0
 
     def write_core(self, slot: int, layers: list[int], i: int, t: DeltaTerms) -> None:
         """Member i's terms for `layers` (tensors stacked over those layers) into a slot."""
@@ -192,7 +197,13 @@ class GroupPools:
     def write_lr(self, slot: int, layers: list[int], i: int, t: DeltaTerms) -> None:
         kr, L = t.A.shape[-2], _layer_index(layers)
         self.A[L, slot, i * self.K : i * self.K + kr] = t.A.to(self.A)
-        self.B[i][L, slot, :, :kr] = t.B.to(self.A)
+        self.Bt[i][L, slot, :kr] = t.B.transpose(-1, -2).to(self.A)
+        self.lr_rank[slot] = max(int(self.lr_rank[slot]), kr)
+
+    def lr_layer(self, layer: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One layer's low-rank pools: A (slots, k·K, n) and the members' B_iᵀ (slots, K, m_i), views made once."""
+        v = self.layer_views
+        return v["A"][layer], [v[f"Bt{i}"][layer] for i in range(self.k)]
 
     def gather(self, mp: SlotMapping) -> dict[str, tuple[torch.Tensor, ...]]:
         """Per-row core tensors for every layer, in one indexing op per step; see `per_layer`."""
@@ -287,11 +298,22 @@ class LinearGroup(nn.Module):
         if self.bias is not None:
             y.add_(self.bias)
         if mp.has_lr:
-            sel = mp.lr_rows
-            slots = mp.lr_idx[sel]
-            delta = lowrank_delta(x.view(P, L, -1)[sel], p.A[li, slots], [B[li, slots] for B in p.B], p.K)
-            y.view(P, L, self.M).index_add_(0, sel, delta)
+            self._add_lowrank(y, x, mp)
         return y
+
+    def _add_lowrank(self, y: torch.Tensor, x: torch.Tensor, mp: SlotMapping) -> None:
+        """y += each low-rank row's B (A x). At decode on the CPU one kernel call reads every row's A and Bᵀ from
+        its slot (`cpu_kernels.lowrank_delta`); elsewhere the rows that have one gather theirs for two batched
+        products (at prefill those are large GEMMs over the row's tokens, and the gather is a small part)."""
+        P, L, p = mp.rows, mp.tokens_per_row, self.pools
+        A, Bts = p.lr_layer(self.layer)
+        if L == 1 and cpu_kernels.serves(y) and mp.lr_idx.device.type == "cpu":
+            cpu_kernels.lowrank_delta(y, x, A, Bts, self.bounds, mp.lr_idx, p.lr_rank)
+            return
+        sel = mp.lr_rows
+        slots = mp.lr_idx[sel]
+        delta = lowrank_delta(x.view(P, L, -1)[sel], A[slots], [Bt[slots] for Bt in Bts], p.K)
+        y.view(P, L, self.M).index_add_(0, sel, delta)
 
     def _with_core_delta(self, x: torch.Tensor, mp: SlotMapping, rows: dict[str, tuple[torch.Tensor, ...]],
                          out: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,7 +7,9 @@ so op costs, not arithmetic, set its speed).
 
 - `skinny_linear` (`csrc/skinny_linear.cpp`): x · Wᵀ for a few rows: every group's GEMM and lm_head at decode.
 - `core_delta` (`csrc/core_delta.cpp`): one group's whole core delta (OSoRA, LoRA-XS, base rows) in one call,
-  at decode and prefill. (Folding it into the GEMM's accumulators instead was measured slower: its per-output
+  at decode and prefill.
+- `lowrank_delta` (`csrc/lowrank_delta.cpp`): one group's low-rank delta (SORSA, LoRA) at decode, every row's
+  A and Bᵀ read once from its slot (PyTorch gathered copies of them first: ~3× the memory traffic). (Folding it into the GEMM's accumulators instead was measured slower: its per-output
   epilogue costs more than this separate sweep over an output that is still in cache.)
 
 Whether the GEMM kernel beats torch's matmul depends on the CPU and its BLAS, so `calibrate` times both once
@@ -34,7 +36,7 @@ from svd_adapters.log import get_logger
 log = get_logger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "skinny_linear.cpp", _CSRC / "core_delta.cpp"]
+_SOURCES = [_CSRC / "skinny_linear.cpp", _CSRC / "core_delta.cpp", _CSRC / "lowrank_delta.cpp"]
 _HEADERS = [_CSRC / "vec.h"]
 # Vector flags for the capability torch itself detected on this CPU (the kernels' inner loops are plain C++).
 _ARCH_FLAGS = {
@@ -123,6 +125,16 @@ def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tens
     output scales, each chunk of tokens right after its delta, while its rows are in cache). Check `serves(y)`
     first. With `slots` (rows,) int64: Ct, o and d are slot pools (slots, ...) and row p reads slot slots[p]."""
     torch.ops.svdserve.core_delta(y, h, Ct, o, d, U, offsets, tokens_per_row, out, slots)
+
+
+def lowrank_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: list[torch.Tensor], offsets: list[int],
+                  slots: torch.Tensor, ranks: torch.Tensor) -> None:
+    """y (P, M) += each row's low-rank delta, one token per row, in place; see `csrc/lowrank_delta.cpp`.
+
+    x (P, n) the rows' inputs; A (S, k·K, n) and Bt[i] (S, K, m_i) one layer's slot pools; offsets the members'
+    column bounds; slots (P,) int64 on the host, each row's slot (0: none); ranks (S,) int64, each slot's filled
+    rows of K. Check `serves(y)` first."""
+    torch.ops.svdserve.lowrank_delta(y, x, A, Bt, offsets, slots, ranks)
 
 
 def gated_silu(y: torch.Tensor) -> torch.Tensor:

@@ -73,9 +73,9 @@ def test_packed_adapter_terms_write_the_same_slots(tiny_base, tiny_factors, adap
                    for lt in packed.values() for f in ("C", "o", "d", "A", "B"))  # views of one buffer
         write = runner.write_core_slot if a.method in ("osora", "loraxs") else runner.write_lr_slot
         write(1, terms)
-        want = {g: [t.clone() for t in (p.C, p.o, p.d, p.A, *p.B)] for g, p in runner.pools.items()}
+        want = {g: [t.clone() for t in (p.C, p.o, p.d, p.A, *p.Bt)] for g, p in runner.pools.items()}
         write(1, packed)
         for g, p in runner.pools.items():
-            for x, y in zip([p.C, p.o, p.d, p.A, *p.B], want[g]):
+            for x, y in zip([p.C, p.o, p.d, p.A, *p.Bt], want[g]):
                 assert torch.equal(x, y)
         assert any(bool((t[:, 1] != 0).any()) for ts in want.values() for t in (ts[0], ts[3]))  # something was written

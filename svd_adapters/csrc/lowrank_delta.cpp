@@ -1,0 +1,163 @@
+// One LinearGroup's low-rank delta (SORSA, plain LoRA) at decode on the CPU, added into its output in place
+// (svd_adapters/cpu_kernels.py).
+//
+// Row p (one token: decode) reads low-rank slot s = slots[p] (0: no low-rank adapter, skipped). For member i
+// (output columns [off_i, off_{i+1}) of y), with that slot's A_i (its K rows of A, each n wide) and B_iᵀ (K, m_i):
+//   t = A_i x_p (the first kr = ranks[s] rows only),   y[p, off_i + c] += Σ_{j<kr} t_j B_iᵀ[j, c]
+// Every row carries its own adapter, so each row reads (k·K·n + K·M) numbers from memory per layer: this is bound by
+// memory bandwidth, not arithmetic. In PyTorch it was a gather of every row's A and B (a copy: read and write), then
+// two batched products reading the copies again, ~3× the bytes; here each row's A and Bᵀ are read once, straight
+// from the slot, and only their first kr rows (a rank-16 LoRA in a pool sized for SORSA's 2·16 reads half).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "vec.h"
+
+namespace {
+
+using svdserve::Vec;
+using svdserve::load;
+using svdserve::store;
+
+constexpr int kRowsA = 4;  // rows of A per pass over x: each x load feeds 4 dot products
+constexpr int kTileB = 4;  // vectors of output columns per tile of Bᵀ (4 accumulators, kr loads each)
+
+template <typename acc_t>
+inline acc_t lanes_sum(typename Vec<acc_t>::type v) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return svdserve::hsum(v);
+  } else {
+    constexpr int W = sizeof(v) / sizeof(acc_t);
+    acc_t s = 0;
+    for (int l = 0; l < W; ++l) s += v[l];
+    return s;
+  }
+}
+
+// t[j] = A[j, :] · x for j in [0, kr): A rows of n contiguous numbers.
+template <typename scalar_t, typename acc_t>
+void project_rows(const scalar_t* A, int64_t n, const scalar_t* x, int64_t kr, acc_t* t) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int W = sizeof(V) / sizeof(acc_t);
+  int64_t j = 0;
+  for (; j + kRowsA <= kr; j += kRowsA) {
+    V a[kRowsA];
+    for (int r = 0; r < kRowsA; ++r) a[r] = V{};
+    int64_t c = 0;
+    for (; c + W <= n; c += W) {
+      const V xv = load(x + c);
+      for (int r = 0; r < kRowsA; ++r) a[r] += load(A + (j + r) * n + c) * xv;
+    }
+    for (int r = 0; r < kRowsA; ++r) {
+      acc_t s = lanes_sum<acc_t>(a[r]);
+      for (int64_t cc = c; cc < n; ++cc) s += static_cast<acc_t>(A[(j + r) * n + cc]) * static_cast<acc_t>(x[cc]);
+      t[j + r] = s;
+    }
+  }
+  for (; j < kr; ++j) {
+    V a = V{};
+    int64_t c = 0;
+    for (; c + W <= n; c += W) a += load(A + j * n + c) * load(x + c);
+    acc_t s = lanes_sum<acc_t>(a);
+    for (; c < n; ++c) s += static_cast<acc_t>(A[j * n + c]) * static_cast<acc_t>(x[c]);
+    t[j] = s;
+  }
+}
+
+// y[c] += Σ_{j<kr} t[j] Bt[j, c] for c in [0, m): Bt rows of m contiguous numbers; y read and written once.
+template <typename scalar_t, typename acc_t>
+void expand_rows(const scalar_t* Bt, int64_t m, const acc_t* t, int64_t kr, scalar_t* y) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int W = sizeof(V) / sizeof(acc_t);
+  int64_t c = 0;
+  for (; c + kTileB * W <= m; c += kTileB * W) {
+    V a[kTileB];
+    for (int v = 0; v < kTileB; ++v) a[v] = load(y + c + v * W);
+    for (int64_t j = 0; j < kr; ++j) {
+      const acc_t tj = t[j];
+      for (int v = 0; v < kTileB; ++v) a[v] += tj * load(Bt + j * m + c + v * W);
+    }
+    for (int v = 0; v < kTileB; ++v) store(y + c + v * W, a[v]);
+  }
+  for (; c < m; ++c) {
+    acc_t a = static_cast<acc_t>(y[c]);
+    for (int64_t j = 0; j < kr; ++j) a += t[j] * static_cast<acc_t>(Bt[j * m + c]);
+    y[c] = static_cast<scalar_t>(a);
+  }
+}
+
+void lowrank_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& A, at::TensorList Bt, at::IntArrayRef offsets,
+                   const at::Tensor& slots, const at::Tensor& ranks) {
+  TORCH_CHECK(y.device().is_cpu(), "lowrank_delta runs on the CPU");
+  const int64_t k = static_cast<int64_t>(offsets.size()) - 1;
+  TORCH_CHECK(y.dim() == 2 && y.stride(1) == 1, "y must be (rows, M), contiguous within a row");
+  const int64_t P = y.size(0), M = y.size(1);
+  TORCH_CHECK(k >= 1 && offsets[0] == 0 && offsets[k] == M, "offsets must run from 0 to y's width");
+  TORCH_CHECK(static_cast<int64_t>(Bt.size()) == k, "one Bt per member (", k, "), got ", Bt.size());
+  TORCH_CHECK(A.dim() == 3 && A.size(1) % k == 0 && A.stride(2) == 1 && A.stride(1) == A.size(2),
+              "A must be a (slots, k·K, n) pool, contiguous within a slot");
+  const int64_t S = A.size(0), K = A.size(1) / k, n = A.size(2);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == P && x.size(1) == n && x.stride(1) == 1,
+              "x must be (", P, ", ", n, "), contiguous within a row, got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == y.scalar_type() && A.scalar_type() == y.scalar_type(), "x and A must have y's dtype");
+  for (int64_t i = 0; i < k; ++i) {
+    const at::Tensor& B = Bt[i];
+    TORCH_CHECK(B.dim() == 3 && B.size(0) == S && B.size(1) == K && B.size(2) == offsets[i + 1] - offsets[i] &&
+                    B.stride(2) == 1 && B.stride(1) == B.size(2),
+                "Bt[", i, "] must be a (", S, ", ", K, ", ", offsets[i + 1] - offsets[i], ") pool, contiguous within a slot, got ",
+                B.sizes());
+    TORCH_CHECK(B.scalar_type() == y.scalar_type(), "Bt must have y's dtype");
+  }
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == P && slots.scalar_type() == at::kLong && slots.device().is_cpu(),
+              "slots must be a CPU int64 vector with one entry per row (", P, ")");
+  TORCH_CHECK(ranks.dim() == 1 && ranks.size(0) == S && ranks.scalar_type() == at::kLong && ranks.device().is_cpu(),
+              "ranks must be a CPU int64 vector with one entry per slot (", S, ")");
+  const at::Tensor sl = slots.contiguous(), rk = ranks.contiguous();
+  std::vector<int64_t> tasks;  // (row, member) pairs of rows that carry a low-rank adapter
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t s = sl.const_data_ptr<int64_t>()[p];
+    TORCH_CHECK(s >= 0 && s < S, "slot ", s, " of row ", p, " is outside the pool of ", S);
+    const int64_t kr = rk.const_data_ptr<int64_t>()[s];
+    TORCH_CHECK(kr >= 0 && kr <= K, "rank ", kr, " of slot ", s, " is outside [0, ", K, "]");
+    if (s == 0 || kr == 0) continue;
+    for (int64_t i = 0; i < k; ++i) tasks.insert(tasks.end(), {p, i});
+  }
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size()) / 2;
+  if (n_tasks == 0) return;
+  const std::vector<int64_t> off(offsets.begin(), offsets.end());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "lowrank_delta", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* Ap = A.const_data_ptr<scalar_t>();
+    std::vector<const scalar_t*> Bp(k);
+    std::vector<int64_t> Bs(k);
+    for (int64_t i = 0; i < k; ++i) Bp[i] = Bt[i].const_data_ptr<scalar_t>(), Bs[i] = Bt[i].stride(0);
+    const int64_t* slot = sl.const_data_ptr<int64_t>();
+    const int64_t* rank = rk.const_data_ptr<int64_t>();
+    at::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
+      std::vector<acc_t> t(K);
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t p = tasks[2 * task], i = tasks[2 * task + 1], s = slot[p], kr = rank[s];
+        project_rows<scalar_t, acc_t>(Ap + s * A.stride(0) + i * K * n, n, xp + p * x.stride(0), kr, t.data());
+        expand_rows<scalar_t, acc_t>(Bp[i] + s * Bs[i], off[i + 1] - off[i], t.data(), kr, yp + p * y.stride(0) + off[i]);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(svdserve, m) {
+  m.def("lowrank_delta(Tensor(a!) y, Tensor x, Tensor A, Tensor[] Bt, int[] offsets, Tensor slots, Tensor ranks) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(svdserve, CPU, m) {
+  m.impl("lowrank_delta", &lowrank_delta);
+}

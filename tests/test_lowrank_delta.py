@@ -1,0 +1,130 @@
+"""The decode step's low-rank delta (SORSA, LoRA rows) in the CPU kernel (`csrc/lowrank_delta.cpp`) against the
+formula, read from slot pools as the model calls it, and through a LinearGroup against the PyTorch path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from svd_adapters import cpu_kernels
+from svd_adapters.batched_linear import GroupPools, SlotMapping
+
+# bf16: accumulated in float32 and rounded once on the way out, so within one bf16 rounding (2⁻⁸ relative).
+TOL = {torch.bfloat16: 2 ** -8, torch.float32: 1e-6, torch.float64: 1e-14}
+
+
+def pools_case(dtype: torch.dtype, P: int, K: int, n: int, sizes: tuple[int, ...], ranks: list[int], seed: int = 0):
+    """One layer's slot pools (S = len(ranks) slots, slot 0 the empty one) with slot s filled up to ranks[s] rows
+    and NaN beyond (a kernel that read past a slot's rank would show it), rows' inputs, outputs and slots."""
+    gen = torch.Generator().manual_seed(seed)
+    k, S = len(sizes), len(ranks)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    A = torch.full((S, k * K, n), float("nan"), dtype=dtype)
+    Bt = [torch.full((S, K, m), float("nan"), dtype=dtype) for m in sizes]
+    for s, r in enumerate(ranks):
+        for i in range(k):
+            A[s, i * K : i * K + r] = rnd(r, n)
+            Bt[i][s, :r] = rnd(r, sizes[i])
+    slots = torch.randint(0, S, (P,), generator=gen)
+    slots[0] = 0  # a row without a low-rank adapter
+    x = rnd(P + 1, n)[1:]  # a row-strided view's worth of offset: rows need not start at the buffer's start
+    y = rnd(P, sum(sizes))
+    return dict(A=A, Bt=Bt, slots=slots, ranks=torch.tensor(ranks), x=x, y=y, K=K, sizes=list(sizes))
+
+
+def reference(c) -> torch.Tensor:
+    want = c["y"].double().clone()
+    offsets = [0]
+    for m in c["sizes"]:
+        offsets.append(offsets[-1] + m)
+    for p, s in enumerate(c["slots"].tolist()):
+        r = int(c["ranks"][s])
+        if s == 0:
+            continue
+        for i in range(len(c["sizes"])):
+            A = c["A"][s, i * c["K"] : i * c["K"] + r].double()
+            t = A @ c["x"][p].double()
+            want[p, offsets[i] : offsets[i + 1]] += t @ c["Bt"][i][s, :r].double()
+    return want
+
+
+def run(c) -> torch.Tensor:
+    y = c["y"].clone()
+    offsets = [0]
+    for m in c["sizes"]:
+        offsets.append(offsets[-1] + m)
+    cpu_kernels.lowrank_delta(y, c["x"], c["A"], c["Bt"], offsets, c["slots"], c["ranks"])
+    return y
+
+
+# Widths that are and are not multiples of the kernel's vectors (16 floats; 64-wide tiles), inputs that are and
+# are not, ranks that are and are not multiples of its 4-row blocks, partly filled slots (LoRA in a SORSA-sized pool).
+SHAPES = [dict(P=5, K=8, n=24, sizes=(12, 6, 6), ranks=[0, 8, 3, 5]),
+          dict(P=32, K=32, n=64, sizes=(128, 64, 64), ranks=[0, 32, 16, 32, 16]),
+          dict(P=7, K=6, n=37, sizes=(70, 33), ranks=[0, 6, 1]),
+          dict(P=3, K=4, n=5, sizes=(3,), ranks=[0, 4])]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"P{s['P']}-K{s['K']}-n{s['n']}-k{len(s['sizes'])}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_lowrank_kernel_matches_the_formula_reading_only_filled_rows(shape, dtype):
+    assert cpu_kernels.available()
+    c = pools_case(dtype, **shape)
+    y = run(c)
+    want = reference(c)
+    assert not torch.isnan(y).any()  # NaN past each slot's rank was never read
+    err = (y.double() - want).abs().max().item()
+    assert err <= TOL[dtype] * want.abs().max().item()
+    assert torch.equal(y[c["slots"] == 0], c["y"][c["slots"] == 0])  # rows without one are untouched
+
+
+def test_lowrank_kernel_refuses_bad_inputs_with_a_message():
+    c = pools_case(torch.float32, P=3, K=4, n=8, sizes=(6, 2), ranks=[0, 4, 2])
+    args = (c["y"], c["x"], c["A"], c["Bt"], [0, 6, 8])
+    with pytest.raises(RuntimeError, match="slot 3 of row 1 is outside the pool of 3"):
+        cpu_kernels.lowrank_delta(*args, torch.tensor([0, 3, 1]), c["ranks"])
+    with pytest.raises(RuntimeError, match="rank 5 of slot 1"):
+        cpu_kernels.lowrank_delta(*args, torch.tensor([0, 1, 1]), torch.tensor([0, 5, 2]))
+    with pytest.raises(RuntimeError, match="one Bt per member"):
+        cpu_kernels.lowrank_delta(c["y"], c["x"], c["A"], c["Bt"][:1], [0, 6, 8], c["slots"], c["ranks"])
+    with pytest.raises(RuntimeError, match="offsets"):
+        cpu_kernels.lowrank_delta(c["y"], c["x"], c["A"], c["Bt"], [0, 6, 7], c["slots"], c["ranks"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_pools_record_each_slots_rank_and_the_kernel_agrees_with_the_gather_path(dtype):
+    """Through GroupPools as the runner fills them: a rank-2r (SORSA-sized) and a rank-r (LoRA) adapter, rewritten
+    with a smaller rank (the recorded rank follows), and a cleared slot; the kernel's decode delta equals the
+    PyTorch gather path's."""
+    from svd_adapters.terms import DeltaTerms
+    from svd_adapters.batched_linear import lowrank_delta
+
+    gen = torch.Generator().manual_seed(3)
+    R, n, sizes, layers = 4, 24, [20, 12], [0, 1]
+    pools = GroupPools(sizes, n, n_layers=2, R=R, core_slots=2, lr_slots=4, like=torch.zeros(1, dtype=dtype))
+
+    def fill(slot: int, r: int) -> None:
+        pools.clear_lr(slot)
+        for i, m in enumerate(sizes):
+            t = DeltaTerms(rank=0, A=torch.randn(2, r, n, generator=gen), B=torch.randn(2, m, r, generator=gen))
+            pools.write_lr(slot, layers, i, t)
+
+    fill(1, 2 * R), fill(2, R), fill(3, 2 * R)
+    fill(3, 3)  # rewritten with a smaller rank: the stale rows beyond 3 are cleared, the rank follows
+    assert pools.lr_rank.tolist() == [0, 2 * R, R, 3]
+    assert float(pools.A[:, 3, 3:2 * R].abs().sum()) == 0.0
+    slots = [1, 0, 2, 3, 1, 2]
+    mp = SlotMapping.build([0] * len(slots), slots, set())
+    x = torch.randn(len(slots), n, generator=gen).to(dtype)
+    for layer in layers:
+        A, Bts = pools.lr_layer(layer)
+        y = torch.zeros(len(slots), sum(sizes), dtype=dtype)
+        cpu_kernels.lowrank_delta(y, x, A, Bts, [0, sizes[0], sum(sizes)], mp.lr_idx, pools.lr_rank)
+        sel = mp.lr_rows
+        want = torch.zeros_like(y).index_add_(0, sel, lowrank_delta(x[sel, None], A[mp.lr_idx[sel]],
+                                                                    [Bt[mp.lr_idx[sel]] for Bt in Bts], pools.K)[:, 0])
+        assert (y.double() - want.double()).abs().max().item() <= TOL[dtype] * 4 * want.abs().max().item()
+    pools.clear_lr(2)
+    assert int(pools.lr_rank[2]) == 0
