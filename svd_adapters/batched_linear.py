@@ -302,13 +302,12 @@ class LinearGroup(nn.Module):
         return y
 
     def _add_lowrank(self, y: torch.Tensor, x: torch.Tensor, mp: SlotMapping) -> None:
-        """y += each low-rank row's B (A x). At decode on the CPU one kernel call reads every row's A and Bᵀ from
-        its slot (`cpu_kernels.lowrank_delta`); elsewhere the rows that have one gather theirs for two batched
-        products (at prefill those are large GEMMs over the row's tokens, and the gather is a small part)."""
+        """y += each low-rank row's B (A x). On the CPU one kernel call reads every row's A and Bᵀ from its slot
+        (`cpu_kernels.lowrank_delta`); elsewhere the rows that have one gather theirs for two batched products."""
         P, L, p = mp.rows, mp.tokens_per_row, self.pools
         A, Bts = p.lr_layer(self.layer)
-        if L == 1 and cpu_kernels.serves(y) and mp.lr_idx.device.type == "cpu":
-            cpu_kernels.lowrank_delta(y, x, A, Bts, self.bounds, mp.lr_idx, p.lr_rank)
+        if cpu_kernels.serves(y) and mp.lr_idx.device.type == "cpu":
+            cpu_kernels.lowrank_delta(y, x, A, Bts, self.bounds, mp.lr_idx, p.lr_rank, L)
             return
         sel = mp.lr_rows
         slots = mp.lr_idx[sel]
@@ -339,15 +338,17 @@ class LinearGroup(nn.Module):
 
         At prefill on the CPU with SiLU (`act_is_silu`, from the model's config) the kernels apply it in one pass
         (torch's silu and product take two and a temporary: ~7× slower in isolation), for rows without output
-        scales right after each chunk's delta while the chunk is in cache; base-only batches take the same
-        one-pass activation, so the baseline is not handicapped. Elsewhere: `forward`, then the activation as
+        scales right after each chunk's delta while the chunk is in cache (with low-rank rows, after their delta:
+        a pass of its own); base-only batches take the same one-pass activation, so the baseline is not
+        handicapped. Elsewhere: `forward`, then the activation as
         PyTorch ops."""
         fused = (act_is_silu and self.k == 2 and self.out_sizes[0] == self.out_sizes[1]
-                 and self.bias is None and not mp.has_lr and x.shape[0] > cpu_kernels.SKINNY_MAX_ROWS
-                 and cpu_kernels.serves(x))
+                 and self.bias is None and x.shape[0] > cpu_kernels.SKINNY_MAX_ROWS and cpu_kernels.serves(x))
         if not fused:
             gate, up = self.split(self(x, mp, rows))
             return act(gate) * up
+        if mp.has_lr:  # the low-rank delta comes after the core sweep: the activation as a pass of its own
+            return cpu_kernels.gated_silu(self(x, mp, rows))
         if not mp.has_core:
             return cpu_kernels.gated_silu(cpu_kernels.matmul_t(x, self.W_aug[: self.M]))
         out = torch.empty(x.shape[0], self.M // 2, dtype=x.dtype, device=x.device)

@@ -8,8 +8,9 @@ so op costs, not arithmetic, set its speed).
 - `skinny_linear` (`csrc/skinny_linear.cpp`): x · Wᵀ for a few rows: every group's GEMM and lm_head at decode.
 - `core_delta` (`csrc/core_delta.cpp`): one group's whole core delta (OSoRA, LoRA-XS, base rows) in one call,
   at decode and prefill.
-- `lowrank_delta` (`csrc/lowrank_delta.cpp`): one group's low-rank delta (SORSA, LoRA) at decode, every row's
-  A and Bᵀ read once from its slot (PyTorch gathered copies of them first: ~3× the memory traffic). (Folding it into the GEMM's accumulators instead was measured slower: its per-output
+- `lowrank_delta` (`csrc/lowrank_delta.cpp`): one group's low-rank delta (SORSA, LoRA) in one call, every row's
+  A and Bᵀ read from its slot (PyTorch gathered copies of them first, then concatenated and scattered the
+  results: at decode ~3× the memory traffic). (Folding it into the GEMM's accumulators instead was measured slower: its per-output
   epilogue costs more than this separate sweep over an output that is still in cache.)
 
 Whether the GEMM kernel beats torch's matmul depends on the CPU and its BLAS, so `calibrate` times both once
@@ -128,13 +129,13 @@ def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tens
 
 
 def lowrank_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: list[torch.Tensor], offsets: list[int],
-                  slots: torch.Tensor, ranks: torch.Tensor) -> None:
-    """y (P, M) += each row's low-rank delta, one token per row, in place; see `csrc/lowrank_delta.cpp`.
+                  slots: torch.Tensor, ranks: torch.Tensor, tokens_per_row: int = 1) -> None:
+    """y (T, M) += each token's low-rank delta, in place; see `csrc/lowrank_delta.cpp`.
 
-    x (P, n) the rows' inputs; A (S, k·K, n) and Bt[i] (S, K, m_i) one layer's slot pools; offsets the members'
-    column bounds; slots (P,) int64 on the host, each row's slot (0: none); ranks (S,) int64, each slot's filled
-    rows of K. Check `serves(y)` first."""
-    torch.ops.svdserve.lowrank_delta(y, x, A, Bt, offsets, slots, ranks)
+    x (T, n) the tokens' inputs, token t of request row t // tokens_per_row; A (S, k·K, n) and Bt[i] (S, K, m_i)
+    one layer's slot pools; offsets the members' column bounds; slots (rows,) int64 on the host, each row's slot
+    (0: none); ranks (S,) int64, each slot's filled rows of K. Check `serves(y)` first."""
+    torch.ops.svdserve.lowrank_delta(y, x, A, Bt, offsets, slots, ranks, tokens_per_row)
 
 
 def gated_silu(y: torch.Tensor) -> torch.Tensor:

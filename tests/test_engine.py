@@ -54,7 +54,7 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
     assert cpu_kernels.available()
     monkeypatch.setitem(cpu_kernels._state, "force", fused)  # every decode GEMM through the kernels, or none
     calls = []
-    for name in ("skinny_linear", "core_delta"):
+    for name in ("skinny_linear", "core_delta", "lowrank_delta"):
         kernel = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _k=kernel, _n=name, **kw: (calls.append(_n), _k(*a, **kw))[1])
     runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=16, max_seq_len=64, core_slots=8, lr_slots=8)
@@ -75,7 +75,7 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
     assert_decode_matches(runner, logits, prompts, refs, runner.mapping(cs, ls), steps=2)
     # the decode steps above went through the path under test; the kernel read the slot pools, so the per-row
     # buffers the PyTorch path copies adapters into were never made
-    assert set(calls) == ({"skinny_linear", "core_delta"} if fused else set())
+    assert set(calls) == ({"skinny_linear", "core_delta", "lowrank_delta"} if fused else set())
     assert (runner._row_keys is None) == fused
     # the adapters really change the output (the comparison above is not vacuous)
     base_row = refs[-1](torch.tensor([prompts[0]])).logits[0]
@@ -83,31 +83,35 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
 
 
 @pytest.mark.parametrize("stacked", [True, False], ids=["one-projection-gemm", "two-projection-gemms"])
-@pytest.mark.parametrize("with_adapters", [True, False], ids=["osora-loraxs-base-rows", "base-only"])
+@pytest.mark.parametrize("mix", ["osora-loraxs-base-rows", "all-methods-base-rows", "base-only"])
 def test_prefill_fuses_the_gated_activation_and_still_matches_merged_reference(tiny_base, tiny_factors, adapters,
-                                                                              with_adapters, stacked, monkeypatch):
-    """A prefill of more than 64 tokens without low-rank rows applies silu(gate)·up inside the kernels (right
-    after the gate/up delta, or in one pass for base-only batches); the logits stay the merged reference's,
-    whether the projections come from one GEMM over [W; V_rᵀ] or two (calibration picks per CPU)."""
+                                                                              mix, stacked, monkeypatch):
+    """A prefill of more than 64 tokens applies silu(gate)·up inside the kernels: without low-rank rows right
+    after the gate/up core delta, else (and for base-only batches) in one pass after the deltas; the logits stay
+    the merged reference's, whether the projections come from one GEMM over [W; V_rᵀ] or two (calibration picks
+    per CPU)."""
     assert cpu_kernels.available() and tiny_base.model.config.hidden_act == "silu"
     monkeypatch.setattr(cpu_kernels, "prefill_stacked", lambda W, M: stacked)
     used = []
-    for name in ("core_delta", "gated_silu"):
+    for name in ("core_delta", "gated_silu", "lowrank_delta"):
         kernel = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _k=kernel, _n=name, **kw: (
-            used.append(_n if kw.get("out") is None and _n == "core_delta" else _n + "+act"), _k(*a, **kw))[1])
-    runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=8, max_seq_len=32, core_slots=8, lr_slots=2)
-    ids = [aid for aid, a in adapters.items() if a.method in ("osora", "loraxs")] if with_adapters else []
-    for slot, aid in enumerate(ids, start=1):
-        runner.write_core_slot(slot, adapters[aid].terms(tiny_factors))
-    rows = ids + [None] * (2 if with_adapters else 6)  # base rows
+            used.append(_n if kw.get("out") is None and _n != "gated_silu" else _n + "+act"), _k(*a, **kw))[1])
+    runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=12, max_seq_len=32, core_slots=8, lr_slots=8)
+    methods = {"osora-loraxs-base-rows": ("osora", "loraxs"), "all-methods-base-rows": ("osora", "loraxs", "sorsa", "lora"),
+               "base-only": ()}[mix]
+    ids = [aid for aid, a in adapters.items() if a.method in methods]
+    cs, ls = runner.place([adapters[a] for a in ids], tiny_factors)
+    rows = ids + [None] * (2 if ids else 6)  # base rows
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 200, (int(n),), generator=gen).tolist() for n in torch.randint(14, 20, (len(rows),), generator=gen)]
     assert len(rows) * max(map(len, prompts)) > cpu_kernels.SKINNY_MAX_ROWS
-    cs = list(range(1, len(ids) + 1)) + [0] * (len(rows) - len(ids))
-    logits = runner.prefill(prompts, list(range(len(rows))), cs, [0] * len(rows), all_logits=True)
+    pad = [0] * (len(rows) - len(ids))
+    logits = runner.prefill(prompts, list(range(len(rows))), cs + pad, ls + pad, all_logits=True)
     layers = len(runner.layers)
-    assert used.count("core_delta+act" if with_adapters else "gated_silu+act") == layers
+    expect = {"osora-loraxs-base-rows": "core_delta+act", "all-methods-base-rows": "gated_silu+act", "base-only": "gated_silu+act"}
+    assert used.count(expect[mix]) == layers
+    assert used.count("lowrank_delta") == (4 * layers if "sorsa" in methods else 0)  # every group, once per step
     for i, aid in enumerate(rows):
         with torch.no_grad():
             ref = merged_model(tiny_base, tiny_factors, adapters.get(aid)).eval()(torch.tensor([prompts[i]])).logits[0]

@@ -1,5 +1,5 @@
-"""The decode step's low-rank delta (SORSA, LoRA rows) in the CPU kernel (`csrc/lowrank_delta.cpp`) against the
-formula, read from slot pools as the model calls it, and through a LinearGroup against the PyTorch path."""
+"""The low-rank delta (SORSA, LoRA rows) in the CPU kernel (`csrc/lowrank_delta.cpp`), at decode and prefill,
+against the formula, read from slot pools as the model calls it, and through GroupPools against the PyTorch path."""
 from __future__ import annotations
 
 import pytest
@@ -12,9 +12,11 @@ from svd_adapters.batched_linear import GroupPools, SlotMapping
 TOL = {torch.bfloat16: 2 ** -8, torch.float32: 1e-6, torch.float64: 1e-14}
 
 
-def pools_case(dtype: torch.dtype, P: int, K: int, n: int, sizes: tuple[int, ...], ranks: list[int], seed: int = 0):
+def pools_case(dtype: torch.dtype, P: int, K: int, n: int, sizes: tuple[int, ...], ranks: list[int], L: int = 1,
+               seed: int = 0):
     """One layer's slot pools (S = len(ranks) slots, slot 0 the empty one) with slot s filled up to ranks[s] rows
-    and NaN beyond (a kernel that read past a slot's rank would show it), rows' inputs, outputs and slots."""
+    and NaN beyond (a kernel that read past a slot's rank would show it); P request rows of L tokens each: their
+    inputs, outputs and slots."""
     gen = torch.Generator().manual_seed(seed)
     k, S = len(sizes), len(ranks)
 
@@ -29,9 +31,9 @@ def pools_case(dtype: torch.dtype, P: int, K: int, n: int, sizes: tuple[int, ...
             Bt[i][s, :r] = rnd(r, sizes[i])
     slots = torch.randint(0, S, (P,), generator=gen)
     slots[0] = 0  # a row without a low-rank adapter
-    x = rnd(P + 1, n)[1:]  # a row-strided view's worth of offset: rows need not start at the buffer's start
-    y = rnd(P, sum(sizes))
-    return dict(A=A, Bt=Bt, slots=slots, ranks=torch.tensor(ranks), x=x, y=y, K=K, sizes=list(sizes))
+    x = rnd(P * L + 1, n)[1:]  # an offset view: rows need not start at the buffer's start
+    y = rnd(P * L, sum(sizes))
+    return dict(A=A, Bt=Bt, slots=slots, ranks=torch.tensor(ranks), x=x, y=y, K=K, sizes=list(sizes), L=L)
 
 
 def reference(c) -> torch.Tensor:
@@ -39,14 +41,15 @@ def reference(c) -> torch.Tensor:
     offsets = [0]
     for m in c["sizes"]:
         offsets.append(offsets[-1] + m)
-    for p, s in enumerate(c["slots"].tolist()):
+    for tok in range(want.shape[0]):
+        s = int(c["slots"][tok // c["L"]])
         r = int(c["ranks"][s])
         if s == 0:
             continue
         for i in range(len(c["sizes"])):
             A = c["A"][s, i * c["K"] : i * c["K"] + r].double()
-            t = A @ c["x"][p].double()
-            want[p, offsets[i] : offsets[i + 1]] += t @ c["Bt"][i][s, :r].double()
+            t = A @ c["x"][tok].double()
+            want[tok, offsets[i] : offsets[i + 1]] += t @ c["Bt"][i][s, :r].double()
     return want
 
 
@@ -55,19 +58,22 @@ def run(c) -> torch.Tensor:
     offsets = [0]
     for m in c["sizes"]:
         offsets.append(offsets[-1] + m)
-    cpu_kernels.lowrank_delta(y, c["x"], c["A"], c["Bt"], offsets, c["slots"], c["ranks"])
+    cpu_kernels.lowrank_delta(y, c["x"], c["A"], c["Bt"], offsets, c["slots"], c["ranks"], c["L"])
     return y
 
 
-# Widths that are and are not multiples of the kernel's vectors (16 floats; 64-wide tiles), inputs that are and
-# are not, ranks that are and are not multiples of its 4-row blocks, partly filled slots (LoRA in a SORSA-sized pool).
+# Decode: widths that are and are not multiples of the kernel's vectors (16 floats; 64-wide tiles), inputs that
+# are and are not, ranks that are and are not multiples of its 4-row blocks, partly filled slots (LoRA in a
+# SORSA-sized pool). Prefill: rows of several tokens (the GEMM path).
 SHAPES = [dict(P=5, K=8, n=24, sizes=(12, 6, 6), ranks=[0, 8, 3, 5]),
           dict(P=32, K=32, n=64, sizes=(128, 64, 64), ranks=[0, 32, 16, 32, 16]),
           dict(P=7, K=6, n=37, sizes=(70, 33), ranks=[0, 6, 1]),
-          dict(P=3, K=4, n=5, sizes=(3,), ranks=[0, 4])]
+          dict(P=3, K=4, n=5, sizes=(3,), ranks=[0, 4]),
+          dict(P=4, K=8, n=24, sizes=(12, 6, 6), ranks=[0, 8, 3, 5], L=7),
+          dict(P=6, K=32, n=40, sizes=(64, 33), ranks=[0, 32, 16], L=5)]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"P{s['P']}-K{s['K']}-n{s['n']}-k{len(s['sizes'])}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"P{s['P']}-L{s.get('L', 1)}-K{s['K']}-n{s['n']}-k{len(s['sizes'])}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_lowrank_kernel_matches_the_formula_reading_only_filled_rows(shape, dtype):
     assert cpu_kernels.available()
@@ -77,7 +83,8 @@ def test_lowrank_kernel_matches_the_formula_reading_only_filled_rows(shape, dtyp
     assert not torch.isnan(y).any()  # NaN past each slot's rank was never read
     err = (y.double() - want).abs().max().item()
     assert err <= TOL[dtype] * want.abs().max().item()
-    assert torch.equal(y[c["slots"] == 0], c["y"][c["slots"] == 0])  # rows without one are untouched
+    plain = c["slots"].repeat_interleave(c["L"]) == 0
+    assert torch.equal(y[plain], c["y"][plain])  # rows without one are untouched
 
 
 def test_lowrank_kernel_refuses_bad_inputs_with_a_message():
@@ -91,6 +98,8 @@ def test_lowrank_kernel_refuses_bad_inputs_with_a_message():
         cpu_kernels.lowrank_delta(c["y"], c["x"], c["A"], c["Bt"][:1], [0, 6, 8], c["slots"], c["ranks"])
     with pytest.raises(RuntimeError, match="offsets"):
         cpu_kernels.lowrank_delta(c["y"], c["x"], c["A"], c["Bt"], [0, 6, 7], c["slots"], c["ranks"])
+    with pytest.raises(RuntimeError, match="tokens_per_row"):
+        cpu_kernels.lowrank_delta(*args, c["slots"], c["ranks"], 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,17 +1,21 @@
-// One LinearGroup's low-rank delta (SORSA, plain LoRA) at decode on the CPU, added into its output in place
+// One LinearGroup's low-rank delta (SORSA, plain LoRA) on the CPU, added into its output in place
 // (svd_adapters/cpu_kernels.py).
 //
-// Row p (one token: decode) reads low-rank slot s = slots[p] (0: no low-rank adapter, skipped). For member i
-// (output columns [off_i, off_{i+1}) of y), with that slot's A_i (its K rows of A, each n wide) and B_iᵀ (K, m_i):
-//   t = A_i x_p (the first kr = ranks[s] rows only),   y[p, off_i + c] += Σ_{j<kr} t_j B_iᵀ[j, c]
-// Every row carries its own adapter, so each row reads (k·K·n + K·M) numbers from memory per layer: this is bound by
-// memory bandwidth, not arithmetic. In PyTorch it was a gather of every row's A and B (a copy: read and write), then
-// two batched products reading the copies again, ~3× the bytes; here each row's A and Bᵀ are read once, straight
-// from the slot, and only their first kr rows (a rank-16 LoRA in a pool sized for SORSA's 2·16 reads half).
+// Request row p (L tokens: 1 at decode, the padded prompt length at prefill) reads low-rank slot s = slots[p] (0: no
+// low-rank adapter, skipped). For member i (output columns [off_i, off_{i+1}) of y), with that slot's A_i (its K
+// rows of A, each n wide) and B_iᵀ (K, m_i), for each of the row's tokens x:
+//   t = A_i x (the first kr = ranks[s] rows only),   y[off_i + c] += Σ_{j<kr} t_j B_iᵀ[j, c]
+// Only the first kr rows: a rank-16 LoRA in a pool sized for SORSA's 2·16 costs half. Work goes out in (row,
+// member) tasks, straight from the slots: in PyTorch this was a gather of every row's A and B (copies), two
+// batched products, a concatenation and a scatter back into y, each a pass over memory.
+// Decode: each row reads (k·K·n + K·M) numbers per layer for one token, so it is bound by memory bandwidth: two
+// vector loops read A and Bᵀ once. Prefill: two small GEMMs per task, by ATen's BLAS, the second accumulating into
+// the row's block of y in place.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <type_traits>
@@ -93,18 +97,19 @@ void expand_rows(const scalar_t* Bt, int64_t m, const acc_t* t, int64_t kr, scal
 }
 
 void lowrank_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& A, at::TensorList Bt, at::IntArrayRef offsets,
-                   const at::Tensor& slots, const at::Tensor& ranks) {
+                   const at::Tensor& slots, const at::Tensor& ranks, int64_t L) {
   TORCH_CHECK(y.device().is_cpu(), "lowrank_delta runs on the CPU");
   const int64_t k = static_cast<int64_t>(offsets.size()) - 1;
-  TORCH_CHECK(y.dim() == 2 && y.stride(1) == 1, "y must be (rows, M), contiguous within a row");
-  const int64_t P = y.size(0), M = y.size(1);
+  TORCH_CHECK(y.dim() == 2 && y.stride(1) == 1, "y must be (tokens, M), contiguous within a row");
+  TORCH_CHECK(L >= 1 && y.size(0) % L == 0, "tokens_per_row must divide y's rows");
+  const int64_t T = y.size(0), P = T / L, M = y.size(1);
   TORCH_CHECK(k >= 1 && offsets[0] == 0 && offsets[k] == M, "offsets must run from 0 to y's width");
   TORCH_CHECK(static_cast<int64_t>(Bt.size()) == k, "one Bt per member (", k, "), got ", Bt.size());
   TORCH_CHECK(A.dim() == 3 && A.size(1) % k == 0 && A.stride(2) == 1 && A.stride(1) == A.size(2),
               "A must be a (slots, k·K, n) pool, contiguous within a slot");
   const int64_t S = A.size(0), K = A.size(1) / k, n = A.size(2);
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == P && x.size(1) == n && x.stride(1) == 1,
-              "x must be (", P, ", ", n, "), contiguous within a row, got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == T && x.size(1) == n && x.stride(1) == 1,
+              "x must be (", T, ", ", n, "), contiguous within a row, got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == y.scalar_type() && A.scalar_type() == y.scalar_type(), "x and A must have y's dtype");
   for (int64_t i = 0; i < k; ++i) {
     const at::Tensor& B = Bt[i];
@@ -131,6 +136,19 @@ void lowrank_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& A, at::T
   const int64_t n_tasks = static_cast<int64_t>(tasks.size()) / 2;
   if (n_tasks == 0) return;
   const std::vector<int64_t> off(offsets.begin(), offsets.end());
+  if (L > 1) {  // prefill: GEMMs over the row's tokens (BLAS runs single-threaded inside a task)
+    const at::ThreadLocalState caller;  // worker threads run ATen ops in the caller's modes (inference mode)
+    at::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
+      const at::ThreadLocalStateGuard modes(caller);
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t p = tasks[2 * task], i = tasks[2 * task + 1];
+        const int64_t s = sl.const_data_ptr<int64_t>()[p], kr = rk.const_data_ptr<int64_t>()[s];
+        const at::Tensor t = at::mm(x.narrow(0, p * L, L), A[s].narrow(0, i * K, kr).t());  // (L, kr)
+        y.narrow(0, p * L, L).narrow(1, off[i], off[i + 1] - off[i]).addmm_(t, Bt[i][s].narrow(0, 0, kr));
+      }
+    });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "lowrank_delta", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* yp = y.data_ptr<scalar_t>();
@@ -155,7 +173,8 @@ void lowrank_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& A, at::T
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(svdserve, m) {
-  m.def("lowrank_delta(Tensor(a!) y, Tensor x, Tensor A, Tensor[] Bt, int[] offsets, Tensor slots, Tensor ranks) -> ()");
+  m.def("lowrank_delta(Tensor(a!) y, Tensor x, Tensor A, Tensor[] Bt, int[] offsets, Tensor slots, Tensor ranks, "
+        "int tokens_per_row=1) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(svdserve, CPU, m) {
