@@ -49,6 +49,9 @@ class SlotMapping:
     has_sub: bool  # some row's core adapter scales outputs and subtracts U_r σ_r V_rᵀ (OSoRA)
     lr_rows: torch.Tensor | None  # rows that carry a low-rank adapter; only those pay for its GEMMs
     core_slots: tuple[int, ...] | None = None  # core_idx on the host, when known (saves a device → host copy)
+    # The low-rank slot of each entry of lr_rows. Its own tensor, so that decode graphs can pad lr_rows to a
+    # bucket with (row 0, slot 0) entries: slot 0 is the zero adapter, so a padded entry adds exactly nothing.
+    lr_row_slots: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -75,6 +78,7 @@ class SlotMapping:
             has_sub=any(s in sub_slots for s in core_slots),
             lr_rows=index(lr_rows) if lr_rows else None,
             core_slots=tuple(core_slots),
+            lr_row_slots=index([lr_slots[i] for i in lr_rows]) if lr_rows else None,
         )
 
 
@@ -310,7 +314,7 @@ class LinearGroup(nn.Module):
             cpu_kernels.lowrank_delta(y, x, A, Bts, self.bounds, mp.lr_idx, p.lr_rank, L)
             return
         sel = mp.lr_rows
-        slots = mp.lr_idx[sel]
+        slots = mp.lr_row_slots if mp.lr_row_slots is not None else mp.lr_idx[sel]
         delta = lowrank_delta(x.view(P, L, -1)[sel], A[slots], [Bt[slots] for Bt in Bts], p.K)
         y.view(P, L, self.M).index_add_(0, sel, delta)
 

@@ -6,7 +6,9 @@ what adapters cost. A captured graph launches the whole step at once.
 
 Shapes are made static by padding: the rows to a bucket (1, 2, 4, 8, then multiples of 8, as vLLM does) and
 the attended context to a power of two (the mask hides the padding). Which adapter kinds the step runs (core,
-scaled core, low-rank rows) is part of the bucket, so a base-only step stays the plain base graph.
+scaled core, low-rank rows) is part of the bucket, so a base-only step stays the plain base graph; the number
+of low-rank rows is bucketed like the rows (padded with entries that read slot 0, the zero adapter), so a
+server whose LoRA / SORSA traffic varies step to step captures a handful of graphs, not one per count.
 
 A step writes each row's new key/value at the row's position before it attends, so a padded row, and the
 warm-up runs before a capture (which execute with placeholder inputs), must write where nothing is read: they
@@ -52,6 +54,7 @@ class _Captured:
     positions: torch.Tensor
     lr_idx: torch.Tensor
     lr_rows: torch.Tensor | None
+    lr_row_slots: torch.Tensor | None
     out: torch.Tensor
 
 
@@ -88,10 +91,11 @@ class DecodeGraphs:
         T = tokens.shape[0]
         P, L = row_bucket(T, self.max_rows), context_bucket(context, self.max_len)
         n_lr = 0 if mp.lr_rows is None else mp.lr_rows.shape[0]
-        key = (P, L, mp.has_core, mp.has_sub, n_lr)
+        n_lr_padded = row_bucket(n_lr, P) if n_lr else 0
+        key = (P, L, mp.has_core, mp.has_sub, n_lr_padded)
         g = self.graphs.get(key)
         if g is None:
-            g = self.graphs[key] = self._capture(P, L, mp, n_lr)
+            g = self.graphs[key] = self._capture(P, L, mp, n_lr_padded)
         g.tokens[:T].copy_(tokens)
         g.tokens[T:].zero_()
         g.positions[:T].copy_(positions)
@@ -99,7 +103,10 @@ class DecodeGraphs:
         if n_lr:
             g.lr_idx[:T].copy_(mp.lr_idx)
             g.lr_idx[T:].zero_()
-            g.lr_rows.copy_(mp.lr_rows)
+            g.lr_rows[:n_lr].copy_(mp.lr_rows)
+            g.lr_rows[n_lr:].zero_()  # padded entries: row 0 plus slot 0's zero delta
+            g.lr_row_slots[:n_lr].copy_(mp.lr_row_slots if mp.lr_row_slots is not None else mp.lr_idx[mp.lr_rows])
+            g.lr_row_slots[n_lr:].zero_()
         g.replay()
         return g.out[:T].clone()  # the next replay overwrites the static output
 
@@ -108,9 +115,10 @@ class DecodeGraphs:
         tokens, positions = torch.zeros(P, **kw), torch.full((P,), self.max_len - 1, **kw)
         lr_idx = torch.zeros(P, **kw)
         lr_rows = torch.arange(n_lr, **kw) if n_lr else None
+        lr_row_slots = torch.zeros(n_lr, **kw) if n_lr else None
         # A decode step reads core tensors from the runner's row buffers (refreshed before the replay), so the
         # padded mapping's core slots are never read: only its flags shape the graph.
         static = SlotMapping(core_idx=torch.zeros(P, **kw), lr_idx=lr_idx, tokens_per_row=1, has_core=mp.has_core,
-                             has_sub=mp.has_sub, lr_rows=lr_rows)
+                             has_sub=mp.has_sub, lr_rows=lr_rows, lr_row_slots=lr_row_slots)
         replay, out = self.capture_fn(lambda: self.step(tokens, positions, static, L))
-        return _Captured(replay, tokens, positions, lr_idx, lr_rows, out)
+        return _Captured(replay, tokens, positions, lr_idx, lr_rows, lr_row_slots, out)

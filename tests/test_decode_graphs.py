@@ -79,3 +79,35 @@ def test_packed_adapter_terms_write_the_same_slots(tiny_base, tiny_factors, adap
             for x, y in zip([p.C, p.o, p.d, p.A, *p.Bt], want[g]):
                 assert torch.equal(x, y)
         assert any(bool((t[:, 1] != 0).any()) for ts in want.values() for t in (ts[0], ts[3]))  # something was written
+
+
+def test_low_rank_row_counts_share_bucketed_graphs(tiny_base, tiny_factors, adapters, monkeypatch):
+    """Steps with 1, 2, 3, then 5 low-rank (SORSA / LoRA) rows among 8 replay graphs keyed by the bucketed count
+    (1, 2, 4, 8), padded with entries that read the zero adapter, and give the eager logits. Through the PyTorch
+    path, the one a GPU takes (the CPU kernel reads every row's slot and has no row list to pad)."""
+    from svd_adapters import cpu_kernels
+
+    monkeypatch.setitem(cpu_kernels._state, "force", False)
+    runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=8, max_seq_len=64, core_slots=8, lr_slots=8)
+    lr_adapters = [a for a in adapters.values() if a.method in ("sorsa", "lora")]
+    core_adapters = [a for a in adapters.values() if a.method in ("osora", "loraxs")]
+    cs_lr, ls_lr = runner.place(lr_adapters, tiny_factors)
+    cs_core, _ = runner.place(core_adapters, tiny_factors)
+    lr_slots = [s for s in ls_lr if s] * 3
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 200, (int(n),), generator=gen).tolist() for n in torch.randint(3, 20, (8,), generator=gen)]
+    graphs = DecodeGraphs(runner._decode_step, 8, 64, runner.device, capture_fn=eager_capture)
+    for n_lr in (1, 2, 3, 5):
+        # rows 0..n_lr-1 low-rank, the rest core adapters or base rows (row n_lr: a base row)
+        ls = lr_slots[:n_lr] + [0] * (8 - n_lr)
+        cs = [0] * n_lr + [0] + [cs_core[i % len(cs_core)] for i in range(7 - n_lr)]
+        runner.prefill(prompts, list(range(8)), cs, ls)
+        tokens = torch.randint(3, 200, (8,), generator=gen)
+        positions = torch.tensor([len(p) for p in prompts])
+        mp = runner.mapping(cs, ls)
+        runner.graphs = None
+        eager = runner.decode(tokens, positions, mp)
+        runner.graphs = graphs
+        replayed = runner.decode(tokens, positions, mp)
+        torch.testing.assert_close(replayed, eager, rtol=0, atol=1e-5)
+    assert sorted(k[4] for k in graphs.graphs) == [1, 2, 4, 8]  # 3 → 4 and 5 → 8 padded, one graph each
