@@ -4,8 +4,9 @@ One batch of B rows, each with its own adapter (B distinct adapters), through sv
 the baseline is the same runner with no adapters, measured in the same run, interleaved round by round so
 machine noise hits every configuration alike. On the CPU the runner uses svdserve's kernels where they are
 faster (`svd_adapters/cpu_kernels.py`), for the baseline too; a context row runs the base with plain torch
-ops only, to show what the kernels change. PEFT's mixed-batch LoRA (`adapter_names`) at the same rank is
-measured on the HF model in the same run, after transformers' own forward without adapters (for context).
+ops only, to show what the kernels change. PEFT's mixed-batch LoRA (`adapter_names`) at the same rank runs on
+the HF model in the same rounds as svdserve's configurations (a machine that speeds up or slows down during the
+run moves both alike); transformers' own forward without adapters is timed once before PEFT goes in (context).
 Every configuration runs in the same dtype (--dtype; factors always come from the float32 weights).
 
     python bench/mixed_batch.py [--base default] [--batch 32] [--rank 16] [--prompt-len 64] [--device cpu] [--dtype bfloat16]
@@ -62,16 +63,35 @@ def peft_model(base, rank: int, n: int, dtype: torch.dtype):
     return model.to(dtype)
 
 
-@torch.inference_mode()
-def hf_throughput(model, args, ids: torch.Tensor, step_ids: torch.Tensor, sync, **kw) -> dict[str, float]:
+class HFTimer:
     """Prefill and one KV-cached decode step of an HF model (PEFT's included), timed like the runner."""
-    B, L = ids.shape
-    past = model(input_ids=ids, use_cache=True, **kw).past_key_values
-    pt = [timed(lambda: (model(input_ids=ids, use_cache=False, **kw), sync())) for _ in range(args.prefill_reps)]
-    dt = []
-    for _ in range(max(3, args.decode_reps // 2)):
-        dt.append(timed(lambda: (model(input_ids=step_ids, past_key_values=past, use_cache=True, **kw), sync())))
-        past.crop(-1)  # back to the prompt length, so every timed step sees the same context
+
+    def __init__(self, model, ids: torch.Tensor, step_ids: torch.Tensor, sync, **kw):
+        self.model, self.ids, self.step_ids, self.sync, self.kw = model, ids, step_ids, sync, kw
+        with torch.inference_mode():
+            self.past = model(input_ids=ids, use_cache=True, **kw).past_key_values
+
+    @torch.inference_mode()
+    def prefill(self) -> float:
+        return timed(lambda: (self.model(input_ids=self.ids, use_cache=False, **self.kw), self.sync()))
+
+    @torch.inference_mode()
+    def decode_round(self, steps: int) -> float:
+        """Seconds per step over `steps` steps, each from the prompt's cache (cropped back untimed), so every
+        timed step sees the same context."""
+        total = 0.0
+        for _ in range(steps):
+            total += timed(lambda: (self.model(input_ids=self.step_ids, past_key_values=self.past, use_cache=True,
+                                               **self.kw), self.sync()))
+            self.past.crop(-1)
+        return total / steps
+
+
+def hf_throughput(timer: HFTimer, args) -> dict[str, float]:
+    """Medians of a few rounds of one HF model on its own: the context row."""
+    B, L = timer.ids.shape
+    pt = [timer.prefill() for _ in range(args.prefill_reps)]
+    dt = [timer.decode_round(args.steps_per_round) for _ in range(max(3, args.decode_reps // 2))]
     return {"prefill_tok_s": B * L / statistics.median(pt), "decode_tok_s": B / statistics.median(dt)}
 
 
@@ -142,6 +162,15 @@ def main() -> None:
     prefill_t = {c: [] for c in configs}
     decode_t = {c: [] for c in configs}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    peft = hf_base = peft_timer = None
+    if not args.no_peft:
+        ids, step_ids = torch.tensor(prompts, device=args.device), tokens.view(B, 1)
+        # transformers' own forward without adapters (context for PEFT's ratio), then PEFT wrapped around it
+        # (the runner keeps its own copies of the weights PEFT wraps, so it is unaffected)
+        hf_base = hf_throughput(HFTimer(base.model, ids, step_ids, sync), args)
+        names = [f"a{i}" for i in range(B)]
+        peft_timer = HFTimer(peft_model(base, r, B, dtype), ids, step_ids, sync, adapter_names=names)
+        peft_t: dict[str, list[float]] = {"prefill": [], "decode": []}
     for c, (cs, ls) in configs.items():  # warm-up
         kernels_for(c)
         runner.prefill(prompts, rows, cs, ls)
@@ -150,6 +179,9 @@ def main() -> None:
         for c, (cs, ls) in configs.items():
             kernels_for(c)
             prefill_t[c].append(timed(lambda: (runner.prefill(prompts, rows, cs, ls), sync())))
+        if peft_timer:
+            cpu_kernels.force(None)
+            peft_t["prefill"].append(peft_timer.prefill())
     for _ in range(args.decode_reps):
         for c, (cs, ls) in configs.items():
             kernels_for(c)
@@ -161,6 +193,9 @@ def main() -> None:
                 runner.decode(tokens, positions, mp, context=L + 1)
             sync()
             decode_t[c].append((CLOCK() - t0) / args.steps_per_round)
+        if peft_timer:
+            cpu_kernels.force(None)
+            peft_t["decode"].append(peft_timer.decode_round(args.steps_per_round))
 
     cpu_kernels.force(None)
     results = {}
@@ -168,16 +203,9 @@ def main() -> None:
         p, d = statistics.median(prefill_t[c]), statistics.median(decode_t[c])
         results[c] = {"prefill_tok_s": B * L / p, "decode_tok_s": B / d, "prefill_s": p, "decode_step_s": d,
                       "prefill_best_s": min(prefill_t[c]), "decode_step_best_s": min(decode_t[c])}
-
-    peft = hf_base = None
-    if not args.no_peft:
-        del runner
-        ids = torch.tensor(prompts, device=args.device)
-        step = dict(args=args, ids=ids, step_ids=tokens.view(B, 1), sync=sync)
-        # transformers' own forward without adapters (context for PEFT's ratio), then PEFT wrapped around it
-        hf_base = hf_throughput(base.model, **step)
-        names = [f"a{i}" for i in range(B)]
-        peft = hf_throughput(peft_model(base, r, B, dtype), adapter_names=names, **step)
+    if peft_timer:
+        peft = {"prefill_tok_s": B * L / statistics.median(peft_t["prefill"]),
+                "decode_tok_s": B / statistics.median(peft_t["decode"])}
 
     base_r = results["base (no adapters)"]
     graphs_note = "" if args.device == "cpu" else (" (decode: eager)" if args.no_cuda_graphs else " (decode: CUDA graphs)")
