@@ -7,8 +7,10 @@ outputs and the shared projections h = V_rᵀx.
 Adapter tensors live in fixed device slot pools, one `GroupPools` per group kind holding every layer:
 
 - core pool (OSoRA, LoRA-XS):  Cᵀ (layers, slots, k, R, R) (stored transposed: h·Cᵀ needs no copy), o (layers, slots, M), d (layers, slots, k·R)
-- low-rank pool (SORSA, LoRA): A (layers, slots, k·K, n), B_iᵀ (layers, slots, K, m_i), K = 2R, and each slot's
-  rank (how many of its K rows are filled: a rank-16 LoRA fills half of a pool sized for SORSA's 2·16)
+- low-rank pool (SORSA, LoRA): A (layers, slots, k·K, n), B_iᵀ (layers, slots, K, m_i), K = 2R (a LoRA may have
+  up to twice the core rank), each slot's rank (how many of its K rows are filled: the kernel reads only those),
+  and d (layers, slots, k·R) for a low-rank adapter with a frozen subtraction along U_r (SORSA's −σ_r), applied
+  through the group's shared projection h like a core's d
 
 Layer-major, so what one layer reads in a step (its rows' cores, scales) lies in one contiguous block of the
 layer's slots: at decode it comes from memory, and that streams faster than pieces spread over all layers
@@ -52,6 +54,7 @@ class SlotMapping:
     # The low-rank slot of each entry of lr_rows. Its own tensor, so that decode graphs can pad lr_rows to a
     # bucket with (row 0, slot 0) entries: slot 0 is the zero adapter, so a padded entry adds exactly nothing.
     lr_row_slots: torch.Tensor | None = None
+    lr_sub: bool = False  # some low-rank row's adapter has a d-term (SORSA): the step needs h for it
 
     @property
     def rows(self) -> int:
@@ -63,7 +66,7 @@ class SlotMapping:
 
     @staticmethod
     def build(core_slots: list[int], lr_slots: list[int], sub_slots: set[int], tokens_per_row: int = 1,
-              device: torch.device | str = "cpu") -> "SlotMapping":
+              device: torch.device | str = "cpu", lr_sub_slots: set[int] = frozenset()) -> "SlotMapping":
         lr_rows = [i for i, s in enumerate(lr_slots) if s != 0]
 
         def index(values: list[int]) -> torch.Tensor:
@@ -79,6 +82,7 @@ class SlotMapping:
             lr_rows=index(lr_rows) if lr_rows else None,
             core_slots=tuple(core_slots),
             lr_row_slots=index([lr_slots[i] for i in lr_rows]) if lr_rows else None,
+            lr_sub=any(s in lr_sub_slots for s in lr_slots if s),
         )
 
 
@@ -145,10 +149,16 @@ def core_delta_(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Ten
         yv[:, :, off : off + m].baddbmm_(h[:, :, i], U_eff)
 
 
-def lowrank_delta(x: torch.Tensor, A: torch.Tensor, Bts: list[torch.Tensor], K: int) -> torch.Tensor:
-    """Concatenated B_i (A_i x) over members, per row: x (P, L, n), A (P, k·K, n), B_iᵀ (P, K, m_i)."""
+def lowrank_delta(x: torch.Tensor, A: torch.Tensor, Bts: list[torch.Tensor], K: int,
+                  hd: torch.Tensor | None = None, Ut_members: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Concatenated B_i (A_i x) (+ U_r,i (d ⊙ h)_i with `hd`) over members, per row: x (P, L, n), A (P, k·K, n),
+    B_iᵀ (P, K, m_i); hd (P, L, k·R) the rows' d ⊙ h, Ut_members the members' U_rᵀ (R, m_i)."""
     t = torch.bmm(x, A.transpose(1, 2))  # (P, L, k·K)
-    return torch.cat([torch.bmm(t[..., i * K : (i + 1) * K], Bt) for i, Bt in enumerate(Bts)], dim=-1)
+    parts = [torch.bmm(t[..., i * K : (i + 1) * K], Bt) for i, Bt in enumerate(Bts)]
+    if hd is not None:
+        R = Ut_members[0].shape[0]
+        parts = [part + torch.matmul(hd[..., i * R : (i + 1) * R], Ui) for i, (part, Ui) in enumerate(zip(parts, Ut_members))]
+    return torch.cat(parts, dim=-1)
 
 
 def _layer_index(layers: list[int]) -> slice | list[int]:
@@ -173,10 +183,11 @@ class GroupPools:
         self.Bt = [torch.zeros(n_layers, lr_slots, self.K, m, **kw) for m in out_sizes]
         # Filled rows of each slot's K (the CPU kernel reads only those); on the host, like the kernel's slot ids.
         self.lr_rank = torch.zeros(lr_slots, dtype=torch.long)
+        self.lr_d = torch.zeros(n_layers, lr_slots, self.k * R, **kw)
         self.scratch: torch.Tensor | None = None  # decode's temporary for OSoRA's scaled part (enable_row_cache)
         # Per-layer views of the core pools, made once: they stay valid (slots are written in place), and making
         # them per step is ~360 tensor objects (`by_slot`).
-        self.layer_views = per_layer({"C": self.C, "o": self.o, "d": self.d, "A": self.A,
+        self.layer_views = per_layer({"C": self.C, "o": self.o, "d": self.d, "A": self.A, "lr_d": self.lr_d,
                                       **{f"Bt{i}": Bt for i, Bt in enumerate(self.Bt)}})
 
     def clear_core(self, slot: int) -> None:
@@ -186,6 +197,7 @@ class GroupPools:
         self.A[:, slot].zero_()
         for Bt in self.Bt:
             Bt[:, slot].zero_()
+        self.lr_d[:, slot].zero_()
         self.lr_rank[slot] = 0
 
     def write_core(self, slot: int, layers: list[int], i: int, t: DeltaTerms) -> None:
@@ -203,11 +215,14 @@ class GroupPools:
         self.A[L, slot, i * self.K : i * self.K + kr] = t.A.to(self.A)
         self.Bt[i][L, slot, :kr] = t.B.transpose(-1, -2).to(self.A)
         self.lr_rank[slot] = max(int(self.lr_rank[slot]), kr)
+        if t.d is not None:
+            self.lr_d[L, slot, i * self.R : i * self.R + t.rank] = t.d.to(self.lr_d)
 
-    def lr_layer(self, layer: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One layer's low-rank pools: A (slots, k·K, n) and the members' B_iᵀ (slots, K, m_i), views made once."""
+    def lr_layer(self, layer: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """One layer's low-rank pools, views made once: A (slots, k·K, n), the members' B_iᵀ (slots, K, m_i) and
+        d (slots, k·R)."""
         v = self.layer_views
-        return v["A"][layer], [v[f"Bt{i}"][layer] for i in range(self.k)]
+        return v["A"][layer], [v[f"Bt{i}"][layer] for i in range(self.k)], v["lr_d"][layer]
 
     def gather(self, mp: SlotMapping) -> dict[str, tuple[torch.Tensor, ...]]:
         """Per-row core tensors for every layer, in one indexing op per step; see `per_layer`."""
@@ -294,33 +309,38 @@ class LinearGroup(nn.Module):
         """x (T, n) → (T, M): base outputs of all members plus each token's adapter delta.
 
         `rows` is this group kind's `GroupPools.gather` result for the step."""
-        P, L, li, p = mp.rows, mp.tokens_per_row, self.layer, self.pools
+        h = None
         if mp.has_core:
-            y = self._with_core_delta(x, mp, rows)
-        else:  # no core adapter in the batch: skip the shared projections entirely
+            y, h = self._with_core_delta(x, mp, rows)
+        elif mp.lr_sub:  # low-rank rows with a d-term read the shared projections
+            y, h = self.project(x)
+        else:  # no adapter in the batch reads them: skip the shared projections entirely
             y = cpu_kernels.matmul_t(x, self.W_aug[: self.M])
         if self.bias is not None:
             y.add_(self.bias)
         if mp.has_lr:
-            self._add_lowrank(y, x, mp)
+            self._add_lowrank(y, x, h if mp.lr_sub else None, mp)
         return y
 
-    def _add_lowrank(self, y: torch.Tensor, x: torch.Tensor, mp: SlotMapping) -> None:
-        """y += each low-rank row's B (A x). On the CPU one kernel call reads every row's A and Bᵀ from its slot
-        (`cpu_kernels.lowrank_delta`); elsewhere the rows that have one gather theirs for two batched products."""
+    def _add_lowrank(self, y: torch.Tensor, x: torch.Tensor, h: torch.Tensor | None, mp: SlotMapping) -> None:
+        """y += each low-rank row's B (A x), plus U_r (d ⊙ h) where its slot has a d-term (with `h`: the step's
+        shared projections). On the CPU one kernel call reads every row's terms from its slot
+        (`cpu_kernels.lowrank_delta`); elsewhere the rows that have one gather theirs for batched products."""
         P, L, p = mp.rows, mp.tokens_per_row, self.pools
-        A, Bts = p.lr_layer(self.layer)
+        A, Bts, d = p.lr_layer(self.layer)
         if cpu_kernels.serves(y) and mp.lr_idx.device.type == "cpu":
-            cpu_kernels.lowrank_delta(y, x, A, Bts, self.bounds, mp.lr_idx, p.lr_rank, L)
+            sub = (h, d, self.Ut_cat) if h is not None else (None, None, None)
+            cpu_kernels.lowrank_delta(y, x, A, Bts, self.bounds, mp.lr_idx, p.lr_rank, L, *sub)
             return
         sel = mp.lr_rows
         slots = mp.lr_row_slots if mp.lr_row_slots is not None else mp.lr_idx[sel]
-        delta = lowrank_delta(x.view(P, L, -1)[sel], A[slots], [Bt[slots] for Bt in Bts], p.K)
+        hd = h.reshape(P, L, -1)[sel] * d[slots, None] if h is not None else None
+        delta = lowrank_delta(x.view(P, L, -1)[sel], A[slots], [Bt[slots] for Bt in Bts], p.K, hd, self.Ut_members)
         y.view(P, L, self.M).index_add_(0, sel, delta)
 
     def _with_core_delta(self, x: torch.Tensor, mp: SlotMapping, rows: dict[str, tuple[torch.Tensor, ...]],
-                         out: torch.Tensor | None = None) -> torch.Tensor:
-        """Base outputs plus every row's core delta (`out`: see `gated`)."""
+                         out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Base outputs plus every row's core delta (`out`: see `gated`), and the shared projections h."""
         P, L, li = mp.rows, mp.tokens_per_row, self.layer
         y, h = self.project(x)
         # Without OSoRA rows every o is 1 and every d is 0: skip the scale and the subtraction.
@@ -334,7 +354,7 @@ class LinearGroup(nn.Module):
         else:
             core_delta_(y, h.reshape(P, L, self.k, self.R), rows["C"][li], o, d, self.Ut_members, self.pools.offsets,
                         self.pools.scratch_for(P) if L == 1 else None, self.Ut_blockdiag)
-        return y
+        return y, h
 
     def gated(self, x: torch.Tensor, mp: SlotMapping, rows: dict[str, tuple[torch.Tensor, ...]], act: nn.Module,
               act_is_silu: bool = False) -> torch.Tensor:

@@ -129,13 +129,16 @@ def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tens
 
 
 def lowrank_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: list[torch.Tensor], offsets: list[int],
-                  slots: torch.Tensor, ranks: torch.Tensor, tokens_per_row: int = 1) -> None:
+                  slots: torch.Tensor, ranks: torch.Tensor, tokens_per_row: int = 1, h: torch.Tensor | None = None,
+                  d: torch.Tensor | None = None, U: torch.Tensor | None = None) -> None:
     """y (T, M) += each token's low-rank delta, in place; see `csrc/lowrank_delta.cpp`.
 
     x (T, n) the tokens' inputs, token t of request row t // tokens_per_row; A (S, k·K, n) and Bt[i] (S, K, m_i)
     one layer's slot pools; offsets the members' column bounds; slots (rows,) int64 on the host, each row's slot
-    (0: none); ranks (S,) int64, each slot's filled rows of K. Check `serves(y)` first."""
-    torch.ops.svdserve.lowrank_delta(y, x, A, Bt, offsets, slots, ranks, tokens_per_row)
+    (0: none); ranks (S,) int64, each slot's filled rows of K. With h (T, k·R) the tokens' shared projections,
+    d (S, k·R) the slots' d-terms and U (R, M) the members' U_rᵀ in the accumulation dtype: also U_r (d ⊙ h).
+    Check `serves(y)` first."""
+    torch.ops.svdserve.lowrank_delta(y, x, A, Bt, offsets, slots, ranks, tokens_per_row, h, d, U)
 
 
 def gated_silu(y: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,10 @@ what adapters cost. A captured graph launches the whole step at once.
 
 Shapes are made static by padding: the rows to a bucket (1, 2, 4, 8, then multiples of 8, as vLLM does) and
 the attended context to a power of two (the mask hides the padding). Which adapter kinds the step runs (core,
-scaled core, low-rank rows) is part of the bucket, so a base-only step stays the plain base graph; the number
-of low-rank rows is bucketed like the rows (padded with entries that read slot 0, the zero adapter), so a
-server whose LoRA / SORSA traffic varies step to step captures a handful of graphs, not one per count.
+scaled core, low-rank rows, low-rank d-terms) is part of the bucket, so a base-only step stays the plain base
+graph; the number of low-rank rows is bucketed like the rows (padded with entries that read slot 0, the zero
+adapter), so a server whose LoRA / SORSA traffic varies step to step captures a handful of graphs, not one per
+count.
 
 A step writes each row's new key/value at the row's position before it attends, so a padded row, and the
 warm-up runs before a capture (which execute with placeholder inputs), must write where nothing is read: they
@@ -92,7 +93,7 @@ class DecodeGraphs:
         P, L = row_bucket(T, self.max_rows), context_bucket(context, self.max_len)
         n_lr = 0 if mp.lr_rows is None else mp.lr_rows.shape[0]
         n_lr_padded = row_bucket(n_lr, P) if n_lr else 0
-        key = (P, L, mp.has_core, mp.has_sub, n_lr_padded)
+        key = (P, L, mp.has_core, mp.has_sub, n_lr_padded, mp.lr_sub)
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(P, L, mp, n_lr_padded)
@@ -119,6 +120,6 @@ class DecodeGraphs:
         # A decode step reads core tensors from the runner's row buffers (refreshed before the replay), so the
         # padded mapping's core slots are never read: only its flags shape the graph.
         static = SlotMapping(core_idx=torch.zeros(P, **kw), lr_idx=lr_idx, tokens_per_row=1, has_core=mp.has_core,
-                             has_sub=mp.has_sub, lr_rows=lr_rows, lr_row_slots=lr_row_slots)
+                             has_sub=mp.has_sub, lr_rows=lr_rows, lr_row_slots=lr_row_slots, lr_sub=mp.lr_sub)
         replay, out = self.capture_fn(lambda: self.step(tokens, positions, static, L))
         return _Captured(replay, tokens, positions, lr_idx, lr_rows, lr_row_slots, out)

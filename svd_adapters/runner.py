@@ -107,6 +107,7 @@ class BatchedRunner(nn.Module):
         # Core slots whose adapter scales outputs and subtracts U_r σ_r V_rᵀ (OSoRA), read off the terms written
         # there, so no caller has to keep (and can get wrong) a list of its own.
         self.scaled_slots: set[int] = set()
+        self.lr_sub_slots: set[int] = set()  # low-rank slots whose adapter has a d-term (SORSA): steps need h
         # (slot, its version) per row buffer; the buffers are made on first use (`_refresh_rows`): the CPU kernel
         # reads the slot pools and never needs them.
         self._row_keys: list[tuple[int, int] | None] | None = None
@@ -155,6 +156,10 @@ class BatchedRunner(nn.Module):
         for kind, lt in terms.items():
             gname, i = self.member_of[kind]
             self.pools[gname].write_lr(slot, lt.layers, i, lt.terms)
+        if any(lt.terms.d is not None for lt in terms.values()):
+            self.lr_sub_slots.add(slot)
+        else:
+            self.lr_sub_slots.discard(slot)
 
     def _on_device(self, terms: dict[str, LayerTerms]) -> dict[str, LayerTerms]:
         """On a GPU, the adapter's terms moved in one transfer (`pack_terms`); on the CPU as they are (the pools
@@ -178,7 +183,8 @@ class BatchedRunner(nn.Module):
 
     def mapping(self, core_slots: list[int], lr_slots: list[int], tokens_per_row: int = 1) -> SlotMapping:
         """The step's slot mapping for rows reading these slots (0 = none)."""
-        return SlotMapping.build(core_slots, lr_slots, self.scaled_slots, tokens_per_row, device=self.device)
+        return SlotMapping.build(core_slots, lr_slots, self.scaled_slots, tokens_per_row, device=self.device,
+                                 lr_sub_slots=self.lr_sub_slots)
 
     # ---- KV rows ----
     def move_row(self, src: int, dst: int, length: int) -> None:

@@ -1,7 +1,9 @@
 """SORSA (arXiv 2409.00055): trainable principal factors U_p (m×r), S_p (r), V_p (n×r) over a frozen residual.
 
 W' = W_res + U_p diag(S_p) V_pᵀ with W_res = W − U_r diag(σ_r) V_rᵀ; exactly W at init. Params: r(m+n+1).
-Served as a rank-2r delta: [U_p diag(S_p) | −U_r diag(σ_r)] [V_pᵀ ; V_rᵀ], gathered per row like LoRA.
+ΔW = U_p diag(S_p) V_pᵀ − U_r diag(σ_r) V_rᵀ: a rank-r low-rank part (B = U_p diag(S_p), A = V_pᵀ), served per row
+like LoRA, and the frozen subtraction as a core d-term (d = −σ_r), which reuses the shared projection h = V_rᵀx
+instead of carrying V_r and U_r in every adapter's slot (half the bytes a decode step reads per SORSA row).
 The orthonormal regularizer keeps U_p, V_p near orthonormal during training.
 """
 from __future__ import annotations
@@ -23,9 +25,7 @@ def init_params(U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, genera
 
 
 def terms(p: dict[str, torch.Tensor], U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, alpha: float) -> DeltaTerms:
-    B = torch.cat([p["U"] * p["S"][..., None, :], -U_r * S_r[..., None, :]], dim=-1)
-    A = torch.cat([p["V"].transpose(-1, -2), Vh_r], dim=-2)
-    return DeltaTerms(rank=S_r.shape[-1], A=A, B=B)
+    return DeltaTerms(rank=S_r.shape[-1], A=p["V"].transpose(-1, -2), B=p["U"] * p["S"][..., None, :], d=-S_r)
 
 
 def orthonormal_regularizer(params_by_module: list[dict[str, torch.Tensor]]) -> torch.Tensor:

@@ -5,7 +5,8 @@ For a frozen base linear W (m×n) with top-r SVD factors U_r, σ_r, V_r and shar
     Δy = o ⊙ (U_r (C h)) + U_r (d ⊙ h) + B (A x)
 
 - core part   (C: r×r, o: m, d: r): OSoRA (C = diag S, o = O, d = −σ_r) and LoRA-XS (C = (α/r) R diag σ_r).
-- low-rank part (A: k×n, B: m×k): plain LoRA (k = r) and SORSA (k = 2r: its principal factors and −U_r σ_r V_rᵀ).
+- low-rank part (A: k×n, B: m×k): plain LoRA (k = r) and SORSA (k = r: its principal factors; its frozen
+  −U_r σ_r V_rᵀ is the d-term, d = −σ_r, with no C).
 
 Each method only maps its trainable tensors to `DeltaTerms`; merge, training forward and the batched
 serving forward are written once, here and in `batched_linear.py`. Methods' `terms` broadcast over leading

@@ -50,7 +50,11 @@ def assert_decode_matches(runner, logits, prompts, refs, mp, steps: int, device:
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu-kernels", "pytorch-path"])
-def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factors, adapters, fused, monkeypatch):
+@pytest.mark.parametrize("low_rank_only", [False, True], ids=["all-methods", "sorsa-lora-only"])
+def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factors, adapters, fused, low_rank_only,
+                                                          monkeypatch):
+    """Every method, several ranks and base rows in one batch (or only SORSA / LoRA rows and base rows: the shared
+    projections are then computed for SORSA's subtraction alone) against merged references, prefill and decode."""
     assert cpu_kernels.available()
     monkeypatch.setitem(cpu_kernels._state, "force", fused)  # every decode GEMM through the kernels, or none
     calls = []
@@ -58,9 +62,11 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
         kernel = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _k=kernel, _n=name, **kw: (calls.append(_n), _k(*a, **kw))[1])
     runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=16, max_seq_len=64, core_slots=8, lr_slots=8)
-    cs, ls = runner.place(list(adapters.values()), tiny_factors)
-    assert runner.scaled_slots == {c for c, a in zip(cs, adapters.values()) if a.method == "osora"}
-    row_ids = list(adapters) + [None, None]  # plus two base rows
+    chosen = {k: a for k, a in adapters.items() if not low_rank_only or a.method in ("sorsa", "lora")}
+    cs, ls = runner.place(list(chosen.values()), tiny_factors)
+    assert runner.scaled_slots == {c for c, a in zip(cs, chosen.values()) if a.method == "osora"}
+    assert runner.lr_sub_slots == {l for l, a in zip(ls, chosen.values()) if a.method == "sorsa"}
+    row_ids = list(chosen) + [None, None]  # plus two base rows
     cs, ls = cs + [0, 0], ls + [0, 0]
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 200, (int(n),), generator=gen).tolist() for n in torch.randint(3, 12, (len(row_ids),), generator=gen)]
@@ -75,8 +81,9 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
     assert_decode_matches(runner, logits, prompts, refs, runner.mapping(cs, ls), steps=2)
     # the decode steps above went through the path under test; the kernel read the slot pools, so the per-row
     # buffers the PyTorch path copies adapters into were never made
-    assert set(calls) == ({"skinny_linear", "core_delta", "lowrank_delta"} if fused else set())
-    assert (runner._row_keys is None) == fused
+    assert set(calls) == ({"skinny_linear", "lowrank_delta"} | ({"core_delta"} if not low_rank_only else set())
+                          if fused else set())
+    assert (runner._row_keys is None) == (fused or low_rank_only)  # row buffers hold core adapters only
     # the adapters really change the output (the comparison above is not vacuous)
     base_row = refs[-1](torch.tensor([prompts[0]])).logits[0]
     assert (logits[0, : len(prompts[0])] - base_row).abs().max().item() > 1e-3

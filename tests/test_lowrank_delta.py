@@ -13,10 +13,11 @@ TOL = {torch.bfloat16: 2 ** -8, torch.float32: 1e-6, torch.float64: 1e-14}
 
 
 def pools_case(dtype: torch.dtype, P: int, K: int, n: int, sizes: tuple[int, ...], ranks: list[int], L: int = 1,
-               seed: int = 0):
+               seed: int = 0, R: int = 0):
     """One layer's slot pools (S = len(ranks) slots, slot 0 the empty one) with slot s filled up to ranks[s] rows
     and NaN beyond (a kernel that read past a slot's rank would show it); P request rows of L tokens each: their
-    inputs, outputs and slots."""
+    inputs, outputs and slots. With R: also the tokens' shared projections h (T, k·R), the slots' d-terms (odd
+    slots only, each with a zero tail: SORSA of a rank below R) and U (R, M) in the accumulation dtype."""
     gen = torch.Generator().manual_seed(seed)
     k, S = len(sizes), len(ranks)
 
@@ -33,7 +34,13 @@ def pools_case(dtype: torch.dtype, P: int, K: int, n: int, sizes: tuple[int, ...
     slots[0] = 0  # a row without a low-rank adapter
     x = rnd(P * L + 1, n)[1:]  # an offset view: rows need not start at the buffer's start
     y = rnd(P * L, sum(sizes))
-    return dict(A=A, Bt=Bt, slots=slots, ranks=torch.tensor(ranks), x=x, y=y, K=K, sizes=list(sizes), L=L)
+    c = dict(A=A, Bt=Bt, slots=slots, ranks=torch.tensor(ranks), x=x, y=y, K=K, sizes=list(sizes), L=L, R=R)
+    if R:
+        d = rnd(S, k * R)
+        d[::2] = 0  # slots without a d-term (LoRA)
+        d.view(S, k, R)[:, :, R - 1] = 0
+        c.update(h=rnd(P * L, k * R), d=d, U=rnd(R, sum(sizes)).to(torch.promote_types(dtype, torch.float32)))
+    return c
 
 
 def reference(c) -> torch.Tensor:
@@ -50,6 +57,10 @@ def reference(c) -> torch.Tensor:
             A = c["A"][s, i * c["K"] : i * c["K"] + r].double()
             t = A @ c["x"][tok].double()
             want[tok, offsets[i] : offsets[i + 1]] += t @ c["Bt"][i][s, :r].double()
+            if c["R"]:
+                R = c["R"]
+                e = c["d"][s, i * R : (i + 1) * R].double() * c["h"][tok, i * R : (i + 1) * R].double()
+                want[tok, offsets[i] : offsets[i + 1]] += e @ c["U"][:, offsets[i] : offsets[i + 1]].double()
     return want
 
 
@@ -58,7 +69,8 @@ def run(c) -> torch.Tensor:
     offsets = [0]
     for m in c["sizes"]:
         offsets.append(offsets[-1] + m)
-    cpu_kernels.lowrank_delta(y, c["x"], c["A"], c["Bt"], offsets, c["slots"], c["ranks"], c["L"])
+    sub = (c["h"], c["d"], c["U"]) if c["R"] else ()
+    cpu_kernels.lowrank_delta(y, c["x"], c["A"], c["Bt"], offsets, c["slots"], c["ranks"], c["L"], *sub)
     return y
 
 
@@ -75,9 +87,10 @@ SHAPES = [dict(P=5, K=8, n=24, sizes=(12, 6, 6), ranks=[0, 8, 3, 5]),
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"P{s['P']}-L{s.get('L', 1)}-K{s['K']}-n{s['n']}-k{len(s['sizes'])}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_lowrank_kernel_matches_the_formula_reading_only_filled_rows(shape, dtype):
+@pytest.mark.parametrize("R", [0, 5, 16], ids=["no-d", "d-R5", "d-R16"])
+def test_lowrank_kernel_matches_the_formula_reading_only_filled_rows(shape, dtype, R):
     assert cpu_kernels.available()
-    c = pools_case(dtype, **shape)
+    c = pools_case(dtype, **shape, R=R)
     y = run(c)
     want = reference(c)
     assert not torch.isnan(y).any()  # NaN past each slot's rank was never read
@@ -100,40 +113,54 @@ def test_lowrank_kernel_refuses_bad_inputs_with_a_message():
         cpu_kernels.lowrank_delta(c["y"], c["x"], c["A"], c["Bt"], [0, 6, 7], c["slots"], c["ranks"])
     with pytest.raises(RuntimeError, match="tokens_per_row"):
         cpu_kernels.lowrank_delta(*args, c["slots"], c["ranks"], 2)
+    sub = pools_case(torch.float32, P=3, K=4, n=8, sizes=(6, 2), ranks=[0, 4, 2], R=3)
+    with pytest.raises(RuntimeError, match="h, d and U come together"):
+        cpu_kernels.lowrank_delta(*args, c["slots"], c["ranks"], 1, sub["h"], sub["d"], None)
+    with pytest.raises(RuntimeError, match="accumulation dtype"):
+        cpu_kernels.lowrank_delta(*args, c["slots"], c["ranks"], 1, sub["h"], sub["d"], sub["U"].double())
+    with pytest.raises(RuntimeError, match="d must be a"):
+        cpu_kernels.lowrank_delta(*args, c["slots"], c["ranks"], 1, sub["h"], sub["d"][:2], sub["U"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_group_pools_record_each_slots_rank_and_the_kernel_agrees_with_the_gather_path(dtype):
-    """Through GroupPools as the runner fills them: a rank-2r (SORSA-sized) and a rank-r (LoRA) adapter, rewritten
-    with a smaller rank (the recorded rank follows), and a cleared slot; the kernel's decode delta equals the
-    PyTorch gather path's."""
+    """Through GroupPools as the runner fills them: rank-2r and rank-r LoRA adapters, one rewritten with a smaller
+    rank (the recorded rank follows), a SORSA-like one with a d-term, and a cleared slot; the kernel's decode
+    delta equals the PyTorch gather path's."""
     from svd_adapters.terms import DeltaTerms
     from svd_adapters.batched_linear import lowrank_delta
 
     gen = torch.Generator().manual_seed(3)
     R, n, sizes, layers = 4, 24, [20, 12], [0, 1]
-    pools = GroupPools(sizes, n, n_layers=2, R=R, core_slots=2, lr_slots=4, like=torch.zeros(1, dtype=dtype))
+    pools = GroupPools(sizes, n, n_layers=2, R=R, core_slots=2, lr_slots=5, like=torch.zeros(1, dtype=dtype))
 
-    def fill(slot: int, r: int) -> None:
+    def fill(slot: int, r: int, sub: bool = False) -> None:
         pools.clear_lr(slot)
         for i, m in enumerate(sizes):
-            t = DeltaTerms(rank=0, A=torch.randn(2, r, n, generator=gen), B=torch.randn(2, m, r, generator=gen))
+            d = -torch.rand(2, r, generator=gen) if sub else None
+            t = DeltaTerms(rank=r if sub else 0, A=torch.randn(2, r, n, generator=gen), B=torch.randn(2, m, r, generator=gen), d=d)
             pools.write_lr(slot, layers, i, t)
 
-    fill(1, 2 * R), fill(2, R), fill(3, 2 * R)
+    fill(1, 2 * R), fill(2, R), fill(3, 2 * R), fill(4, 3, sub=True)
     fill(3, 3)  # rewritten with a smaller rank: the stale rows beyond 3 are cleared, the rank follows
-    assert pools.lr_rank.tolist() == [0, 2 * R, R, 3]
+    assert pools.lr_rank.tolist() == [0, 2 * R, R, 3, 3]
     assert float(pools.A[:, 3, 3:2 * R].abs().sum()) == 0.0
-    slots = [1, 0, 2, 3, 1, 2]
-    mp = SlotMapping.build([0] * len(slots), slots, set())
+    assert float(pools.lr_d[:, :4].abs().sum()) == 0.0 and float(pools.lr_d[:, 4].abs().sum()) > 0
+    slots = [1, 0, 2, 3, 4, 2, 4]
+    mp = SlotMapping.build([0] * len(slots), slots, set(), lr_sub_slots={4})
+    assert mp.lr_sub
     x = torch.randn(len(slots), n, generator=gen).to(dtype)
+    h = torch.randn(len(slots), len(sizes) * R, generator=gen).to(dtype)
+    Ut = [torch.randn(R, m, generator=gen) for m in sizes]
+    U = torch.cat(Ut, dim=1).contiguous()
     for layer in layers:
-        A, Bts = pools.lr_layer(layer)
+        A, Bts, d = pools.lr_layer(layer)
         y = torch.zeros(len(slots), sum(sizes), dtype=dtype)
-        cpu_kernels.lowrank_delta(y, x, A, Bts, [0, sizes[0], sum(sizes)], mp.lr_idx, pools.lr_rank)
-        sel = mp.lr_rows
-        want = torch.zeros_like(y).index_add_(0, sel, lowrank_delta(x[sel, None], A[mp.lr_idx[sel]],
-                                                                    [Bt[mp.lr_idx[sel]] for Bt in Bts], pools.K)[:, 0])
+        cpu_kernels.lowrank_delta(y, x, A, Bts, [0, sizes[0], sum(sizes)], mp.lr_idx, pools.lr_rank, 1, h, d, U)
+        sel, sl = mp.lr_rows, mp.lr_row_slots
+        hd = (h[sel] * d[sl])[:, None]
+        delta = lowrank_delta(x[sel, None], A[sl], [Bt[sl] for Bt in Bts], pools.K, hd, [u.to(dtype) for u in Ut])
+        want = torch.zeros_like(y).index_add_(0, sel, delta[:, 0])
         assert (y.double() - want.double()).abs().max().item() <= TOL[dtype] * 4 * want.abs().max().item()
-    pools.clear_lr(2)
-    assert int(pools.lr_rank[2]) == 0
+    pools.clear_lr(4)
+    assert int(pools.lr_rank[4]) == 0 and float(pools.lr_d[:, 4].abs().sum()) == 0

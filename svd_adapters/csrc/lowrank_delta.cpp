@@ -5,6 +5,8 @@
 // low-rank adapter, skipped). For member i (output columns [off_i, off_{i+1}) of y), with that slot's A_i (its K
 // rows of A, each n wide) and B_iᵀ (K, m_i), for each of the row's tokens x:
 //   t = A_i x (the first kr = ranks[s] rows only),   y[off_i + c] += Σ_{j<kr} t_j B_iᵀ[j, c]
+// and, with h, d and U (SORSA's frozen −U_r σ_r V_rᵀ, through the token's shared projection h_i = V_rᵀx):
+//   e = d_{s,i} ⊙ h_i,   y[off_i + c] += Σ_{j<R} e_j U[j, off_i + c]    (U: the members' U_rᵀ side by side, (R, M))
 // Only the first kr rows: a rank-16 LoRA in a pool sized for SORSA's 2·16 costs half. Work goes out in (row,
 // member) tasks, straight from the slots: in PyTorch this was a gather of every row's A and B (copies), two
 // batched products, a concatenation and a scatter back into y, each a pass over memory.
@@ -18,6 +20,7 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -74,9 +77,11 @@ void project_rows(const scalar_t* A, int64_t n, const scalar_t* x, int64_t kr, a
   }
 }
 
-// y[c] += Σ_{j<kr} t[j] Bt[j, c] for c in [0, m): Bt rows of m contiguous numbers; y read and written once.
+// y[c] += Σ_{j<kr} t[j] Bt[j, c] + Σ_{j<re} e[j] U[j, c] for c in [0, m): Bt rows of m contiguous numbers, U
+// rows (the accumulation dtype) ldu apart, or re = 0; y read, and rounded to its dtype, once.
 template <typename scalar_t, typename acc_t>
-void expand_rows(const scalar_t* Bt, int64_t m, const acc_t* t, int64_t kr, scalar_t* y) {
+void expand_rows(const scalar_t* Bt, const acc_t* t, int64_t kr, const acc_t* U, int64_t ldu, const acc_t* e,
+                 int64_t re, int64_t m, scalar_t* y) {
   using V = typename Vec<acc_t>::type;
   constexpr int W = sizeof(V) / sizeof(acc_t);
   int64_t c = 0;
@@ -87,17 +92,23 @@ void expand_rows(const scalar_t* Bt, int64_t m, const acc_t* t, int64_t kr, scal
       const acc_t tj = t[j];
       for (int v = 0; v < kTileB; ++v) a[v] += tj * load(Bt + j * m + c + v * W);
     }
+    for (int64_t j = 0; j < re; ++j) {
+      const acc_t ej = e[j];
+      for (int v = 0; v < kTileB; ++v) a[v] += ej * load(U + j * ldu + c + v * W);
+    }
     for (int v = 0; v < kTileB; ++v) store(y + c + v * W, a[v]);
   }
   for (; c < m; ++c) {
     acc_t a = static_cast<acc_t>(y[c]);
     for (int64_t j = 0; j < kr; ++j) a += t[j] * static_cast<acc_t>(Bt[j * m + c]);
+    for (int64_t j = 0; j < re; ++j) a += e[j] * U[j * ldu + c];
     y[c] = static_cast<scalar_t>(a);
   }
 }
 
 void lowrank_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& A, at::TensorList Bt, at::IntArrayRef offsets,
-                   const at::Tensor& slots, const at::Tensor& ranks, int64_t L) {
+                   const at::Tensor& slots, const at::Tensor& ranks, int64_t L, const std::optional<at::Tensor>& h,
+                   const std::optional<at::Tensor>& d, const std::optional<at::Tensor>& U) {
   TORCH_CHECK(y.device().is_cpu(), "lowrank_delta runs on the CPU");
   const int64_t k = static_cast<int64_t>(offsets.size()) - 1;
   TORCH_CHECK(y.dim() == 2 && y.stride(1) == 1, "y must be (tokens, M), contiguous within a row");
@@ -123,6 +134,19 @@ void lowrank_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& A, at::T
               "slots must be a CPU int64 vector with one entry per row (", P, ")");
   TORCH_CHECK(ranks.dim() == 1 && ranks.size(0) == S && ranks.scalar_type() == at::kLong && ranks.device().is_cpu(),
               "ranks must be a CPU int64 vector with one entry per slot (", S, ")");
+  TORCH_CHECK(h.has_value() == d.has_value() && d.has_value() == U.has_value(), "h, d and U come together");
+  int64_t R = 0;
+  if (U.has_value()) {
+    R = U->size(0);
+    TORCH_CHECK(U->dim() == 2 && U->size(1) == M && U->is_contiguous(), "U must be a contiguous (R, M) matrix");
+    TORCH_CHECK(U->scalar_type() == at::toOpMathType(y.scalar_type()), "U must be in the accumulation dtype");
+    TORCH_CHECK(h->dim() == 2 && h->size(0) == T && h->size(1) == k * R && h->stride(1) == 1 &&
+                    h->scalar_type() == y.scalar_type(),
+                "h must be (", T, ", ", k * R, ") in y's dtype, contiguous within a row, got ", h->sizes());
+    TORCH_CHECK(d->dim() == 2 && d->size(0) == S && d->size(1) == k * R && d->stride(1) == 1 &&
+                    d->scalar_type() == y.scalar_type(),
+                "d must be a (", S, ", ", k * R, ") pool in y's dtype, got ", d->sizes());
+  }
   const at::Tensor sl = slots.contiguous(), rk = ranks.contiguous();
   std::vector<int64_t> tasks;  // (row, member) pairs of rows that carry a low-rank adapter
   for (int64_t p = 0; p < P; ++p) {
@@ -138,13 +162,21 @@ void lowrank_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& A, at::T
   const std::vector<int64_t> off(offsets.begin(), offsets.end());
   if (L > 1) {  // prefill: GEMMs over the row's tokens (BLAS runs single-threaded inside a task)
     const at::ThreadLocalState caller;  // worker threads run ATen ops in the caller's modes (inference mode)
+    const at::ScalarType acc = at::toOpMathType(y.scalar_type());
     at::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
       const at::ThreadLocalStateGuard modes(caller);
       for (int64_t task = b; task < e; ++task) {
         const int64_t p = tasks[2 * task], i = tasks[2 * task + 1];
         const int64_t s = sl.const_data_ptr<int64_t>()[p], kr = rk.const_data_ptr<int64_t>()[s];
+        const int64_t m = off[i + 1] - off[i];
         const at::Tensor t = at::mm(x.narrow(0, p * L, L), A[s].narrow(0, i * K, kr).t());  // (L, kr)
-        y.narrow(0, p * L, L).narrow(1, off[i], off[i + 1] - off[i]).addmm_(t, Bt[i][s].narrow(0, 0, kr));
+        // The delta in the accumulation dtype, added to y (and rounded to its dtype) once.
+        at::Tensor delta = at::mm(t.to(acc), Bt[i][s].narrow(0, 0, kr).to(acc));
+        if (U.has_value()) {  // e = d ⊙ h, then e · U_rᵀ
+          const at::Tensor e = h->narrow(0, p * L, L).narrow(1, i * R, R).to(acc) * (*d)[s].narrow(0, i * R, R).to(acc);
+          delta.addmm_(e, U->narrow(1, off[i], m));
+        }
+        y.narrow(0, p * L, L).narrow(1, off[i], m).add_(delta);
       }
     });
     return;
@@ -154,17 +186,30 @@ void lowrank_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& A, at::T
     scalar_t* yp = y.data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* Ap = A.const_data_ptr<scalar_t>();
+    const scalar_t* hp = h.has_value() ? h->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* dp = d.has_value() ? d->const_data_ptr<scalar_t>() : nullptr;
+    const acc_t* Up = U.has_value() ? U->const_data_ptr<acc_t>() : nullptr;
     std::vector<const scalar_t*> Bp(k);
     std::vector<int64_t> Bs(k);
     for (int64_t i = 0; i < k; ++i) Bp[i] = Bt[i].const_data_ptr<scalar_t>(), Bs[i] = Bt[i].stride(0);
     const int64_t* slot = sl.const_data_ptr<int64_t>();
     const int64_t* rank = rk.const_data_ptr<int64_t>();
     at::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
-      std::vector<acc_t> t(K);
+      std::vector<acc_t> t(K), ed(std::max<int64_t>(R, 1));
       for (int64_t task = b; task < e; ++task) {
-        const int64_t p = tasks[2 * task], i = tasks[2 * task + 1], s = slot[p], kr = rank[s];
+        const int64_t p = tasks[2 * task], i = tasks[2 * task + 1], s = slot[p], kr = rank[s], m = off[i + 1] - off[i];
         project_rows<scalar_t, acc_t>(Ap + s * A.stride(0) + i * K * n, n, xp + p * x.stride(0), kr, t.data());
-        expand_rows<scalar_t, acc_t>(Bp[i] + s * Bs[i], off[i + 1] - off[i], t.data(), kr, yp + p * y.stride(0) + off[i]);
+        int64_t rd = 0;  // d's nonzero length (0 without one; SORSA of rank r < R: d = −σ_r, then zeros)
+        if (Up != nullptr) {
+          const scalar_t* hr = hp + p * h->stride(0) + i * R;
+          const scalar_t* dr = dp + s * d->stride(0) + i * R;
+          for (int64_t j = 0; j < R; ++j) {
+            ed[j] = static_cast<acc_t>(dr[j]) * static_cast<acc_t>(hr[j]);
+            if (dr[j] != scalar_t(0)) rd = j + 1;
+          }
+        }
+        expand_rows<scalar_t, acc_t>(Bp[i] + s * Bs[i], t.data(), kr, Up ? Up + off[i] : nullptr, M, ed.data(), rd, m,
+                                     yp + p * y.stride(0) + off[i]);
       }
     });
   });
@@ -174,7 +219,7 @@ void lowrank_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& A, at::T
 
 TORCH_LIBRARY_FRAGMENT(svdserve, m) {
   m.def("lowrank_delta(Tensor(a!) y, Tensor x, Tensor A, Tensor[] Bt, int[] offsets, Tensor slots, Tensor ranks, "
-        "int tokens_per_row=1) -> ()");
+        "int tokens_per_row=1, Tensor? h=None, Tensor? d=None, Tensor? U=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(svdserve, CPU, m) {
