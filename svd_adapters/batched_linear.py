@@ -181,8 +181,10 @@ class GroupPools:
         self.d = torch.zeros(n_layers, core_slots, self.k * R, **kw)
         self.A = torch.zeros(n_layers, lr_slots, self.k * self.K, n_in, **kw)
         self.Bt = [torch.zeros(n_layers, lr_slots, self.K, m, **kw) for m in out_sizes]
-        # Filled rows of each slot's K (the CPU kernel reads only those); on the host, like the kernel's slot ids.
+        # Filled rows of each slot's K (the kernels read only those): on the host for the CPU kernel, like its slot
+        # ids; a copy on the device for the GPU kernel (updated in place: decode graphs read it).
         self.lr_rank = torch.zeros(lr_slots, dtype=torch.long)
+        self.lr_rank_device = self.lr_rank if like.device.type == "cpu" else self.lr_rank.to(like.device)
         self.lr_d = torch.zeros(n_layers, lr_slots, self.k * R, **kw)
         self.scratch: torch.Tensor | None = None  # decode's temporary for OSoRA's scaled part (enable_row_cache)
         # Per-layer views of the core pools, made once: they stay valid (slots are written in place), and making
@@ -198,7 +200,7 @@ class GroupPools:
         for Bt in self.Bt:
             Bt[:, slot].zero_()
         self.lr_d[:, slot].zero_()
-        self.lr_rank[slot] = 0
+        self._set_rank(slot, 0)
 
     def write_core(self, slot: int, layers: list[int], i: int, t: DeltaTerms) -> None:
         """Member i's terms for `layers` (tensors stacked over those layers) into a slot."""
@@ -214,9 +216,14 @@ class GroupPools:
         kr, L = t.A.shape[-2], _layer_index(layers)
         self.A[L, slot, i * self.K : i * self.K + kr] = t.A.to(self.A)
         self.Bt[i][L, slot, :kr] = t.B.transpose(-1, -2).to(self.A)
-        self.lr_rank[slot] = max(int(self.lr_rank[slot]), kr)
+        self._set_rank(slot, max(int(self.lr_rank[slot]), kr))
         if t.d is not None:
             self.lr_d[L, slot, i * self.R : i * self.R + t.rank] = t.d.to(self.lr_d)
+
+    def _set_rank(self, slot: int, rank: int) -> None:
+        self.lr_rank[slot] = rank
+        if self.lr_rank_device is not self.lr_rank:
+            self.lr_rank_device[slot] = rank
 
     def lr_layer(self, layer: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """One layer's low-rank pools, views made once: A (slots, k·K, n), the members' B_iᵀ (slots, K, m_i) and
@@ -325,15 +332,19 @@ class LinearGroup(nn.Module):
     def _add_lowrank(self, y: torch.Tensor, x: torch.Tensor, h: torch.Tensor | None, mp: SlotMapping) -> None:
         """y += each low-rank row's B (A x), plus U_r (d ⊙ h) where its slot has a d-term (with `h`: the step's
         shared projections). On the CPU one kernel call reads every row's terms from its slot
-        (`cpu_kernels.lowrank_delta`); elsewhere the rows that have one gather theirs for batched products."""
+        (`cpu_kernels.lowrank_delta`), on a GPU at decode one Triton launch (`gpu_kernels.lowrank_delta`);
+        elsewhere the rows that have one gather theirs for batched products."""
         P, L, p = mp.rows, mp.tokens_per_row, self.pools
         A, Bts, d = p.lr_layer(self.layer)
+        sub = (h, d, self.Ut_cat) if h is not None else (None, None, None)
         if cpu_kernels.serves(y) and mp.lr_idx.device.type == "cpu":
-            sub = (h, d, self.Ut_cat) if h is not None else (None, None, None)
             cpu_kernels.lowrank_delta(y, x, A, Bts, self.bounds, mp.lr_idx, p.lr_rank, L, *sub)
             return
         sel = mp.lr_rows
         slots = mp.lr_row_slots if mp.lr_row_slots is not None else mp.lr_idx[sel]
+        if L == 1 and gpu_kernels.serves(y):
+            gpu_kernels.lowrank_delta(y, x, A, Bts, self.bounds, sel, slots, p.lr_rank_device, *sub)
+            return
         hd = h.reshape(P, L, -1)[sel] * d[slots, None] if h is not None else None
         delta = lowrank_delta(x.view(P, L, -1)[sel], A[slots], [Bt[slots] for Bt in Bts], p.K, hd, self.Ut_members)
         y.view(P, L, self.M).index_add_(0, sel, delta)

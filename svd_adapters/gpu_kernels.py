@@ -1,4 +1,5 @@
-"""svdserve's GPU kernel (Triton): one group's whole core delta (OSoRA, LoRA-XS, base rows) in one launch.
+"""svdserve's GPU kernels (Triton): one group's whole core delta (OSoRA, LoRA-XS, base rows) in one launch, and
+a decode step's low-rank delta (SORSA, LoRA rows) in another.
 
 On a GPU a decode step of a small model is thousands of tiny kernels, and as PyTorch ops the core delta is
 ~4 of them per member (LoRA-XS) to ~6 (OSoRA): measured on an H200 (SmolLM2-135M, batch 32), they raised a
@@ -12,7 +13,12 @@ Each program takes a block of tokens and of output columns: it applies every tok
 h (a small broadcast product), then one matrix product with the tile of U_rᵀ, and adds into y in place.
 Arithmetic is float32 with exact (not TF32) products, whatever the serving dtype.
 
-Triton is imported on first use. The kernel also runs on the CPU under Triton's interpreter (TRITON_INTERPRET=1
+The low-rank delta as PyTorch ops gathers every low-rank row's A and B per layer (copies of ~20 MB per row and
+step for a rank-16 LoRA on SmolLM2-135M), then ~8 more kernels per group; `lowrank_delta` reads each row's terms
+from its slot in one launch per group (one program per row and member), only the slot's filled rank. It has
+been checked for correctness (under the interpreter, below) but not yet timed on a GPU.
+
+Triton is imported on first use. The kernels also run on the CPU under Triton's interpreter (TRITON_INTERPRET=1
 before Triton is first imported), which is how the tests check it without a GPU (tests/conftest.py).
 """
 from __future__ import annotations
@@ -68,6 +74,49 @@ def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tens
     )
 
 
+def _lowrank_kernel():
+    from svd_adapters.triton_lowrank_delta import lowrank_delta_kernel  # imports Triton: on first use only
+
+    return lowrank_delta_kernel
+
+
+def lowrank_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bts: list[torch.Tensor], bounds: list[int],
+                  rows: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, h: torch.Tensor | None = None,
+                  d: torch.Tensor | None = None, U: torch.Tensor | None = None) -> None:
+    """y (P, M) += the low-rank delta of one token per row (decode), in place.
+
+    Entry e of `rows`/`slots` (device int64) is request row rows[e] reading low-rank slot slots[e]; entries with
+    slot 0 (padding) change nothing. A (S, k·K, n) and Bts[i] (S, K, m_i) one layer's slot pools, ranks (S,) each
+    slot's filled rows of K (on the device); with h (P, k·R), d (S, k·R) and U (R, M, float32): also U_r (d ⊙ h)
+    (see `cpu_kernels.lowrank_delta`). Up to 3 members, bounds their k + 1 column bounds."""
+    import triton
+
+    P, M = y.shape
+    k, n, K = len(Bts), A.shape[-1], Bts[0].shape[1]
+    if not 1 <= k <= 3 or len(bounds) != k + 1 or bounds[-1] != M or A.shape[1] != k * K:
+        raise ValueError(f"lowrank_delta takes 1 to 3 members and their k + 1 column bounds up to {M}, got {k} and {bounds}")
+    if y.stride(1) != 1 or x.stride(1) != 1 or A.stride(2) != 1 or A.stride(1) != n or \
+            any(B.stride(2) != 1 or B.stride(1) != B.shape[2] for B in Bts):
+        raise ValueError("lowrank_delta needs unit column strides in y and x and pools contiguous within a slot")
+    sub = h is not None
+    if sub and (d is None or U is None or h.stride(1) != 1 or d.stride(1) != 1 or U.stride(1) != 1):
+        raise ValueError("lowrank_delta takes h, d and U together, with unit column strides")
+    if rows.shape[0] == 0:
+        return
+    R = U.shape[0] if sub else 1
+    b = list(bounds[1:-1]) + [M] * (3 - k)
+    B0, B1, B2 = (Bts + [Bts[0]] * 3)[:3]  # unused pointers for absent members
+    h_, d_, U_ = (h, d, U) if sub else (y, y, y)
+    _lowrank_kernel()[(rows.shape[0], k)](
+        y, x, A, B0, B1, B2, rows, slots, ranks, h_, d_, U_,
+        n, R, b[0], b[1], M,
+        y.stride(0), x.stride(0), A.stride(0), A.stride(1), B0.stride(0), B1.stride(0), B2.stride(0),
+        h_.stride(0), d_.stride(0), U_.stride(0),
+        NMEM=k, K=K, K_PAD=max(16, triton.next_power_of_2(K)), R_PAD=max(16, triton.next_power_of_2(R)),
+        BK_IN=64, BN=64, SUB=sub,
+    )
+
+
 def available() -> bool:
     """Triton importable (once per process; the reason logged once if not)."""
     if "ok" not in _state:
@@ -77,12 +126,12 @@ def available() -> bool:
             _state["ok"] = True
         except ImportError as exc:
             _state["ok"] = False
-            log.warning("GPU core-delta kernel off: Triton is not importable (%s); using PyTorch ops", exc)
+            log.warning("GPU delta kernels off: Triton is not importable (%s); using PyTorch ops", exc)
     return bool(_state["ok"])
 
 
 def serves(y: torch.Tensor) -> bool:
-    """Whether `core_delta` takes this output: a CUDA tensor, the kernel enabled and Triton present."""
+    """Whether the kernels take this output: a CUDA tensor, the kernels enabled and Triton present."""
     return y.is_cuda and enabled() and _state.get("force") is not False and available()
 
 

@@ -106,3 +106,60 @@ def test_runner_through_the_kernel_matches_merged_reference(tiny_base, tiny_fact
             ref = merged_model(tiny_base, tiny_factors, core.get(aid))(torch.tensor([prompts[i] + [7]])).logits[0]
         assert (logits[i, : len(prompts[i])] - ref[:-1]).abs().max().item() <= 1e-4
         assert (step[i] - ref[-1]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("shape", [dict(P=6, K=8, n=24, sizes=(12, 6, 6), ranks=[0, 8, 3, 5]),
+                                   dict(P=9, K=32, n=70, sizes=(130, 64), ranks=[0, 32, 16, 32]),
+                                   dict(P=3, K=4, n=5, sizes=(3,), ranks=[0, 4])],
+                         ids=["qkv-partial-ranks", "gate-up-wide", "single-tiny"])
+@pytest.mark.parametrize("R", [0, 5], ids=["lora", "sorsa-d-term"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lowrank_kernel_matches_the_formula(shape, R, dtype):
+    """The decode step's low-rank kernel: each entry's row reads its slot's first `rank` rows of A and Bᵀ (NaN
+    beyond them is never read) and, with the d-term, U_r (d ⊙ h); padded entries (row 0, slot 0) change nothing."""
+    from test_lowrank_delta import pools_case, reference
+
+    c = pools_case(dtype, **shape, R=R)
+    want = reference(c)
+    rows = torch.nonzero(c["slots"]).view(-1)
+    pad = 3  # entries padded as decode graphs do: row 0, slot 0
+    rows_e = torch.cat([rows, torch.zeros(pad, dtype=torch.long)])
+    slots_e = torch.cat([c["slots"][rows], torch.zeros(pad, dtype=torch.long)])
+    dev = (lambda t: t.to(DEVICE))
+    y = dev(c["y"].clone())
+    bounds = [0]
+    for m in c["sizes"]:
+        bounds.append(bounds[-1] + m)
+    sub = (dev(c["h"]), dev(c["d"]), dev(c["U"]).float()) if R else ()
+    gpu_kernels.lowrank_delta(y, dev(c["x"]), dev(c["A"]), [dev(b) for b in c["Bt"]], bounds, dev(rows_e),
+                              dev(slots_e), dev(c["ranks"]), *sub)
+    y = y.cpu()
+    assert not torch.isnan(y).any()
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    assert (y.double() - want).abs().max().item() <= tol * want.abs().max().item()
+    untouched = c["slots"] == 0
+    assert torch.equal(y[untouched], c["y"][untouched])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, tests/test_cuda.py runs the model through the compiled kernel")
+def test_runner_decode_through_the_lowrank_kernel_matches_merged_reference(tiny_base, tiny_factors, adapters, monkeypatch):
+    """The model-level wiring of the low-rank kernel at decode (rows, slots, ranks, SORSA's h and d per group)."""
+    monkeypatch.setitem(cpu_kernels._state, "force", False)
+    calls = []
+    kernel = gpu_kernels.lowrank_delta
+    monkeypatch.setattr(gpu_kernels, "serves", lambda y: True)
+    monkeypatch.setattr(gpu_kernels, "lowrank_delta", lambda *a, **kw: (calls.append(a[-4] is not None), kernel(*a, **kw))[1])
+    chosen = {k: a for k, a in adapters.items() if a.method in ("sorsa", "lora", "loraxs")}
+    runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=8, max_seq_len=32, core_slots=8, lr_slots=8)
+    cs, ls = runner.place(list(chosen.values()), tiny_factors)
+    rows = list(chosen) + [None]
+    cs, ls = cs + [0], ls + [0]
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, 200, (int(n),), generator=gen).tolist() for n in torch.randint(3, 9, (len(rows),), generator=gen)]
+    runner.prefill(prompts, list(range(len(rows))), cs, ls)
+    step = runner.decode(torch.tensor([7] * len(rows)), torch.tensor([len(p) for p in prompts]), runner.mapping(cs, ls))
+    assert calls == [True] * (4 * len(runner.layers))  # every group at decode, with SORSA's d-term inputs
+    for i, aid in enumerate(rows):
+        with torch.no_grad():
+            ref = merged_model(tiny_base, tiny_factors, chosen.get(aid))(torch.tensor([prompts[i] + [7]])).logits[0]
+        assert (step[i] - ref[-1]).abs().max().item() <= 1e-4
