@@ -38,7 +38,7 @@ log = get_logger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / "skinny_linear.cpp", _CSRC / "core_delta.cpp", _CSRC / "lowrank_delta.cpp"]
-_HEADERS = [_CSRC / "vec.h"]
+_HEADERS = [_CSRC / "vec.h", _CSRC / "parallel.h"]
 # Vector flags for the capability torch itself detected on this CPU (the kernels' inner loops are plain C++).
 _ARCH_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],

@@ -22,6 +22,7 @@
 #include <functional>
 #include <vector>
 
+#include "parallel.h"
 #include "vec.h"
 
 namespace {
@@ -243,7 +244,7 @@ void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* const
       }
     }
   };
-  at::parallel_for(0, P * n_tiles, 4, [&](int64_t b, int64_t en) {
+  svdserve::parallel_for(0, P * n_tiles, 4, [&](int64_t b, int64_t en) {
     std::vector<acc_t> buf(R * TW);
     for (int64_t item = b; item < en; ++item) row_tile(item / n_tiles, item % n_tiles, buf.data());
   });
@@ -263,7 +264,7 @@ void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, co
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
   if constexpr (kScaled) {
     constexpr int64_t kTokens = 4;
-    at::parallel_for(0, n_tiles, 4, [&](int64_t tb, int64_t te) {
+    svdserve::parallel_for(0, n_tiles, 4, [&](int64_t tb, int64_t te) {
       for (int64_t t = 0; t < T; t += kTokens)
         apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, tb, te, t, std::min(T, t + kTokens));
     });
@@ -271,7 +272,7 @@ void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, co
   }
   const int64_t chunks = (T + chunk - 1) / chunk;
   if (epilogue) {  // a chunk per task: all its tiles, then the epilogue over its tokens while they are in cache
-    at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t en) {
+    svdserve::parallel_for(0, chunks, 1, [&](int64_t b, int64_t en) {
       for (int64_t c = b; c < en; ++c) {
         const int64_t t0 = c * chunk, t1 = std::min(T, (c + 1) * chunk);
         apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, 0, n_tiles, t0, t1);
@@ -280,7 +281,7 @@ void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, co
     });
     return;
   }
-  at::parallel_for(0, chunks * n_tiles, 4, [&](int64_t b, int64_t en) {
+  svdserve::parallel_for(0, chunks * n_tiles, 4, [&](int64_t b, int64_t en) {
     for (int64_t item = b; item < en; ++item) {
       const int64_t c = item / n_tiles, ti = item % n_tiles;
       apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, ti, ti + 1, c * chunk,
@@ -379,7 +380,7 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
     // Passes split across threads: every token's cores (tiny; for folded rows, h itself in acc_t), then the
     // output tiles (folded rows fold their projection per tile there).
     if (o.has_value() && L > 1) {  // scaled rows of several tokens: fold in each tile (sweep_folded)
-      at::parallel_for(0, T, 64, [&](int64_t b, int64_t en) {  // the "cores" are h itself, in acc_t
+      svdserve::parallel_for(0, T, 64, [&](int64_t b, int64_t en) {  // the "cores" are h itself, in acc_t
         for (int64_t t = b; t < en; ++t)
           for (int64_t j = 0; j < k * R; ++j) g[t * k * R + j] = static_cast<acc_t>(hp[t * sh + j]);
       });
@@ -387,12 +388,12 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
     } else if (o.has_value()) {
       std::vector<const scalar_t*> orow(T);  // token t's row of o
       for (int64_t t = 0; t < T; ++t) orow[t] = orow_p[t / L];
-      at::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
+      svdserve::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
         token_cores<scalar_t, acc_t, true>(hp, sh, Crow.data(), drow.data(), k, R, L, g, e, b, en);
       });
       sweep<scalar_t, acc_t, true>(yp, sy, orow.data(), g, e, Up, M, R, k, off, tiles, T, kChunk, nullptr);
     } else {
-      at::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
+      svdserve::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
         token_cores<scalar_t, acc_t, false>(hp, sh, Crow.data(), nullptr, k, R, L, g, nullptr, b, en);
       });
       sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Up, M, R, k, off, tiles, T, kChunk, epilogue);
@@ -400,7 +401,7 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
     }
     // Scaled rows: the epilogue as a pass of its own. Run per row right after the folded sweep's tiles it
     // measured ~2× slower in the model (gate/up at 2048 tokens: 4.4 against 2.0 + 1.4 ms).
-    if (epilogue) at::parallel_for(0, T, 16, [&](int64_t b, int64_t en) { (*epilogue)(b, en); });
+    if (epilogue) svdserve::parallel_for(0, T, 16, [&](int64_t b, int64_t en) { (*epilogue)(b, en); });
   });
 }
 
@@ -416,7 +417,7 @@ at::Tensor gated_silu(const at::Tensor& y) {
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "gated_silu", [&] {
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, 16, [&](int64_t b, int64_t en) { gated_silu_rows<scalar_t>(yp, y.stride(0), op, m, m, b, en); });
+    svdserve::parallel_for(0, T, 16, [&](int64_t b, int64_t en) { gated_silu_rows<scalar_t>(yp, y.stride(0), op, m, m, b, en); });
   });
   return out;
 }

@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "parallel.h"
 #include "vec.h"
 
 namespace {
@@ -163,7 +164,7 @@ void lowrank_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& A, at::T
   if (L > 1) {  // prefill: GEMMs over the row's tokens (BLAS runs single-threaded inside a task)
     const at::ThreadLocalState caller;  // worker threads run ATen ops in the caller's modes (inference mode)
     const at::ScalarType acc = at::toOpMathType(y.scalar_type());
-    at::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
+    svdserve::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
       const at::ThreadLocalStateGuard modes(caller);
       for (int64_t task = b; task < e; ++task) {
         const int64_t p = tasks[2 * task], i = tasks[2 * task + 1];
@@ -194,7 +195,7 @@ void lowrank_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& A, at::T
     for (int64_t i = 0; i < k; ++i) Bp[i] = Bt[i].const_data_ptr<scalar_t>(), Bs[i] = Bt[i].stride(0);
     const int64_t* slot = sl.const_data_ptr<int64_t>();
     const int64_t* rank = rk.const_data_ptr<int64_t>();
-    at::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
+    svdserve::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
       std::vector<acc_t> t(K), ed(std::max<int64_t>(R, 1));
       for (int64_t task = b; task < e; ++task) {
         const int64_t p = tasks[2 * task], i = tasks[2 * task + 1], s = slot[p], kr = rank[s], m = off[i + 1] - off[i];

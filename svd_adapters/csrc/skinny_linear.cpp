@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "parallel.h"
 #include "vec.h"
 
 namespace {
@@ -77,7 +78,7 @@ void gemm(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t K, scalar_t*
   // Enough tiles per task that a task is tens of microseconds of work, not a scheduling overhead.
   const int64_t group = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, rows * K * CB));
   const int64_t groups = (n_tiles + group - 1) / group;
-  at::parallel_for(0, chunks * groups, 1, [&](int64_t b, int64_t e) {
+  svdserve::parallel_for(0, chunks * groups, 1, [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
       const int64_t ch = task / groups, gr = task % groups;
       tiles(x, sx, W, K, y, sy, N, ch * kRowChunk, std::min(T, (ch + 1) * kRowChunk), gr * group,

@@ -1,0 +1,57 @@
+// svdserve::parallel_for: ATen's at::parallel_for (OpenMP build) without its lazy thread-count initialisation.
+//
+// That initialisation is an inline function with a thread_local "done" flag, so this library holds its own copy
+// of the flag, and the first at::parallel_for here in a thread re-initialises the thread's OpenMP count from the
+// process-wide default, undoing a count set for that thread (svd_adapters/threads.py gives the engine thread all
+// cores and helper threads one; measured: after an adapter loader had set its own thread to one core, the engine's
+// first call into these kernels put the engine on one core too, and a 1-row decode step went from 31 to 49 ms).
+// Here the count is libtorch's own for the calling thread (at::get_num_threads, initialised inside libtorch).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/ParallelGuard.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <exception>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace svdserve {
+
+template <class F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain_size, const F& f) {
+  if (begin >= end) return;
+#ifdef _OPENMP
+  const int64_t numiter = end - begin;
+  if (numiter > grain_size && numiter > 1 && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    std::atomic_flag failed = ATOMIC_FLAG_INIT;
+    std::exception_ptr error;
+#pragma omp parallel  // as many threads as this thread's count (ATen avoids a num_threads clause too)
+    {
+      int64_t n = omp_get_num_threads();
+      if (grain_size > 0) n = std::min<int64_t>(n, (numiter + grain_size - 1) / grain_size);
+      const int64_t tid = omp_get_thread_num(), chunk = (numiter + n - 1) / n, b = begin + tid * chunk;
+      if (b < end) {
+        try {
+          at::internal::ThreadIdGuard tid_guard(static_cast<int>(tid));
+          c10::ParallelGuard guard(true);
+          f(b, std::min(end, b + chunk));
+        } catch (...) {
+          if (!failed.test_and_set()) error = std::current_exception();
+        }
+      }
+    }
+    if (error) std::rethrow_exception(error);
+    return;
+  }
+#endif
+  at::internal::ThreadIdGuard tid_guard(0);
+  c10::ParallelGuard guard(true);
+  f(begin, end);
+}
+
+}  // namespace svdserve
