@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.config import Settings, resolve_device
     from svd_adapters.base_model import load_base
     from svd_adapters.factors import load_or_compute
+    from svd_adapters.threads import in_fresh_thread
 
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     log.info("loading base model %r", settings.base)
     try:
-        base = load_base(settings.base)
+        base = in_fresh_thread(load_base, settings.base)  # off the main thread: see svd_adapters/threads.py
     except (FileNotFoundError, OSError, ValueError) as exc:
         log.error("cannot load base model %r: %s", settings.base, exc)
         return 2
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     factors_dir = Path(settings.factors_dir) if settings.factors_dir else base.cache_dir
     log.info("loading SVD factors (r_max %d) from %s; computed once if missing", settings.r_max, factors_dir)
-    factors = load_or_compute(base.model, factors_dir, settings.r_max)
+    factors = in_fresh_thread(load_or_compute, base.model, factors_dir, settings.r_max)
     log.info("SVD factors %s ready in %.1f s (%d matrices)", factors.fingerprint, time.perf_counter() - t1, len(factors.modules))
     if settings.max_rank > factors.r_max:
         log.error("max_rank %d exceeds this base's factor rank %d; lower --max-rank", settings.max_rank, factors.r_max)

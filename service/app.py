@@ -27,6 +27,7 @@ from adapters_store.records import ID_PATTERN, AdapterRecord
 from adapters_store.format import adapter_to_bytes
 from adapters_store.peft_import import MAX_CONFIG_BYTES, looks_like_peft, peft_to_adapter
 from adapters_store.validate import AdapterValidationError, load_adapter
+from svd_adapters.threads import in_fresh_thread, single_core
 from service import metrics as svc_metrics
 from service import engine as eng
 from service import openai_api
@@ -166,16 +167,18 @@ def create_app(
         st = app.state
         if st.base is None:
             log.info("loading base model %r", settings.base)
-            st.base = await run_in_threadpool(load_base, settings.base)
+            st.base = await run_in_threadpool(in_fresh_thread, load_base, settings.base)
         if st.factors is None:
             where = Path(settings.factors_dir) if settings.factors_dir else st.base.cache_dir
-            st.factors = await run_in_threadpool(load_or_compute, st.base.model, where, settings.r_max)
+            st.factors = await run_in_threadpool(in_fresh_thread, load_or_compute, st.base.model, where, settings.r_max)
         owns_store = st.store is None
         if owns_store:
             st.store = await run_in_threadpool(open_configured_store, settings)
         st.auth = await run_in_threadpool(build_auth, settings, st.store)  # tenants and keys live beside the adapters
         make = engine_factory or eng.Engine
-        st.engine = await run_in_threadpool(make, st.base, st.factors, st.store, engine_config(settings))
+        # Model and factor loads and the engine's build (its kernels' timing) on all cores, each in a thread that
+        # then exits: only the engine thread may keep multi-core OpenMP workers (svd_adapters/threads.py).
+        st.engine = await run_in_threadpool(in_fresh_thread, make, st.base, st.factors, st.store, engine_config(settings))
         st.metrics.attach(st.engine)  # engine observer: hooks run on the engine thread
         await run_in_threadpool(st.engine.start)
         log.info("serving %s (factors %s) with store %r", st.base.name, st.factors.fingerprint, st.store)
@@ -286,6 +289,7 @@ def create_app(
         st = request.app.state
 
         def validate() -> tuple[AdapterRecord, bytes]:
+            single_core()  # an anyio worker thread: see svd_adapters/threads.py
             data = blob
             if peft_config is not None:  # a PEFT LoRA: converted, then validated like any other upload
                 converted = peft_to_adapter(blob, peft_config, st.factors, st.base.name, max_bytes=settings.max_upload_bytes)

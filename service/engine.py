@@ -33,6 +33,7 @@ from svd_adapters.base_model import BaseModel
 from svd_adapters.factors import BaseFactors
 from svd_adapters.log import get_logger
 from svd_adapters.runner import BatchedRunner
+from svd_adapters.threads import compute_threads, single_core
 
 log = get_logger(__name__)
 
@@ -165,7 +166,11 @@ class Engine:
         self._active: list[_Request] = []  # row i of the KV cache belongs to _active[i]
         self._loading: dict[str, Future] = {}
         self._ready: dict[str, tuple[str, dict]] = {}  # loaded but not yet placed: id → (method, terms)
-        self._loader = ThreadPoolExecutor(max_workers=cfg.loader_threads, thread_name_prefix="adapter-loader")
+        # Loaders run torch on one core, and the engine thread on the cores this one has (svd_adapters/threads.py:
+        # a second thread computing on several cores would slow every decode step's parallel regions).
+        self._loader = ThreadPoolExecutor(max_workers=cfg.loader_threads, thread_name_prefix="adapter-loader",
+                                          initializer=single_core)
+        self._compute_threads = torch.get_num_threads()
         self._thread: threading.Thread | None = None
         self._running = False
         self.accepting = False
@@ -358,6 +363,7 @@ class Engine:
     # ---------- engine thread ----------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        compute_threads(self._compute_threads)
         while self._running:
             try:
                 self._run_commands()
