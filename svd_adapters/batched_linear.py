@@ -22,7 +22,7 @@ layers, says which slots each row (request) reads. The CPU kernel reads each row
 per-row buffers), the low-rank ones per layer for the rows that have one. Decode and prefill go
 through the same two delta functions; on the CPU the core delta, a decode step's low-rank delta (read straight
 from the slots, no gather) and its GEMMs run in svdserve's own kernels where they are faster (`cpu_kernels.py`),
-on a GPU the core delta is one Triton kernel per group (`gpu_kernels.py`).
+on a GPU the core delta and a decode step's low-rank delta are one Triton kernel each per group (`gpu_kernels.py`).
 """
 from __future__ import annotations
 
@@ -187,8 +187,8 @@ class GroupPools:
         self.lr_rank_device = self.lr_rank if like.device.type == "cpu" else self.lr_rank.to(like.device)
         self.lr_d = torch.zeros(n_layers, lr_slots, self.k * R, **kw)
         self.scratch: torch.Tensor | None = None  # decode's temporary for OSoRA's scaled part (enable_row_cache)
-        # Per-layer views of the core pools, made once: they stay valid (slots are written in place), and making
-        # them per step is ~360 tensor objects (`by_slot`).
+        # Per-layer views of the pools, made once: they stay valid (slots are written in place), and making them
+        # per step is ~360 tensor objects (`by_slot`, `lr_layer`).
         self.layer_views = per_layer({"C": self.C, "o": self.o, "d": self.d, "A": self.A, "lr_d": self.lr_d,
                                       **{f"Bt{i}": Bt for i, Bt in enumerate(self.Bt)}})
 
