@@ -51,8 +51,9 @@ class SlotMapping:
     has_sub: bool  # some row's core adapter scales outputs and subtracts U_r σ_r V_rᵀ (OSoRA)
     lr_rows: torch.Tensor | None  # rows that carry a low-rank adapter; only those pay for its GEMMs
     core_slots: tuple[int, ...] | None = None  # core_idx on the host, when known (saves a device → host copy)
-    # The low-rank slot of each entry of lr_rows. Its own tensor, so that decode graphs can pad lr_rows to a
-    # bucket with (row 0, slot 0) entries: slot 0 is the zero adapter, so a padded entry adds exactly nothing.
+    # The low-rank slot of each entry of lr_rows (set whenever lr_rows is). Its own tensor, so that decode graphs
+    # can pad lr_rows to a bucket with (row 0, slot 0) entries: slot 0 is the zero adapter, so a padded entry adds
+    # exactly nothing.
     lr_row_slots: torch.Tensor | None = None
     lr_sub: bool = False  # some low-rank row's adapter has a d-term (SORSA): the step needs h for it
 
@@ -337,11 +338,10 @@ class LinearGroup(nn.Module):
         P, L, p = mp.rows, mp.tokens_per_row, self.pools
         A, Bts, d = p.lr_layer(self.layer)
         sub = (h, d, self.Ut_cat) if h is not None else (None, None, None)
-        if cpu_kernels.serves(y) and mp.lr_idx.device.type == "cpu":
+        if cpu_kernels.serves(y):
             cpu_kernels.lowrank_delta(y, x, A, Bts, self.bounds, mp.lr_idx, p.lr_rank, L, *sub)
             return
-        sel = mp.lr_rows
-        slots = mp.lr_row_slots if mp.lr_row_slots is not None else mp.lr_idx[sel]
+        sel, slots = mp.lr_rows, mp.lr_row_slots
         if L == 1 and gpu_kernels.serves(y):
             gpu_kernels.lowrank_delta(y, x, A, Bts, self.bounds, sel, slots, p.lr_rank_device, *sub)
             return
@@ -375,8 +375,7 @@ class LinearGroup(nn.Module):
         (torch's silu and product take two and a temporary: ~7× slower in isolation), for rows without output
         scales right after each chunk's delta while the chunk is in cache (with low-rank rows, after their delta:
         a pass of its own); base-only batches take the same one-pass activation, so the baseline is not
-        handicapped. Elsewhere: `forward`, then the activation as
-        PyTorch ops."""
+        handicapped. Elsewhere: `forward`, then the activation as PyTorch ops."""
         fused = (act_is_silu and self.k == 2 and self.out_sizes[0] == self.out_sizes[1]
                  and self.bias is None and x.shape[0] > cpu_kernels.SKINNY_MAX_ROWS and cpu_kernels.serves(x))
         if not fused:

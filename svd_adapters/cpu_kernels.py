@@ -7,11 +7,11 @@ so op costs, not arithmetic, set its speed).
 
 - `skinny_linear` (`csrc/skinny_linear.cpp`): x · Wᵀ for a few rows: every group's GEMM and lm_head at decode.
 - `core_delta` (`csrc/core_delta.cpp`): one group's whole core delta (OSoRA, LoRA-XS, base rows) in one call,
-  at decode and prefill.
+  at decode and prefill. (Folding it into the GEMM's accumulators instead was measured slower: its per-output
+  epilogue costs more than this separate sweep over an output that is still in cache.)
 - `lowrank_delta` (`csrc/lowrank_delta.cpp`): one group's low-rank delta (SORSA, LoRA) in one call, every row's
   A and Bᵀ read from its slot (PyTorch gathered copies of them first, then concatenated and scattered the
-  results: at decode ~3× the memory traffic). (Folding it into the GEMM's accumulators instead was measured slower: its per-output
-  epilogue costs more than this separate sweep over an output that is still in cache.)
+  results: at decode ~3× the memory traffic).
 
 Whether the GEMM kernel beats torch's matmul depends on the CPU and its BLAS, so `calibrate` times both once
 per weight shape and keeps the faster (`uses_kernel`); base-only batches go through the same choice, so

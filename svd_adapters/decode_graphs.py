@@ -106,7 +106,7 @@ class DecodeGraphs:
             g.lr_idx[T:].zero_()
             g.lr_rows[:n_lr].copy_(mp.lr_rows)
             g.lr_rows[n_lr:].zero_()  # padded entries: row 0 plus slot 0's zero delta
-            g.lr_row_slots[:n_lr].copy_(mp.lr_row_slots if mp.lr_row_slots is not None else mp.lr_idx[mp.lr_rows])
+            g.lr_row_slots[:n_lr].copy_(mp.lr_row_slots)
             g.lr_row_slots[n_lr:].zero_()
         g.replay()
         return g.out[:T].clone()  # the next replay overwrites the static output

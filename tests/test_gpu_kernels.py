@@ -127,11 +127,8 @@ def test_lowrank_kernel_matches_the_formula(shape, R, dtype):
     slots_e = torch.cat([c["slots"][rows], torch.zeros(pad, dtype=torch.long)])
     dev = (lambda t: t.to(DEVICE))
     y = dev(c["y"].clone())
-    bounds = [0]
-    for m in c["sizes"]:
-        bounds.append(bounds[-1] + m)
     sub = (dev(c["h"]), dev(c["d"]), dev(c["U"]).float()) if R else ()
-    gpu_kernels.lowrank_delta(y, dev(c["x"]), dev(c["A"]), [dev(b) for b in c["Bt"]], bounds, dev(rows_e),
+    gpu_kernels.lowrank_delta(y, dev(c["x"]), dev(c["A"]), [dev(b) for b in c["Bt"]], c["bounds"], dev(rows_e),
                               dev(slots_e), dev(c["ranks"]), *sub)
     y = y.cpu()
     assert not torch.isnan(y).any()

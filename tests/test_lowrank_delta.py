@@ -34,7 +34,11 @@ def pools_case(dtype: torch.dtype, P: int, K: int, n: int, sizes: tuple[int, ...
     slots[0] = 0  # a row without a low-rank adapter
     x = rnd(P * L + 1, n)[1:]  # an offset view: rows need not start at the buffer's start
     y = rnd(P * L, sum(sizes))
-    c = dict(A=A, Bt=Bt, slots=slots, ranks=torch.tensor(ranks), x=x, y=y, K=K, sizes=list(sizes), L=L, R=R)
+    bounds = [0]  # the members' column bounds
+    for m in sizes:
+        bounds.append(bounds[-1] + m)
+    c = dict(A=A, Bt=Bt, slots=slots, ranks=torch.tensor(ranks), x=x, y=y, K=K, sizes=list(sizes), bounds=bounds,
+             L=L, R=R)
     if R:
         d = rnd(S, k * R)
         d[::2] = 0  # slots without a d-term (LoRA)
@@ -45,9 +49,7 @@ def pools_case(dtype: torch.dtype, P: int, K: int, n: int, sizes: tuple[int, ...
 
 def reference(c) -> torch.Tensor:
     want = c["y"].double().clone()
-    offsets = [0]
-    for m in c["sizes"]:
-        offsets.append(offsets[-1] + m)
+    offsets = c["bounds"]
     for tok in range(want.shape[0]):
         s = int(c["slots"][tok // c["L"]])
         r = int(c["ranks"][s])
@@ -66,11 +68,8 @@ def reference(c) -> torch.Tensor:
 
 def run(c) -> torch.Tensor:
     y = c["y"].clone()
-    offsets = [0]
-    for m in c["sizes"]:
-        offsets.append(offsets[-1] + m)
     sub = (c["h"], c["d"], c["U"]) if c["R"] else ()
-    cpu_kernels.lowrank_delta(y, c["x"], c["A"], c["Bt"], offsets, c["slots"], c["ranks"], c["L"], *sub)
+    cpu_kernels.lowrank_delta(y, c["x"], c["A"], c["Bt"], c["bounds"], c["slots"], c["ranks"], c["L"], *sub)
     return y
 
 
