@@ -19,7 +19,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <functional>
 #include <vector>
 
 #include "parallel.h"
@@ -36,6 +35,17 @@ constexpr int64_t kChunk = 64;  // tokens per task at prefill
 // Tokens (or core rows) per register block of an unscaled tile: RB × NV accumulator vectors within the vector
 // registers (16 with AVX2, 32 with AVX-512); scaled tiles keep two accumulators per output, so half as many.
 constexpr int kRB = 4 * (svdserve::kVecRegs / 16);
+
+// Per-thread scratch buffers that only grow: a fresh allocation of a prefill's size per call costs a memset and
+// page faults (measured, when it held whole folded projections: OSoRA's prefill delta ~1.7× slower in the model
+// than in a loop that reused its memory). Every element used is written before it is read.
+template <typename acc_t>
+acc_t* scratch(int which, int64_t n) {
+  thread_local std::vector<acc_t> buffers[3];
+  std::vector<acc_t>& b = buffers[which];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
+}
 
 // Every token's cores for every member: g = C h and, for scaled rows, e = d ⊙ h; (T, k·R) each.
 template <typename scalar_t, typename acc_t, bool kScaled>
@@ -136,11 +146,11 @@ bool is_diagonal(const scalar_t* C, int64_t R) {
 }
 
 // Row p's folded projection for one tile's full width (see the top), rows l0..l0+LB-1, into buf (row stride
-// NV·W): U_eff[l, x] = o[x] Σ_j Cᵀ[l, j] U[j, x] + d_l U[l, x], register-blocked like tile_rows. op and Uc point at
+// ldb): U_eff[l, x] = o[x] Σ_j Cᵀ[l, j] U[j, x] + d_l U[l, x], register-blocked like tile_rows. op and Uc point at
 // the tile's first column.
 template <typename scalar_t, typename acc_t, int LB>
 inline void fold_tile(const scalar_t* Ci, const scalar_t* op, const scalar_t* di, const acc_t* Uc, int64_t M, int64_t R,
-                      int64_t l0, acc_t* buf) {
+                      int64_t l0, acc_t* buf, int64_t ldb) {
   using V = typename Vec<acc_t>::type;
   constexpr int W = sizeof(V) / sizeof(acc_t);
   V a[LB][NV];
@@ -157,16 +167,13 @@ inline void fold_tile(const scalar_t* Ci, const scalar_t* op, const scalar_t* di
   for (int r = 0; r < LB; ++r) {
     const acc_t dl = static_cast<acc_t>(di[l0 + r]);
     for (int v = 0; v < NV; ++v)
-      store(buf + (l0 + r) * NV * W + v * W, load(op + v * W) * a[r][v] + dl * load(Uc + (l0 + r) * M + v * W));
+      store(buf + (l0 + r) * ldb + v * W, load(op + v * W) * a[r][v] + dl * load(Uc + (l0 + r) * M + v * W));
   }
 }
 
-// Called with a range of tokens [t0, t1) once their rows of y are final (see `gated_silu_rows`), or null.
-using Epilogue = std::function<void(int64_t, int64_t)>;
-
 // out[t, c] = silu(y[t, c]) · y[t, m + c] for tokens [t0, t1): a gate/up group's activation (its two members'
-// outputs side by side). The unscaled sweep runs it on each chunk right after the chunk's delta, while its rows are
-// in cache; for scaled rows core_delta, and `gated_silu`, run it as a pass of its own.
+// outputs side by side), as a pass of its own: for base-only batches (`gated_silu`) and for scaled rows at decode.
+// Everywhere else the activation is fused into the delta's sweep (see `sweep_gated`).
 template <typename scalar_t>
 void gated_silu_rows(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, int64_t m, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
@@ -185,82 +192,211 @@ void gated_silu_rows(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, i
   }
 }
 
-// Scaled rows of several tokens each (OSoRA at prefill): in (row, tile) tasks, fold the row's scale, core and d into
-// the tile's slice of its projection (R × NV·W, in L1: R²·NV·W multiply-adds, or R·NV·W for a diagonal core), then
-// run the row's L tokens through it as unscaled ones, with their h as the cores. Nothing of size rows × R × M is
-// ever written out (folding whole projections first cost ~10 MB of memory traffic per layer).
+// Row p's folded projection for one tile (see the top), its slice of U_eff (R × `width` columns, width ≤ NV·W) into
+// bufp (row stride ldb). Ci: the row's member core Cᵀ; op, Uc: its scale and U at the tile's first column; di: its d.
 template <typename scalar_t, typename acc_t>
-void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* const* Crow, const scalar_t* const* orow,
-                  const scalar_t* const* drow, const acc_t* U, int64_t M, int64_t R, int64_t k,
-                  const std::vector<int64_t>& off, const std::vector<int64_t>& tiles, int64_t P, int64_t L) {
+void fold_row_tile(const scalar_t* Ci, const scalar_t* op, const scalar_t* di, const acc_t* Uc, int64_t M, int64_t R,
+                   int64_t width, bool diagonal, acc_t* bufp, int64_t ldb) {
   constexpr int W = sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
   constexpr int64_t TW = NV * W;
-  constexpr int LB = kRB, RB = kRB;
-  const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
+  constexpr int LB = kRB;
+  if (diagonal) {  // U_eff[l, x] = U[l, x] (o[x] S_l + d_l)
+    for (int64_t l = 0; l < R; ++l) {
+      const acc_t sl = static_cast<acc_t>(Ci[l * R + l]), dl = static_cast<acc_t>(di[l]);
+      int64_t x = 0;
+      for (; x + W <= width; x += W) store(bufp + l * ldb + x, load(Uc + l * M + x) * (load(op + x) * sl + dl));
+      for (; x < width; ++x) bufp[l * ldb + x] = Uc[l * M + x] * (static_cast<acc_t>(op[x]) * sl + dl);
+    }
+  } else if (width == TW) {
+    int64_t l = 0;
+    for (; l + LB <= R; l += LB) fold_tile<scalar_t, acc_t, LB>(Ci, op, di, Uc, M, R, l, bufp, ldb);
+    for (; l < R; ++l) fold_tile<scalar_t, acc_t, 1>(Ci, op, di, Uc, M, R, l, bufp, ldb);
+  } else {  // the member's last, partial tile
+    for (int64_t l = 0; l < R; ++l) {
+      for (int64_t x = 0; x < width; ++x) {
+        acc_t a = 0;
+        for (int64_t j = 0; j < R; ++j) a += static_cast<acc_t>(Ci[l * R + j]) * Uc[j * M + x];
+        bufp[l * ldb + x] = static_cast<acc_t>(op[x]) * a + static_cast<acc_t>(di[l]) * Uc[l * M + x];
+      }
+    }
+  }
+}
+
+// Which (row, member) cores have nothing off their diagonal (OSoRA's), so their fold is R·NV·W, not R²·NV·W.
+template <typename scalar_t>
+std::vector<char> diagonal_cores(const scalar_t* const* Crow, int64_t P, int64_t k, int64_t R) {
   std::vector<char> diagonal(P * k);
   for (int64_t p = 0; p < P; ++p)
     for (int64_t i = 0; i < k; ++i) diagonal[p * k + i] = is_diagonal(Crow[p] + i * R * R, R);
-  // Row p's tile ti, with buf (R × TW) as its folded projection's slice.
-  auto row_tile = [&](int64_t p, int64_t ti, acc_t* bufp) {
+  return diagonal;
+}
+
+// Row p's whole folded projection U_eff (R × M, row stride M) into buf, tile by tile (see the top).
+template <typename scalar_t, typename acc_t>
+void fold_row(int64_t p, const scalar_t* const* Crow, const scalar_t* const* orow, const scalar_t* const* drow,
+              const acc_t* U, int64_t M, int64_t R, int64_t k, const std::vector<int64_t>& off,
+              const std::vector<int64_t>& tiles, const std::vector<char>& diagonal, acc_t* buf) {
+  constexpr int64_t TW = NV * sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
+  for (size_t ti = 0; ti < tiles.size() / 2; ++ti) {
     const int64_t i = tiles[2 * ti], c = tiles[2 * ti + 1];
-    const int64_t width = std::min(TW, off[i + 1] - c);
-    const scalar_t* Ci = Crow[p] + i * R * R;
-    const scalar_t* op = orow[p] + c;
-    const scalar_t* di = drow[p] + i * R;
-    const acc_t* Uc = U + c;
-    if (diagonal[p * k + i]) {  // U_eff[l, x] = U[l, x] (o[x] S_l + d_l)
-      for (int64_t l = 0; l < R; ++l) {
-        const acc_t sl = static_cast<acc_t>(Ci[l * R + l]), dl = static_cast<acc_t>(di[l]);
-        int64_t x = 0;
-        for (; x + W <= width; x += W) store(bufp + l * TW + x, load(Uc + l * M + x) * (load(op + x) * sl + dl));
-        for (; x < width; ++x) bufp[l * TW + x] = Uc[l * M + x] * (static_cast<acc_t>(op[x]) * sl + dl);
-      }
-    } else if (width == TW) {
-      int64_t l = 0;
-      for (; l + LB <= R; l += LB) fold_tile<scalar_t, acc_t, LB>(Ci, op, di, Uc, M, R, l, bufp);
-      for (; l < R; ++l) fold_tile<scalar_t, acc_t, 1>(Ci, op, di, Uc, M, R, l, bufp);
-    } else {  // the member's last, partial tile
-      for (int64_t l = 0; l < R; ++l) {
-        for (int64_t x = 0; x < width; ++x) {
-          acc_t a = 0;
-          for (int64_t j = 0; j < R; ++j) a += static_cast<acc_t>(Ci[l * R + j]) * Uc[j * M + x];
-          bufp[l * TW + x] = static_cast<acc_t>(op[x]) * a + static_cast<acc_t>(di[l]) * Uc[l * M + x];
-        }
-      }
+    fold_row_tile<scalar_t, acc_t>(Crow[p] + i * R * R, orow[p] + c, drow[p] + i * R, U + c, M, R,
+                                   std::min(TW, off[i + 1] - c), diagonal[p * k + i], buf + c, M);
+  }
+}
+
+// Scaled rows of several tokens each (OSoRA at prefill) in (row, chunk of its tokens) tasks: fold the row's scale,
+// core and d into its own projection (R × M: in L2, R²·M multiply-adds, or R·M for a diagonal core; again only
+// where the thread's previous task was another row's), then stream its tokens through it as unscaled ones, with
+// their h as the cores. Nothing of size rows × R × M is ever written out (folding every row's projection first
+// cost ~10 MB of memory traffic per layer).
+template <typename scalar_t, typename acc_t>
+void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* const* Crow, const scalar_t* const* orow,
+                  const scalar_t* const* drow, const acc_t* U, int64_t M, int64_t R, int64_t k,
+                  const std::vector<int64_t>& off, const std::vector<int64_t>& tiles, int64_t P, int64_t L,
+                  int64_t chunk) {
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2, per_row = (L + chunk - 1) / chunk;
+  const std::vector<char> diagonal = diagonal_cores(Crow, P, k, R);
+  svdserve::parallel_for(0, P * per_row, 1, [&](int64_t b, int64_t en) {
+    acc_t* buf = scratch<acc_t>(2, R * M);  // this thread's
+    int64_t folded = -1;
+    for (int64_t item = b; item < en; ++item) {
+      const int64_t p = item / per_row, t0 = p * L + (item % per_row) * chunk, t1 = std::min((p + 1) * L, t0 + chunk);
+      if (p != folded) fold_row<scalar_t, acc_t>(p, Crow, orow, drow, U, M, R, k, off, tiles, diagonal, buf), folded = p;
+      for (int64_t t = t0; t < t1; t += kRB)
+        apply_tiles<scalar_t, acc_t, false>(y, sy, nullptr, g, nullptr, buf, M, R, k, off, tiles, 0, n_tiles, t,
+                                            std::min(t1, t + kRB));
     }
-    const acc_t* gi = g + i * R;  // token t's member-i projection at gi + t·k·R
-    const int64_t t0 = p * L, t1 = t0 + L;
-    if (width == TW) {
-      int64_t t = t0;
-      for (; t + RB <= t1; t += RB) tile_rows<scalar_t, acc_t, false, RB>(y, sy, nullptr, gi, nullptr, bufp, TW, R, k * R, c, t);
-      for (; t < t1; ++t) tile_rows<scalar_t, acc_t, false, 1>(y, sy, nullptr, gi, nullptr, bufp, TW, R, k * R, c, t);
-      return;
-    }
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t x = 0; x < width; ++x) {
-        acc_t a = 0;
-        for (int64_t j = 0; j < R; ++j) a += gi[t * k * R + j] * bufp[j * TW + x];
-        y[t * sy + c + x] = static_cast<scalar_t>(static_cast<acc_t>(y[t * sy + c + x]) + a);
-      }
-    }
-  };
-  svdserve::parallel_for(0, P * n_tiles, 4, [&](int64_t b, int64_t en) {
-    std::vector<acc_t> buf(R * TW);
-    for (int64_t item = b; item < en; ++item) row_tile(item / n_tiles, item % n_tiles, buf.data());
   });
 }
 
-// Every tile for every token, split across threads. Unscaled: in (chunk of `chunk` tokens, tile) tasks, so a
-// task's stretch of y (chunk rows × one tile) stays in cache and its pages in the TLB; with an epilogue, a chunk
-// per task, the epilogue right after its tiles (the scaled order here takes none). Scaled (OSoRA rows at
-// decode): each thread takes a range of tiles and walks it a few tokens at a time, so each token's o and y rows
-// are read front to back, streams the hardware prefetchers follow, instead of 128-byte pieces of every row at
-// once: o comes from memory at decode (the step's GEMMs stream the weights through every cache level), and this
-// order measured ~25 % faster there (2 threads, AVX-512); for unscaled rows it was slower.
+// out = silu(gate) · up for one vector of each, rounded to out's type (acc_t double: lane by lane, in double).
+template <typename scalar_t, typename acc_t>
+inline void store_gated(scalar_t* out, typename Vec<acc_t>::type gate, typename Vec<acc_t>::type up) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    store(out, svdserve::silu(gate) * up);
+  } else {
+    constexpr int W = sizeof(gate) / sizeof(acc_t);
+    for (int x = 0; x < W; ++x) out[x] = static_cast<scalar_t>(gate[x] / (acc_t(1) + std::exp(-gate[x])) * up[x]);
+  }
+}
+
+// A gate/up group's final activation for one tile pair and tokens t..t+RB-1, without writing y back:
+// out[t, c + x] = silu(y[t, c + x] + Δgate) · (y[t, m + c + x] + Δup), Δ = Σ_j g_j U[j, ·] with each member's g
+// (gg, gu: token t's at + t·gstride) and U slice (Ug, Uu: the tile's first column, row stride ldu).
+template <typename scalar_t, typename acc_t, int RB>
+inline void gated_tile_rows(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, const acc_t* gg, const acc_t* gu,
+                            const acc_t* Ug, const acc_t* Uu, int64_t ldu, int64_t R, int64_t gstride, int64_t c,
+                            int64_t m, int64_t t) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int W = sizeof(V) / sizeof(acc_t);
+  V a[RB][NV], b[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) a[r][v] = b[r][v] = V{};
+  for (int64_t j = 0; j < R; ++j) {
+    V ug[NV], uu[NV];
+    for (int v = 0; v < NV; ++v) ug[v] = load(Ug + j * ldu + v * W), uu[v] = load(Uu + j * ldu + v * W);
+    for (int r = 0; r < RB; ++r) {
+      const acc_t xg = gg[(t + r) * gstride + j], xu = gu[(t + r) * gstride + j];
+      for (int v = 0; v < NV; ++v) a[r][v] += xg * ug[v], b[r][v] += xu * uu[v];
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    const scalar_t* yr = y + (t + r) * sy + c;
+    scalar_t* orow = out + (t + r) * so + c;
+    for (int v = 0; v < NV; ++v)
+      store_gated<scalar_t, acc_t>(orow + v * W, load(yr + v * W) + a[r][v], load(yr + m + v * W) + b[r][v]);
+  }
+}
+
+// Tokens [t0, t1) of one gate/up tile pair `width` columns wide (see gated_tile_rows).
+template <typename scalar_t, typename acc_t>
+void gated_rows(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, const acc_t* gg, const acc_t* gu,
+                const acc_t* Ug, const acc_t* Uu, int64_t ldu, int64_t R, int64_t gstride, int64_t c, int64_t m,
+                int64_t width, int64_t t0, int64_t t1) {
+  constexpr int64_t TW = NV * sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
+  constexpr int RB = kRB / 2;  // two accumulators per output: half the token block
+  if (width == TW) {
+    int64_t t = t0;
+    for (; t + RB <= t1; t += RB) gated_tile_rows<scalar_t, acc_t, RB>(y, sy, out, so, gg, gu, Ug, Uu, ldu, R, gstride, c, m, t);
+    for (; t < t1; ++t) gated_tile_rows<scalar_t, acc_t, 1>(y, sy, out, so, gg, gu, Ug, Uu, ldu, R, gstride, c, m, t);
+    return;
+  }
+  for (int64_t t = t0; t < t1; ++t) {  // the members' last, partial tiles
+    for (int64_t x = 0; x < width; ++x) {
+      acc_t a = 0, b = 0;
+      for (int64_t j = 0; j < R; ++j) a += gg[t * gstride + j] * Ug[j * ldu + x], b += gu[t * gstride + j] * Uu[j * ldu + x];
+      const acc_t gate = static_cast<acc_t>(y[t * sy + c + x]) + a, up = static_cast<acc_t>(y[t * sy + m + c + x]) + b;
+      out[t * so + c + x] = static_cast<scalar_t>(gate / (acc_t(1) + std::exp(-gate)) * up);
+    }
+  }
+}
+
+// Tokens [t0, t1) of a gate/up group through every tile pair, a register block of tokens at a time: each token's
+// rows of y are read front to back, streams the hardware prefetchers follow (in (tokens, tile) tasks each task
+// read a 128-byte piece of every token's row, a page apart: ~2× slower from memory). U (R × M, row stride M) is
+// the members' U_rᵀ, or a row's folded projection, and stays in L2.
+template <typename scalar_t, typename acc_t>
+void stream_gated(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, const acc_t* g, const acc_t* U, int64_t M,
+                  int64_t R, const std::vector<int64_t>& tiles, int64_t n_pairs, int64_t m, int64_t t0, int64_t t1) {
+  constexpr int64_t TW = NV * sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
+  constexpr int64_t RB = kRB / 2;
+  for (int64_t t = t0; t < t1; t += RB) {
+    for (int64_t pi = 0; pi < n_pairs; ++pi) {
+      const int64_t c = tiles[2 * pi + 1];
+      gated_rows<scalar_t, acc_t>(y, sy, out, so, g, g + R, U + c, U + m + c, M, R, 2 * R, c, m, std::min(TW, m - c), t,
+                                  std::min(t1, t + RB));
+    }
+  }
+}
+
+// A gate/up group's delta fused with its activation (`out`): each task reads a gate tile and the matching up tile
+// of y once, adds both deltas in registers and writes only out. y is never written back: a separate sweep, even
+// one chunk at a time with the activation right after it, wrote all of y back and read it a second time (the
+// group's y is 25 MB at a 2048-token prefill of SmolLM2; measured ~3.2 ms a layer over the bare activation's
+// 1.5). Unscaled rows in (chunk of `chunk` tokens, tile pair) tasks with the tokens' cores g; scaled rows (OSoRA at
+// prefill, `orow` given) in (row, tile pair) tasks that first fold the row's projection for both tiles
+// (see sweep_folded), with g holding the tokens' h.
+template <typename scalar_t, typename acc_t>
+void sweep_gated(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, const acc_t* g, const scalar_t* const* Crow,
+                 const scalar_t* const* orow, const scalar_t* const* drow, const acc_t* U, int64_t M, int64_t R,
+                 const std::vector<int64_t>& tiles, int64_t T, int64_t L, int64_t chunk) {
+  constexpr int64_t TW = NV * sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
+  const int64_t m = M / 2;
+  int64_t n_pairs = 0;  // the gate member's tiles come first in `tiles`; each pairs with the up tile m columns on
+  while (2 * n_pairs < static_cast<int64_t>(tiles.size()) && tiles[2 * n_pairs] == 0) ++n_pairs;
+  if (orow == nullptr) {
+    const int64_t chunks = (T + chunk - 1) / chunk;
+    constexpr int64_t RB = kRB / 2;
+    svdserve::parallel_for(0, (T + RB - 1) / RB, 4, [&](int64_t b, int64_t en) {
+      stream_gated<scalar_t, acc_t>(y, sy, out, so, g, U, M, R, tiles, n_pairs, m, b * RB, std::min(T, en * RB));
+    });
+    return;
+  }
+  // Scaled rows: as in sweep_folded, with the gated tiles.
+  const int64_t P = T / L, per_row = (L + chunk - 1) / chunk;
+  const std::vector<char> diagonal = diagonal_cores(Crow, P, 2, R);
+  const std::vector<int64_t> off = {0, m, M};
+  svdserve::parallel_for(0, P * per_row, 1, [&](int64_t b, int64_t en) {
+    acc_t* buf = scratch<acc_t>(2, R * M);  // this thread's
+    int64_t folded = -1;
+    for (int64_t item = b; item < en; ++item) {
+      const int64_t p = item / per_row, t0 = p * L + (item % per_row) * chunk, t1 = std::min((p + 1) * L, t0 + chunk);
+      if (p != folded) fold_row<scalar_t, acc_t>(p, Crow, orow, drow, U, M, R, 2, off, tiles, diagonal, buf), folded = p;
+      stream_gated<scalar_t, acc_t>(y, sy, out, so, g, buf, M, R, tiles, n_pairs, m, t0, t1);
+    }
+  });
+}
+
+// Every tile for every token, split across threads. Unscaled, at prefill: in tasks of a register block of tokens,
+// each through every tile, so each token's row of y is read front to back (see stream_gated: in (chunk, tile) tasks
+// the qkv delta of a 2048-token prefill took 1.1 ms, in these 0.65); a decode step's few rows split the tiles.
+// Scaled (OSoRA rows at decode): each thread takes a range of tiles and walks it a few tokens at a time, so each
+// token's o and y rows are read front to back too: o comes from memory at decode (the step's GEMMs stream the
+// weights through every cache level), and this order measured ~25 % faster there (2 threads, AVX-512).
 template <typename scalar_t, typename acc_t, bool kScaled>
 void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e, const acc_t* U,
            int64_t M, int64_t R, int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
-           int64_t T, int64_t chunk, const Epilogue* epilogue) {
+           int64_t T, int64_t chunk) {
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
   if constexpr (kScaled) {
     constexpr int64_t kTokens = 4;
@@ -270,35 +406,16 @@ void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, co
     });
     return;
   }
-  const int64_t chunks = (T + chunk - 1) / chunk;
-  if (epilogue) {  // a chunk per task: all its tiles, then the epilogue over its tokens while they are in cache
-    svdserve::parallel_for(0, chunks, 1, [&](int64_t b, int64_t en) {
-      for (int64_t c = b; c < en; ++c) {
-        const int64_t t0 = c * chunk, t1 = std::min(T, (c + 1) * chunk);
-        apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, 0, n_tiles, t0, t1);
-        (*epilogue)(t0, t1);
-      }
+  if (T <= chunk) {  // a decode step's few rows: threads split the tiles (y is small and in cache)
+    svdserve::parallel_for(0, n_tiles, 4, [&](int64_t tb, int64_t te) {
+      apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, tb, te, 0, T);
     });
     return;
   }
-  svdserve::parallel_for(0, chunks * n_tiles, 4, [&](int64_t b, int64_t en) {
-    for (int64_t item = b; item < en; ++item) {
-      const int64_t c = item / n_tiles, ti = item % n_tiles;
-      apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, ti, ti + 1, c * chunk,
-                                            std::min(T, (c + 1) * chunk));
-    }
+  svdserve::parallel_for(0, (T + kRB - 1) / kRB, 4, [&](int64_t b, int64_t en) {
+    for (int64_t t = b * kRB; t < std::min(T, en * kRB); t += kRB)
+      apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, 0, n_tiles, t, std::min(T, t + kRB));
   });
-}
-
-// Per-thread scratch buffers that only grow: a fresh allocation of a prefill's size per call costs a memset and
-// page faults (measured, when it held whole folded projections: OSoRA's prefill delta ~1.7× slower in the model
-// than in a loop that reused its memory). Every element used is written before it is read.
-template <typename acc_t>
-acc_t* scratch(int which, int64_t n) {
-  thread_local std::vector<acc_t> buffers[2];
-  std::vector<acc_t>& b = buffers[which];
-  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
-  return b.data();
 }
 
 void check_rows(const at::Tensor& t, const char* name, int64_t P, int64_t width, at::ScalarType dtype) {
@@ -369,14 +486,10 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
         drow[p] = d->const_data_ptr<scalar_t>() + slot[p] * d->stride(0);
       }
     }
-    // With `out`: out = silu(gate) · up of the final y (see gated_silu_rows for when it runs).
-    Epilogue gated;
-    if (out.has_value()) {
-      scalar_t* outp = out->data_ptr<scalar_t>();
-      const int64_t so = out->stride(0), m = M / 2;
-      gated = [=](int64_t t0, int64_t t1) { gated_silu_rows<scalar_t>(yp, sy, outp, so, m, t0, t1); };
-    }
-    const Epilogue* epilogue = out.has_value() ? &gated : nullptr;
+    // With `out` (a gate/up group): out = silu(gate) · up of the final outputs, fused into the sweep where it can be
+    // (sweep_gated; y is then left as the base outputs), else a pass of its own after it (y then holds them).
+    scalar_t* outp = out.has_value() ? out->data_ptr<scalar_t>() : nullptr;
+    const int64_t so = out.has_value() ? out->stride(0) : 0;
     // Passes split across threads: every token's cores (tiny; for folded rows, h itself in acc_t), then the
     // output tiles (folded rows fold their projection per tile there).
     if (o.has_value() && L > 1) {  // scaled rows of several tokens: fold in each tile (sweep_folded)
@@ -384,24 +497,35 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
         for (int64_t t = b; t < en; ++t)
           for (int64_t j = 0; j < k * R; ++j) g[t * k * R + j] = static_cast<acc_t>(hp[t * sh + j]);
       });
-      sweep_folded<scalar_t, acc_t>(yp, sy, g, Crow.data(), orow_p.data(), drow.data(), Up, M, R, k, off, tiles, P, L);
-    } else if (o.has_value()) {
+      if (outp) {
+        sweep_gated<scalar_t, acc_t>(yp, sy, outp, so, g, Crow.data(), orow_p.data(), drow.data(), Up, M, R, tiles, T, L, kChunk);
+        return;
+      }
+      sweep_folded<scalar_t, acc_t>(yp, sy, g, Crow.data(), orow_p.data(), drow.data(), Up, M, R, k, off, tiles, P, L, kChunk);
+      return;
+    }
+    if (o.has_value()) {
       std::vector<const scalar_t*> orow(T);  // token t's row of o
       for (int64_t t = 0; t < T; ++t) orow[t] = orow_p[t / L];
       svdserve::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
         token_cores<scalar_t, acc_t, true>(hp, sh, Crow.data(), drow.data(), k, R, L, g, e, b, en);
       });
-      sweep<scalar_t, acc_t, true>(yp, sy, orow.data(), g, e, Up, M, R, k, off, tiles, T, kChunk, nullptr);
-    } else {
-      svdserve::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
-        token_cores<scalar_t, acc_t, false>(hp, sh, Crow.data(), nullptr, k, R, L, g, nullptr, b, en);
-      });
-      sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Up, M, R, k, off, tiles, T, kChunk, epilogue);
+      sweep<scalar_t, acc_t, true>(yp, sy, orow.data(), g, e, Up, M, R, k, off, tiles, T, kChunk);
+      // The activation as a pass of its own (decode-shaped batches: the layer's scaled GEMV-sized rows).
+      if (outp) {
+        const int64_t m = M / 2;
+        svdserve::parallel_for(0, T, 16, [&](int64_t b, int64_t en) { gated_silu_rows<scalar_t>(yp, sy, outp, so, m, b, en); });
+      }
       return;
     }
-    // Scaled rows: the epilogue as a pass of its own. Run per row right after the folded sweep's tiles it
-    // measured ~2× slower in the model (gate/up at 2048 tokens: 4.4 against 2.0 + 1.4 ms).
-    if (epilogue) svdserve::parallel_for(0, T, 16, [&](int64_t b, int64_t en) { (*epilogue)(b, en); });
+    svdserve::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
+      token_cores<scalar_t, acc_t, false>(hp, sh, Crow.data(), nullptr, k, R, L, g, nullptr, b, en);
+    });
+    if (outp) {
+      sweep_gated<scalar_t, acc_t>(yp, sy, outp, so, g, Crow.data(), nullptr, nullptr, Up, M, R, tiles, T, L, kChunk);
+      return;
+    }
+    sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Up, M, R, k, off, tiles, T, kChunk);
   });
 }
 
