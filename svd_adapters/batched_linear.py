@@ -372,10 +372,11 @@ class LinearGroup(nn.Module):
         """act(gate) · up of a gate/up group, with every row's delta: x (T, n) → (T, m).
 
         At prefill on the CPU with SiLU (`act_is_silu`, from the model's config) the kernels apply it in one pass
-        (torch's silu and product take two and a temporary: ~7× slower in isolation), for rows without output
-        scales right after each chunk's delta while the chunk is in cache (with low-rank rows, after their delta:
-        a pass of its own); base-only batches take the same one-pass activation, so the baseline is not
-        handicapped. Elsewhere: `forward`, then the activation as PyTorch ops."""
+        (torch's silu and product take two and a temporary: ~7× slower in isolation): with core rows inside the
+        core delta's sweep, which adds each token's delta to its gate and up outputs in registers and writes only
+        the activation (y is never written back); with low-rank rows after their delta, as a pass of its own;
+        base-only batches take the same one-pass activation, so the baseline is not handicapped. Elsewhere:
+        `forward`, then the activation as PyTorch ops."""
         fused = (act_is_silu and self.k == 2 and self.out_sizes[0] == self.out_sizes[1]
                  and self.bias is None and x.shape[0] > cpu_kernels.SKINNY_MAX_ROWS and cpu_kernels.serves(x))
         if not fused:

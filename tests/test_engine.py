@@ -93,8 +93,8 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
 @pytest.mark.parametrize("mix", ["osora-loraxs-base-rows", "all-methods-base-rows", "base-only"])
 def test_prefill_fuses_the_gated_activation_and_still_matches_merged_reference(tiny_base, tiny_factors, adapters,
                                                                               mix, stacked, monkeypatch):
-    """A prefill of more than 64 tokens applies silu(gate)·up inside the kernels: without low-rank rows right
-    after the gate/up core delta, else (and for base-only batches) in one pass after the deltas; the logits stay
+    """A prefill of more than 64 tokens applies silu(gate)·up inside the kernels: without low-rank rows fused into
+    the gate/up core delta, else (and for base-only batches) in one pass after the deltas; the logits stay
     the merged reference's, whether the projections come from one GEMM over [W; V_rᵀ] or two (calibration picks
     per CPU)."""
     assert cpu_kernels.available() and tiny_base.model.config.hidden_act == "silu"
