@@ -24,6 +24,11 @@
 #include "parallel.h"
 #include "vec.h"
 
+// Fully unrolls a loop over a register block's rows or vectors, so its accumulator arrays live in registers: GCC
+// otherwise kept them on the stack, storing and reloading every accumulator around each tile (the sweep ran ~20 %
+// slower in cache, 153 against 194 GFLOP/s for gate/up at 2048 tokens).
+#define UNROLL _Pragma("GCC unroll 16")
+
 namespace {
 
 using svdserve::Vec;
@@ -78,23 +83,23 @@ inline void tile_rows(scalar_t* y, int64_t sy, const scalar_t* const* o, const a
   using V = typename Vec<acc_t>::type;
   constexpr int W = sizeof(V) / sizeof(acc_t);
   V a[RB][NV], b[RB][NV];
-  for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < NV; ++v) a[r][v] = b[r][v] = V{};  // not `= {}`: that compiled to a slow rep-stos
+  UNROLL for (int r = 0; r < RB; ++r)
+    UNROLL for (int v = 0; v < NV; ++v) a[r][v] = b[r][v] = V{};  // not `= {}`: that compiled to a slow rep-stos
   for (int64_t j = 0; j < R; ++j) {
     V u[NV];
-    for (int v = 0; v < NV; ++v) u[v] = load(Uc + j * ldu + v * W);
-    for (int r = 0; r < RB; ++r) {
+    UNROLL for (int v = 0; v < NV; ++v) u[v] = load(Uc + j * ldu + v * W);
+    UNROLL for (int r = 0; r < RB; ++r) {
       const acc_t gj = g[(t + r) * gstride + j];
-      for (int v = 0; v < NV; ++v) a[r][v] += gj * u[v];
+      UNROLL for (int v = 0; v < NV; ++v) a[r][v] += gj * u[v];
       if constexpr (kScaled) {
         const acc_t ej = e[(t + r) * gstride + j];
-        for (int v = 0; v < NV; ++v) b[r][v] += ej * u[v];
+        UNROLL for (int v = 0; v < NV; ++v) b[r][v] += ej * u[v];
       }
     }
   }
-  for (int r = 0; r < RB; ++r) {
+  UNROLL for (int r = 0; r < RB; ++r) {
     scalar_t* yr = y + (t + r) * sy + c;
-    for (int v = 0; v < NV; ++v) {
+    UNROLL for (int v = 0; v < NV; ++v) {
       V yv = load(yr + v * W);
       if constexpr (kScaled) yv += load(o[t + r] + c + v * W) * a[r][v] + b[r][v];
       else yv += a[r][v];
@@ -154,19 +159,19 @@ inline void fold_tile(const scalar_t* Ci, const scalar_t* op, const scalar_t* di
   using V = typename Vec<acc_t>::type;
   constexpr int W = sizeof(V) / sizeof(acc_t);
   V a[LB][NV];
-  for (int r = 0; r < LB; ++r)
-    for (int v = 0; v < NV; ++v) a[r][v] = V{};
+  UNROLL for (int r = 0; r < LB; ++r)
+    UNROLL for (int v = 0; v < NV; ++v) a[r][v] = V{};
   for (int64_t j = 0; j < R; ++j) {
     V u[NV];
-    for (int v = 0; v < NV; ++v) u[v] = load(Uc + j * M + v * W);
-    for (int r = 0; r < LB; ++r) {
+    UNROLL for (int v = 0; v < NV; ++v) u[v] = load(Uc + j * M + v * W);
+    UNROLL for (int r = 0; r < LB; ++r) {
       const acc_t cj = static_cast<acc_t>(Ci[(l0 + r) * R + j]);
-      for (int v = 0; v < NV; ++v) a[r][v] += cj * u[v];
+      UNROLL for (int v = 0; v < NV; ++v) a[r][v] += cj * u[v];
     }
   }
-  for (int r = 0; r < LB; ++r) {
+  UNROLL for (int r = 0; r < LB; ++r) {
     const acc_t dl = static_cast<acc_t>(di[l0 + r]);
-    for (int v = 0; v < NV; ++v)
+    UNROLL for (int v = 0; v < NV; ++v)
       store(buf + (l0 + r) * ldb + v * W, load(op + v * W) * a[r][v] + dl * load(Uc + (l0 + r) * M + v * W));
   }
 }
@@ -290,20 +295,20 @@ inline void gated_tile_rows(const scalar_t* y, int64_t sy, scalar_t* out, int64_
   using V = typename Vec<acc_t>::type;
   constexpr int W = sizeof(V) / sizeof(acc_t);
   V a[RB][NV], b[RB][NV];
-  for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < NV; ++v) a[r][v] = b[r][v] = V{};
+  UNROLL for (int r = 0; r < RB; ++r)
+    UNROLL for (int v = 0; v < NV; ++v) a[r][v] = b[r][v] = V{};
   for (int64_t j = 0; j < R; ++j) {
     V ug[NV], uu[NV];
-    for (int v = 0; v < NV; ++v) ug[v] = load(Ug + j * ldu + v * W), uu[v] = load(Uu + j * ldu + v * W);
-    for (int r = 0; r < RB; ++r) {
+    UNROLL for (int v = 0; v < NV; ++v) ug[v] = load(Ug + j * ldu + v * W), uu[v] = load(Uu + j * ldu + v * W);
+    UNROLL for (int r = 0; r < RB; ++r) {
       const acc_t xg = gg[(t + r) * gstride + j], xu = gu[(t + r) * gstride + j];
-      for (int v = 0; v < NV; ++v) a[r][v] += xg * ug[v], b[r][v] += xu * uu[v];
+      UNROLL for (int v = 0; v < NV; ++v) a[r][v] += xg * ug[v], b[r][v] += xu * uu[v];
     }
   }
-  for (int r = 0; r < RB; ++r) {
+  UNROLL for (int r = 0; r < RB; ++r) {
     const scalar_t* yr = y + (t + r) * sy + c;
     scalar_t* orow = out + (t + r) * so + c;
-    for (int v = 0; v < NV; ++v)
+    UNROLL for (int v = 0; v < NV; ++v)
       store_gated<scalar_t, acc_t>(orow + v * W, load(yr + v * W) + a[r][v], load(yr + m + v * W) + b[r][v]);
   }
 }
