@@ -7,6 +7,11 @@
 
 #include <cstdint>
 
+// Fully unrolls a loop over a register block's rows or vectors, so its accumulator arrays live in registers: GCC
+// otherwise kept them on the stack, storing and reloading every accumulator around each tile (core_delta's sweep
+// ran ~20 % slower in cache: 153 against 194 GFLOP/s for gate/up at 2048 tokens).
+#define UNROLL _Pragma("GCC unroll 16")
+
 namespace svdserve {
 
 #if defined(__AVX512F__)
