@@ -9,7 +9,8 @@
 
 // Fully unrolls a loop over a register block's rows or vectors, so its accumulator arrays live in registers: GCC
 // otherwise kept them on the stack, storing and reloading every accumulator around each tile (core_delta's sweep
-// ran ~20 % slower in cache: 153 against 194 GFLOP/s for gate/up at 2048 tokens).
+// ran ~20 % slower in cache: 153 against 194 GFLOP/s for gate/up at 2048 tokens). Measure before using it
+// elsewhere: skinny_linear's tile ran ~2× slower with it.
 #define UNROLL _Pragma("GCC unroll 16")
 
 namespace svdserve {
