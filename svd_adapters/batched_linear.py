@@ -350,10 +350,13 @@ class LinearGroup(nn.Module):
         y.view(P, L, self.M).index_add_(0, sel, delta)
 
     def _with_core_delta(self, x: torch.Tensor, mp: SlotMapping, rows: dict[str, tuple[torch.Tensor, ...]],
-                         out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Base outputs plus every row's core delta (`out`: see `gated`), and the shared projections h."""
+                         out: torch.Tensor | None = None, lowrank_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Base outputs plus every row's core delta (`out`: see `gated`), and the shared projections h; with
+        `lowrank_first`, the low-rank rows' delta goes in before the core delta (so `out` sees both)."""
         P, L, li = mp.rows, mp.tokens_per_row, self.layer
         y, h = self.project(x)
+        if lowrank_first:
+            self._add_lowrank(y, x, h if mp.lr_sub else None, mp)
         # Without OSoRA rows every o is 1 and every d is 0: skip the scale and the subtraction.
         o, d = (rows["o"][li], rows["d"][li]) if mp.has_sub else (None, None)
         if "slots" in rows:  # the slot pools themselves (`GroupPools.by_slot`): the CPU kernel reads by slot
@@ -374,20 +377,19 @@ class LinearGroup(nn.Module):
         At prefill on the CPU with SiLU (`act_is_silu`, from the model's config) the kernels apply it in one pass
         (torch's silu and product take two and a temporary: ~7× slower in isolation): with core rows inside the
         core delta's sweep, which adds each token's delta to its gate and up outputs in registers and writes only
-        the activation (y is never written back); with low-rank rows after their delta, as a pass of its own;
-        base-only batches take the same one-pass activation, so the baseline is not handicapped. Elsewhere:
-        `forward`, then the activation as PyTorch ops."""
+        the activation (y is never written back; low-rank rows' delta goes into y before that sweep); without core
+        rows after the deltas, as a pass of its own; base-only batches take the same one-pass activation, so the
+        baseline is not handicapped. Elsewhere: `forward`, then the activation as PyTorch ops."""
         fused = (act_is_silu and self.k == 2 and self.out_sizes[0] == self.out_sizes[1]
                  and self.bias is None and x.shape[0] > cpu_kernels.SKINNY_MAX_ROWS and cpu_kernels.serves(x))
         if not fused:
             gate, up = self.split(self(x, mp, rows))
             return act(gate) * up
-        if mp.has_lr:  # the low-rank delta comes after the core sweep: the activation as a pass of its own
-            return cpu_kernels.gated_silu(self(x, mp, rows))
-        if not mp.has_core:
-            return cpu_kernels.gated_silu(cpu_kernels.matmul_t(x, self.W_aug[: self.M]))
+        if not mp.has_core:  # base and low-rank rows only: the activation as a pass of its own
+            y = self(x, mp, rows) if mp.has_lr else cpu_kernels.matmul_t(x, self.W_aug[: self.M])
+            return cpu_kernels.gated_silu(y)
         out = torch.empty(x.shape[0], self.M // 2, dtype=x.dtype, device=x.device)
-        self._with_core_delta(x, mp, rows, out=out)
+        self._with_core_delta(x, mp, rows, out=out, lowrank_first=mp.has_lr)  # the core sweep writes the activation
         return out
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,11 +90,12 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
 
 
 @pytest.mark.parametrize("stacked", [True, False], ids=["one-projection-gemm", "two-projection-gemms"])
-@pytest.mark.parametrize("mix", ["osora-loraxs-base-rows", "all-methods-base-rows", "base-only"])
+@pytest.mark.parametrize("mix", ["osora-loraxs-base-rows", "all-methods-base-rows", "sorsa-lora-base-rows", "base-only"])
 def test_prefill_fuses_the_gated_activation_and_still_matches_merged_reference(tiny_base, tiny_factors, adapters,
                                                                               mix, stacked, monkeypatch):
-    """A prefill of more than 64 tokens applies silu(gate)·up inside the kernels: without low-rank rows fused into
-    the gate/up core delta, else (and for base-only batches) in one pass after the deltas; the logits stay
+    """A prefill of more than 64 tokens applies silu(gate)·up inside the kernels: with core rows fused into the
+    gate/up core delta (low-rank rows' delta added first), else (and for base-only batches) in one pass after the
+    deltas; the logits stay
     the merged reference's, whether the projections come from one GEMM over [W; V_rᵀ] or two (calibration picks
     per CPU)."""
     assert cpu_kernels.available() and tiny_base.model.config.hidden_act == "silu"
@@ -106,7 +107,7 @@ def test_prefill_fuses_the_gated_activation_and_still_matches_merged_reference(t
             used.append(_n if kw.get("out") is None and _n != "gated_silu" else _n + "+act"), _k(*a, **kw))[1])
     runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=12, max_seq_len=32, core_slots=8, lr_slots=8)
     methods = {"osora-loraxs-base-rows": ("osora", "loraxs"), "all-methods-base-rows": ("osora", "loraxs", "sorsa", "lora"),
-               "base-only": ()}[mix]
+               "sorsa-lora-base-rows": ("sorsa", "lora"), "base-only": ()}[mix]
     ids = [aid for aid, a in adapters.items() if a.method in methods]
     cs, ls = runner.place([adapters[a] for a in ids], tiny_factors)
     rows = ids + [None] * (2 if ids else 6)  # base rows
@@ -116,7 +117,8 @@ def test_prefill_fuses_the_gated_activation_and_still_matches_merged_reference(t
     pad = [0] * (len(rows) - len(ids))
     logits = runner.prefill(prompts, list(range(len(rows))), cs + pad, ls + pad, all_logits=True)
     layers = len(runner.layers)
-    expect = {"osora-loraxs-base-rows": "core_delta+act", "all-methods-base-rows": "gated_silu+act", "base-only": "gated_silu+act"}
+    expect = {"osora-loraxs-base-rows": "core_delta+act", "all-methods-base-rows": "core_delta+act",
+              "sorsa-lora-base-rows": "gated_silu+act", "base-only": "gated_silu+act"}
     assert used.count(expect[mix]) == layers
     assert used.count("lowrank_delta") == (4 * layers if "sorsa" in methods else 0)  # every group, once per step
     for i, aid in enumerate(rows):
