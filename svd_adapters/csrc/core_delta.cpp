@@ -10,8 +10,8 @@
 // half speed; here it is one call per group: every token's cores (tiny), then one sweep over U per tile.
 // With output scales and several tokens per row (OSoRA at prefill) each row's scale, core and d are first
 // folded into its own projection, Δy_t = h_t · U_eff,p with U_eff,p[l, c] = o[p, c] (Cᵀ U)[l, c] + d[p, l] U[l, c]
-// (R²·M per row, R·M for a diagonal core, against R·M per token for the two sums above), tile by tile, so its
-// tokens take the unscaled path.
+// (R²·M per row, R·M for a diagonal core, against R·M per token for the two sums above), so its tokens take the
+// unscaled path. A gate/up group can take `out`: its activation silu(gate)·up, at prefill fused into the sweep.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -353,9 +353,9 @@ void stream_gated(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, cons
 // of y once, adds both deltas in registers and writes only out. y is never written back: a separate sweep, even
 // one chunk at a time with the activation right after it, wrote all of y back and read it a second time (the
 // group's y is 25 MB at a 2048-token prefill of SmolLM2; measured ~3.2 ms a layer over the bare activation's
-// 1.5). Unscaled rows in (chunk of `chunk` tokens, tile pair) tasks with the tokens' cores g; scaled rows (OSoRA at
-// prefill, `orow` given) in (row, tile pair) tasks that first fold the row's projection for both tiles
-// (see sweep_folded), with g holding the tokens' h.
+// 1.5). Unscaled rows: register blocks of tokens through every tile pair (stream_gated), with the tokens' cores g;
+// scaled rows (OSoRA at prefill, `orow` given): (row, chunk of its tokens) tasks that first fold the row's whole
+// projection, as in sweep_folded, with g holding the tokens' h.
 template <typename scalar_t, typename acc_t>
 void sweep_gated(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, const acc_t* g, const scalar_t* const* Crow,
                  const scalar_t* const* orow, const scalar_t* const* drow, const acc_t* U, int64_t M, int64_t R,
@@ -365,7 +365,6 @@ void sweep_gated(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, const
   int64_t n_pairs = 0;  // the gate member's tiles come first in `tiles`; each pairs with the up tile m columns on
   while (2 * n_pairs < static_cast<int64_t>(tiles.size()) && tiles[2 * n_pairs] == 0) ++n_pairs;
   if (orow == nullptr) {
-    const int64_t chunks = (T + chunk - 1) / chunk;
     constexpr int64_t RB = kRB / 2;
     svdserve::parallel_for(0, (T + RB - 1) / RB, 4, [&](int64_t b, int64_t en) {
       stream_gated<scalar_t, acc_t>(y, sy, out, so, g, U, M, R, tiles, n_pairs, m, b * RB, std::min(T, en * RB));
