@@ -95,9 +95,8 @@ def test_prefill_fuses_the_gated_activation_and_still_matches_merged_reference(t
                                                                               mix, stacked, monkeypatch):
     """A prefill of more than 64 tokens applies silu(gate)·up inside the kernels: with core rows fused into the
     gate/up core delta (low-rank rows' delta added first), else (and for base-only batches) in one pass after the
-    deltas; the logits stay
-    the merged reference's, whether the projections come from one GEMM over [W; V_rᵀ] or two (calibration picks
-    per CPU)."""
+    deltas; the logits stay the merged reference's, whether the projections come from one GEMM over [W; V_rᵀ] or
+    two (calibration picks per CPU)."""
     assert cpu_kernels.available() and tiny_base.model.config.hidden_act == "silu"
     monkeypatch.setattr(cpu_kernels, "prefill_stacked", lambda W, M: stacked)
     used = []
