@@ -3,7 +3,7 @@
 # no network: the CUDA correctness tests, then every serving benchmark on the GPU. Each step has its own time
 # limit, so one that hangs does not cost the others; logs go to $OUT (or ./gpu-out).
 #
-# Brought along from the developer's machine (ignored by git, passed with the run):
+# Brought along from the developer's machine (ignored by git, passed with the run; `bash scripts/gpu_bundle.sh` builds them):
 #   .whl/       wheels of the Python packages the machine lacks (fastapi, pydantic, redis, transformers, peft ...)
 #   .devtools/redis/  a redis-server binary and its shared libraries (adapter_load talks to a real Redis)
 #   .devtools/smol/   the default model's config and tokenizer files. Its weights (~540 MB) cannot travel, so the
