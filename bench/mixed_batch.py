@@ -228,12 +228,14 @@ def main() -> None:
     for c, v in results.items():
         pr, dr = v["prefill_tok_s"] / base_r["prefill_tok_s"], v["decode_tok_s"] / base_r["decode_tok_s"]
         pb, db = base_r["prefill_best_s"] / v["prefill_best_s"], base_r["decode_step_best_s"] / v["decode_step_best_s"]
-        pp = v["prefill_tok_s"] / peft["prefill_tok_s"] if peft else float("nan")
-        dp = v["decode_tok_s"] / peft["decode_tok_s"] if peft else float("nan")
+        pp = v["prefill_tok_s"] / peft["prefill_tok_s"] if peft else None  # --no-peft: null in the JSON
+        dp = v["decode_tok_s"] / peft["decode_tok_s"] if peft else None
         table[c] = {**v, "prefill_x_base": pr, "decode_x_base": dr, "prefill_x_base_best": pb, "decode_x_base_best": db,
                     "prefill_x_peft": pp, "decode_x_peft": dp}
-        print(f"| {c} | {v['prefill_tok_s']:.0f} | {pr:.3f} | {v['prefill_x_base_paired']:.3f} | {pb:.3f} | {pp:.2f} "
-              f"| {v['decode_tok_s']:.1f} | {dr:.3f} | {v['decode_x_base_paired']:.3f} | {db:.3f} | {dp:.2f} |")
+        def x(r: float | None) -> str:
+            return "n/a" if r is None else f"{r:.2f}"
+        print(f"| {c} | {v['prefill_tok_s']:.0f} | {pr:.3f} | {v['prefill_x_base_paired']:.3f} | {pb:.3f} | {x(pp)} "
+              f"| {v['decode_tok_s']:.1f} | {dr:.3f} | {v['decode_x_base_paired']:.3f} | {db:.3f} | {x(dp)} |")
     for label, hf in (("HF transformers base (no adapters)", hf_base), (f"PEFT mixed-batch LoRA r{r} (adapter_names)", peft)):
         if hf:
             print(f"| {label} | {hf['prefill_tok_s']:.0f} | {hf['prefill_tok_s'] / base_r['prefill_tok_s']:.3f} | | | "
