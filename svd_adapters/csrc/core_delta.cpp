@@ -171,6 +171,12 @@ inline void fold_tile(const scalar_t* Ci, const scalar_t* op, const scalar_t* di
   }
 }
 
+// silu(gate) · up for one pair of numbers, in the accumulation type: the scalar tails of every gated loop below.
+template <typename acc_t>
+inline acc_t silu_times(acc_t gate, acc_t up) {
+  return gate / (acc_t(1) + std::exp(-gate)) * up;
+}
+
 // out[t, c] = silu(y[t, c]) · y[t, m + c] for tokens [t0, t1): a gate/up group's activation (its two members'
 // outputs side by side), as a pass of its own: for base-only batches (`gated_silu`) and for scaled rows at decode.
 // Everywhere else the activation is fused into the delta's sweep (see `sweep_gated`).
@@ -187,7 +193,7 @@ void gated_silu_rows(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, i
     for (; c < m; ++c) {
       using acc_t = at::opmath_type<scalar_t>;
       const acc_t gate = static_cast<acc_t>(yt[c]);
-      ot[c] = static_cast<scalar_t>(gate / (acc_t(1) + std::exp(-gate)) * static_cast<acc_t>(yt[m + c]));
+      ot[c] = static_cast<scalar_t>(silu_times(gate, static_cast<acc_t>(yt[m + c])));
     }
   }
 }
@@ -246,15 +252,14 @@ void fold_row(int64_t p, const scalar_t* const* Crow, const scalar_t* const* oro
 
 // Scaled rows of several tokens each (OSoRA at prefill) in (row, chunk of its tokens) tasks: fold the row's scale,
 // core and d into its own projection (R × M: in L2, R²·M multiply-adds, or R·M for a diagonal core; again only
-// where the thread's previous task was another row's), then stream its tokens through it as unscaled ones, with
-// their h as the cores. Nothing of size rows × R × M is ever written out (folding every row's projection first
-// cost ~10 MB of memory traffic per layer).
-template <typename scalar_t, typename acc_t>
-void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* const* Crow, const scalar_t* const* orow,
-                  const scalar_t* const* drow, const acc_t* U, int64_t M, int64_t R, int64_t k,
-                  const std::vector<int64_t>& off, const std::vector<int64_t>& tiles, int64_t P, int64_t L,
-                  int64_t chunk) {
-  const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2, per_row = (L + chunk - 1) / chunk;
+// where the thread's previous task was another row's), then `apply(buf, t0, t1)` streams tokens [t0, t1) through it
+// (buf: R × M, row stride M) as unscaled ones, with their h as the cores. Nothing of size rows × R × M is ever
+// written out (folding every row's projection first cost ~10 MB of memory traffic per layer).
+template <typename scalar_t, typename acc_t, typename Apply>
+void folded_chunks(const scalar_t* const* Crow, const scalar_t* const* orow, const scalar_t* const* drow, const acc_t* U,
+                   int64_t M, int64_t R, int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
+                   int64_t P, int64_t L, int64_t chunk, const Apply& apply) {
+  const int64_t per_row = (L + chunk - 1) / chunk;
   const std::vector<char> diagonal = diagonal_cores(Crow, P, k, R);
   svdserve::parallel_for(0, P * per_row, 1, [&](int64_t b, int64_t en) {
     acc_t* buf = scratch<acc_t>(2, R * M);  // this thread's
@@ -262,10 +267,23 @@ void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* const
     for (int64_t item = b; item < en; ++item) {
       const int64_t p = item / per_row, t0 = p * L + (item % per_row) * chunk, t1 = std::min((p + 1) * L, t0 + chunk);
       if (p != folded) fold_row<scalar_t, acc_t>(p, Crow, orow, drow, U, M, R, k, off, tiles, diagonal, buf), folded = p;
-      for (int64_t t = t0; t < t1; t += kRB)
-        apply_tiles<scalar_t, acc_t, false>(y, sy, nullptr, g, nullptr, buf, M, R, k, off, tiles, 0, n_tiles, t,
-                                            std::min(t1, t + kRB));
+      apply(static_cast<const acc_t*>(buf), t0, t1);
     }
+  });
+}
+
+// Folded rows (see folded_chunks) through every tile of y, a register block of tokens at a time.
+template <typename scalar_t, typename acc_t>
+void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* const* Crow, const scalar_t* const* orow,
+                  const scalar_t* const* drow, const acc_t* U, int64_t M, int64_t R, int64_t k,
+                  const std::vector<int64_t>& off, const std::vector<int64_t>& tiles, int64_t P, int64_t L,
+                  int64_t chunk) {
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
+  folded_chunks<scalar_t, acc_t>(Crow, orow, drow, U, M, R, k, off, tiles, P, L, chunk,
+                                 [&](const acc_t* buf, int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t += kRB)
+      apply_tiles<scalar_t, acc_t, false>(y, sy, nullptr, g, nullptr, buf, M, R, k, off, tiles, 0, n_tiles, t,
+                                          std::min(t1, t + kRB));
   });
 }
 
@@ -276,7 +294,7 @@ inline void store_gated(scalar_t* out, typename Vec<acc_t>::type gate, typename 
     store(out, svdserve::silu(gate) * up);
   } else {
     constexpr int W = sizeof(gate) / sizeof(acc_t);
-    for (int x = 0; x < W; ++x) out[x] = static_cast<scalar_t>(gate[x] / (acc_t(1) + std::exp(-gate[x])) * up[x]);
+    for (int x = 0; x < W; ++x) out[x] = static_cast<scalar_t>(silu_times<acc_t>(gate[x], up[x]));
   }
 }
 
@@ -326,7 +344,7 @@ void gated_rows(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, const 
       acc_t a = 0, b = 0;
       for (int64_t j = 0; j < R; ++j) a += gg[t * gstride + j] * Ug[j * ldu + x], b += gu[t * gstride + j] * Uu[j * ldu + x];
       const acc_t gate = static_cast<acc_t>(y[t * sy + c + x]) + a, up = static_cast<acc_t>(y[t * sy + m + c + x]) + b;
-      out[t * so + c + x] = static_cast<scalar_t>(gate / (acc_t(1) + std::exp(-gate)) * up);
+      out[t * so + c + x] = static_cast<scalar_t>(silu_times(gate, up));
     }
   }
 }
@@ -355,12 +373,11 @@ void stream_gated(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, cons
 // group's y is 25 MB at a 2048-token prefill of SmolLM2; measured ~3.2 ms a layer over the bare activation's
 // 1.5). Unscaled rows: register blocks of tokens through every tile pair (stream_gated), with the tokens' cores g;
 // scaled rows (OSoRA at prefill, `orow` given): (row, chunk of its tokens) tasks that first fold the row's whole
-// projection, as in sweep_folded, with g holding the tokens' h.
+// projection (folded_chunks), with g holding the tokens' h.
 template <typename scalar_t, typename acc_t>
 void sweep_gated(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, const acc_t* g, const scalar_t* const* Crow,
                  const scalar_t* const* orow, const scalar_t* const* drow, const acc_t* U, int64_t M, int64_t R,
-                 const std::vector<int64_t>& tiles, int64_t T, int64_t L, int64_t chunk) {
-  constexpr int64_t TW = NV * sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
+                 const std::vector<int64_t>& off, const std::vector<int64_t>& tiles, int64_t T, int64_t L, int64_t chunk) {
   const int64_t m = M / 2;
   int64_t n_pairs = 0;  // the gate member's tiles come first in `tiles`; each pairs with the up tile m columns on
   while (2 * n_pairs < static_cast<int64_t>(tiles.size()) && tiles[2 * n_pairs] == 0) ++n_pairs;
@@ -371,18 +388,10 @@ void sweep_gated(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, const
     });
     return;
   }
-  // Scaled rows: as in sweep_folded, with the gated tiles.
-  const int64_t P = T / L, per_row = (L + chunk - 1) / chunk;
-  const std::vector<char> diagonal = diagonal_cores(Crow, P, 2, R);
-  const std::vector<int64_t> off = {0, m, M};
-  svdserve::parallel_for(0, P * per_row, 1, [&](int64_t b, int64_t en) {
-    acc_t* buf = scratch<acc_t>(2, R * M);  // this thread's
-    int64_t folded = -1;
-    for (int64_t item = b; item < en; ++item) {
-      const int64_t p = item / per_row, t0 = p * L + (item % per_row) * chunk, t1 = std::min((p + 1) * L, t0 + chunk);
-      if (p != folded) fold_row<scalar_t, acc_t>(p, Crow, orow, drow, U, M, R, 2, off, tiles, diagonal, buf), folded = p;
-      stream_gated<scalar_t, acc_t>(y, sy, out, so, g, buf, M, R, tiles, n_pairs, m, t0, t1);
-    }
+  // Scaled rows: folded as in sweep_folded, then through the gated tile pairs.
+  folded_chunks<scalar_t, acc_t>(Crow, orow, drow, U, M, R, 2, off, tiles, T / L, L, chunk,
+                                 [&](const acc_t* buf, int64_t t0, int64_t t1) {
+    stream_gated<scalar_t, acc_t>(y, sy, out, so, g, buf, M, R, tiles, n_pairs, m, t0, t1);
   });
 }
 
@@ -490,14 +499,15 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
     scalar_t* outp = out.has_value() ? out->data_ptr<scalar_t>() : nullptr;
     const int64_t so = out.has_value() ? out->stride(0) : 0;
     // Passes split across threads: every token's cores (tiny; for folded rows, h itself in acc_t), then the
-    // output tiles (folded rows fold their projection per tile there).
-    if (o.has_value() && L > 1) {  // scaled rows of several tokens: fold in each tile (sweep_folded)
+    // output tiles (folded rows fold their projection first: folded_chunks).
+    if (o.has_value() && L > 1) {  // scaled rows of several tokens: each row's projection folded
       svdserve::parallel_for(0, T, 64, [&](int64_t b, int64_t en) {  // the "cores" are h itself, in acc_t
         for (int64_t t = b; t < en; ++t)
           for (int64_t j = 0; j < k * R; ++j) g[t * k * R + j] = static_cast<acc_t>(hp[t * sh + j]);
       });
       if (outp) {
-        sweep_gated<scalar_t, acc_t>(yp, sy, outp, so, g, Crow.data(), orow_p.data(), drow.data(), Up, M, R, tiles, T, L, kChunk);
+        sweep_gated<scalar_t, acc_t>(yp, sy, outp, so, g, Crow.data(), orow_p.data(), drow.data(), Up, M, R, off, tiles, T, L,
+                                     kChunk);
         return;
       }
       sweep_folded<scalar_t, acc_t>(yp, sy, g, Crow.data(), orow_p.data(), drow.data(), Up, M, R, k, off, tiles, P, L, kChunk);
@@ -521,7 +531,7 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
       token_cores<scalar_t, acc_t, false>(hp, sh, Crow.data(), nullptr, k, R, L, g, nullptr, b, en);
     });
     if (outp) {
-      sweep_gated<scalar_t, acc_t>(yp, sy, outp, so, g, Crow.data(), nullptr, nullptr, Up, M, R, tiles, T, L, kChunk);
+      sweep_gated<scalar_t, acc_t>(yp, sy, outp, so, g, Crow.data(), nullptr, nullptr, Up, M, R, off, tiles, T, L, kChunk);
       return;
     }
     sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Up, M, R, k, off, tiles, T, kChunk);
