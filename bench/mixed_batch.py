@@ -224,6 +224,9 @@ def main() -> None:
     print("| configuration | prefill tok/s | × base | × base, paired | × base, best | × PEFT | decode tok/s | × base "
           "| × base, paired | × base, best | × PEFT |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    def x(r: float | None) -> str:
+        return "n/a" if r is None else f"{r:.2f}"
+
     table = {}
     for c, v in results.items():
         pr, dr = v["prefill_tok_s"] / base_r["prefill_tok_s"], v["decode_tok_s"] / base_r["decode_tok_s"]
@@ -232,8 +235,6 @@ def main() -> None:
         dp = v["decode_tok_s"] / peft["decode_tok_s"] if peft else None
         table[c] = {**v, "prefill_x_base": pr, "decode_x_base": dr, "prefill_x_base_best": pb, "decode_x_base_best": db,
                     "prefill_x_peft": pp, "decode_x_peft": dp}
-        def x(r: float | None) -> str:
-            return "n/a" if r is None else f"{r:.2f}"
         print(f"| {c} | {v['prefill_tok_s']:.0f} | {pr:.3f} | {v['prefill_x_base_paired']:.3f} | {pb:.3f} | {x(pp)} "
               f"| {v['decode_tok_s']:.1f} | {dr:.3f} | {v['decode_x_base_paired']:.3f} | {db:.3f} | {x(dp)} |")
     for label, hf in (("HF transformers base (no adapters)", hf_base), (f"PEFT mixed-batch LoRA r{r} (adapter_names)", peft)):
