@@ -354,11 +354,14 @@ class LinearGroup(nn.Module):
         """Base outputs plus every row's core delta (`out`: see `gated`), and the shared projections h; with
         `lowrank_first`, the low-rank rows' delta goes in before the core delta (so `out` sees both)."""
         P, L, li = mp.rows, mp.tokens_per_row, self.layer
+        # Without OSoRA rows every o is 1 and every d is 0: skip the scale and the subtraction.
+        o, d = (rows["o"][li], rows["d"][li]) if mp.has_sub else (None, None)
+        if "slots" in rows and L == 1 and out is None and not lowrank_first and cpu_kernels.fuses(x, self.W_aug):
+            # a decode step on the CPU: the GEMM and the core delta in one kernel call
+            return cpu_kernels.core_linear(x, self.W_aug, rows["C"][li], o, d, self.Ut_cat, self.bounds, rows["slots"])
         y, h = self.project(x)
         if lowrank_first:
             self._add_lowrank(y, x, h if mp.lr_sub else None, mp)
-        # Without OSoRA rows every o is 1 and every d is 0: skip the scale and the subtraction.
-        o, d = (rows["o"][li], rows["d"][li]) if mp.has_sub else (None, None)
         if "slots" in rows:  # the slot pools themselves (`GroupPools.by_slot`): the CPU kernel reads by slot
             cpu_kernels.core_delta(y, h, rows["C"][li], o, d, self.Ut_cat, self.bounds, L, out=out, slots=rows["slots"])
         elif cpu_kernels.serves(y):

@@ -5,10 +5,15 @@ large products; with 1–64 rows some (MKL on AMD CPUs: 1.2–4× slower, measur
 adapters' delta, run as PyTorch ops after the GEMM, is ~6 small ops per member (a few hundred KFLOPs in all,
 so op costs, not arithmetic, set its speed).
 
-- `skinny_linear` (`csrc/skinny_linear.cpp`): x · Wᵀ for a few rows: every group's GEMM and lm_head at decode.
-- `core_delta` (`csrc/core_delta.cpp`): one group's whole core delta (OSoRA, LoRA-XS, base rows) in one call,
-  at decode and prefill. (Folding it into the GEMM's accumulators instead was measured slower: its per-output
-  epilogue costs more than this separate sweep over an output that is still in cache.)
+- `skinny_linear` (`csrc/skinny_linear.cpp`): x · Wᵀ for a few rows: lm_head, and groups without core rows, at
+  decode.
+- `core_linear` (`csrc/core_delta.cpp`): a decode step's group GEMM and its whole core delta (OSoRA, LoRA-XS,
+  base rows) in one call, a block of output columns at a time: the block's U and o are fetched while its GEMM
+  runs and its delta is added while its outputs are in L1. (Run separately, the delta's reads waited on memory
+  after the GEMM had streamed the weights through every cache; folding the delta into each output's dot
+  product instead was measured slower: a per-output epilogue.)
+- `core_delta` (same file): one group's core delta added to an output already computed: at prefill, and at
+  decode where calibration chose torch's matmul for the GEMM.
 - `lowrank_delta` (`csrc/lowrank_delta.cpp`): one group's low-rank delta (SORSA, LoRA) in one call, every row's
   A and Bᵀ read from its slot (PyTorch gathered copies of them first, then concatenated and scattered the
   results: at decode ~3× the memory traffic).
@@ -38,7 +43,7 @@ log = get_logger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / "skinny_linear.cpp", _CSRC / "core_delta.cpp", _CSRC / "lowrank_delta.cpp"]
-_HEADERS = [_CSRC / "vec.h", _CSRC / "parallel.h"]
+_HEADERS = [_CSRC / "vec.h", _CSRC / "parallel.h", _CSRC / "skinny_gemm.h"]
 # Vector flags for the capability torch itself detected on this CPU (the kernels' inner loops are plain C++).
 _ARCH_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
@@ -126,6 +131,21 @@ def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tens
     output scales, each chunk of tokens right after its delta, while its rows are in cache). Check `serves(y)`
     first. With `slots` (rows,) int64: Ct, o and d are slot pools (slots, ...) and row p reads slot slots[p]."""
     torch.ops.svdserve.core_delta(y, h, Ct, o, d, U, offsets, tokens_per_row, out, slots)
+
+
+def core_linear(x: torch.Tensor, W_aug: torch.Tensor, Ct: torch.Tensor, o: torch.Tensor | None, d: torch.Tensor | None,
+                U: torch.Tensor, offsets: list[int], slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's GEMM of one group fused with its core delta (`csrc/core_delta.cpp`): x (T, K), one token per
+    row, and W_aug (M + k·R, K) = [the members' weights; their V_rᵀ] give y (T, M), base outputs plus each row's
+    core delta, and the shared projections h (T, k·R). The terms as for `core_delta` with `slots`; float32 or
+    bfloat16. Check `fuses(x, W_aug)` first."""
+    return torch.ops.svdserve.core_linear(x, W_aug, Ct, o, d, U, offsets, slots)
+
+
+def fuses(x: torch.Tensor, W_aug: torch.Tensor) -> bool:
+    """Whether a decode step's group GEMM and core delta go through `core_linear`: where the GEMM kernel itself
+    would take x · W_augᵀ (`uses_kernel`)."""
+    return uses_kernel(x, W_aug)
 
 
 def lowrank_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: list[torch.Tensor], offsets: list[int],

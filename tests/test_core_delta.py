@@ -138,6 +138,73 @@ def test_core_delta_kernel_reads_rows_from_their_slots(shape, dtype, scaled):
     assert torch.equal(run_kernel(c, slots=slots), run_kernel(c))
 
 
+def run_core_linear(c, K: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The case as a decode step for `core_linear`: inputs x (T, K) and W_aug = [W; V_rᵀ] (M + k·R, K), whose
+    product replaces the case's z (so `reference` applies); the rows' terms in a slot pool at `slots` (unread
+    slots NaN). Returns the kernel's y and h and the float64 reference of [y | h]."""
+    gen = torch.Generator().manual_seed(K)
+    dtype, M, R = c["z"].dtype, c["M"], c["R"]
+    x = torch.randn(c["P"] + 2, K, generator=gen).to(dtype)[1:-1]  # a row-strided view, as inside the runner
+    W_aug = (torch.randn(M + c["k"] * R, K, generator=gen) / K ** 0.5).to(dtype)
+    c = dict(c, z=x.double() @ W_aug.double().T)
+    U = torch.cat(c["Ut"], dim=1).float().contiguous()
+
+    def pool(t):
+        if t is None:
+            return None
+        p = torch.full((int(slots.max()) + 3,) + t.shape[1:], float("nan"), dtype=t.dtype)
+        p[slots] = t
+        return p
+
+    y, h = cpu_kernels.core_linear(x, W_aug, pool(c["Ct"]), pool(c["o"]), pool(c["d"]), U, c["offsets"] + [M], slots)
+    return y, h, reference(c)
+
+
+# Decode steps (one token per row): member widths that are and are not multiples of the delta's 32-column tile and
+# of the GEMM's 6-column tile, members of more than one 3-tile block (200 columns: blocks of 96, 96 and 8), K with
+# and without a tail past the last 16-float vector, row counts around the register blocks, a batch past 64 rows.
+LINEAR_SHAPES = [dict(P=5, R=4, sizes=(12, 6, 6), K=37), dict(P=32, R=16, sizes=(64, 32, 32), K=64),
+                 dict(P=7, R=16, sizes=(48, 33), K=48), dict(P=1, R=3, sizes=(16,), K=8),
+                 dict(P=9, R=8, sizes=(200, 100), K=70), dict(P=67, R=4, sizes=(20, 12), K=16)]
+
+
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_core_linear_kernel_matches_the_formula(shape, dtype, scaled):
+    """A decode step's GEMM fused with its core delta: y the base outputs plus each row's delta (read from its
+    slot), h the shared projections, both against the float64 formula."""
+    assert cpu_kernels.available()
+    shape = dict(shape)
+    K = shape.pop("K")
+    c = case(dtype, scaled, **shape)
+    slots = torch.randperm(c["P"] + 2, generator=torch.Generator().manual_seed(c["P"]))[: c["P"]]
+    y, h, want = run_core_linear(c, K, slots)
+    M = c["M"]
+    assert y.dtype == h.dtype == dtype and y.shape == (c["P"], M) and h.shape == (c["P"], c["k"] * c["R"])
+    scale = want[:, :M].abs().max().item()
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-6  # bf16: the GEMM's output rounded, then y + Δy rounded
+    assert (y.double() - want[:, :M]).abs().max().item() <= tol * scale
+    assert (h.double() - want[:, M:]).abs().max().item() <= tol * want[:, M:].abs().max().item()
+
+
+def test_core_linear_kernel_refuses_bad_inputs_with_a_message():
+    assert cpu_kernels.available()
+    c = case(torch.float32, True, P=3)
+    M, k, R = c["M"], c["k"], c["R"]
+    U = torch.cat(c["Ut"], dim=1).contiguous()
+    x, W_aug = torch.randn(3, 16), torch.randn(M + k * R, 16)
+    args = (c["Ct"], c["o"], c["d"], U, c["offsets"] + [M])
+    with pytest.raises(RuntimeError, match="projection rows"):
+        cpu_kernels.core_linear(x, W_aug[1:], *args, torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        cpu_kernels.core_linear(x.double(), W_aug.double(), *args, torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="slot 3 of row 1 is outside the pool of 3"):
+        cpu_kernels.core_linear(x, W_aug, *args, torch.tensor([0, 3, 1]))
+    with pytest.raises(RuntimeError, match="o and d"):
+        cpu_kernels.core_linear(x, W_aug, c["Ct"], c["o"], None, U, c["offsets"] + [M], torch.tensor([0, 1, 2]))
+
+
 def test_core_delta_kernel_refuses_slots_outside_the_pool():
     c = case(torch.float32, True, P=3)
     M = c["M"]

@@ -58,7 +58,7 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
     assert cpu_kernels.available()
     monkeypatch.setitem(cpu_kernels._state, "force", fused)  # every decode GEMM through the kernels, or none
     calls = []
-    for name in ("skinny_linear", "core_delta", "lowrank_delta"):
+    for name in ("skinny_linear", "core_delta", "core_linear", "lowrank_delta"):
         kernel = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _k=kernel, _n=name, **kw: (calls.append(_n), _k(*a, **kw))[1])
     runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=16, max_seq_len=64, core_slots=8, lr_slots=8)
@@ -79,10 +79,11 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
         worst = max(worst, (logits[i, : len(p)] - ref).abs().max().item())
     assert worst <= 1e-4
     assert_decode_matches(runner, logits, prompts, refs, runner.mapping(cs, ls), steps=2)
-    # the decode steps above went through the path under test; the kernel read the slot pools, so the per-row
-    # buffers the PyTorch path copies adapters into were never made
-    assert set(calls) == ({"skinny_linear", "lowrank_delta"} | ({"core_delta"} if not low_rank_only else set())
-                          if fused else set())
+    # the decode steps above went through the path under test (with core rows: each group's GEMM and core delta in
+    # one call, core_linear; the prefill's core delta after its GEMM, core_delta); the kernels read the slot pools,
+    # so the per-row buffers the PyTorch path copies adapters into were never made
+    assert set(calls) == ({"skinny_linear", "lowrank_delta"} | ({"core_delta", "core_linear"} if not low_rank_only
+                                                                else set()) if fused else set())
     assert (runner._row_keys is None) == (fused or low_rank_only)  # row buffers hold core adapters only
     # the adapters really change the output (the comparison above is not vacuous)
     base_row = refs[-1](torch.tensor([prompts[0]])).logits[0]

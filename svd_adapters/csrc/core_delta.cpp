@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "skinny_gemm.h"
 #include "vec.h"
 
 namespace {
@@ -432,40 +433,77 @@ void check_rows(const at::Tensor& t, const char* name, int64_t P, int64_t width,
   TORCH_CHECK(t.scalar_type() == dtype, name, " must have y's dtype");
 }
 
+// Each row's slot: slots[p] with slot pools (checked against the pool's S entries), else the row itself.
+std::vector<int64_t> row_slots(int64_t P, const std::optional<at::Tensor>& slots, int64_t S) {
+  std::vector<int64_t> slot(P);
+  if (!slots.has_value()) {
+    for (int64_t p = 0; p < P; ++p) slot[p] = p;
+    return slot;
+  }
+  TORCH_CHECK(slots->dim() == 1 && slots->size(0) == P && slots->scalar_type() == at::kLong && slots->device().is_cpu(),
+              "slots must be a CPU int64 vector with one entry per row (", P, ")");
+  const at::Tensor sl = slots->contiguous();
+  for (int64_t p = 0; p < P; ++p) {
+    slot[p] = sl.const_data_ptr<int64_t>()[p];
+    TORCH_CHECK(slot[p] >= 0 && slot[p] < S, "slot ", slot[p], " of row ", p, " is outside the pool of ", S);
+  }
+  return slot;
+}
+
+// The checks both entry points make of a group's terms: Ct (S, k, R, R), o (S, M) and d (S, k·R), U (R, M).
+void check_terms(const at::Tensor& Ct, const std::optional<at::Tensor>& o, const std::optional<at::Tensor>& d,
+                 const at::Tensor& U, int64_t S, int64_t k, int64_t M, at::ScalarType dtype) {
+  const int64_t R = U.size(0);
+  TORCH_CHECK(U.dim() == 2 && U.size(1) == M && U.is_contiguous(), "U must be a contiguous (R, M) matrix");
+  TORCH_CHECK(Ct.dim() == 4 && Ct.size(0) == S && Ct.size(1) == k && Ct.size(2) == R && Ct.size(3) == R,
+              "Ct must be (rows, k, R, R), or (slots, k, R, R) with slots");
+  TORCH_CHECK(Ct.stride(3) == 1 && Ct.stride(2) == R && Ct.stride(1) == R * R, "Ct must be contiguous within a row");
+  TORCH_CHECK(Ct.scalar_type() == dtype, "Ct must have y's dtype");
+  TORCH_CHECK(o.has_value() == d.has_value(), "o and d come together");
+  if (o.has_value()) {
+    check_rows(*o, "o", S, M, dtype);
+    check_rows(*d, "d", S, k * R, dtype);
+  }
+}
+
+// Where each row's core, scale and d live (its slot's, or its own), so the inner loops index no pools.
+template <typename scalar_t>
+struct RowTerms {
+  std::vector<const scalar_t*> C, o, d;
+  RowTerms(const std::vector<int64_t>& slot, const at::Tensor& Ct, const std::optional<at::Tensor>& o_,
+           const std::optional<at::Tensor>& d_) : C(slot.size()), o(slot.size()), d(slot.size()) {
+    for (size_t p = 0; p < slot.size(); ++p) {
+      C[p] = Ct.const_data_ptr<scalar_t>() + slot[p] * Ct.stride(0);
+      if (o_.has_value()) {
+        o[p] = o_->const_data_ptr<scalar_t>() + slot[p] * o_->stride(0);
+        d[p] = d_->const_data_ptr<scalar_t>() + slot[p] * d_->stride(0);
+      }
+    }
+  }
+};
+
+// (member, first column) of every TW-wide tile, the members' columns in order.
+std::vector<int64_t> member_tiles(const std::vector<int64_t>& off, int64_t TW) {
+  std::vector<int64_t> tiles;
+  for (size_t i = 0; i + 1 < off.size(); ++i)
+    for (int64_t c = off[i]; c < off[i + 1]; c += TW) tiles.insert(tiles.end(), {static_cast<int64_t>(i), c});
+  return tiles;
+}
+
 void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const std::optional<at::Tensor>& o,
                 const std::optional<at::Tensor>& d, const at::Tensor& U, at::IntArrayRef offsets, int64_t L,
                 const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& slots) {
   TORCH_CHECK(y.device().is_cpu(), "core_delta runs on the CPU");
   const int64_t T = y.size(0), M = y.size(1), R = U.size(0), k = static_cast<int64_t>(offsets.size()) - 1;
   TORCH_CHECK(k >= 1 && offsets[0] == 0 && offsets[k] == M, "offsets must run from 0 to y's width");
-  TORCH_CHECK(U.dim() == 2 && U.size(1) == M && U.is_contiguous(), "U must be a contiguous (R, M) matrix");
   TORCH_CHECK(L >= 1 && T % L == 0, "tokens_per_row must divide y's rows");
   const int64_t P = T / L;
   check_rows(h, "h", T, k * R, y.scalar_type());
   TORCH_CHECK(y.stride(1) == 1, "y must be contiguous within a row");
   // With `slots`, Ct, o and d are slot pools (S, ...) and row p reads slot slots[p]; else row p reads its own.
   const int64_t S = slots.has_value() ? Ct.size(0) : P;
-  std::vector<int64_t> slot(P);
-  if (slots.has_value()) {
-    TORCH_CHECK(slots->dim() == 1 && slots->size(0) == P && slots->scalar_type() == at::kLong && slots->device().is_cpu(),
-                "slots must be a CPU int64 vector with one entry per row (", P, ")");
-    const at::Tensor sl = slots->contiguous();
-    for (int64_t p = 0; p < P; ++p) {
-      slot[p] = sl.const_data_ptr<int64_t>()[p];
-      TORCH_CHECK(slot[p] >= 0 && slot[p] < S, "slot ", slot[p], " of row ", p, " is outside the pool of ", S);
-    }
-  } else {
-    for (int64_t p = 0; p < P; ++p) slot[p] = p;
-  }
-  TORCH_CHECK(Ct.dim() == 4 && Ct.size(0) == S && Ct.size(1) == k && Ct.size(2) == R && Ct.size(3) == R,
-              "Ct must be (rows, k, R, R), or (slots, k, R, R) with slots");
-  TORCH_CHECK(Ct.stride(3) == 1 && Ct.stride(2) == R && Ct.stride(1) == R * R, "Ct must be contiguous within a row");
-  TORCH_CHECK(Ct.scalar_type() == y.scalar_type(), "Ct must have y's dtype");
-  TORCH_CHECK(o.has_value() == d.has_value(), "o and d come together");
-  if (o.has_value()) {
-    check_rows(*o, "o", S, M, y.scalar_type());
-    check_rows(*d, "d", S, k * R, y.scalar_type());
-  }
+  const std::vector<int64_t> slot = row_slots(P, slots, S);
+  check_terms(Ct, o, d, U, S, k, M, y.scalar_type());
   if (out.has_value()) {
     TORCH_CHECK(k == 2 && offsets[1] * 2 == M, "out (the gated activation) needs a group of two equal members");
     check_rows(*out, "out", T, M / 2, y.scalar_type());
@@ -476,24 +514,14 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
     using acc_t = at::opmath_type<scalar_t>;
     TORCH_CHECK(U.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "U must be in the accumulation dtype");
     constexpr int64_t TW = NV * sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
-    std::vector<int64_t> tiles;  // (member, first column) of every tile, members' columns in TW-wide tiles
-    for (int64_t i = 0; i < k; ++i)
-      for (int64_t c = off[i]; c < off[i + 1]; c += TW) tiles.insert(tiles.end(), {i, c});
+    const std::vector<int64_t> tiles = member_tiles(off, TW);
     acc_t* g = scratch<acc_t>(0, T * k * R);
     acc_t* e = o.has_value() && L == 1 ? scratch<acc_t>(1, T * k * R) : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const acc_t* Up = U.const_data_ptr<acc_t>();
     const int64_t sy = y.stride(0), sh = h.stride(0);
-    // Each row's core, scale and d, where its slot (or its own row) keeps them: no division in the inner loops.
-    std::vector<const scalar_t*> Crow(P), orow_p(P), drow(P);
-    for (int64_t p = 0; p < P; ++p) {
-      Crow[p] = Ct.const_data_ptr<scalar_t>() + slot[p] * Ct.stride(0);
-      if (o.has_value()) {
-        orow_p[p] = o->const_data_ptr<scalar_t>() + slot[p] * o->stride(0);
-        drow[p] = d->const_data_ptr<scalar_t>() + slot[p] * d->stride(0);
-      }
-    }
+    const RowTerms<scalar_t> rows(slot, Ct, o, d);
     // With `out` (a gate/up group): out = silu(gate) · up of the final outputs, fused into the sweep where it can be
     // (sweep_gated; y is then left as the base outputs), else a pass of its own after it (y then holds them).
     scalar_t* outp = out.has_value() ? out->data_ptr<scalar_t>() : nullptr;
@@ -506,18 +534,19 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
           for (int64_t j = 0; j < k * R; ++j) g[t * k * R + j] = static_cast<acc_t>(hp[t * sh + j]);
       });
       if (outp) {
-        sweep_gated<scalar_t, acc_t>(yp, sy, outp, so, g, Crow.data(), orow_p.data(), drow.data(), Up, M, R, off, tiles, T, L,
-                                     kChunk);
+        sweep_gated<scalar_t, acc_t>(yp, sy, outp, so, g, rows.C.data(), rows.o.data(), rows.d.data(), Up, M, R, off,
+                                     tiles, T, L, kChunk);
         return;
       }
-      sweep_folded<scalar_t, acc_t>(yp, sy, g, Crow.data(), orow_p.data(), drow.data(), Up, M, R, k, off, tiles, P, L, kChunk);
+      sweep_folded<scalar_t, acc_t>(yp, sy, g, rows.C.data(), rows.o.data(), rows.d.data(), Up, M, R, k, off, tiles, P,
+                                    L, kChunk);
       return;
     }
     if (o.has_value()) {
       std::vector<const scalar_t*> orow(T);  // token t's row of o
-      for (int64_t t = 0; t < T; ++t) orow[t] = orow_p[t / L];
+      for (int64_t t = 0; t < T; ++t) orow[t] = rows.o[t / L];
       svdserve::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
-        token_cores<scalar_t, acc_t, true>(hp, sh, Crow.data(), drow.data(), k, R, L, g, e, b, en);
+        token_cores<scalar_t, acc_t, true>(hp, sh, rows.C.data(), rows.d.data(), k, R, L, g, e, b, en);
       });
       sweep<scalar_t, acc_t, true>(yp, sy, orow.data(), g, e, Up, M, R, k, off, tiles, T, kChunk);
       // The activation as a pass of its own (decode-shaped batches: the layer's scaled GEMV-sized rows).
@@ -528,14 +557,129 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
       return;
     }
     svdserve::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
-      token_cores<scalar_t, acc_t, false>(hp, sh, Crow.data(), nullptr, k, R, L, g, nullptr, b, en);
+      token_cores<scalar_t, acc_t, false>(hp, sh, rows.C.data(), nullptr, k, R, L, g, nullptr, b, en);
     });
     if (outp) {
-      sweep_gated<scalar_t, acc_t>(yp, sy, outp, so, g, Crow.data(), nullptr, nullptr, Up, M, R, off, tiles, T, L, kChunk);
+      sweep_gated<scalar_t, acc_t>(yp, sy, outp, so, g, rows.C.data(), nullptr, nullptr, Up, M, R, off, tiles, T, L, kChunk);
       return;
     }
     sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Up, M, R, k, off, tiles, T, kChunk);
   });
+}
+
+// A decode step's GEMM for one group fused with its core delta (core_linear): [y | h] = x · W_augᵀ with W_aug =
+// [W; V_rᵀ] (the members' weights, then their shared projections), every row's core delta added into y, one token
+// per row. In one parallel region (a region costs microseconds, as much as a small pass here): h (W_aug's last
+// k·R rows), every token's cores, then blocks of up to kBlockTiles tiles of one member: the block's U and o
+// prefetched, its columns of y from the GEMM, at once its delta while they are in L1. Run separately
+// (skinny_linear, then core_delta), the delta's reads of U, o and the cores waited on memory after the GEMM had
+// streamed the weights through every cache level; fused, a decode step's core delta cost ~1 ms less (SmolLM2,
+// batch 32, 2 threads of a Zen 5: 2.5 → 1.5 ms LoRA-XS, 4.0 → 3.1 ms OSoRA over the bare GEMMs).
+constexpr int64_t kBlockTiles = 3;
+
+// Blocks of output columns for core_linear: up to kBlockTiles consecutive tiles of one member each, as the first
+// tile of each block and then the end.
+std::vector<int64_t> column_blocks(const std::vector<int64_t>& tiles) {
+  std::vector<int64_t> blocks;
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
+  for (int64_t ti = 0; ti < n_tiles; ++ti)
+    if (blocks.empty() || ti - blocks.back() == kBlockTiles || tiles[2 * ti] != tiles[2 * blocks.back()])
+      blocks.push_back(ti);
+  blocks.push_back(n_tiles);
+  return blocks;
+}
+
+// Blocks [b, e) of core_linear: each block's U and o prefetched, its columns of y from the GEMM, then its delta.
+template <typename scalar_t, typename acc_t, bool kScaled>
+void gemm_core_blocks(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t K, scalar_t* y, int64_t sy,
+                      const scalar_t* const* o, const acc_t* g, const acc_t* e, const acc_t* U, int64_t M, int64_t R,
+                      int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
+                      const std::vector<int64_t>& blocks, int64_t T, int64_t b, int64_t en) {
+  constexpr int64_t TW = NV * sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
+  const auto cols = [&](int64_t bi) {  // the block's columns [c0, c1)
+    const int64_t tb = blocks[bi], te = blocks[bi + 1], i = tiles[2 * tb];
+    return std::pair<int64_t, int64_t>(tiles[2 * tb + 1], std::min(off[i + 1], tiles[2 * (te - 1) + 1] + TW));
+  };
+  for (int64_t bi = b; bi < en; ++bi) {
+    const auto [c0, c1] = cols(bi);
+    // The block's U and o into L1 before its GEMM: their lines arrive while the GEMM computes (measured: fetched
+    // the block before, or into L2 only, the delta ran slower).
+    constexpr int64_t kLine = 64 / sizeof(acc_t), kScalarLine = 64 / sizeof(scalar_t);
+    for (int64_t j = 0; j < R; ++j)
+      for (int64_t c = c0; c < c1; c += kLine) __builtin_prefetch(U + j * M + c, 0, 3);
+    if constexpr (kScaled)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t c = c0; c < c1; c += kScalarLine) __builtin_prefetch(o[t] + c, 0, 3);
+    svdserve::gemm_block(x, sx, W, K, y, sy, 0, T, c0, c1);
+    if constexpr (kScaled) {  // a few tokens through the block's tiles at a time (as `sweep`: measured faster)
+      for (int64_t t = 0; t < T; t += 4)
+        apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, blocks[bi], blocks[bi + 1], t,
+                                              std::min(T, t + 4));
+    } else {
+      apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, blocks[bi], blocks[bi + 1], 0, T);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Tensor& W_aug, const at::Tensor& Ct,
+                                               const std::optional<at::Tensor>& o, const std::optional<at::Tensor>& d,
+                                               const at::Tensor& U, at::IntArrayRef offsets, const at::Tensor& slots) {
+  TORCH_CHECK(x.device().is_cpu() && W_aug.device().is_cpu(), "core_linear runs on the CPU");
+  TORCH_CHECK(x.dim() == 2 && W_aug.dim() == 2 && x.size(1) == W_aug.size(1), "x (T, K) and W_aug (N, K) must share K, got ",
+              x.sizes(), " and ", W_aug.sizes());
+  TORCH_CHECK(x.stride(1) == 1 && W_aug.is_contiguous(), "x must be contiguous within a row and W_aug contiguous");
+  TORCH_CHECK(x.scalar_type() == W_aug.scalar_type(), "x and W_aug must have one dtype");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "core_linear takes float32 or bfloat16, got ", x.scalar_type());
+  const int64_t T = x.size(0), K = x.size(1), R = U.size(0), k = static_cast<int64_t>(offsets.size()) - 1;
+  TORCH_CHECK(k >= 1 && offsets[0] == 0, "offsets must start at 0");
+  const int64_t M = offsets[k];
+  TORCH_CHECK(W_aug.size(0) == M + k * R, "W_aug must hold the members' ", M, " output rows and their ", k * R,
+              " projection rows, got ", W_aug.size(0));
+  const std::vector<int64_t> slot = row_slots(T, slots, Ct.size(0));
+  check_terms(Ct, o, d, U, Ct.size(0), k, M, x.scalar_type());
+  at::Tensor y = at::empty({T, M}, x.options()), h = at::empty({T, k * R}, x.options());
+  if (T == 0) return {y, h};
+  const std::vector<int64_t> off(offsets.begin(), offsets.end());
+  // float32 or bfloat16 only: the GEMM tile accumulates in float vectors
+  const auto run = [&](auto zero) {
+    using scalar_t = decltype(zero);
+    using acc_t = at::opmath_type<scalar_t>;
+    TORCH_CHECK(U.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "U must be in the accumulation dtype");
+    constexpr int64_t TW = NV * sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
+    const std::vector<int64_t> tiles = member_tiles(off, TW);
+    const std::vector<int64_t> blocks = column_blocks(tiles);
+    const int64_t n_blocks = static_cast<int64_t>(blocks.size()) - 1;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* Wp = W_aug.const_data_ptr<scalar_t>();
+    const acc_t* Up = U.const_data_ptr<acc_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t* hp = h.data_ptr<scalar_t>();
+    const int64_t sx = x.stride(0), kR = k * R;
+    const RowTerms<scalar_t> rows(slot, Ct, o, d);
+    acc_t* g = scratch<acc_t>(0, T * kR);
+    acc_t* e = o.has_value() ? scratch<acc_t>(1, T * kR) : nullptr;
+    constexpr int64_t CB = svdserve::kGemmCB;
+    // One region, three passes: h (the projection rows of W_aug, CB-column tiles split across threads), every
+    // token's cores, then the blocks.
+    svdserve::parallel_region([&](int64_t tid, int64_t n) {
+      const auto [tb, te] = svdserve::share(T, tid, n);
+      const auto [hb, he] = svdserve::share((kR + CB - 1) / CB, tid, n);
+      svdserve::gemm_block(xp, sx, Wp + M * K, K, hp, kR, 0, T, hb * CB, std::min(kR, he * CB));
+      svdserve::barrier();
+      if (e) token_cores<scalar_t, acc_t, true>(hp, kR, rows.C.data(), rows.d.data(), k, R, 1, g, e, tb, te);
+      else token_cores<scalar_t, acc_t, false>(hp, kR, rows.C.data(), nullptr, k, R, 1, g, nullptr, tb, te);
+      svdserve::barrier();
+      const auto [bb, be] = svdserve::share(n_blocks, tid, n);
+      if (e) gemm_core_blocks<scalar_t, acc_t, true>(xp, sx, Wp, K, yp, M, rows.o.data(), g, e, Up, M, R, k, off, tiles,
+                                                     blocks, T, bb, be);
+      else gemm_core_blocks<scalar_t, acc_t, false>(xp, sx, Wp, K, yp, M, nullptr, g, nullptr, Up, M, R, k, off, tiles,
+                                                    blocks, T, bb, be);
+    });
+  };
+  if (x.scalar_type() == at::kFloat) run(float{});
+  else run(c10::BFloat16{});
+  return {y, h};
 }
 
 // silu(gate) · up for y = [gate | up] (T, 2m): the activation of a gate/up group without adapters, in one pass
@@ -561,9 +705,12 @@ TORCH_LIBRARY_FRAGMENT(svdserve, m) {
   m.def("core_delta(Tensor(a!) y, Tensor h, Tensor Ct, Tensor? o, Tensor? d, Tensor U, int[] offsets, "
         "int tokens_per_row, Tensor(b!)? out=None, Tensor? slots=None) -> ()");
   m.def("gated_silu(Tensor y) -> Tensor");
+  m.def("core_linear(Tensor x, Tensor W_aug, Tensor Ct, Tensor? o, Tensor? d, Tensor U, int[] offsets, Tensor slots) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(svdserve, CPU, m) {
   m.impl("core_delta", &core_delta);
   m.impl("gated_silu", &gated_silu);
+  m.impl("core_linear", &core_linear);
 }

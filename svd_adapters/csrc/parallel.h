@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdint>
 #include <exception>
+#include <utility>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -52,6 +53,42 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain_size, const F& f) {
   at::internal::ThreadIdGuard tid_guard(0);
   c10::ParallelGuard guard(true);
   f(begin, end);
+}
+
+// One parallel region in which every thread runs f(tid, n) (n: the region's threads, 1 outside OpenMP) and may
+// wait for the others at `barrier()`: for a kernel of several dependent passes, one region instead of one per
+// pass (each region's start and end cost microseconds, comparable to a decode step's small passes). f must not
+// throw (a thread that left early would leave the others waiting at a barrier): check inputs before.
+template <class F>
+void parallel_region(const F& f) {
+#ifdef _OPENMP
+  if (at::get_num_threads() > 1 && !at::in_parallel_region()) {
+#pragma omp parallel
+    {
+      const int64_t tid = omp_get_thread_num(), n = omp_get_num_threads();
+      at::internal::ThreadIdGuard tid_guard(static_cast<int>(tid));
+      c10::ParallelGuard guard(true);
+      f(tid, n);
+    }
+    return;
+  }
+#endif
+  at::internal::ThreadIdGuard tid_guard(0);
+  c10::ParallelGuard guard(true);
+  f(int64_t{0}, int64_t{1});
+}
+
+// Waits for every thread of the enclosing parallel_region (nothing to wait for outside one).
+inline void barrier() {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
+
+// Thread tid's share [b, e) of [0, n) when `threads` split it in contiguous, near-equal parts.
+inline std::pair<int64_t, int64_t> share(int64_t n, int64_t tid, int64_t threads) {
+  const int64_t chunk = (n + threads - 1) / threads;
+  return {std::min(n, tid * chunk), std::min(n, (tid + 1) * chunk)};
 }
 
 }  // namespace svdserve

@@ -5,70 +5,18 @@
 // fall far short, and a decode step is nothing but such products. svd_adapters/cpu_kernels.py times this
 // against torch's matmul per weight shape and keeps the faster one.
 //
-// Each task takes a group of CB-column tiles and a chunk of rows; a tile walks its rows RB at a time: RB×CB
-// dot products along K in vector registers, each W load shared by RB rows, each x load by CB columns, the CB
-// rows of W (a few KB) staying in L1 while the rows stream past.
+// Each task takes a group of CB-column tiles and a chunk of rows (csrc/skinny_gemm.h: the tile).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "parallel.h"
-#include "vec.h"
+#include "skinny_gemm.h"
 
 namespace {
 
-using svdserve::hsum;
-using svdserve::load;
-using V = svdserve::Vec<float>::type;
-constexpr int kLanes = svdserve::kFloatLanes;
-// RB×CB accumulators + RB x + 1 W within the vector registers: 12 + 4 + 1 of AVX2's 16, 24 + 4 + 1 of AVX-512's 32
-constexpr int RB = 4, CB = svdserve::kVecRegs == 32 ? 6 : 3;
+constexpr int CB = svdserve::kGemmCB;
 constexpr int64_t kRowChunk = 64;  // rows per task: their x (≤ 64·K floats) stays in L2 across the tiles
-
-template <int RB_, int CB_, typename scalar_t>
-inline void tile(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t K, scalar_t* y, int64_t sy, int64_t t,
-                 int64_t n) {
-  V acc[RB_][CB_];
-  for (int r = 0; r < RB_; ++r)
-    for (int c = 0; c < CB_; ++c) acc[r][c] = V{};  // not `= {}`: that became a slow rep-stos of a stack copy
-  int64_t k = 0;
-  for (; k + kLanes <= K; k += kLanes) {
-    V xv[RB_];
-    for (int r = 0; r < RB_; ++r) xv[r] = load(x + (t + r) * sx + k);
-    for (int c = 0; c < CB_; ++c) {
-      const V w = load(W + (n + c) * K + k);
-      for (int r = 0; r < RB_; ++r) acc[r][c] += xv[r] * w;
-    }
-  }
-  for (int r = 0; r < RB_; ++r) {
-    for (int c = 0; c < CB_; ++c) {
-      float s = hsum(acc[r][c]);
-      for (int64_t kk = k; kk < K; ++kk)
-        s += static_cast<float>(x[(t + r) * sx + kk]) * static_cast<float>(W[(n + c) * K + kk]);
-      y[(t + r) * sy + n + c] = static_cast<scalar_t>(s);
-    }
-  }
-}
-
-// y over rows [t0, t1) and column tiles [b, e) (the last tile may be narrower than CB).
-template <typename scalar_t>
-void tiles(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t K, scalar_t* y, int64_t sy, int64_t N, int64_t t0,
-           int64_t t1, int64_t b, int64_t e) {
-  for (int64_t ti = b; ti < e; ++ti) {
-    const int64_t n = ti * CB;
-    const bool whole = n + CB <= N;
-    int64_t t = t0;
-    if (whole) {
-      for (; t + RB <= t1; t += RB) tile<RB, CB>(x, sx, W, K, y, sy, t, n);
-      for (; t < t1; ++t) tile<1, CB>(x, sx, W, K, y, sy, t, n);
-    } else {
-      for (int64_t c = n; c < N; ++c) {
-        for (t = t0; t + RB <= t1; t += RB) tile<RB, 1>(x, sx, W, K, y, sy, t, c);
-        for (; t < t1; ++t) tile<1, 1>(x, sx, W, K, y, sy, t, c);
-      }
-    }
-  }
-}
 
 // The whole product y = x · Wᵀ, split into (row chunk, tile group) tasks across threads.
 template <typename scalar_t>
@@ -81,8 +29,8 @@ void gemm(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t K, scalar_t*
   svdserve::parallel_for(0, chunks * groups, 1, [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e; ++task) {
       const int64_t ch = task / groups, gr = task % groups;
-      tiles(x, sx, W, K, y, sy, N, ch * kRowChunk, std::min(T, (ch + 1) * kRowChunk), gr * group,
-            std::min(n_tiles, (gr + 1) * group));
+      svdserve::gemm_block(x, sx, W, K, y, sy, ch * kRowChunk, std::min(T, (ch + 1) * kRowChunk), gr * group * CB,
+                           std::min(N, (gr + 1) * group * CB));
     }
   });
 }

@@ -1,0 +1,62 @@
+// y = x · Wᵀ over a block of rows and columns, for the few rows of a decode step: the register-blocked tile shared
+// by skinny_linear.cpp (a whole product) and core_delta.cpp (a group's product fused with its core delta).
+//
+// x (T, K) and W (N, K) row-major as nn.Linear stores it; float32 or bfloat16, accumulated in float32. A tile is RB
+// rows × CB columns of dot products along K in vector registers: each W load shared by RB rows, each x load by CB
+// columns, the CB rows of W (a few KB) staying in L1 while the rows stream past.
+#pragma once
+
+#include <cstdint>
+
+#include "vec.h"
+
+namespace svdserve {
+
+// RB×CB accumulators + RB x + 1 W within the vector registers: 12 + 4 + 1 of AVX2's 16, 24 + 4 + 1 of AVX-512's 32
+constexpr int kGemmRB = 4, kGemmCB = kVecRegs == 32 ? 6 : 3;
+
+template <int RB_, int CB_, typename scalar_t>
+inline void gemm_tile(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t K, scalar_t* y, int64_t sy, int64_t t,
+                      int64_t n) {
+  using V = Vec<float>::type;
+  V acc[RB_][CB_];
+  for (int r = 0; r < RB_; ++r)
+    for (int c = 0; c < CB_; ++c) acc[r][c] = V{};  // not `= {}`: that became a slow rep-stos of a stack copy
+  int64_t k = 0;
+  for (; k + kFloatLanes <= K; k += kFloatLanes) {
+    V xv[RB_];
+    for (int r = 0; r < RB_; ++r) xv[r] = load(x + (t + r) * sx + k);
+    for (int c = 0; c < CB_; ++c) {
+      const V w = load(W + (n + c) * K + k);
+      for (int r = 0; r < RB_; ++r) acc[r][c] += xv[r] * w;
+    }
+  }
+  for (int r = 0; r < RB_; ++r) {
+    for (int c = 0; c < CB_; ++c) {
+      float s = hsum(acc[r][c]);
+      for (int64_t kk = k; kk < K; ++kk)
+        s += static_cast<float>(x[(t + r) * sx + kk]) * static_cast<float>(W[(n + c) * K + kk]);
+      y[(t + r) * sy + n + c] = static_cast<scalar_t>(s);
+    }
+  }
+}
+
+// y[t, n] for rows [t0, t1) and columns [n0, n1): whole CB-column tiles first, then the columns left one at a time.
+template <typename scalar_t>
+void gemm_block(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t K, scalar_t* y, int64_t sy, int64_t t0,
+                int64_t t1, int64_t n0, int64_t n1) {
+  constexpr int RB = kGemmRB, CB = kGemmCB;
+  int64_t n = n0;
+  for (; n + CB <= n1; n += CB) {
+    int64_t t = t0;
+    for (; t + RB <= t1; t += RB) gemm_tile<RB, CB>(x, sx, W, K, y, sy, t, n);
+    for (; t < t1; ++t) gemm_tile<1, CB>(x, sx, W, K, y, sy, t, n);
+  }
+  for (; n < n1; ++n) {
+    int64_t t = t0;
+    for (; t + RB <= t1; t += RB) gemm_tile<RB, 1>(x, sx, W, K, y, sy, t, n);
+    for (; t < t1; ++t) gemm_tile<1, 1>(x, sx, W, K, y, sy, t, n);
+  }
+}
+
+}  // namespace svdserve
