@@ -13,6 +13,7 @@ from adapters_store.format import adapter_to_bytes
 from adapters_store.records import record_for
 from service.config import Settings
 from service.engine import Engine, EngineConfig, SamplingParams, check_dtype
+from svd_adapters import cpu_kernels
 from svd_adapters.adapter import random_adapter
 from svd_adapters.inject import merge_into
 from svd_adapters.runner import BatchedRunner
@@ -37,7 +38,14 @@ def merged(model, adapter, factors, dtype):
     return m.to(dtype)
 
 
-def test_bf16_mixed_batch_is_as_accurate_as_the_merged_model_in_bf16(tiny_base, bf16_base, tiny_factors, adapters):
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernels", "pytorch-path"])
+def test_bf16_mixed_batch_is_as_accurate_as_the_merged_model_in_bf16(tiny_base, bf16_base, tiny_factors, adapters,
+                                                                     kernels, monkeypatch):
+    assert cpu_kernels.available()
+    monkeypatch.setitem(cpu_kernels._state, "force", kernels)  # every decode GEMM through the kernels, or none
+    calls = []
+    fused = cpu_kernels.core_linear
+    monkeypatch.setattr(cpu_kernels, "core_linear", lambda *a: (calls.append(1), fused(*a))[1])
     runner = BatchedRunner(bf16_base, tiny_factors, max_rank=8, max_batch=8, max_seq_len=32, core_slots=4, lr_slots=4)
     assert runner.pools["qkv"].C.dtype == torch.bfloat16 and runner.k_cache[0].dtype == torch.bfloat16
     cs, ls = runner.place(adapters, tiny_factors)
@@ -48,6 +56,7 @@ def test_bf16_mixed_batch_is_as_accurate_as_the_merged_model_in_bf16(tiny_base, 
     logits = runner.prefill(prompts, list(range(len(rows))), cs, ls)
     nxt = torch.randint(3, 200, (len(rows),), generator=gen)
     step = runner.decode(nxt, torch.full((len(rows),), 10), runner.mapping(cs, ls))
+    assert bool(calls) == kernels  # the decode step's groups took the fused GEMM + core delta kernel, or not
     for i, a in enumerate(rows):
         ids = torch.tensor([prompts[i] + [int(nxt[i])]])
         with torch.no_grad():
