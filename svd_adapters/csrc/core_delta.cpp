@@ -570,11 +570,13 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
 // A decode step's GEMM for one group fused with its core delta (core_linear): [y | h] = x · W_augᵀ with W_aug =
 // [W; V_rᵀ] (the members' weights, then their shared projections), every row's core delta added into y, one token
 // per row. In one parallel region (a region costs microseconds, as much as a small pass here): h (W_aug's last
-// k·R rows), every token's cores, then blocks of up to kBlockTiles tiles of one member: the block's U and o
-// prefetched, its columns of y from the GEMM, at once its delta while they are in L1. Run separately
-// (skinny_linear, then core_delta), the delta's reads of U, o and the cores waited on memory after the GEMM had
-// streamed the weights through every cache level; fused, a decode step's core delta cost ~1 ms less (SmolLM2,
-// batch 32, 2 threads of a Zen 5: 2.5 → 1.5 ms LoRA-XS, 4.0 → 3.1 ms OSoRA over the bare GEMMs).
+// k·R rows), every token's cores, then blocks of up to kBlockTiles tiles of one member: the block's columns of y
+// from the GEMM, with the block's U and o prefetched a few lines per GEMM tile, then at once its delta while
+// they are in L1. Run separately (skinny_linear, then core_delta), the delta's reads of U, o and the cores waited
+// on memory after the GEMM had streamed the weights through every cache level. bench/decode_kernels.py (SmolLM2's
+// shapes, 32 rows, 2 threads of a Zen 5): the step's core delta over the bare GEMMs ~3.0 → 1.7–2.3 ms (LoRA-XS),
+// ~4.0–5.0 → 2.7–3.3 ms (OSoRA); all the block's prefetches issued before its GEMM measured ~0.4 ms slower, the
+// next block's instead of this one's no faster, into L2 only slower.
 constexpr int64_t kBlockTiles = 3;
 
 // Blocks of output columns for core_linear: up to kBlockTiles consecutive tiles of one member each, as the first
@@ -602,15 +604,20 @@ void gemm_core_blocks(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t 
   };
   for (int64_t bi = b; bi < en; ++bi) {
     const auto [c0, c1] = cols(bi);
-    // The block's U and o into L1 before its GEMM: their lines arrive while the GEMM computes (measured: fetched
-    // the block before, or into L2 only, the delta ran slower).
-    constexpr int64_t kLine = 64 / sizeof(acc_t), kScalarLine = 64 / sizeof(scalar_t);
-    for (int64_t j = 0; j < R; ++j)
-      for (int64_t c = c0; c < c1; c += kLine) __builtin_prefetch(U + j * M + c, 0, 3);
-    if constexpr (kScaled)
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t c = c0; c < c1; c += kScalarLine) __builtin_prefetch(o[t] + c, 0, 3);
-    svdserve::gemm_block(x, sx, W, K, y, sy, 0, T, c0, c1);
+    // The block's U and o into L1 while its GEMM runs, spread over the GEMM's tiles.
+    constexpr int64_t kLine = 64 / sizeof(acc_t);  // o's scalar_t lines are as wide or wider
+    const int64_t lines = (c1 - c0 + kLine - 1) / kLine, items = (R + (kScaled ? T : 0)) * lines;
+    constexpr int64_t CB = svdserve::kGemmCB;
+    const int64_t n_gemm = (c1 - c0 + CB - 1) / CB, per = (items + n_gemm - 1) / n_gemm;
+    int64_t item = 0;
+    for (int64_t n = c0; n < c1; n += CB) {
+      for (const int64_t stop = std::min(items, item + per); item < stop; ++item) {
+        const int64_t row = item / lines, c = c0 + (item % lines) * kLine;
+        if (row < R) __builtin_prefetch(U + row * M + c, 0, 3);
+        else if constexpr (kScaled) __builtin_prefetch(o[row - R] + c, 0, 3);
+      }
+      svdserve::gemm_block(x, sx, W, K, y, sy, 0, T, n, std::min(c1, n + CB));
+    }
     if constexpr (kScaled) {  // a few tokens through the block's tiles at a time (as `sweep`: measured faster)
       for (int64_t t = 0; t < T; t += 4)
         apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, blocks[bi], blocks[bi + 1], t,
