@@ -188,6 +188,21 @@ def test_core_linear_kernel_matches_the_formula(shape, dtype, scaled):
     assert (h.double() - want[:, M:]).abs().max().item() <= tol * want[:, M:].abs().max().item()
 
 
+def test_core_linear_kernel_gives_the_same_bits_on_one_thread():
+    """One thread runs the kernel's passes inline (no parallel region, no barriers) and each output is the same
+    arithmetic whichever thread computes it: the results are identical."""
+    c = case(torch.float32, True, P=32, R=16, sizes=(64, 32, 32))
+    slots = torch.randperm(34, generator=torch.Generator().manual_seed(3))[:32]
+    threads = torch.get_num_threads()
+    y2, h2, _ = run_core_linear(c, 64, slots)
+    torch.set_num_threads(1)
+    try:
+        y1, h1, _ = run_core_linear(c, 64, slots)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y1, y2) and torch.equal(h1, h2)
+
+
 def test_core_linear_kernel_refuses_bad_inputs_with_a_message():
     assert cpu_kernels.available()
     c = case(torch.float32, True, P=3)

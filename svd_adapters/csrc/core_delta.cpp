@@ -673,10 +673,10 @@ std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Te
       const auto [tb, te] = svdserve::share(T, tid, n);
       const auto [hb, he] = svdserve::share((kR + CB - 1) / CB, tid, n);
       svdserve::gemm_block(xp, sx, Wp + M * K, K, hp, kR, 0, T, hb * CB, std::min(kR, he * CB));
-      svdserve::barrier();
+      svdserve::barrier(n);
       if (e) token_cores<scalar_t, acc_t, true>(hp, kR, rows.C.data(), rows.d.data(), k, R, 1, g, e, tb, te);
       else token_cores<scalar_t, acc_t, false>(hp, kR, rows.C.data(), nullptr, k, R, 1, g, nullptr, tb, te);
-      svdserve::barrier();
+      svdserve::barrier(n);
       const auto [bb, be] = svdserve::share(n_blocks, tid, n);
       if (e) gemm_core_blocks<scalar_t, acc_t, true>(xp, sx, Wp, K, yp, M, rows.o.data(), g, e, Up, M, R, k, off, tiles,
                                                      blocks, T, bb, be);

@@ -78,10 +78,14 @@ void parallel_region(const F& f) {
   f(int64_t{0}, int64_t{1});
 }
 
-// Waits for every thread of the enclosing parallel_region (nothing to wait for outside one).
-inline void barrier() {
+// Waits for every thread of the enclosing parallel_region; `threads` is the n it gave f. With one thread there is
+// nothing to wait for, and no barrier is met: one run inline from inside another OpenMP region (parallel_region's
+// fallback) would bind to that region's team and wait for threads that never come.
+inline void barrier(int64_t threads) {
 #ifdef _OPENMP
+  if (threads > 1) {
 #pragma omp barrier
+  }
 #endif
 }
 
