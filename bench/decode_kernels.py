@@ -5,7 +5,8 @@
 
 SmolLM2-135M's four groups per layer (qkv, o, gate/up, down; random weights of the real shapes) for `--layers`
 layers, so weights stream through the caches as in a real step; each row reads its cores (and, for OSoRA, its
-output scales) from its own slot of a pool. Per step, alternated round by round: the bare GEMMs
+output scales; OSoRA's diagonal cores as their diagonals, as the runner's pools give them) from its own slot
+of a pool. Per step, alternated round by round: the bare GEMMs
 (`skinny_linear` over [W; V_rᵀ]); the GEMMs then the core delta as a second call (`core_delta`, the path before
 `core_linear`); and both in one call (`core_linear`). The delta's cost is each path's time minus the bare GEMMs'
 in the same round (median over rounds). Prints a markdown table and a last line of JSON.
@@ -36,13 +37,15 @@ def group_layers(members: list[int], K: int, R: int, rows: int, layers: int, sca
     slots = rows * 2 + 1
     out = []
     for _ in range(layers):
-        C = (torch.diag_embed(torch.randn(slots, k, R, generator=gen)) if scaled
-             else torch.randn(slots, k, R, R, generator=gen))
+        S = torch.randn(slots, k, R, generator=gen)
+        C = torch.diag_embed(S) if scaled else torch.randn(slots, k, R, R, generator=gen)
         out.append(dict(
             x=torch.randn(rows, K, generator=gen), W=torch.randn(M + k * R, K, generator=gen) / K ** 0.5, C=C,
             o=torch.randn(slots, M, generator=gen) if scaled else None,
             d=torch.randn(slots, k * R, generator=gen) if scaled else None,
             U=torch.randn(R, M, generator=gen), offsets=offsets, M=M,
+            # as the runner's pools hold them: OSoRA's diagonal cores also as their diagonals, flagged per slot
+            s=S.reshape(slots, k * R), diagonal=torch.full((slots,), scaled),
             slots=torch.randperm(slots - 1, generator=gen)[:rows] + 1))
     return out
 
@@ -58,7 +61,8 @@ def separate(a) -> None:
 
 
 def fused(a) -> None:
-    cpu_kernels.core_linear(a["x"], a["W"], a["C"], a["o"], a["d"], a["U"], a["offsets"], a["slots"])
+    cpu_kernels.core_linear(a["x"], a["W"], a["C"], a["o"], a["d"], a["U"], a["offsets"], a["slots"], a["s"],
+                            a["diagonal"])
 
 
 def main() -> None:

@@ -180,6 +180,10 @@ class GroupPools:
         self.C = torch.zeros(n_layers, core_slots, self.k, R, R, **kw)
         self.o = torch.ones(n_layers, core_slots, self.M, **kw)
         self.d = torch.zeros(n_layers, core_slots, self.k * R, **kw)
+        # The diagonals of the cores, side by side, and per slot whether every core in it is diagonal (OSoRA's
+        # diag S; an empty slot's zeros): the CPU decode kernel then reads R numbers per member, not R².
+        self.s = torch.zeros(n_layers, core_slots, self.k * R, **kw)
+        self.diagonal = torch.ones(core_slots, dtype=torch.bool)  # on the host, like the kernel's slot ids
         self.A = torch.zeros(n_layers, lr_slots, self.k * self.K, n_in, **kw)
         self.Bt = [torch.zeros(n_layers, lr_slots, self.K, m, **kw) for m in out_sizes]
         # Filled rows of each slot's K (the kernels read only those): on the host for the CPU kernel, like its slot
@@ -190,11 +194,12 @@ class GroupPools:
         self.scratch: torch.Tensor | None = None  # decode's temporary for OSoRA's scaled part (enable_row_cache)
         # Per-layer views of the pools, made once: they stay valid (slots are written in place), and making them
         # per step is ~360 tensor objects (`by_slot`, `lr_layer`).
-        self.layer_views = per_layer({"C": self.C, "o": self.o, "d": self.d, "A": self.A, "lr_d": self.lr_d,
+        self.layer_views = per_layer({"C": self.C, "o": self.o, "d": self.d, "s": self.s, "A": self.A, "lr_d": self.lr_d,
                                       **{f"Bt{i}": Bt for i, Bt in enumerate(self.Bt)}})
 
     def clear_core(self, slot: int) -> None:
-        self.C[:, slot].zero_(), self.o[:, slot].fill_(1.0), self.d[:, slot].zero_()
+        self.C[:, slot].zero_(), self.o[:, slot].fill_(1.0), self.d[:, slot].zero_(), self.s[:, slot].zero_()
+        self.diagonal[slot] = True
 
     def clear_lr(self, slot: int) -> None:
         self.A[:, slot].zero_()
@@ -208,6 +213,10 @@ class GroupPools:
         r, R, L = t.rank, self.R, _layer_index(layers)
         if t.C is not None:
             self.C[L, slot, i, :r, :r] = t.C.transpose(-1, -2).to(self.C)
+            diag = torch.diagonal(t.C, dim1=-2, dim2=-1)
+            self.s[L, slot, i * R : i * R + r] = diag.to(self.s)
+            if not torch.equal(t.C, torch.diag_embed(diag)):
+                self.diagonal[slot] = False
         if t.o is not None:
             self.o[L, slot, self.offsets[i] : self.offsets[i] + self.out_sizes[i]] = t.o.to(self.o)
         if t.d is not None:
@@ -247,7 +256,7 @@ class GroupPools:
         tensors from its slot (`cpu_kernels.core_delta(slots=)`), so nothing is gathered or copied per step."""
         if not mp.has_core:
             return {}
-        views = {"C": self.layer_views["C"], "slots": mp.core_idx}
+        views = {"C": self.layer_views["C"], "s": self.layer_views["s"], "diagonal": self.diagonal, "slots": mp.core_idx}
         if mp.has_sub:
             views["o"], views["d"] = self.layer_views["o"], self.layer_views["d"]
         return views
@@ -358,7 +367,8 @@ class LinearGroup(nn.Module):
         o, d = (rows["o"][li], rows["d"][li]) if mp.has_sub else (None, None)
         if "slots" in rows and L == 1 and out is None and not lowrank_first and cpu_kernels.fuses(x, self.W_aug):
             # a decode step on the CPU: the GEMM and the core delta in one kernel call
-            return cpu_kernels.core_linear(x, self.W_aug, rows["C"][li], o, d, self.Ut_cat, self.bounds, rows["slots"])
+            return cpu_kernels.core_linear(x, self.W_aug, rows["C"][li], o, d, self.Ut_cat, self.bounds, rows["slots"],
+                                           rows["s"][li], rows["diagonal"])
         y, h = self.project(x)
         if lowrank_first:
             self._add_lowrank(y, x, h if mp.lr_sub else None, mp)

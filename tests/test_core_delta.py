@@ -188,6 +188,43 @@ def test_core_linear_kernel_matches_the_formula(shape, dtype, scaled):
     assert (h.double() - want[:, M:]).abs().max().item() <= tol * want[:, M:].abs().max().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_core_linear_kernel_takes_diagonal_cores_from_their_diagonals(dtype):
+    """Slots flagged diagonal (OSoRA's diag S) give their cores as diagonals in s: their core pool entries are not
+    read (NaN here), the others' are (dense cores, s NaN), and every row matches the formula."""
+    assert cpu_kernels.available()
+    c = case(dtype, True, P=12, R=16, sizes=(64, 32, 32))
+    P, k, R, M = c["P"], c["k"], c["R"], c["M"]
+    flagged = torch.arange(P) % 3 != 0
+    diag = torch.randn(P, k, R, generator=torch.Generator().manual_seed(5)).to(dtype)
+    c["Ct"][flagged] = torch.diag_embed(diag[flagged])  # the formula's cores for the flagged rows
+    slots = torch.randperm(P + 2, generator=torch.Generator().manual_seed(6))[:P]
+    S = P + 2
+    Ct_pool = torch.full((S, k, R, R), float("nan"), dtype=dtype)
+    s_pool = torch.full((S, k * R), float("nan"), dtype=dtype)
+    diagonal = torch.zeros(S, dtype=torch.bool)
+    Ct_pool[slots[~flagged]] = c["Ct"][~flagged]
+    s_pool[slots[flagged]] = diag[flagged].reshape(-1, k * R)
+    diagonal[slots[flagged]] = True
+
+    def pool(t):
+        p = torch.full((S,) + t.shape[1:], float("nan"), dtype=t.dtype)
+        p[slots] = t
+        return p
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(P, 64, generator=gen).to(dtype)
+    W_aug = (torch.randn(M + k * R, 64, generator=gen) / 8).to(dtype)
+    want = reference(dict(c, z=x.double() @ W_aug.double().T))
+    U = torch.cat(c["Ut"], dim=1).float().contiguous()
+    y, h = cpu_kernels.core_linear(x, W_aug, Ct_pool, pool(c["o"]), pool(c["d"]), U, c["offsets"] + [M], slots,
+                                   s_pool, diagonal)
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-6
+    assert (y.double() - want[:, :M]).abs().max().item() <= tol * want[:, :M].abs().max().item()
+    with pytest.raises(RuntimeError, match="s and diagonal come together"):
+        cpu_kernels.core_linear(x, W_aug, Ct_pool, pool(c["o"]), pool(c["d"]), U, c["offsets"] + [M], slots, s_pool)
+
+
 def test_core_linear_kernel_gives_the_same_bits_on_one_thread():
     """One thread runs the kernel's passes inline (no parallel region, no barriers) and each output is the same
     arithmetic whichever thread computes it: the results are identical."""

@@ -66,6 +66,9 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
     cs, ls = runner.place(list(chosen.values()), tiny_factors)
     assert runner.scaled_slots == {c for c, a in zip(cs, chosen.values()) if a.method == "osora"}
     assert runner.lr_sub_slots == {l for l, a in zip(ls, chosen.values()) if a.method == "sorsa"}
+    # OSoRA's cores are diagonal (the CPU decode kernel reads their diagonals), LoRA-XS's are not
+    for pools in runner.pools.values():
+        assert {c for c in cs if c and pools.diagonal[c]} == {c for c, a in zip(cs, chosen.values()) if a.method == "osora"}
     row_ids = list(chosen) + [None, None]  # plus two base rows
     cs, ls = cs + [0, 0], ls + [0, 0]
     gen = torch.Generator().manual_seed(0)

@@ -48,20 +48,27 @@ acc_t* scratch(int which, int64_t n) {
   return b.data();
 }
 
-// Every token's cores for every member: g = C h and, for scaled rows, e = d ⊙ h; (T, k·R) each.
+// Every token's cores for every member: g = C h and, for scaled rows, e = d ⊙ h; (T, k·R) each. With `srow`,
+// a row whose srow[p] is set has diagonal cores (OSoRA's diag S), srow[p] their diagonals (k·R): g = s ⊙ h, and C
+// is not read (R² numbers per member, of which R count).
 template <typename scalar_t, typename acc_t, bool kScaled>
 void token_cores(const scalar_t* h, int64_t sh, const scalar_t* const* Crow, const scalar_t* const* drow,
-                 int64_t k, int64_t R, int64_t L, acc_t* g, acc_t* e, int64_t begin, int64_t end) {
+                 int64_t k, int64_t R, int64_t L, acc_t* g, acc_t* e, int64_t begin, int64_t end,
+                 const scalar_t* const* srow = nullptr) {
   for (int64_t t = begin; t < end; ++t) {
     const scalar_t* ht = h + t * sh;
     const int64_t p = t / L;
     for (int64_t i = 0; i < k; ++i) {
       acc_t* gi = g + (t * k + i) * R;
-      for (int64_t j = 0; j < R; ++j) gi[j] = 0;
-      const scalar_t* Ci = Crow[p] + i * R * R;  // Cᵀ: g_j = Σ_l h_l Cᵀ[l, j]
-      for (int64_t l = 0; l < R; ++l) {
-        const acc_t hl = static_cast<acc_t>(ht[i * R + l]);
-        for (int64_t j = 0; j < R; ++j) gi[j] += hl * static_cast<acc_t>(Ci[l * R + j]);
+      if (srow != nullptr && srow[p] != nullptr) {
+        for (int64_t j = 0; j < R; ++j) gi[j] = static_cast<acc_t>(ht[i * R + j]) * static_cast<acc_t>(srow[p][i * R + j]);
+      } else {
+        for (int64_t j = 0; j < R; ++j) gi[j] = 0;
+        const scalar_t* Ci = Crow[p] + i * R * R;  // Cᵀ: g_j = Σ_l h_l Cᵀ[l, j]
+        for (int64_t l = 0; l < R; ++l) {
+          const acc_t hl = static_cast<acc_t>(ht[i * R + l]);
+          for (int64_t j = 0; j < R; ++j) gi[j] += hl * static_cast<acc_t>(Ci[l * R + j]);
+        }
       }
       if constexpr (kScaled) {
         for (int64_t j = 0; j < R; ++j)
@@ -467,17 +474,22 @@ void check_terms(const at::Tensor& Ct, const std::optional<at::Tensor>& o, const
 }
 
 // Where each row's core, scale and d live (its slot's, or its own), so the inner loops index no pools.
+// With `s` and `diagonal`: s[p] is the row's core diagonals where its slot's cores are all diagonal, else null.
 template <typename scalar_t>
 struct RowTerms {
-  std::vector<const scalar_t*> C, o, d;
+  std::vector<const scalar_t*> C, o, d, s;
   RowTerms(const std::vector<int64_t>& slot, const at::Tensor& Ct, const std::optional<at::Tensor>& o_,
-           const std::optional<at::Tensor>& d_) : C(slot.size()), o(slot.size()), d(slot.size()) {
+           const std::optional<at::Tensor>& d_, const std::optional<at::Tensor>& s_ = std::nullopt,
+           const std::optional<at::Tensor>& diagonal = std::nullopt)
+      : C(slot.size()), o(slot.size()), d(slot.size()), s(slot.size()) {
     for (size_t p = 0; p < slot.size(); ++p) {
       C[p] = Ct.const_data_ptr<scalar_t>() + slot[p] * Ct.stride(0);
       if (o_.has_value()) {
         o[p] = o_->const_data_ptr<scalar_t>() + slot[p] * o_->stride(0);
         d[p] = d_->const_data_ptr<scalar_t>() + slot[p] * d_->stride(0);
       }
+      if (s_.has_value() && diagonal->const_data_ptr<bool>()[slot[p]])
+        s[p] = s_->const_data_ptr<scalar_t>() + slot[p] * s_->stride(0);
     }
   }
 };
@@ -630,7 +642,9 @@ void gemm_core_blocks(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t 
 
 std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Tensor& W_aug, const at::Tensor& Ct,
                                                const std::optional<at::Tensor>& o, const std::optional<at::Tensor>& d,
-                                               const at::Tensor& U, at::IntArrayRef offsets, const at::Tensor& slots) {
+                                               const at::Tensor& U, at::IntArrayRef offsets, const at::Tensor& slots,
+                                               const std::optional<at::Tensor>& s,
+                                               const std::optional<at::Tensor>& diagonal) {
   TORCH_CHECK(x.device().is_cpu() && W_aug.device().is_cpu(), "core_linear runs on the CPU");
   TORCH_CHECK(x.dim() == 2 && W_aug.dim() == 2 && x.size(1) == W_aug.size(1), "x (T, K) and W_aug (N, K) must share K, got ",
               x.sizes(), " and ", W_aug.sizes());
@@ -645,6 +659,13 @@ std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Te
               " projection rows, got ", W_aug.size(0));
   const std::vector<int64_t> slot = row_slots(T, slots, Ct.size(0));
   check_terms(Ct, o, d, U, Ct.size(0), k, M, x.scalar_type());
+  TORCH_CHECK(s.has_value() == diagonal.has_value(), "s and diagonal come together");
+  if (s.has_value()) {
+    check_rows(*s, "s", Ct.size(0), k * R, x.scalar_type());
+    TORCH_CHECK(diagonal->dim() == 1 && diagonal->size(0) == Ct.size(0) && diagonal->scalar_type() == at::kBool &&
+                diagonal->device().is_cpu() && diagonal->is_contiguous(),
+                "diagonal must be a contiguous CPU bool vector with one entry per slot (", Ct.size(0), ")");
+  }
   at::Tensor y = at::empty({T, M}, x.options()), h = at::empty({T, k * R}, x.options());
   if (T == 0) return {y, h};
   const std::vector<int64_t> off(offsets.begin(), offsets.end());
@@ -663,7 +684,7 @@ std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Te
     scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* hp = h.data_ptr<scalar_t>();
     const int64_t sx = x.stride(0), kR = k * R;
-    const RowTerms<scalar_t> rows(slot, Ct, o, d);
+    const RowTerms<scalar_t> rows(slot, Ct, o, d, s, diagonal);
     acc_t* g = scratch<acc_t>(0, T * kR);
     acc_t* e = o.has_value() ? scratch<acc_t>(1, T * kR) : nullptr;
     constexpr int64_t CB = svdserve::kGemmCB;
@@ -674,8 +695,8 @@ std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Te
       const auto [hb, he] = svdserve::share((kR + CB - 1) / CB, tid, n);
       svdserve::gemm_block(xp, sx, Wp + M * K, K, hp, kR, 0, T, hb * CB, std::min(kR, he * CB));
       svdserve::barrier(n);
-      if (e) token_cores<scalar_t, acc_t, true>(hp, kR, rows.C.data(), rows.d.data(), k, R, 1, g, e, tb, te);
-      else token_cores<scalar_t, acc_t, false>(hp, kR, rows.C.data(), nullptr, k, R, 1, g, nullptr, tb, te);
+      if (e) token_cores<scalar_t, acc_t, true>(hp, kR, rows.C.data(), rows.d.data(), k, R, 1, g, e, tb, te, rows.s.data());
+      else token_cores<scalar_t, acc_t, false>(hp, kR, rows.C.data(), nullptr, k, R, 1, g, nullptr, tb, te, rows.s.data());
       svdserve::barrier(n);
       const auto [bb, be] = svdserve::share(n_blocks, tid, n);
       if (e) gemm_core_blocks<scalar_t, acc_t, true>(xp, sx, Wp, K, yp, M, rows.o.data(), g, e, Up, M, R, k, off, tiles,
@@ -712,8 +733,8 @@ TORCH_LIBRARY_FRAGMENT(svdserve, m) {
   m.def("core_delta(Tensor(a!) y, Tensor h, Tensor Ct, Tensor? o, Tensor? d, Tensor U, int[] offsets, "
         "int tokens_per_row, Tensor(b!)? out=None, Tensor? slots=None) -> ()");
   m.def("gated_silu(Tensor y) -> Tensor");
-  m.def("core_linear(Tensor x, Tensor W_aug, Tensor Ct, Tensor? o, Tensor? d, Tensor U, int[] offsets, Tensor slots) "
-        "-> (Tensor, Tensor)");
+  m.def("core_linear(Tensor x, Tensor W_aug, Tensor Ct, Tensor? o, Tensor? d, Tensor U, int[] offsets, Tensor slots, "
+        "Tensor? s=None, Tensor? diagonal=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(svdserve, CPU, m) {
