@@ -194,8 +194,8 @@ class GroupPools:
         self.scratch: torch.Tensor | None = None  # decode's temporary for OSoRA's scaled part (enable_row_cache)
         # Per-layer views of the pools, made once: they stay valid (slots are written in place), and making them
         # per step is ~360 tensor objects (`by_slot`, `lr_layer`).
-        self.layer_views = per_layer({"C": self.C, "o": self.o, "d": self.d, "s": self.s, "A": self.A, "lr_d": self.lr_d,
-                                      **{f"Bt{i}": Bt for i, Bt in enumerate(self.Bt)}})
+        self.layer_views = per_layer({"C": self.C, "o": self.o, "d": self.d, "s": self.s, "A": self.A,
+                                      "lr_d": self.lr_d, **{f"Bt{i}": Bt for i, Bt in enumerate(self.Bt)}})
 
     def clear_core(self, slot: int) -> None:
         self.C[:, slot].zero_(), self.o[:, slot].fill_(1.0), self.d[:, slot].zero_(), self.s[:, slot].zero_()
@@ -252,11 +252,13 @@ class GroupPools:
         return per_layer(out)
 
     def by_slot(self, mp: SlotMapping) -> dict[str, tuple[torch.Tensor, ...]]:
-        """The pools themselves, per layer, and the rows' slots: for the CPU kernel, which reads each row's core
-        tensors from its slot (`cpu_kernels.core_delta(slots=)`), so nothing is gathered or copied per step."""
+        """The pools themselves, per layer, and the rows' slots: for the CPU kernels, which read each row's core
+        tensors from its slot (`cpu_kernels.core_delta(slots=)`, `core_linear`: diagonal cores from `s` where
+        `diagonal` flags the slot), so nothing is gathered or copied per step."""
         if not mp.has_core:
             return {}
-        views = {"C": self.layer_views["C"], "s": self.layer_views["s"], "diagonal": self.diagonal, "slots": mp.core_idx}
+        views = {"C": self.layer_views["C"], "s": self.layer_views["s"], "diagonal": self.diagonal,
+                 "slots": mp.core_idx}
         if mp.has_sub:
             views["o"], views["d"] = self.layer_views["o"], self.layer_views["d"]
         return views
