@@ -12,6 +12,7 @@
 // folded into its own projection, Δy_t = h_t · U_eff,p with U_eff,p[l, c] = o[p, c] (Cᵀ U)[l, c] + d[p, l] U[l, c]
 // (R²·M per row, R·M for a diagonal core, against R·M per token for the two sums above), so its tokens take the
 // unscaled path. A gate/up group can take `out`: its activation silu(gate)·up, at prefill fused into the sweep.
+// At decode, `core_linear` (below) runs the group's GEMM and this delta in one call, block by block of columns.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
