@@ -323,6 +323,16 @@ class LinearGroup(nn.Module):
         acc = torch.promote_types(ref.dtype, torch.float32)
         self.Ut_cat = torch.cat([f.U[:, : self.R].T for f in factors], dim=1).to(ref.device, acc).contiguous()
         self.bounds = pools.offsets + [self.M]
+        # At prefill, members narrower than their input (k and v, down) take their shared projection from their own
+        # base output: U_rᵀ W = σ_r V_rᵀ, so h = (U_rᵀ y) / σ_r, R·m multiply-adds a token instead of R·n (a third of
+        # SmolLM2's projection work; within 1e-6 relative of V_rᵀ x on its weights). Only a trailing run of such
+        # members (their V_rᵀ rows are then the last of W_aug, which a prefill leaves out), and not in bf16, where y
+        # is rounded to 8 bits before the product.
+        narrow = [f.U.shape[0] < f.Vh.shape[1] and ref.dtype in (torch.float32, torch.float64) for f in factors]
+        self.v_members = self.k
+        while self.v_members > 0 and narrow[self.v_members - 1]:
+            self.v_members -= 1
+        self.U_over_s = [(f.U[:, : self.R] / f.S[: self.R]).to(ref).contiguous() for f in factors[self.v_members :]]
 
     def forward(self, x: torch.Tensor, mp: SlotMapping, rows: dict[str, tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """x (T, n) → (T, M): base outputs of all members plus each token's adapter delta.
@@ -413,11 +423,27 @@ class LinearGroup(nn.Module):
         A decode step's few rows take one GEMM over W_aug: it reads the weights once, which is what a skinny
         product costs. A prefill's many rows take one or two (W, then V_rᵀ), whichever the CPU runs faster
         (`cpu_kernels.calibrate_prefill`: on one Xeon MKL ran e.g. 3104 = 3072 + 32 rows up to 10 % slower than
-        W alone, on a Zen 5 the one GEMM was faster); on a GPU, two."""
-        if x.shape[0] > cpu_kernels.SKINNY_MAX_ROWS and not cpu_kernels.prefill_stacked(self.W_aug, self.M):
-            return cpu_kernels.matmul_t(x, self.W_aug[: self.M]), cpu_kernels.matmul_t(x, self.W_aug[self.M :])
-        z = cpu_kernels.matmul_t(x, self.W_aug)
-        return z[:, : self.M], z[:, self.M :]
+        W alone, on a Zen 5 the one GEMM was faster); on a GPU, two. There the trailing narrow members' h come from
+        their outputs (`prefill_weight`)."""
+        if x.shape[0] <= cpu_kernels.SKINNY_MAX_ROWS:
+            z = cpu_kernels.matmul_t(x, self.W_aug)
+            return z[:, : self.M], z[:, self.M :]
+        W = self.prefill_weight()
+        if W.shape[0] == self.M or not cpu_kernels.prefill_stacked(W, self.M):
+            y, h = cpu_kernels.matmul_t(x, W[: self.M]), cpu_kernels.matmul_t(x, W[self.M :])
+        else:
+            z = cpu_kernels.matmul_t(x, W)
+            y, h = z[:, : self.M], z[:, self.M :]
+        if self.v_members == self.k:
+            return y, h
+        off = self.bounds[self.v_members :]
+        from_y = [y[:, a:b] @ Us for a, b, Us in zip(off[:-1], off[1:], self.U_over_s)]
+        return y, torch.cat([h] + from_y, dim=1)
+
+    def prefill_weight(self) -> torch.Tensor:
+        """The rows of W_aug a prefill multiplies: the members' weights and the V_rᵀ of those whose projection
+        does not come from their output (see `__init__`)."""
+        return self.W_aug[: self.M + self.v_members * self.R]
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         return list(torch.split(y, self.out_sizes, dim=-1))

@@ -93,6 +93,23 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
     assert (logits[0, : len(prompts[0])] - base_row).abs().max().item() > 1e-3
 
 
+def test_prefill_projections_of_narrow_members_come_from_their_outputs(tiny_base, tiny_factors):
+    """At prefill k and v, and down (narrower than their input) take h = (U_rᵀ y) / σ_r from their own base outputs
+    instead of a GEMM over V_rᵀ: the same h as x · V_rᵀ, to float rounding (the merged-reference tests check the
+    logits); the GEMM leaves their V_rᵀ rows out."""
+    runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=4, max_seq_len=64, core_slots=2, lr_slots=2)
+    groups = runner.layers[0].groups
+    assert {name: g.v_members for name, g in groups.items()} == {"qkv": 1, "o": 1, "gate_up": 2, "down": 0}
+    gen = torch.Generator().manual_seed(0)
+    for name, g in groups.items():
+        x = torch.randn(cpu_kernels.SKINNY_MAX_ROWS + 36, g.W_aug.shape[1], generator=gen)  # a prefill's rows
+        assert g.prefill_weight().shape[0] == g.M + g.v_members * g.R
+        y, h = g.project(x)
+        want = x.double() @ g.W_aug.double().T
+        assert (y.double() - want[:, : g.M]).abs().max() <= 1e-5 * want[:, : g.M].abs().max(), name
+        assert (h.double() - want[:, g.M :]).abs().max() <= 1e-5 * want[:, g.M :].abs().max(), name
+
+
 @pytest.mark.parametrize("stacked", [True, False], ids=["one-projection-gemm", "two-projection-gemms"])
 @pytest.mark.parametrize("mix", ["osora-loraxs-base-rows", "all-methods-base-rows", "sorsa-lora-base-rows", "base-only"])
 def test_prefill_fuses_the_gated_activation_and_still_matches_merged_reference(tiny_base, tiny_factors, adapters,
