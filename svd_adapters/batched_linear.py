@@ -377,8 +377,8 @@ class LinearGroup(nn.Module):
         P, L, li = mp.rows, mp.tokens_per_row, self.layer
         # Without OSoRA rows every o is 1 and every d is 0: skip the scale and the subtraction.
         o, d = (rows["o"][li], rows["d"][li]) if mp.has_sub else (None, None)
-        if "slots" in rows and L == 1 and out is None and not lowrank_first and cpu_kernels.fuses(x, self.W_aug):
-            # a decode step on the CPU: the GEMM and the core delta in one kernel call
+        if "slots" in rows and L == 1 and out is None and not lowrank_first and cpu_kernels.uses_kernel(x, self.W_aug):
+            # a decode step on the CPU whose GEMM the kernel takes: the GEMM and the core delta in one call
             return cpu_kernels.core_linear(x, self.W_aug, rows["C"][li], o, d, self.Ut_cat, self.bounds, rows["slots"],
                                            rows["s"][li], rows["diagonal"])
         y, h = self.project(x)
@@ -429,16 +429,15 @@ class LinearGroup(nn.Module):
             z = cpu_kernels.matmul_t(x, self.W_aug)
             return z[:, : self.M], z[:, self.M :]
         W = self.prefill_weight()
-        if W.shape[0] == self.M or not cpu_kernels.prefill_stacked(W, self.M):
-            y, h = cpu_kernels.matmul_t(x, W[: self.M]), cpu_kernels.matmul_t(x, W[self.M :])
-        else:
+        if W.shape[0] > self.M and cpu_kernels.prefill_stacked(W, self.M):
             z = cpu_kernels.matmul_t(x, W)
-            y, h = z[:, : self.M], z[:, self.M :]
-        if self.v_members == self.k:
-            return y, h
+            y, h_parts = z[:, : self.M], [z[:, self.M :]]
+        else:  # no V_rᵀ rows left (down): no second GEMM
+            y = cpu_kernels.matmul_t(x, W[: self.M])
+            h_parts = [cpu_kernels.matmul_t(x, W[self.M :])] if W.shape[0] > self.M else []
         off = self.bounds[self.v_members :]
-        from_y = [y[:, a:b] @ Us for a, b, Us in zip(off[:-1], off[1:], self.U_over_s)]
-        return y, torch.cat([h] + from_y, dim=1)
+        h_parts += [y[:, a:b] @ Us for a, b, Us in zip(off[:-1], off[1:], self.U_over_s)]
+        return y, h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts, dim=1)
 
     def prefill_weight(self) -> torch.Tensor:
         """The rows of W_aug a prefill multiplies: the members' weights and the V_rᵀ of those whose projection

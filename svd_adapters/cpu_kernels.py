@@ -140,14 +140,8 @@ def core_linear(x: torch.Tensor, W_aug: torch.Tensor, Ct: torch.Tensor, o: torch
     row, and W_aug (M + k·R, K) = [the members' weights; their V_rᵀ] give y (T, M), base outputs plus each row's
     core delta, and the shared projections h (T, k·R). The terms as for `core_delta` with `slots`; float32 or
     bfloat16. With s (S, k·R) and diagonal (S,) bool on the host: slots flagged diagonal have the diagonals of
-    their cores in s, and their Ct is not read. Check `fuses(x, W_aug)` first."""
+    their cores in s, and their Ct is not read. Used where `uses_kernel(x, W_aug)`."""
     return torch.ops.svdserve.core_linear(x, W_aug, Ct, o, d, U, offsets, slots, s, diagonal)
-
-
-def fuses(x: torch.Tensor, W_aug: torch.Tensor) -> bool:
-    """Whether a decode step's group GEMM and core delta go through `core_linear`: where the GEMM kernel itself
-    would take x · W_augᵀ (`uses_kernel`)."""
-    return uses_kernel(x, W_aug)
 
 
 def lowrank_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: list[torch.Tensor], offsets: list[int],

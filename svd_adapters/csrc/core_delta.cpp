@@ -611,12 +611,9 @@ void gemm_core_blocks(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t 
                       int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
                       const std::vector<int64_t>& blocks, int64_t T, int64_t b, int64_t en) {
   constexpr int64_t TW = NV * sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
-  const auto cols = [&](int64_t bi) {  // the block's columns [c0, c1)
-    const int64_t tb = blocks[bi], te = blocks[bi + 1], i = tiles[2 * tb];
-    return std::pair<int64_t, int64_t>(tiles[2 * tb + 1], std::min(off[i + 1], tiles[2 * (te - 1) + 1] + TW));
-  };
   for (int64_t bi = b; bi < en; ++bi) {
-    const auto [c0, c1] = cols(bi);
+    const int64_t tb = blocks[bi], te = blocks[bi + 1], i = tiles[2 * tb];  // tiles [tb, te) of member i
+    const int64_t c0 = tiles[2 * tb + 1], c1 = std::min(off[i + 1], tiles[2 * (te - 1) + 1] + TW);
     // The block's U and o into L1 while its GEMM runs, spread over the GEMM's tiles.
     constexpr int64_t kLine = 64 / sizeof(acc_t);  // o's scalar_t lines are as wide or wider
     const int64_t lines = (c1 - c0 + kLine - 1) / kLine, items = (R + (kScaled ? T : 0)) * lines;
@@ -633,10 +630,9 @@ void gemm_core_blocks(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t 
     }
     if constexpr (kScaled) {  // a few tokens through the block's tiles at a time (as `sweep`: measured faster)
       for (int64_t t = 0; t < T; t += 4)
-        apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, blocks[bi], blocks[bi + 1], t,
-                                              std::min(T, t + 4));
+        apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, tb, te, t, std::min(T, t + 4));
     } else {
-      apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, blocks[bi], blocks[bi + 1], 0, T);
+      apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, tb, te, 0, T);
     }
   }
 }
