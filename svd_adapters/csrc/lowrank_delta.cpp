@@ -11,8 +11,11 @@
 // member) tasks, straight from the slots: in PyTorch this was a gather of every row's A and B (copies), two
 // batched products, a concatenation and a scatter back into y, each a pass over memory.
 // Decode: each row reads (k·K·n + K·M) numbers per layer for one token, so it is bound by memory bandwidth: two
-// vector loops read A and Bᵀ once. Prefill: two small GEMMs per task, by ATen's BLAS, the second accumulating into
-// the row's block of y in place.
+// vector loops read A and Bᵀ once. Prefill: bound by arithmetic, a chunk of the row's tokens at a time: their
+// t = A_i x by the register-blocked GEMM tile (csrc/skinny_gemm.h) into a float32 buffer with e = d ⊙ h beside
+// it, then [t | e] · [B_iᵀ; U] added into y by tiles of tokens × columns held in registers. (This was two BLAS
+// calls per task, a temporary and an add, ~15 ATen ops each: ~1.7× the time on SmolLM2's shapes, a row's
+// products being too small for BLAS to reach speed; float64 still goes that way.)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,6 +28,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "skinny_gemm.h"
 #include "vec.h"
 
 namespace {
@@ -35,6 +39,9 @@ using svdserve::store;
 
 constexpr int kRowsA = 4;  // rows of A per pass over x: each x load feeds 4 dot products
 constexpr int kTileB = 4;  // vectors of output columns per tile of Bᵀ (4 accumulators, kr loads each)
+constexpr int64_t kTokenChunk = 64;  // prefill: tokens per pass (their x, [t | e] and y rows stay in L2)
+// Prefill: tokens per tile of the expansion, kTokTile × kTileB accumulators plus kTileB loaded vectors in registers
+constexpr int kTokTile = svdserve::kVecRegs == 32 ? 4 : 2;
 
 template <typename acc_t>
 inline acc_t lanes_sum(typename Vec<acc_t>::type v) {
@@ -107,6 +114,130 @@ void expand_rows(const scalar_t* Bt, const acc_t* t, int64_t kr, const acc_t* U,
   }
 }
 
+// t[r, c] = x[r, :] · A[c, :] for rows r < rows, columns c in [c0, c0 + CB_), in float32 rows ldt apart.
+template <int CB_, typename scalar_t>
+void project_columns(const scalar_t* x, int64_t sx, const scalar_t* A, int64_t n, int64_t rows, float* t,
+                     int64_t ldt, int64_t c0) {
+  constexpr int RB = svdserve::kGemmRB;
+  int64_t r = 0;
+  for (; r + RB <= rows; r += RB) svdserve::gemm_tile<RB, CB_, scalar_t, float>(x, sx, A, n, t, ldt, r, c0);
+  for (; r < rows; ++r) svdserve::gemm_tile<1, CB_, scalar_t, float>(x, sx, A, n, t, ldt, r, c0);
+}
+
+// t = x · Aᵀ for a chunk of tokens: A's first kr rows (n numbers each), full-width tiles, then narrower ones for
+// the rest (a rank of 16 is 6 + 6 + 4 columns, not 6 + 6 + 1 + 1 + 1 + 1).
+template <typename scalar_t>
+void project_tokens(const scalar_t* x, int64_t sx, const scalar_t* A, int64_t n, int64_t rows, int64_t kr, float* t,
+                    int64_t ldt) {
+  constexpr int CB = svdserve::kGemmCB;
+  int64_t c = 0;
+  for (; c + CB <= kr; c += CB) project_columns<CB>(x, sx, A, n, rows, t, ldt, c);
+  if constexpr (CB > 4) {
+    if (c + 4 <= kr) project_columns<4>(x, sx, A, n, rows, t, ldt, c), c += 4;
+  }
+  if (c + 2 <= kr) project_columns<2>(x, sx, A, n, rows, t, ldt, c), c += 2;
+  if (c < kr) project_columns<1>(x, sx, A, n, rows, t, ldt, c);
+}
+
+// y[r, c0 + c] += Σ_{j<kr} t[r, j] B[j, c0 + c] + Σ_{j<re} t[r, kr + j] U[j, c0 + c] for TB_ rows and kTileB
+// vectors of columns, in registers: each loaded vector of B or U feeds TB_ rows.
+template <int TB_, typename scalar_t>
+inline void expand_tile(const float* t, int64_t ldt, const scalar_t* B, int64_t ldb, int64_t kr, const float* U,
+                        int64_t ldu, int64_t re, scalar_t* y, int64_t sy, int64_t c0) {
+  using V = Vec<float>::type;
+  constexpr int W = svdserve::kFloatLanes;
+  V a[TB_][kTileB];
+  for (int r = 0; r < TB_; ++r)
+    for (int v = 0; v < kTileB; ++v) a[r][v] = load(y + r * sy + c0 + v * W);
+  for (int64_t j = 0; j < kr; ++j) {
+    V w[kTileB];
+    for (int v = 0; v < kTileB; ++v) w[v] = load(B + j * ldb + c0 + v * W);
+    for (int r = 0; r < TB_; ++r) {
+      const float tj = t[r * ldt + j];
+      for (int v = 0; v < kTileB; ++v) a[r][v] += tj * w[v];
+    }
+  }
+  for (int64_t j = 0; j < re; ++j) {
+    V w[kTileB];
+    for (int v = 0; v < kTileB; ++v) w[v] = load(U + j * ldu + c0 + v * W);
+    for (int r = 0; r < TB_; ++r) {
+      const float ej = t[r * ldt + kr + j];
+      for (int v = 0; v < kTileB; ++v) a[r][v] += ej * w[v];
+    }
+  }
+  for (int r = 0; r < TB_; ++r)
+    for (int v = 0; v < kTileB; ++v) store(y + r * sy + c0 + v * W, a[r][v]);
+}
+
+// y[r, :m] += [t | e][r] · [B; U] for rows r < rows: whole tiles, then the columns past the last one.
+template <typename scalar_t>
+void expand_tokens(const float* t, int64_t ldt, const scalar_t* B, int64_t kr, const float* U, int64_t ldu,
+                   int64_t re, int64_t m, int64_t rows, scalar_t* y, int64_t sy) {
+  constexpr int64_t span = kTileB * svdserve::kFloatLanes;
+  int64_t c = 0;
+  for (; c + span <= m; c += span) {
+    int64_t r = 0;
+    for (; r + kTokTile <= rows; r += kTokTile)
+      expand_tile<kTokTile>(t + r * ldt, ldt, B, m, kr, U, ldu, re, y + r * sy, sy, c);
+    for (; r < rows; ++r) expand_tile<1>(t + r * ldt, ldt, B, m, kr, U, ldu, re, y + r * sy, sy, c);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* tr = t + r * ldt;
+    for (int64_t cc = c; cc < m; ++cc) {
+      float a = static_cast<float>(y[r * sy + cc]);
+      for (int64_t j = 0; j < kr; ++j) a += tr[j] * static_cast<float>(B[j * m + cc]);
+      for (int64_t j = 0; j < re; ++j) a += tr[kr + j] * U[j * ldu + cc];
+      y[r * sy + cc] = static_cast<scalar_t>(a);
+    }
+  }
+}
+
+// One (row, member) task of a prefill: its L tokens' delta, kTokenChunk tokens at a time, with `buf` room for
+// kTokenChunk · (kr + R) floats.
+template <typename scalar_t>
+void prefill_task(const scalar_t* x, int64_t sx, const scalar_t* A, int64_t n, const scalar_t* B, int64_t kr,
+                  const scalar_t* h, int64_t sh, const scalar_t* d, const float* U, int64_t ldu, int64_t R, int64_t m,
+                  int64_t L, scalar_t* y, int64_t sy, float* buf) {
+  int64_t re = 0;  // d's nonzero length (0 without one; SORSA of rank r < R: d = −σ_r, then zeros)
+  for (int64_t j = 0; d != nullptr && j < R; ++j)
+    if (d[j] != scalar_t(0)) re = j + 1;
+  const int64_t ldt = kr + re;
+  for (int64_t t0 = 0; t0 < L; t0 += kTokenChunk) {
+    const int64_t rows = std::min(kTokenChunk, L - t0);
+    project_tokens(x + t0 * sx, sx, A, n, rows, kr, buf, ldt);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < re; ++j)
+        buf[r * ldt + kr + j] = static_cast<float>(d[j]) * static_cast<float>(h[(t0 + r) * sh + j]);
+    expand_tokens(buf, ldt, B, kr, U, ldu, re, m, rows, y + t0 * sy, sy);
+  }
+}
+
+// A prefill's tasks ((row, member) pairs, as listed by lowrank_delta), float32 or bfloat16.
+template <typename scalar_t>
+void prefill(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, at::TensorList Bt, const std::vector<int64_t>& off,
+             const int64_t* slot, const int64_t* rank, const std::vector<int64_t>& tasks, int64_t L, int64_t K,
+             int64_t R, const std::optional<at::Tensor>& h, const std::optional<at::Tensor>& d,
+             const std::optional<at::Tensor>& U) {
+  const int64_t n = A.size(2), M = y.size(1), n_tasks = static_cast<int64_t>(tasks.size()) / 2;
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* Ap = A.const_data_ptr<scalar_t>();
+  const scalar_t* hp = h.has_value() ? h->const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* dp = d.has_value() ? d->const_data_ptr<scalar_t>() : nullptr;
+  const float* Up = U.has_value() ? U->const_data_ptr<float>() : nullptr;
+  const int64_t sx = x.stride(0), sy = y.stride(0), sh = hp ? h->stride(0) : 0;
+  svdserve::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(kTokenChunk * (K + R));
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t p = tasks[2 * task], i = tasks[2 * task + 1], s = slot[p], m = off[i + 1] - off[i];
+      prefill_task<scalar_t>(xp + p * L * sx, sx, Ap + s * A.stride(0) + i * K * n, n,
+                             Bt[i].const_data_ptr<scalar_t>() + s * Bt[i].stride(0), rank[s],
+                             hp ? hp + p * L * sh + i * R : nullptr, sh, dp ? dp + s * d->stride(0) + i * R : nullptr,
+                             Up ? Up + off[i] : nullptr, M, R, m, L, yp + p * L * sy + off[i], sy, buf.data());
+    }
+  });
+}
+
 void lowrank_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& A, at::TensorList Bt, at::IntArrayRef offsets,
                    const at::Tensor& slots, const at::Tensor& ranks, int64_t L, const std::optional<at::Tensor>& h,
                    const std::optional<at::Tensor>& d, const std::optional<at::Tensor>& U) {
@@ -161,7 +292,7 @@ void lowrank_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& A, at::T
   const int64_t n_tasks = static_cast<int64_t>(tasks.size()) / 2;
   if (n_tasks == 0) return;
   const std::vector<int64_t> off(offsets.begin(), offsets.end());
-  if (L > 1) {  // prefill: GEMMs over the row's tokens (BLAS runs single-threaded inside a task)
+  if (L > 1 && y.scalar_type() == at::kDouble) {  // a float64 prefill: ATen's GEMMs per task (tests, not serving)
     const at::ThreadLocalState caller;  // worker threads run ATen ops in the caller's modes (inference mode)
     const at::ScalarType acc = at::toOpMathType(y.scalar_type());
     svdserve::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
@@ -180,6 +311,18 @@ void lowrank_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& A, at::T
         y.narrow(0, p * L, L).narrow(1, off[i], m).add_(delta);
       }
     });
+    return;
+  }
+  if (L > 1) {  // float32 and bfloat16 (float64 above)
+    const int64_t* slot = sl.const_data_ptr<int64_t>();
+    const int64_t* rank = rk.const_data_ptr<int64_t>();
+    if (y.scalar_type() == at::kFloat) {
+      prefill<float>(y, x, A, Bt, off, slot, rank, tasks, L, K, R, h, d, U);
+    } else {
+      TORCH_CHECK(y.scalar_type() == at::kBFloat16, "lowrank_delta takes float32, bfloat16 or float64, got ",
+                  y.scalar_type());
+      prefill<c10::BFloat16>(y, x, A, Bt, off, slot, rank, tasks, L, K, R, h, d, U);
+    }
     return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "lowrank_delta", [&] {
