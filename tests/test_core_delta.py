@@ -134,8 +134,44 @@ def test_core_delta_kernel_reads_rows_from_their_slots(shape, dtype, scaled):
     """Rows reading their cores, scales and d from a slot pool (in any order, unread slots NaN) give exactly what
     the rows' own tensors give: how the model calls the kernel (no per-step copy of the adapters)."""
     c = case(dtype, scaled, **shape)
-    slots = torch.randperm(c["P"] + 2, generator=torch.Generator().manual_seed(c["P"]))[: c["P"]]
+    # from slot 1 on: slot 0 is the pools' zero adapter, whose rows a prefill skips (next test)
+    slots = 1 + torch.randperm(c["P"] + 2, generator=torch.Generator().manual_seed(c["P"]))[: c["P"]]
     assert torch.equal(run_kernel(c, slots=slots), run_kernel(c))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+def test_core_delta_kernel_skips_zero_adapter_rows_at_prefill(dtype, scaled, gated):
+    """At prefill, rows reading slot 0 (the pools' zero adapter: base rows, low-rank rows) are not swept at all:
+    their outputs stay exactly as the GEMM left them (here even with NaN in their h, which a sweep would spread)
+    or, gated, get the bare activation, while the other rows get their delta. Rows of 13 tokens, so register
+    blocks straddle rows (and more than one chunk of 64 tokens in all: fewer take a decode step's path)."""
+    assert cpu_kernels.available()
+    c = case(dtype, scaled, P=6, R=16, sizes=(40, 40), L=13, seed=4)
+    M, R, L = c["M"], c["R"], c["L"]
+    slots = torch.tensor([0, 2, 0, 0, 1, 0])
+    zero = slots.repeat_interleave(L) == 0
+    c["z"][zero, M:] = float("nan")  # the zero rows' h
+    U = torch.cat(c["Ut"], dim=1).float()
+    # slot 0 holds the zero adapter, as the pools keep it; slots 1 and 2 the rows' own terms
+    Ct = torch.zeros((3,) + c["Ct"].shape[1:], dtype=dtype)
+    Ct[1], Ct[2] = c["Ct"][4], c["Ct"][1]
+    o = d = None
+    if scaled:
+        o, d = torch.ones(3, M, dtype=dtype), torch.zeros(3, c["k"] * R, dtype=dtype)
+        o[1], o[2], d[1], d[2] = c["o"][4], c["o"][1], c["d"][4], c["d"][1]
+    y = c["z"].clone()
+    out = torch.full((y.shape[0], M // 2), float("nan"), dtype=dtype) if gated else None
+    cpu_kernels.core_delta(y[:, :M], y[:, M:], Ct, o, d, U, c["offsets"] + [M], L, out=out, slots=slots)
+    want = reference(c)[~zero, :M]
+    if gated:
+        assert torch.equal(out[zero], cpu_kernels.gated_silu(c["z"][zero, :M].contiguous()))  # the bare activation
+        got, want = out[~zero], gated_reference(want)
+    else:
+        assert torch.equal(y[zero, :M], c["z"][zero, :M])
+        got = y[~zero, :M]
+    assert (got.double() - want).abs().max().item() <= 2 * KERNEL_TOL[dtype] * want.abs().max().item()
 
 
 def run_core_linear(c, K: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -51,14 +51,19 @@ acc_t* scratch(int which, int64_t n) {
 
 // Every token's cores for every member: g = C h and, for scaled rows, e = d ⊙ h; (T, k·R) each. With `srow`,
 // a row whose srow[p] is set has diagonal cores (OSoRA's diag S), srow[p] their diagonals (k·R): g = s ⊙ h, and C
-// is not read (R² numbers per member, of which R count).
+// is not read (R² numbers per member, of which R count). Rows that `zero` flags (see zero_tokens) get zeros,
+// whatever their h: a register block that straddles one of them and another row adds exactly nothing to it.
 template <typename scalar_t, typename acc_t, bool kScaled>
 void token_cores(const scalar_t* h, int64_t sh, const scalar_t* const* Crow, const scalar_t* const* drow,
                  int64_t k, int64_t R, int64_t L, acc_t* g, acc_t* e, int64_t begin, int64_t end,
-                 const scalar_t* const* srow = nullptr) {
+                 const scalar_t* const* srow = nullptr, const char* zero = nullptr) {
   for (int64_t t = begin; t < end; ++t) {
     const scalar_t* ht = h + t * sh;
     const int64_t p = t / L;
+    if (zero != nullptr && zero[p]) {
+      for (int64_t j = 0; j < k * R; ++j) g[t * k * R + j] = 0;
+      continue;
+    }
     for (int64_t i = 0; i < k; ++i) {
       acc_t* gi = g + (t * k + i) * R;
       if (srow != nullptr && srow[p] != nullptr) {
@@ -77,6 +82,15 @@ void token_cores(const scalar_t* h, int64_t sh, const scalar_t* const* Crow, con
       }
     }
   }
+}
+
+// Whether tokens [t0, t1) all belong to rows (of L tokens) that `zero` flags: rows reading the zero adapter (slot 0
+// of the slot pools: C = 0, o = 1, d = 0), whose delta is nothing, so a prefill skips them. Null: none flagged.
+inline bool zero_tokens(const char* zero, int64_t L, int64_t t0, int64_t t1) {
+  if (zero == nullptr) return false;
+  for (int64_t p = t0 / L; p <= (t1 - 1) / L; ++p)
+    if (!zero[p]) return false;
+  return true;
 }
 
 // One tile (NV vectors of one member's output columns) for tokens t..t+RB-1. The tile's slice of U
@@ -263,11 +277,12 @@ void fold_row(int64_t p, const scalar_t* const* Crow, const scalar_t* const* oro
 // core and d into its own projection (R × M: in L2, R²·M multiply-adds, or R·M for a diagonal core; again only
 // where the thread's previous task was another row's), then `apply(buf, t0, t1)` streams tokens [t0, t1) through it
 // (buf: R × M, row stride M) as unscaled ones, with their h as the cores. Nothing of size rows × R × M is ever
-// written out (folding every row's projection first cost ~10 MB of memory traffic per layer).
+// written out (folding every row's projection first cost ~10 MB of memory traffic per layer). Rows that `zero`
+// flags (the zero adapter's: no delta) are not folded: apply(nullptr, t0, t1).
 template <typename scalar_t, typename acc_t, typename Apply>
 void folded_chunks(const scalar_t* const* Crow, const scalar_t* const* orow, const scalar_t* const* drow, const acc_t* U,
                    int64_t M, int64_t R, int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
-                   int64_t P, int64_t L, int64_t chunk, const Apply& apply) {
+                   int64_t P, int64_t L, int64_t chunk, const char* zero, const Apply& apply) {
   const int64_t per_row = (L + chunk - 1) / chunk;
   const std::vector<char> diagonal = diagonal_cores(Crow, P, k, R);
   svdserve::parallel_for(0, P * per_row, 1, [&](int64_t b, int64_t en) {
@@ -275,6 +290,10 @@ void folded_chunks(const scalar_t* const* Crow, const scalar_t* const* orow, con
     int64_t folded = -1;
     for (int64_t item = b; item < en; ++item) {
       const int64_t p = item / per_row, t0 = p * L + (item % per_row) * chunk, t1 = std::min((p + 1) * L, t0 + chunk);
+      if (zero != nullptr && zero[p]) {
+        apply(static_cast<const acc_t*>(nullptr), t0, t1);
+        continue;
+      }
       if (p != folded) fold_row<scalar_t, acc_t>(p, Crow, orow, drow, U, M, R, k, off, tiles, diagonal, buf), folded = p;
       apply(static_cast<const acc_t*>(buf), t0, t1);
     }
@@ -286,10 +305,11 @@ template <typename scalar_t, typename acc_t>
 void sweep_folded(scalar_t* y, int64_t sy, const acc_t* g, const scalar_t* const* Crow, const scalar_t* const* orow,
                   const scalar_t* const* drow, const acc_t* U, int64_t M, int64_t R, int64_t k,
                   const std::vector<int64_t>& off, const std::vector<int64_t>& tiles, int64_t P, int64_t L,
-                  int64_t chunk) {
+                  int64_t chunk, const char* zero) {
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
-  folded_chunks<scalar_t, acc_t>(Crow, orow, drow, U, M, R, k, off, tiles, P, L, chunk,
+  folded_chunks<scalar_t, acc_t>(Crow, orow, drow, U, M, R, k, off, tiles, P, L, chunk, zero,
                                  [&](const acc_t* buf, int64_t t0, int64_t t1) {
+    if (buf == nullptr) return;  // a zero row: y stays as it is
     for (int64_t t = t0; t < t1; t += kRB)
       apply_tiles<scalar_t, acc_t, false>(y, sy, nullptr, g, nullptr, buf, M, R, k, off, tiles, 0, n_tiles, t,
                                           std::min(t1, t + kRB));
@@ -362,12 +382,18 @@ void gated_rows(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, const 
 // rows of y are read front to back, streams the hardware prefetchers follow (in (tokens, tile) tasks each task
 // read a 128-byte piece of every token's row, a page apart: ~2× slower from memory). U (R × M, row stride M) is
 // the members' U_rᵀ, or a row's folded projection, and stays in L2.
+// With `zero` (rows of L tokens): a register block whose tokens all belong to flagged rows takes the bare activation.
 template <typename scalar_t, typename acc_t>
 void stream_gated(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, const acc_t* g, const acc_t* U, int64_t M,
-                  int64_t R, const std::vector<int64_t>& tiles, int64_t n_pairs, int64_t m, int64_t t0, int64_t t1) {
+                  int64_t R, const std::vector<int64_t>& tiles, int64_t n_pairs, int64_t m, int64_t t0, int64_t t1,
+                  const char* zero = nullptr, int64_t L = 1) {
   constexpr int64_t TW = NV * sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
   constexpr int64_t RB = kRB / 2;
   for (int64_t t = t0; t < t1; t += RB) {
+    if (zero_tokens(zero, L, t, std::min(t1, t + RB))) {
+      gated_silu_rows<scalar_t>(y, sy, out, so, m, t, std::min(t1, t + RB));
+      continue;
+    }
     for (int64_t pi = 0; pi < n_pairs; ++pi) {
       const int64_t c = tiles[2 * pi + 1];
       gated_rows<scalar_t, acc_t>(y, sy, out, so, g, g + R, U + c, U + m + c, M, R, 2 * R, c, m, std::min(TW, m - c), t,
@@ -386,21 +412,23 @@ void stream_gated(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, cons
 template <typename scalar_t, typename acc_t>
 void sweep_gated(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, const acc_t* g, const scalar_t* const* Crow,
                  const scalar_t* const* orow, const scalar_t* const* drow, const acc_t* U, int64_t M, int64_t R,
-                 const std::vector<int64_t>& off, const std::vector<int64_t>& tiles, int64_t T, int64_t L, int64_t chunk) {
+                 const std::vector<int64_t>& off, const std::vector<int64_t>& tiles, int64_t T, int64_t L, int64_t chunk,
+                 const char* zero) {
   const int64_t m = M / 2;
   int64_t n_pairs = 0;  // the gate member's tiles come first in `tiles`; each pairs with the up tile m columns on
   while (2 * n_pairs < static_cast<int64_t>(tiles.size()) && tiles[2 * n_pairs] == 0) ++n_pairs;
   if (orow == nullptr) {
     constexpr int64_t RB = kRB / 2;
     svdserve::parallel_for(0, (T + RB - 1) / RB, 4, [&](int64_t b, int64_t en) {
-      stream_gated<scalar_t, acc_t>(y, sy, out, so, g, U, M, R, tiles, n_pairs, m, b * RB, std::min(T, en * RB));
+      stream_gated<scalar_t, acc_t>(y, sy, out, so, g, U, M, R, tiles, n_pairs, m, b * RB, std::min(T, en * RB), zero, L);
     });
     return;
   }
   // Scaled rows: folded as in sweep_folded, then through the gated tile pairs.
-  folded_chunks<scalar_t, acc_t>(Crow, orow, drow, U, M, R, 2, off, tiles, T / L, L, chunk,
+  folded_chunks<scalar_t, acc_t>(Crow, orow, drow, U, M, R, 2, off, tiles, T / L, L, chunk, zero,
                                  [&](const acc_t* buf, int64_t t0, int64_t t1) {
-    stream_gated<scalar_t, acc_t>(y, sy, out, so, g, buf, M, R, tiles, n_pairs, m, t0, t1);
+    if (buf == nullptr) gated_silu_rows<scalar_t>(y, sy, out, so, m, t0, t1);  // a zero row: the bare activation
+    else stream_gated<scalar_t, acc_t>(y, sy, out, so, g, buf, M, R, tiles, n_pairs, m, t0, t1);
   });
 }
 
@@ -413,7 +441,7 @@ void sweep_gated(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, const
 template <typename scalar_t, typename acc_t, bool kScaled>
 void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e, const acc_t* U,
            int64_t M, int64_t R, int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
-           int64_t T, int64_t chunk) {
+           int64_t T, int64_t chunk, const char* zero = nullptr, int64_t L = 1) {
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
   if constexpr (kScaled) {
     constexpr int64_t kTokens = 4;
@@ -431,7 +459,8 @@ void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, co
   }
   svdserve::parallel_for(0, (T + kRB - 1) / kRB, 4, [&](int64_t b, int64_t en) {
     for (int64_t t = b * kRB; t < std::min(T, en * kRB); t += kRB)
-      apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, 0, n_tiles, t, std::min(T, t + kRB));
+      if (!zero_tokens(zero, L, t, std::min(T, t + kRB)))
+        apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, 0, n_tiles, t, std::min(T, t + kRB));
   });
 }
 
@@ -523,6 +552,11 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
   }
   if (T == 0) return;
   const std::vector<int64_t> off(offsets.begin(), offsets.end());
+  // At prefill, rows reading slot 0 of the pools (the zero adapter: base rows, low-rank rows) add nothing: skipped.
+  std::vector<char> zero_rows;
+  if (slots.has_value() && L > 1)
+    for (int64_t p = 0; p < P; ++p) zero_rows.push_back(slot[p] == 0);
+  const char* zero = zero_rows.empty() ? nullptr : zero_rows.data();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "core_delta", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     TORCH_CHECK(U.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "U must be in the accumulation dtype");
@@ -548,11 +582,11 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
       });
       if (outp) {
         sweep_gated<scalar_t, acc_t>(yp, sy, outp, so, g, rows.C.data(), rows.o.data(), rows.d.data(), Up, M, R, off,
-                                     tiles, T, L, kChunk);
+                                     tiles, T, L, kChunk, zero);
         return;
       }
       sweep_folded<scalar_t, acc_t>(yp, sy, g, rows.C.data(), rows.o.data(), rows.d.data(), Up, M, R, k, off, tiles, P,
-                                    L, kChunk);
+                                    L, kChunk, zero);
       return;
     }
     if (o.has_value()) {
@@ -570,13 +604,14 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
       return;
     }
     svdserve::parallel_for(0, T, 8, [&](int64_t b, int64_t en) {
-      token_cores<scalar_t, acc_t, false>(hp, sh, rows.C.data(), nullptr, k, R, L, g, nullptr, b, en);
+      token_cores<scalar_t, acc_t, false>(hp, sh, rows.C.data(), nullptr, k, R, L, g, nullptr, b, en, nullptr, zero);
     });
     if (outp) {
-      sweep_gated<scalar_t, acc_t>(yp, sy, outp, so, g, rows.C.data(), nullptr, nullptr, Up, M, R, off, tiles, T, L, kChunk);
+      sweep_gated<scalar_t, acc_t>(yp, sy, outp, so, g, rows.C.data(), nullptr, nullptr, Up, M, R, off, tiles, T, L, kChunk,
+                                   zero);
       return;
     }
-    sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Up, M, R, k, off, tiles, T, kChunk);
+    sweep<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, Up, M, R, k, off, tiles, T, kChunk, zero, L);
   });
 }
 
