@@ -16,7 +16,8 @@ so op costs, not arithmetic, set its speed).
   decode where calibration chose torch's matmul for the GEMM.
 - `lowrank_delta` (`csrc/lowrank_delta.cpp`): one group's low-rank delta (SORSA, LoRA) in one call, every row's
   A and Bᵀ read from its slot (PyTorch gathered copies of them first, then concatenated and scattered the
-  results: at decode ~3× the memory traffic).
+  results: at decode ~3× the memory traffic); at prefill in register tiles of its own (per-row products are too
+  small for BLAS to reach speed).
 
 Whether the GEMM kernel beats torch's matmul depends on the CPU and its BLAS, so `calibrate` times both once
 per weight shape and keeps the faster (`uses_kernel`); base-only batches go through the same choice, so
@@ -129,7 +130,8 @@ def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tens
     None; U (R, M) the members' U_rᵀ side by side in float32 (float64 for a float64 y); offsets: the members'
     column bounds. With `out` (T, M/2), for a gate/up group: also out = silu(gate) · up of the final y (without
     output scales, each chunk of tokens right after its delta, while its rows are in cache). Check `serves(y)`
-    first. With `slots` (rows,) int64: Ct, o and d are slot pools (slots, ...) and row p reads slot slots[p]."""
+    first. With `slots` (rows,) int64: Ct, o and d are slot pools (slots, ...) and row p reads slot slots[p]; slot 0
+    is the pools' zero adapter, and a prefill skips its rows (their y as given; with `out`, the bare activation)."""
     torch.ops.svdserve.core_delta(y, h, Ct, o, d, U, offsets, tokens_per_row, out, slots)
 
 
