@@ -421,11 +421,12 @@ class LinearGroup(nn.Module):
         """Base outputs y (T, M), fresh (the delta goes in in place), and the shared projections h (T, k·R).
 
         A decode step's few rows take one GEMM over W_aug: it reads the weights once, which is what a skinny
-        product costs. A prefill's many rows take one or two (W, then V_rᵀ), whichever the CPU runs faster
-        (`cpu_kernels.calibrate_prefill`: on one Xeon MKL ran e.g. 3104 = 3072 + 32 rows up to 10 % slower than
-        W alone, on a Zen 5 the one GEMM was faster); on a GPU, two. There the trailing narrow members' h come from
-        their outputs (`prefill_weight`)."""
-        if x.shape[0] <= cpu_kernels.SKINNY_MAX_ROWS:
+        product costs. So does a prefill on a GPU, where kernel launches, not FLOPs, set a small model's prefill
+        time (it is not graphed: each kernel is a launch from Python). A prefill on the CPU takes one or two GEMMs
+        (W, then V_rᵀ), whichever the CPU runs faster (`cpu_kernels.calibrate_prefill`: on one Xeon MKL ran e.g.
+        3104 = 3072 + 32 rows up to 10 % slower than W alone, on a Zen 5 the one GEMM was faster), and the trailing
+        narrow members' h come from their outputs (`prefill_weight`): fewer FLOPs for more, smaller products."""
+        if x.shape[0] <= cpu_kernels.SKINNY_MAX_ROWS or x.device.type != "cpu":
             z = cpu_kernels.matmul_t(x, self.W_aug)
             return z[:, : self.M], z[:, self.M :]
         W = self.prefill_weight()
