@@ -14,8 +14,8 @@
 // vector loops read A and Bᵀ once. Prefill: bound by arithmetic, a chunk of the row's tokens at a time: their
 // t = A_i x by the register-blocked GEMM tile (csrc/skinny_gemm.h) into a float32 buffer with e = d ⊙ h beside
 // it, then [t | e] · [B_iᵀ; U] added into y by tiles of tokens × columns held in registers. (This was two BLAS
-// calls per task, a temporary and an add, ~15 ATen ops each: ~1.7× the time on SmolLM2's shapes, a row's
-// products being too small for BLAS to reach speed; float64 still goes that way.)
+// calls per task, a temporary and an add, ~15 ATen ops each: twice the time on SmolLM2's shapes in float32, 2.7×
+// in bfloat16, a row's products being too small for BLAS to reach speed; float64 still goes that way.)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -292,7 +292,7 @@ void lowrank_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& A, at::T
   const int64_t n_tasks = static_cast<int64_t>(tasks.size()) / 2;
   if (n_tasks == 0) return;
   const std::vector<int64_t> off(offsets.begin(), offsets.end());
-  if (L > 1 && y.scalar_type() == at::kDouble) {  // a float64 prefill: ATen's GEMMs per task (tests, not serving)
+  if (L > 1 && y.scalar_type() == at::kDouble) {  // a float64 prefill (tests' references): ATen's GEMMs per task
     const at::ThreadLocalState caller;  // worker threads run ATen ops in the caller's modes (inference mode)
     const at::ScalarType acc = at::toOpMathType(y.scalar_type());
     svdserve::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
