@@ -15,12 +15,12 @@
 // t = A_i x by the register-blocked GEMM tile (csrc/skinny_gemm.h) into a float32 buffer with e = d ⊙ h beside
 // it, then [t | e] · [B_iᵀ; U] added into y by tiles of tokens × columns held in registers. (This was two BLAS
 // calls per task, a temporary and an add, ~15 ATen ops each: twice the time on SmolLM2's shapes in float32, 2.7×
-// in bfloat16, a row's products being too small for BLAS to reach speed; float64 still goes that way.)
+// in bfloat16, a row's products being too small for BLAS to reach speed.) float64 (the tests' references) runs
+// token by token as at decode.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -114,6 +114,63 @@ void expand_rows(const scalar_t* Bt, const acc_t* t, int64_t kr, const acc_t* U,
   }
 }
 
+// The call's operands as raw pointers and strides (h, d and U null without a d-term), and each (row, member)
+// task's share of them: request row p's tokens (L of them) and member i's columns of y, the row's slot's terms.
+template <typename scalar_t>
+struct Operands {
+  using acc_t = at::opmath_type<scalar_t>;
+  struct Task {
+    const scalar_t *x, *A, *B, *h, *d;  // x and h: the row's first token; A, B, d: the slot's, member i's part
+    const acc_t* U;                      // U's column of the member's first output (row stride M)
+    scalar_t* y;                         // the row's first token, the member's first column
+    int64_t kr, m;                       // the slot's filled rank; the member's width
+  };
+
+  Operands(at::Tensor& y_, const at::Tensor& x_, const at::Tensor& A_, at::TensorList Bt, const std::vector<int64_t>& off_,
+           const int64_t* slot_, const int64_t* rank_, int64_t L_, int64_t K_, int64_t R_,
+           const std::optional<at::Tensor>& h_, const std::optional<at::Tensor>& d_, const std::optional<at::Tensor>& U_)
+      : y(y_.data_ptr<scalar_t>()), x(x_.const_data_ptr<scalar_t>()), A(A_.const_data_ptr<scalar_t>()),
+        h(h_.has_value() ? h_->const_data_ptr<scalar_t>() : nullptr),
+        d(d_.has_value() ? d_->const_data_ptr<scalar_t>() : nullptr),
+        U(U_.has_value() ? U_->const_data_ptr<acc_t>() : nullptr), slot(slot_), rank(rank_), off(off_),
+        sy(y_.stride(0)), sx(x_.stride(0)), sA(A_.stride(0)), sh(h_.has_value() ? h_->stride(0) : 0),
+        sd(d_.has_value() ? d_->stride(0) : 0), n(A_.size(2)), M(y_.size(1)), L(L_), K(K_), R(R_) {
+    for (const at::Tensor& B : Bt) Bp.push_back(B.const_data_ptr<scalar_t>()), sB.push_back(B.stride(0));
+  }
+
+  // The same task for the row's token l alone.
+  Task at_token(Task o, int64_t l) const {
+    o.x += l * sx, o.y += l * sy;
+    if (o.h != nullptr) o.h += l * sh;
+    return o;
+  }
+
+  Task task(int64_t p, int64_t i) const {
+    const int64_t s = slot[p];
+    return {x + p * L * sx, A + s * sA + i * K * n, Bp[i] + s * sB[i], h ? h + p * L * sh + i * R : nullptr,
+            d ? d + s * sd + i * R : nullptr, U ? U + off[i] : nullptr, y + p * L * sy + off[i], rank[s],
+            off[i + 1] - off[i]};
+  }
+
+  scalar_t* y;
+  const scalar_t *x, *A, *h, *d;
+  const acc_t* U;
+  std::vector<const scalar_t*> Bp;
+  std::vector<int64_t> sB;
+  const int64_t *slot, *rank;
+  const std::vector<int64_t>& off;
+  int64_t sy, sx, sA, sh, sd, n, M, L, K, R;
+};
+
+// d's nonzero length (0 without one; SORSA of rank r < R: d = −σ_r, then zeros): the d-term's rows to apply.
+template <typename scalar_t>
+int64_t d_length(const scalar_t* d, int64_t R) {
+  int64_t re = 0;
+  for (int64_t j = 0; d != nullptr && j < R; ++j)
+    if (d[j] != scalar_t(0)) re = j + 1;
+  return re;
+}
+
 // t[r, c] = x[r, :] · A[c, :] for rows r < rows, columns c in [c0, c0 + CB_), in float32 rows ldt apart.
 template <int CB_, typename scalar_t>
 void project_columns(const scalar_t* x, int64_t sx, const scalar_t* A, int64_t n, int64_t rows, float* t,
@@ -193,47 +250,47 @@ void expand_tokens(const float* t, int64_t ldt, const scalar_t* B, int64_t kr, c
 }
 
 // One (row, member) task of a prefill: its L tokens' delta, kTokenChunk tokens at a time, with `buf` room for
-// kTokenChunk · (kr + R) floats.
+// kTokenChunk · (K + R) floats.
 template <typename scalar_t>
-void prefill_task(const scalar_t* x, int64_t sx, const scalar_t* A, int64_t n, const scalar_t* B, int64_t kr,
-                  const scalar_t* h, int64_t sh, const scalar_t* d, const float* U, int64_t ldu, int64_t R, int64_t m,
-                  int64_t L, scalar_t* y, int64_t sy, float* buf) {
-  int64_t re = 0;  // d's nonzero length (0 without one; SORSA of rank r < R: d = −σ_r, then zeros)
-  for (int64_t j = 0; d != nullptr && j < R; ++j)
-    if (d[j] != scalar_t(0)) re = j + 1;
-  const int64_t ldt = kr + re;
-  for (int64_t t0 = 0; t0 < L; t0 += kTokenChunk) {
-    const int64_t rows = std::min(kTokenChunk, L - t0);
-    project_tokens(x + t0 * sx, sx, A, n, rows, kr, buf, ldt);
+void prefill_task(const Operands<scalar_t>& ops, const typename Operands<scalar_t>::Task& o, float* buf) {
+  const int64_t re = d_length(o.d, ops.R), ldt = o.kr + re;
+  for (int64_t t0 = 0; t0 < ops.L; t0 += kTokenChunk) {
+    const int64_t rows = std::min(kTokenChunk, ops.L - t0);
+    project_tokens(o.x + t0 * ops.sx, ops.sx, o.A, ops.n, rows, o.kr, buf, ldt);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < re; ++j)
-        buf[r * ldt + kr + j] = static_cast<float>(d[j]) * static_cast<float>(h[(t0 + r) * sh + j]);
-    expand_tokens(buf, ldt, B, kr, U, ldu, re, m, rows, y + t0 * sy, sy);
+        buf[r * ldt + o.kr + j] = static_cast<float>(o.d[j]) * static_cast<float>(o.h[(t0 + r) * ops.sh + j]);
+    expand_tokens(buf, ldt, o.B, o.kr, o.U, ops.M, re, o.m, rows, o.y + t0 * ops.sy, ops.sy);
   }
 }
 
-// A prefill's tasks ((row, member) pairs, as listed by lowrank_delta), float32 or bfloat16.
+// A decode step's (row, member) task: the row's one token, t = A x and e = d ⊙ h in `t` and `e` (K and R long),
+// then y += t · B + e · U, each read once.
 template <typename scalar_t>
-void prefill(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, at::TensorList Bt, const std::vector<int64_t>& off,
-             const int64_t* slot, const int64_t* rank, const std::vector<int64_t>& tasks, int64_t L, int64_t K,
-             int64_t R, const std::optional<at::Tensor>& h, const std::optional<at::Tensor>& d,
-             const std::optional<at::Tensor>& U) {
-  const int64_t n = A.size(2), M = y.size(1), n_tasks = static_cast<int64_t>(tasks.size()) / 2;
-  scalar_t* yp = y.data_ptr<scalar_t>();
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const scalar_t* Ap = A.const_data_ptr<scalar_t>();
-  const scalar_t* hp = h.has_value() ? h->const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* dp = d.has_value() ? d->const_data_ptr<scalar_t>() : nullptr;
-  const float* Up = U.has_value() ? U->const_data_ptr<float>() : nullptr;
-  const int64_t sx = x.stride(0), sy = y.stride(0), sh = hp ? h->stride(0) : 0;
-  svdserve::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> buf(kTokenChunk * (K + R));
-    for (int64_t task = b; task < e; ++task) {
-      const int64_t p = tasks[2 * task], i = tasks[2 * task + 1], s = slot[p], m = off[i + 1] - off[i];
-      prefill_task<scalar_t>(xp + p * L * sx, sx, Ap + s * A.stride(0) + i * K * n, n,
-                             Bt[i].const_data_ptr<scalar_t>() + s * Bt[i].stride(0), rank[s],
-                             hp ? hp + p * L * sh + i * R : nullptr, sh, dp ? dp + s * d->stride(0) + i * R : nullptr,
-                             Up ? Up + off[i] : nullptr, M, R, m, L, yp + p * L * sy + off[i], sy, buf.data());
+void decode_task(const Operands<scalar_t>& ops, const typename Operands<scalar_t>::Task& o,
+                 typename Operands<scalar_t>::acc_t* t, typename Operands<scalar_t>::acc_t* e) {
+  using acc_t = typename Operands<scalar_t>::acc_t;
+  project_rows<scalar_t, acc_t>(o.A, ops.n, o.x, o.kr, t);
+  const int64_t re = d_length(o.d, ops.R);
+  for (int64_t j = 0; j < re; ++j) e[j] = static_cast<acc_t>(o.d[j]) * static_cast<acc_t>(o.h[j]);
+  expand_rows<scalar_t, acc_t>(o.B, t, o.kr, o.U, ops.M, e, re, o.m, o.y);
+}
+
+// Every (row, member) task, as listed by lowrank_delta, split across threads.
+template <typename scalar_t>
+void run_tasks(const Operands<scalar_t>& ops, const std::vector<int64_t>& tasks) {
+  using acc_t = typename Operands<scalar_t>::acc_t;
+  svdserve::parallel_for(0, static_cast<int64_t>(tasks.size()) / 2, 1, [&](int64_t b, int64_t en) {
+    std::vector<float> buf(ops.L > 1 ? kTokenChunk * (ops.K + ops.R) : 0);
+    std::vector<acc_t> t(ops.K), e(std::max<int64_t>(ops.R, 1));
+    for (int64_t task = b; task < en; ++task) {
+      const auto o = ops.task(tasks[2 * task], tasks[2 * task + 1]);
+      if constexpr (std::is_same_v<scalar_t, double>) {  // float64 (tests' references): token by token
+        for (int64_t l = 0; l < ops.L; ++l) decode_task(ops, ops.at_token(o, l), t.data(), e.data());
+      } else {
+        if (ops.L > 1) prefill_task(ops, o, buf.data());
+        else decode_task(ops, o, t.data(), e.data());
+      }
     }
   });
 }
@@ -289,73 +346,12 @@ void lowrank_delta(at::Tensor y, const at::Tensor& x, const at::Tensor& A, at::T
     if (s == 0 || kr == 0) continue;
     for (int64_t i = 0; i < k; ++i) tasks.insert(tasks.end(), {p, i});
   }
-  const int64_t n_tasks = static_cast<int64_t>(tasks.size()) / 2;
-  if (n_tasks == 0) return;
+  if (tasks.empty()) return;
   const std::vector<int64_t> off(offsets.begin(), offsets.end());
-  if (L > 1 && y.scalar_type() == at::kDouble) {  // a float64 prefill (tests' references): ATen's GEMMs per task
-    const at::ThreadLocalState caller;  // worker threads run ATen ops in the caller's modes (inference mode)
-    const at::ScalarType acc = at::toOpMathType(y.scalar_type());
-    svdserve::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
-      const at::ThreadLocalStateGuard modes(caller);
-      for (int64_t task = b; task < e; ++task) {
-        const int64_t p = tasks[2 * task], i = tasks[2 * task + 1];
-        const int64_t s = sl.const_data_ptr<int64_t>()[p], kr = rk.const_data_ptr<int64_t>()[s];
-        const int64_t m = off[i + 1] - off[i];
-        const at::Tensor t = at::mm(x.narrow(0, p * L, L), A[s].narrow(0, i * K, kr).t());  // (L, kr)
-        // The delta in the accumulation dtype, added to y (and rounded to its dtype) once.
-        at::Tensor delta = at::mm(t.to(acc), Bt[i][s].narrow(0, 0, kr).to(acc));
-        if (U.has_value()) {  // e = d ⊙ h, then e · U_rᵀ
-          const at::Tensor e = h->narrow(0, p * L, L).narrow(1, i * R, R).to(acc) * (*d)[s].narrow(0, i * R, R).to(acc);
-          delta.addmm_(e, U->narrow(1, off[i], m));
-        }
-        y.narrow(0, p * L, L).narrow(1, off[i], m).add_(delta);
-      }
-    });
-    return;
-  }
-  if (L > 1) {  // float32 and bfloat16 (float64 above)
-    const int64_t* slot = sl.const_data_ptr<int64_t>();
-    const int64_t* rank = rk.const_data_ptr<int64_t>();
-    if (y.scalar_type() == at::kFloat) {
-      prefill<float>(y, x, A, Bt, off, slot, rank, tasks, L, K, R, h, d, U);
-    } else {
-      TORCH_CHECK(y.scalar_type() == at::kBFloat16, "lowrank_delta takes float32, bfloat16 or float64, got ",
-                  y.scalar_type());
-      prefill<c10::BFloat16>(y, x, A, Bt, off, slot, rank, tasks, L, K, R, h, d, U);
-    }
-    return;
-  }
+  const int64_t* slot = sl.const_data_ptr<int64_t>();
+  const int64_t* rank = rk.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "lowrank_delta", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* Ap = A.const_data_ptr<scalar_t>();
-    const scalar_t* hp = h.has_value() ? h->const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* dp = d.has_value() ? d->const_data_ptr<scalar_t>() : nullptr;
-    const acc_t* Up = U.has_value() ? U->const_data_ptr<acc_t>() : nullptr;
-    std::vector<const scalar_t*> Bp(k);
-    std::vector<int64_t> Bs(k);
-    for (int64_t i = 0; i < k; ++i) Bp[i] = Bt[i].const_data_ptr<scalar_t>(), Bs[i] = Bt[i].stride(0);
-    const int64_t* slot = sl.const_data_ptr<int64_t>();
-    const int64_t* rank = rk.const_data_ptr<int64_t>();
-    svdserve::parallel_for(0, n_tasks, 1, [&](int64_t b, int64_t e) {
-      std::vector<acc_t> t(K), ed(std::max<int64_t>(R, 1));
-      for (int64_t task = b; task < e; ++task) {
-        const int64_t p = tasks[2 * task], i = tasks[2 * task + 1], s = slot[p], kr = rank[s], m = off[i + 1] - off[i];
-        project_rows<scalar_t, acc_t>(Ap + s * A.stride(0) + i * K * n, n, xp + p * x.stride(0), kr, t.data());
-        int64_t rd = 0;  // d's nonzero length (0 without one; SORSA of rank r < R: d = −σ_r, then zeros)
-        if (Up != nullptr) {
-          const scalar_t* hr = hp + p * h->stride(0) + i * R;
-          const scalar_t* dr = dp + s * d->stride(0) + i * R;
-          for (int64_t j = 0; j < R; ++j) {
-            ed[j] = static_cast<acc_t>(dr[j]) * static_cast<acc_t>(hr[j]);
-            if (dr[j] != scalar_t(0)) rd = j + 1;
-          }
-        }
-        expand_rows<scalar_t, acc_t>(Bp[i] + s * Bs[i], t.data(), kr, Up ? Up + off[i] : nullptr, M, ed.data(), rd, m,
-                                     yp + p * y.stride(0) + off[i]);
-      }
-    });
+    run_tasks<scalar_t>(Operands<scalar_t>(y, x, A, Bt, off, slot, rank, L, K, R, h, d, U), tasks);
   });
 }
 
