@@ -54,12 +54,15 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 if [ "${1:-}" = final ]; then  # a short run: kernels and graphs checked, the mixed batch and the profile
   step tests 80 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py tests/test_cuda.py -k "not eager"
   step mixed_fp32 60 python3 bench/mixed_batch.py --base $BASE --prefill-reps 5 --decode-reps 8 --no-peft
+  step mixed_fp32_fused 60 env SVDSERVE_GPU_FUSED_DECODE=1 python3 bench/mixed_batch.py --base $BASE --prefill-reps 3 --decode-reps 8 --no-peft
   step profile_fp32 40 python3 bench/decode_profile.py --base $BASE
   step mixed_bf16 50 python3 bench/mixed_batch.py --base $BASE --dtype bfloat16 --prefill-reps 5 --decode-reps 8 --no-peft
   exit 0
 fi
 step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_gpu_kernels.py tests/test_decode_graphs.py
 step mixed_fp32 150 python3 bench/mixed_batch.py --base $BASE --prefill-reps 5 --decode-reps 8
+# the decode step's GEMM and core delta as one kernel (gpu_kernels.linear_core, opt-in until this shows it faster)
+step mixed_fp32_fused 90 env SVDSERVE_GPU_FUSED_DECODE=1 python3 bench/mixed_batch.py --base $BASE --prefill-reps 3 --decode-reps 8 --no-peft
 [ "${1:-}" = quick ] && exit 0
 step serve_load 120 python3 bench/serve_load.py --base $BASE --requests 64
 step mixed_bf16 90 python3 bench/mixed_batch.py --base $BASE --dtype bfloat16 --prefill-reps 5 --decode-reps 8 --no-peft

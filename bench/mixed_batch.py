@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from svd_adapters import cpu_kernels  # noqa: E402
+from svd_adapters import cpu_kernels, gpu_kernels  # noqa: E402
 from svd_adapters.adapter import Adapter  # noqa: E402
 from svd_adapters.adapter import random_adapter as make_random_adapter  # noqa: E402
 from svd_adapters.base_model import load_base  # noqa: E402
@@ -214,7 +214,9 @@ def main() -> None:
                 "decode_tok_s": B / statistics.median(peft_t["decode"])}
 
     base_r = results["base (no adapters)"]
-    graphs_note = "" if args.device == "cpu" else (" (decode: eager)" if args.no_cuda_graphs else " (decode: CUDA graphs)")
+    graphs_note = "" if args.device == "cpu" else (" (decode: eager" if args.no_cuda_graphs else " (decode: CUDA graphs")
+    if graphs_note:
+        graphs_note += ", GEMM and core delta in one kernel)" if gpu_kernels.fused_decode() else ")"
     print(f"\nMixed-adapter batch: {name}, batch {B} rows with {B} distinct adapters, rank {r}, prompt {L} tokens, "
           f"device {args.device}{graphs_note}, {args.dtype}, clock {args.clock}, {torch.get_num_threads()} threads, "
           f"CPU kernels: {cpu_kernels.summary() if args.device == 'cpu' else 'n/a'}\n")
@@ -242,7 +244,7 @@ def main() -> None:
             print(f"| {label} | {hf['prefill_tok_s']:.0f} | {hf['prefill_tok_s'] / base_r['prefill_tok_s']:.3f} | | | "
                   f"{hf['prefill_tok_s'] / peft['prefill_tok_s']:.2f} | {hf['decode_tok_s']:.1f} "
                   f"| {hf['decode_tok_s'] / base_r['decode_tok_s']:.3f} | | | {hf['decode_tok_s'] / peft['decode_tok_s']:.2f} |")
-    print(json.dumps({"bench": "mixed_batch", "base": name, "batch": B, "rank": r, "prompt_len": L, "device": args.device, "cuda_graphs": args.device != "cpu" and not args.no_cuda_graphs, "dtype": args.dtype, "clock": args.clock,
+    print(json.dumps({"bench": "mixed_batch", "base": name, "batch": B, "rank": r, "prompt_len": L, "device": args.device, "cuda_graphs": args.device != "cpu" and not args.no_cuda_graphs, "gpu_fused_decode": args.device != "cpu" and gpu_kernels.fused_decode(), "dtype": args.dtype, "clock": args.clock,
                       "threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.summary() if args.device == "cpu" else None,
                       "results": table, "peft": peft, "hf_base": hf_base}))
 

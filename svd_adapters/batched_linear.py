@@ -381,6 +381,9 @@ class LinearGroup(nn.Module):
             # a decode step on the CPU whose GEMM the kernel takes: the GEMM and the core delta in one call
             return cpu_kernels.core_linear(x, self.W_aug, rows["C"][li], o, d, self.Ut_cat, self.bounds, rows["slots"],
                                            rows["s"][li], rows["diagonal"])
+        if L == 1 and out is None and not lowrank_first and x.shape[0] <= 64 and gpu_kernels.serves(x) \
+                and gpu_kernels.fused_decode():  # a decode step on a GPU: the GEMM and the core delta in one launch
+            return gpu_kernels.linear_core(x, self.W_aug, rows["C"][li], o, d, self.Ut_cat, self.bounds)
         y, h = self.project(x)
         if lowrank_first:
             self._add_lowrank(y, x, h if mp.lr_sub else None, mp)

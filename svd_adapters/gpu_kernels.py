@@ -18,6 +18,9 @@ step for a rank-16 LoRA on SmolLM2-135M), then ~8 more kernels per group; `lowra
 from its slot in one launch per group (one program per row and member), only the slot's filled rank. It has
 been checked for correctness (under the interpreter, below) but not yet timed on a GPU.
 
+`linear_core` (opt-in until timed on a GPU) goes one step further at decode: the group's GEMM, its shared
+projections and its core delta in one launch.
+
 Triton is imported on first use. The kernels also run on the CPU under Triton's interpreter (TRITON_INTERPRET=1
 before Triton is first imported), which is how the tests check it without a GPU (tests/conftest.py).
 """
@@ -72,6 +75,55 @@ def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tens
         o_.stride(0), d_.stride(0), U.stride(0),
         K=k, SCALED=scaled, R_PAD=max(16, triton.next_power_of_2(R)), BT=BLOCK_T, BN=BLOCK_N,
     )
+
+
+def fused_decode() -> bool:
+    """Whether a decode step's group GEMM and core delta run as one kernel (`linear_core`). Opt-in
+    (SVDSERVE_GPU_FUSED_DECODE=1) until measured on a GPU: checked for correctness under Triton's interpreter only;
+    `bench/gpu_check.sh` times both."""
+    return os.environ.get("SVDSERVE_GPU_FUSED_DECODE", "0") in ("1", "true", "yes")
+
+
+LINEAR_BN, LINEAR_BK = 32, 64  # output columns per program; input columns per step of its loop
+
+
+def linear_core(x: torch.Tensor, W_aug: torch.Tensor, Ct: torch.Tensor, o: torch.Tensor | None,
+                d: torch.Tensor | None, U: torch.Tensor, bounds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's group GEMM and core delta in one launch: x (T, K), one token per row, and W_aug (M + k·R, K)
+    = [the members' weights; their V_rᵀ] give y (T, M), base outputs plus each row's core delta, and h (T, k·R);
+    the terms as for `core_delta` with tokens_per_row 1. On a GPU a decode step is latency-bound: the delta as a
+    kernel of its own after the GEMM is ~4 µs × 120 launches per step (measured on an H200), while here each
+    program computes its columns' outputs and its members' h in one pass over x, then adds the delta. y and h are
+    column ranges of one (T, M + k·R) buffer, as the GEMM's output is on the other path."""
+    import triton
+
+    from svd_adapters.triton_linear_core import linear_core_kernel  # imports Triton: on first use only
+
+    T, n_in = x.shape
+    k, R, M = Ct.shape[1], Ct.shape[-1], bounds[-1]
+    if k > 3 or len(bounds) != k + 1:
+        raise ValueError(f"linear_core takes 1 to 3 members and their k + 1 column bounds, got {k} and {bounds}")
+    if T > 64 or W_aug.shape != (M + k * R, n_in) or not W_aug.is_contiguous() or x.stride(1) != 1:
+        raise ValueError(f"linear_core takes up to 64 rows of x (T, K) contiguous within a row and a contiguous W_aug "
+                         f"({M + k * R}, K); got x {tuple(x.shape)}, W_aug {tuple(W_aug.shape)}")
+    if Ct.stride(-1) != 1 or U.stride(1) != 1:
+        raise ValueError("linear_core needs unit column strides in the cores and U")
+    scaled = o is not None
+    if scaled and (d is None or o.stride(1) != 1 or d.stride(1) != 1):
+        raise ValueError("linear_core takes o and d together, with unit column strides")
+    z = torch.empty(T, M + k * R, dtype=x.dtype, device=x.device)
+    y, h = z[:, :M], z[:, M:]
+    b = list(bounds[1:-1]) + [M] * (3 - k)
+    o_, d_ = (o, d) if scaled else (z, z)  # unused pointers when not scaled
+    linear_core_kernel[(triton.cdiv(M, LINEAR_BN),)](
+        x, W_aug, y, h, Ct, o_, d_, U,
+        T, M, R, b[0], b[1],
+        x.stride(0), z.stride(0), z.stride(0), Ct.stride(0), Ct.stride(1), Ct.stride(2), o_.stride(0), d_.stride(0),
+        U.stride(0),
+        KIN=n_in, K=k, SCALED=scaled, R_PAD=max(16, triton.next_power_of_2(R)),
+        BT=max(16, triton.next_power_of_2(T)), BN=LINEAR_BN, BK=LINEAR_BK, IEEE=x.dtype == torch.float32,
+    )
+    return y, h
 
 
 def _lowrank_kernel():

@@ -30,13 +30,16 @@ def gpu_base(tiny_base) -> BaseModel:
                      name=tiny_base.name, cache_dir=tiny_base.cache_dir)
 
 
-@pytest.mark.parametrize("graphs,kernel", [(True, True), (False, True), (False, False)],
-                         ids=["graphs-triton", "eager-triton", "eager-torch-ops"])
+@pytest.mark.parametrize("graphs,kernel,fused", [(True, True, False), (False, True, False), (False, False, False),
+                                                (True, True, True)],
+                         ids=["graphs-triton", "eager-triton", "eager-torch-ops", "graphs-fused-decode"])
 def test_gpu_mixed_batch_logits_match_merged_reference(gpu_base, tiny_base, tiny_factors, adapters, graphs, kernel,
-                                                       monkeypatch):
-    calls = []
-    real = gpu_kernels.core_delta
+                                                       fused, monkeypatch):
+    calls, fused_calls = [], []
+    real, real_fused = gpu_kernels.core_delta, gpu_kernels.linear_core
     monkeypatch.setattr(gpu_kernels, "core_delta", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    monkeypatch.setattr(gpu_kernels, "linear_core", lambda *a: (fused_calls.append(1), real_fused(*a))[1])
+    monkeypatch.setenv("SVDSERVE_GPU_FUSED_DECODE", "1" if fused else "0")
     monkeypatch.setitem(gpu_kernels._state, "force", None if kernel else False)
     runner = BatchedRunner(gpu_base, tiny_factors, max_rank=8, max_batch=16, max_seq_len=64, core_slots=8, lr_slots=8,
                            cuda_graphs=graphs)
@@ -56,6 +59,7 @@ def test_gpu_mixed_batch_logits_match_merged_reference(gpu_base, tiny_base, tiny
     if graphs:  # the steps above were replays: 10 rows padded to 16, one bucket
         assert [k[0] for k in runner.graphs.graphs] == [16]
     assert bool(calls) == kernel  # the path under test took the core deltas
+    assert bool(fused_calls) == fused  # and with the fused decode, its decode steps (captured in the graph)
 
 
 def test_gpu_engine_greedy_matches_solo_reference(gpu_base, tiny_base, tiny_factors, adapters, tmp_path):

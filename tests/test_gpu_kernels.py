@@ -160,3 +160,71 @@ def test_runner_decode_through_the_lowrank_kernel_matches_merged_reference(tiny_
         with torch.no_grad():
             ref = merged_model(tiny_base, tiny_factors, chosen.get(aid))(torch.tensor([prompts[i] + [7]])).logits[0]
         assert (step[i] - ref[-1]).abs().max().item() <= 1e-4
+
+
+# Member widths on and off the 32-column tiles (tiles that straddle two members), rows in and past one 16-row
+# block, inputs past one 64-column step of the loop, ranks below and at the 16-wide padding.
+@pytest.mark.parametrize("sizes,R,T,K", [([40, 24, 24], 4, 5, 70), ([70, 70], 8, 3, 40), ([64], 16, 17, 64)],
+                         ids=["qkv-straddling", "gate-up", "single-r16-17rows"])
+@pytest.mark.parametrize("scaled", [True, False], ids=["osora", "loraxs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_core_matches_the_gemm_then_the_delta(sizes, R, T, K, scaled, dtype):
+    """The fused decode kernel against its definition: [y | h] = x · W_augᵀ, then each row's core delta with that
+    h (float64 from the inputs as the kernel sees them)."""
+    y0, _, Ct, o, d, Ut, offsets = case(sizes, R, T, 1, scaled, dtype, seed=len(sizes) + R + T)
+    gen = torch.Generator().manual_seed(T)
+    M, k = sum(sizes), len(sizes)
+    x = (torch.randn(T + 1, K, generator=gen, dtype=torch.float64)[1:]).to(dtype)  # a row-strided view
+    W_aug = (torch.randn(M + k * R, K, generator=gen, dtype=torch.float64) / K ** 0.5).to(dtype)
+    rounded = (lambda t: None if t is None else t.to(dtype).double())
+    z = x.double() @ W_aug.double().T
+    want_y, want_h = z[:, :M].clone(), z[:, M:]
+    core_delta_(want_y, want_h.reshape(T, 1, k, R), rounded(Ct), rounded(o), rounded(d),
+                [u.float().double() for u in Ut], offsets)
+    dev = (lambda t: None if t is None else t.to(DEVICE))
+    y, h = gpu_kernels.linear_core(dev(x), dev(W_aug), dev(rounded(Ct).to(dtype)), dev(o if o is None else o.to(dtype)),
+                                   dev(d if d is None else d.to(dtype)), torch.cat(Ut, dim=1).to(DEVICE, torch.float32),
+                                   offsets + [M])
+    y, h = y.cpu().double(), h.cpu().double()
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # bf16: products in float32, y rounded once
+    assert (h - want_h).abs().max().item() <= tol * want_h.abs().max().item()
+    assert (y - want_y).abs().max().item() <= tol * want_y.abs().max().item()
+    assert (want_y - z[:, :M]).abs().max() > 0.1  # the delta is not vacuous
+
+
+def test_linear_core_rejects_what_it_cannot_take():
+    _, _, Ct, o, d, Ut, offsets = case([32, 32], 8, 2, 1, True, torch.float32, seed=0)
+    x, W_aug, U = torch.randn(2, 16), torch.randn(64 + 16, 16), torch.cat(Ut, dim=1).float()
+    with pytest.raises(ValueError, match="o and d together"):
+        gpu_kernels.linear_core(x, W_aug, Ct.float(), o.float(), None, U, offsets + [64])
+    with pytest.raises(ValueError, match="up to 64 rows"):
+        gpu_kernels.linear_core(x, W_aug[:-1], Ct.float(), None, None, U, offsets + [64])
+    with pytest.raises(ValueError, match="1 to 3 members"):
+        gpu_kernels.linear_core(x, W_aug, Ct.float(), None, None, U, offsets)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, tests/test_cuda.py covers the fused decode")
+def test_runner_decodes_through_the_fused_kernel(tiny_base, tiny_factors, adapters, monkeypatch):
+    """With SVDSERVE_GPU_FUSED_DECODE=1 every group of a decode step goes through `linear_core` (GEMM, h and core
+    delta in one launch) and each row's logits still equal its adapter merged into the base."""
+    monkeypatch.setitem(cpu_kernels._state, "force", False)  # no CPU kernels: the GPU kernels take the step
+    monkeypatch.setenv("SVDSERVE_GPU_FUSED_DECODE", "1")
+    monkeypatch.setattr(gpu_kernels, "serves", lambda y: True)
+    calls = []
+    kernel = gpu_kernels.linear_core
+    monkeypatch.setattr(gpu_kernels, "linear_core", lambda *a: (calls.append(a[0].shape[0]), kernel(*a))[1])
+    core = {k: a for k, a in adapters.items() if a.method in ("osora", "loraxs")}
+    runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=8, max_seq_len=32, core_slots=8, lr_slots=2)
+    cs, _ = runner.place(list(core.values()), tiny_factors)
+    rows, cs = list(core) + [None], cs + [0]
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 200, (int(n),), generator=gen).tolist() for n in torch.randint(3, 9, (len(rows),), generator=gen)]
+    runner.prefill(prompts, list(range(len(rows))), cs, [0] * len(rows))
+    assert calls == []  # prefill keeps the GEMM and the delta kernel
+    step = runner.decode(torch.tensor([7] * len(rows)), torch.tensor([len(p) for p in prompts]),
+                         runner.mapping(cs, [0] * len(rows)))
+    assert calls == [len(rows)] * (4 * len(runner.layers))
+    for i, aid in enumerate(rows):
+        with torch.no_grad():
+            ref = merged_model(tiny_base, tiny_factors, core.get(aid))(torch.tensor([prompts[i] + [7]])).logits[0]
+        assert (step[i] - ref[-1]).abs().max().item() <= 1e-4
