@@ -1,5 +1,5 @@
 """A decode step's group GEMMs with and without their core delta, by kernel path: the diagnostic behind
-`core_linear` (`svd_adapters/csrc/core_delta.cpp`), not a target.
+`core_linear` (`svd_adapters/csrc/core_linear.cpp`), not a target.
 
     python bench/decode_kernels.py [--rows 32] [--rank 16] [--layers 30] [--reps 25]
 

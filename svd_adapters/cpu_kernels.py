@@ -7,12 +7,12 @@ so op costs, not arithmetic, set its speed).
 
 - `skinny_linear` (`csrc/skinny_linear.cpp`): x · Wᵀ for a few rows: lm_head, and groups without core rows, at
   decode.
-- `core_linear` (`csrc/core_delta.cpp`): a decode step's group GEMM and its whole core delta (OSoRA, LoRA-XS,
+- `core_linear` (`csrc/core_linear.cpp`): a decode step's group GEMM and its whole core delta (OSoRA, LoRA-XS,
   base rows) in one call, a block of output columns at a time: the block's U and o are fetched while its GEMM
   runs and its delta is added while its outputs are in L1. (Run separately, the delta's reads waited on memory
   after the GEMM had streamed the weights through every cache; folding the delta into each output's dot
   product instead was measured slower: a per-output epilogue.)
-- `core_delta` (same file): one group's core delta added to an output already computed: at prefill, and at
+- `core_delta` (`csrc/core_delta.cpp`): one group's core delta added to an output already computed: at prefill, and at
   decode where calibration chose torch's matmul for the GEMM.
 - `lowrank_delta` (`csrc/lowrank_delta.cpp`): one group's low-rank delta (SORSA, LoRA) in one call, every row's
   A and Bᵀ read from its slot (PyTorch gathered copies of them first, then concatenated and scattered the
@@ -43,8 +43,8 @@ from svd_adapters.log import get_logger
 log = get_logger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "skinny_linear.cpp", _CSRC / "core_delta.cpp", _CSRC / "lowrank_delta.cpp"]
-_HEADERS = [_CSRC / "vec.h", _CSRC / "parallel.h", _CSRC / "skinny_gemm.h"]
+_SOURCES = [_CSRC / "skinny_linear.cpp", _CSRC / "core_delta.cpp", _CSRC / "core_linear.cpp", _CSRC / "lowrank_delta.cpp"]
+_HEADERS = [_CSRC / "vec.h", _CSRC / "parallel.h", _CSRC / "skinny_gemm.h", _CSRC / "core_tiles.h"]
 # Vector flags for the capability torch itself detected on this CPU (the kernels' inner loops are plain C++).
 _ARCH_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
@@ -138,7 +138,7 @@ def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tens
 def core_linear(x: torch.Tensor, W_aug: torch.Tensor, Ct: torch.Tensor, o: torch.Tensor | None, d: torch.Tensor | None,
                 U: torch.Tensor, offsets: list[int], slots: torch.Tensor, s: torch.Tensor | None = None,
                 diagonal: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decode step's GEMM of one group fused with its core delta (`csrc/core_delta.cpp`): x (T, K), one token per
+    """A decode step's GEMM of one group fused with its core delta (`csrc/core_linear.cpp`): x (T, K), one token per
     row, and W_aug (M + k·R, K) = [the members' weights; their V_rᵀ] give y (T, M), base outputs plus each row's
     core delta, and the shared projections h (T, k·R). The terms as for `core_delta` with `slots`; float32 or
     bfloat16. With s (S, k·R) and diagonal (S,) bool on the host: slots flagged diagonal have the diagonals of

@@ -12,7 +12,8 @@
 // folded into its own projection, Δy_t = h_t · U_eff,p with U_eff,p[l, c] = o[p, c] (Cᵀ U)[l, c] + d[p, l] U[l, c]
 // (R²·M per row, R·M for a diagonal core, against R·M per token for the two sums above), so its tokens take the
 // unscaled path. A gate/up group can take `out`: its activation silu(gate)·up, at prefill fused into the sweep.
-// At decode, `core_linear` (below) runs the group's GEMM and this delta in one call, block by block of columns.
+// At decode, `core_linear` (core_linear.cpp) runs the group's GEMM and this delta in one call, block by block of
+// columns; the pieces both use are in core_tiles.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,67 +23,15 @@
 #include <cmath>
 #include <vector>
 
+#include "core_tiles.h"
 #include "parallel.h"
-#include "skinny_gemm.h"
 #include "vec.h"
 
 namespace {
 
-using svdserve::Vec;
-using svdserve::load;
-using svdserve::store;
+using namespace svdserve::core;
 
-constexpr int NV = 2;        // vectors of output columns per tile (3 measured no faster)
 constexpr int64_t kChunk = 64;  // tokens per task at prefill
-// Tokens (or core rows) per register block of an unscaled tile: RB × NV accumulator vectors within the vector
-// registers (16 with AVX2, 32 with AVX-512); scaled tiles keep two accumulators per output, so half as many.
-constexpr int kRB = 4 * (svdserve::kVecRegs / 16);
-
-// Per-thread scratch buffers that only grow: a fresh allocation of a prefill's size per call costs a memset and
-// page faults (measured, when it held whole folded projections: OSoRA's prefill delta ~1.7× slower in the model
-// than in a loop that reused its memory). Every element used is written before it is read.
-template <typename acc_t>
-acc_t* scratch(int which, int64_t n) {
-  thread_local std::vector<acc_t> buffers[3];
-  std::vector<acc_t>& b = buffers[which];
-  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
-  return b.data();
-}
-
-// Every token's cores for every member: g = C h and, for scaled rows, e = d ⊙ h; (T, k·R) each. With `srow`,
-// a row whose srow[p] is set has diagonal cores (OSoRA's diag S), srow[p] their diagonals (k·R): g = s ⊙ h, and C
-// is not read (R² numbers per member, of which R count). Rows that `zero` flags (see zero_tokens) get zeros,
-// whatever their h: a register block that straddles one of them and another row adds exactly nothing to it.
-template <typename scalar_t, typename acc_t, bool kScaled>
-void token_cores(const scalar_t* h, int64_t sh, const scalar_t* const* Crow, const scalar_t* const* drow,
-                 int64_t k, int64_t R, int64_t L, acc_t* g, acc_t* e, int64_t begin, int64_t end,
-                 const scalar_t* const* srow = nullptr, const char* zero = nullptr) {
-  for (int64_t t = begin; t < end; ++t) {
-    const scalar_t* ht = h + t * sh;
-    const int64_t p = t / L;
-    if (zero != nullptr && zero[p]) {
-      for (int64_t j = 0; j < k * R; ++j) g[t * k * R + j] = 0;
-      continue;
-    }
-    for (int64_t i = 0; i < k; ++i) {
-      acc_t* gi = g + (t * k + i) * R;
-      if (srow != nullptr && srow[p] != nullptr) {
-        for (int64_t j = 0; j < R; ++j) gi[j] = static_cast<acc_t>(ht[i * R + j]) * static_cast<acc_t>(srow[p][i * R + j]);
-      } else {
-        for (int64_t j = 0; j < R; ++j) gi[j] = 0;
-        const scalar_t* Ci = Crow[p] + i * R * R;  // Cᵀ: g_j = Σ_l h_l Cᵀ[l, j]
-        for (int64_t l = 0; l < R; ++l) {
-          const acc_t hl = static_cast<acc_t>(ht[i * R + l]);
-          for (int64_t j = 0; j < R; ++j) gi[j] += hl * static_cast<acc_t>(Ci[l * R + j]);
-        }
-      }
-      if constexpr (kScaled) {
-        for (int64_t j = 0; j < R; ++j)
-          e[(t * k + i) * R + j] = static_cast<acc_t>(ht[i * R + j]) * static_cast<acc_t>(drow[p][i * R + j]);
-      }
-    }
-  }
-}
 
 // Whether tokens [t0, t1) all belong to rows (of L tokens) that `zero` flags: rows reading the zero adapter (slot 0
 // of the slot pools: C = 0, o = 1, d = 0), whose delta is nothing, so a prefill skips them. Null: none flagged.
@@ -93,71 +42,7 @@ inline bool zero_tokens(const char* zero, int64_t L, int64_t t0, int64_t t1) {
   return true;
 }
 
-// One tile (NV vectors of one member's output columns) for tokens t..t+RB-1. The tile's slice of U
-// (R × NV vectors) stays in L1 while tokens stream past; RB tokens at a time share each U load.
-template <typename scalar_t, typename acc_t, bool kScaled, int RB>
-inline void tile_rows(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e,
-                      const acc_t* Uc, int64_t ldu, int64_t R, int64_t gstride, int64_t c, int64_t t) {
-  using V = typename Vec<acc_t>::type;
-  constexpr int W = sizeof(V) / sizeof(acc_t);
-  V a[RB][NV], b[RB][NV];
-  UNROLL for (int r = 0; r < RB; ++r)
-    UNROLL for (int v = 0; v < NV; ++v) a[r][v] = b[r][v] = V{};  // not `= {}`: that compiled to a slow rep-stos
-  for (int64_t j = 0; j < R; ++j) {
-    V u[NV];
-    UNROLL for (int v = 0; v < NV; ++v) u[v] = load(Uc + j * ldu + v * W);
-    UNROLL for (int r = 0; r < RB; ++r) {
-      const acc_t gj = g[(t + r) * gstride + j];
-      UNROLL for (int v = 0; v < NV; ++v) a[r][v] += gj * u[v];
-      if constexpr (kScaled) {
-        const acc_t ej = e[(t + r) * gstride + j];
-        UNROLL for (int v = 0; v < NV; ++v) b[r][v] += ej * u[v];
-      }
-    }
-  }
-  UNROLL for (int r = 0; r < RB; ++r) {
-    scalar_t* yr = y + (t + r) * sy + c;
-    UNROLL for (int v = 0; v < NV; ++v) {
-      V yv = load(yr + v * W);
-      if constexpr (kScaled) yv += load(o[t + r] + c + v * W) * a[r][v] + b[r][v];
-      else yv += a[r][v];
-      store(yr + v * W, yv);
-    }
-  }
-}
 
-// Tiles [tb, te) of `tiles` for tokens [t0, t1), all reading U (R × M, row stride M). g and e hold k·R cores
-// per token (member i's at offset i·R).
-template <typename scalar_t, typename acc_t, bool kScaled>
-void apply_tiles(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e, const acc_t* U,
-                 int64_t M, int64_t R, int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
-                 int64_t tb, int64_t te, int64_t t0, int64_t t1) {
-  constexpr int W = sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
-  constexpr int RB = kScaled ? kRB / 2 : kRB;
-  for (int64_t ti = tb; ti < te; ++ti) {
-    const int64_t i = tiles[2 * ti], c = tiles[2 * ti + 1];
-    const acc_t* gi = g + i * R;  // token t's member-i cores at gi + t·k·R
-    const acc_t* ei = kScaled ? e + i * R : nullptr;
-    if (c + NV * W <= off[i + 1]) {
-      int64_t t = t0;
-      for (; t + RB <= t1; t += RB) tile_rows<scalar_t, acc_t, kScaled, RB>(y, sy, o, gi, ei, U + c, M, R, k * R, c, t);
-      for (; t < t1; ++t) tile_rows<scalar_t, acc_t, kScaled, 1>(y, sy, o, gi, ei, U + c, M, R, k * R, c, t);
-      continue;
-    }
-    for (int64_t t = t0; t < t1; ++t) {  // the member's last, partial tile
-      for (int64_t cc = c; cc < off[i + 1]; ++cc) {
-        acc_t a = 0, b = 0;
-        for (int64_t j = 0; j < R; ++j) {
-          a += gi[t * k * R + j] * U[j * M + cc];
-          if constexpr (kScaled) b += ei[t * k * R + j] * U[j * M + cc];
-        }
-        acc_t v = static_cast<acc_t>(y[t * sy + cc]);
-        v += kScaled ? static_cast<acc_t>(o[t][cc]) * a + b : a;
-        y[t * sy + cc] = static_cast<scalar_t>(v);
-      }
-    }
-  }
-}
 
 // Whether an R×R core has nothing off its diagonal (OSoRA's diag(S); LoRA-XS's cores are dense).
 template <typename scalar_t>
@@ -464,73 +349,10 @@ void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, co
   });
 }
 
-void check_rows(const at::Tensor& t, const char* name, int64_t P, int64_t width, at::ScalarType dtype) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == P && t.size(1) == width, name, " must be (", P, ", ", width, "), got ", t.sizes());
-  TORCH_CHECK(t.stride(1) == 1, name, " must be contiguous within a row");
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must have y's dtype");
-}
 
-// Each row's slot: slots[p] with slot pools (checked against the pool's S entries), else the row itself.
-std::vector<int64_t> row_slots(int64_t P, const std::optional<at::Tensor>& slots, int64_t S) {
-  std::vector<int64_t> slot(P);
-  if (!slots.has_value()) {
-    for (int64_t p = 0; p < P; ++p) slot[p] = p;
-    return slot;
-  }
-  TORCH_CHECK(slots->dim() == 1 && slots->size(0) == P && slots->scalar_type() == at::kLong && slots->device().is_cpu(),
-              "slots must be a CPU int64 vector with one entry per row (", P, ")");
-  const at::Tensor sl = slots->contiguous();
-  for (int64_t p = 0; p < P; ++p) {
-    slot[p] = sl.const_data_ptr<int64_t>()[p];
-    TORCH_CHECK(slot[p] >= 0 && slot[p] < S, "slot ", slot[p], " of row ", p, " is outside the pool of ", S);
-  }
-  return slot;
-}
 
-// The checks both entry points make of a group's terms: Ct (S, k, R, R), o (S, M) and d (S, k·R), U (R, M).
-void check_terms(const at::Tensor& Ct, const std::optional<at::Tensor>& o, const std::optional<at::Tensor>& d,
-                 const at::Tensor& U, int64_t S, int64_t k, int64_t M, at::ScalarType dtype) {
-  const int64_t R = U.size(0);
-  TORCH_CHECK(U.dim() == 2 && U.size(1) == M && U.is_contiguous(), "U must be a contiguous (R, M) matrix");
-  TORCH_CHECK(Ct.dim() == 4 && Ct.size(0) == S && Ct.size(1) == k && Ct.size(2) == R && Ct.size(3) == R,
-              "Ct must be (rows, k, R, R), or (slots, k, R, R) with slots");
-  TORCH_CHECK(Ct.stride(3) == 1 && Ct.stride(2) == R && Ct.stride(1) == R * R, "Ct must be contiguous within a row");
-  TORCH_CHECK(Ct.scalar_type() == dtype, "Ct must have y's dtype");
-  TORCH_CHECK(o.has_value() == d.has_value(), "o and d come together");
-  if (o.has_value()) {
-    check_rows(*o, "o", S, M, dtype);
-    check_rows(*d, "d", S, k * R, dtype);
-  }
-}
 
-// Where each row's core, scale and d live (its slot's, or its own), so the inner loops index no pools.
-// With `s` and `diagonal`: s[p] is the row's core diagonals where its slot's cores are all diagonal, else null.
-template <typename scalar_t>
-struct RowTerms {
-  std::vector<const scalar_t*> C, o, d, s;
-  RowTerms(const std::vector<int64_t>& slot, const at::Tensor& Ct, const std::optional<at::Tensor>& o_,
-           const std::optional<at::Tensor>& d_, const std::optional<at::Tensor>& s_ = std::nullopt,
-           const std::optional<at::Tensor>& diagonal = std::nullopt)
-      : C(slot.size()), o(slot.size()), d(slot.size()), s(slot.size()) {
-    for (size_t p = 0; p < slot.size(); ++p) {
-      C[p] = Ct.const_data_ptr<scalar_t>() + slot[p] * Ct.stride(0);
-      if (o_.has_value()) {
-        o[p] = o_->const_data_ptr<scalar_t>() + slot[p] * o_->stride(0);
-        d[p] = d_->const_data_ptr<scalar_t>() + slot[p] * d_->stride(0);
-      }
-      if (s_.has_value() && diagonal->const_data_ptr<bool>()[slot[p]])
-        s[p] = s_->const_data_ptr<scalar_t>() + slot[p] * s_->stride(0);
-    }
-  }
-};
 
-// (member, first column) of every TW-wide tile, the members' columns in order.
-std::vector<int64_t> member_tiles(const std::vector<int64_t>& off, int64_t TW) {
-  std::vector<int64_t> tiles;
-  for (size_t i = 0; i + 1 < off.size(); ++i)
-    for (int64_t c = off[i]; c < off[i + 1]; c += TW) tiles.insert(tiles.end(), {static_cast<int64_t>(i), c});
-  return tiles;
-}
 
 void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const std::optional<at::Tensor>& o,
                 const std::optional<at::Tensor>& d, const at::Tensor& U, at::IntArrayRef offsets, int64_t L,
@@ -615,133 +437,6 @@ void core_delta(at::Tensor y, const at::Tensor& h, const at::Tensor& Ct, const s
   });
 }
 
-// A decode step's GEMM for one group fused with its core delta (core_linear): [y | h] = x · W_augᵀ with W_aug =
-// [W; V_rᵀ] (the members' weights, then their shared projections), every row's core delta added into y, one token
-// per row. In one parallel region (a region costs microseconds, as much as a small pass here): h (W_aug's last
-// k·R rows), every token's cores, then blocks of up to kBlockTiles tiles of one member: the block's columns of y
-// from the GEMM, with the block's U and o prefetched a few lines per GEMM tile, then at once its delta while
-// they are in L1. Run separately (skinny_linear, then core_delta), the delta's reads of U, o and the cores waited
-// on memory after the GEMM had streamed the weights through every cache level. bench/decode_kernels.py (SmolLM2's
-// shapes, 32 rows, 2 threads of a Zen 5): the step's core delta over the bare GEMMs ~3.0 → 1.7–2.3 ms (LoRA-XS),
-// ~4.0–5.0 → 2.7–3.3 ms (OSoRA); all the block's prefetches issued before its GEMM measured ~0.4 ms slower, the
-// next block's instead of this one's no faster, into L2 only slower.
-constexpr int64_t kBlockTiles = 3;
-
-// Blocks of output columns for core_linear: up to kBlockTiles consecutive tiles of one member each, as the first
-// tile of each block and then the end.
-std::vector<int64_t> column_blocks(const std::vector<int64_t>& tiles) {
-  std::vector<int64_t> blocks;
-  const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
-  for (int64_t ti = 0; ti < n_tiles; ++ti)
-    if (blocks.empty() || ti - blocks.back() == kBlockTiles || tiles[2 * ti] != tiles[2 * blocks.back()])
-      blocks.push_back(ti);
-  blocks.push_back(n_tiles);
-  return blocks;
-}
-
-// Blocks [b, e) of core_linear: each block's U and o prefetched, its columns of y from the GEMM, then its delta.
-template <typename scalar_t, typename acc_t, bool kScaled>
-void gemm_core_blocks(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t K, scalar_t* y, int64_t sy,
-                      const scalar_t* const* o, const acc_t* g, const acc_t* e, const acc_t* U, int64_t M, int64_t R,
-                      int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
-                      const std::vector<int64_t>& blocks, int64_t T, int64_t b, int64_t en) {
-  constexpr int64_t TW = NV * sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
-  for (int64_t bi = b; bi < en; ++bi) {
-    const int64_t tb = blocks[bi], te = blocks[bi + 1], i = tiles[2 * tb];  // tiles [tb, te) of member i
-    const int64_t c0 = tiles[2 * tb + 1], c1 = std::min(off[i + 1], tiles[2 * (te - 1) + 1] + TW);
-    // The block's U and o into L1 while its GEMM runs, spread over the GEMM's tiles.
-    constexpr int64_t kLine = 64 / sizeof(acc_t);  // o's scalar_t lines are as wide or wider
-    const int64_t lines = (c1 - c0 + kLine - 1) / kLine, items = (R + (kScaled ? T : 0)) * lines;
-    constexpr int64_t CB = svdserve::kGemmCB;
-    const int64_t n_gemm = (c1 - c0 + CB - 1) / CB, per = (items + n_gemm - 1) / n_gemm;
-    int64_t item = 0;
-    for (int64_t n = c0; n < c1; n += CB) {
-      for (const int64_t stop = std::min(items, item + per); item < stop; ++item) {
-        const int64_t row = item / lines, c = c0 + (item % lines) * kLine;
-        if (row < R) __builtin_prefetch(U + row * M + c, 0, 3);
-        else if constexpr (kScaled) __builtin_prefetch(o[row - R] + c, 0, 3);
-      }
-      svdserve::gemm_block(x, sx, W, K, y, sy, 0, T, n, std::min(c1, n + CB));
-    }
-    if constexpr (kScaled) {  // a few tokens through the block's tiles at a time (as `sweep`: measured faster)
-      for (int64_t t = 0; t < T; t += 4)
-        apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, tb, te, t, std::min(T, t + 4));
-    } else {
-      apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, tb, te, 0, T);
-    }
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Tensor& W_aug, const at::Tensor& Ct,
-                                               const std::optional<at::Tensor>& o, const std::optional<at::Tensor>& d,
-                                               const at::Tensor& U, at::IntArrayRef offsets, const at::Tensor& slots,
-                                               const std::optional<at::Tensor>& s,
-                                               const std::optional<at::Tensor>& diagonal) {
-  TORCH_CHECK(x.device().is_cpu() && W_aug.device().is_cpu(), "core_linear runs on the CPU");
-  TORCH_CHECK(x.dim() == 2 && W_aug.dim() == 2 && x.size(1) == W_aug.size(1), "x (T, K) and W_aug (N, K) must share K, got ",
-              x.sizes(), " and ", W_aug.sizes());
-  TORCH_CHECK(x.stride(1) == 1 && W_aug.is_contiguous(), "x must be contiguous within a row and W_aug contiguous");
-  TORCH_CHECK(x.scalar_type() == W_aug.scalar_type(), "x and W_aug must have one dtype");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "core_linear takes float32 or bfloat16, got ", x.scalar_type());
-  const int64_t T = x.size(0), K = x.size(1), R = U.size(0), k = static_cast<int64_t>(offsets.size()) - 1;
-  TORCH_CHECK(k >= 1 && offsets[0] == 0, "offsets must start at 0");
-  const int64_t M = offsets[k];
-  TORCH_CHECK(W_aug.size(0) == M + k * R, "W_aug must hold the members' ", M, " output rows and their ", k * R,
-              " projection rows, got ", W_aug.size(0));
-  const std::vector<int64_t> slot = row_slots(T, slots, Ct.size(0));
-  check_terms(Ct, o, d, U, Ct.size(0), k, M, x.scalar_type());
-  TORCH_CHECK(s.has_value() == diagonal.has_value(), "s and diagonal come together");
-  if (s.has_value()) {
-    check_rows(*s, "s", Ct.size(0), k * R, x.scalar_type());
-    TORCH_CHECK(diagonal->dim() == 1 && diagonal->size(0) == Ct.size(0) && diagonal->scalar_type() == at::kBool &&
-                diagonal->device().is_cpu() && diagonal->is_contiguous(),
-                "diagonal must be a contiguous CPU bool vector with one entry per slot (", Ct.size(0), ")");
-  }
-  at::Tensor y = at::empty({T, M}, x.options()), h = at::empty({T, k * R}, x.options());
-  if (T == 0) return {y, h};
-  const std::vector<int64_t> off(offsets.begin(), offsets.end());
-  // float32 or bfloat16 only: the GEMM tile accumulates in float vectors
-  const auto run = [&](auto zero) {
-    using scalar_t = decltype(zero);
-    using acc_t = at::opmath_type<scalar_t>;
-    TORCH_CHECK(U.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "U must be in the accumulation dtype");
-    constexpr int64_t TW = NV * sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
-    const std::vector<int64_t> tiles = member_tiles(off, TW);
-    const std::vector<int64_t> blocks = column_blocks(tiles);
-    const int64_t n_blocks = static_cast<int64_t>(blocks.size()) - 1;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* Wp = W_aug.const_data_ptr<scalar_t>();
-    const acc_t* Up = U.const_data_ptr<acc_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    scalar_t* hp = h.data_ptr<scalar_t>();
-    const int64_t sx = x.stride(0), kR = k * R;
-    const RowTerms<scalar_t> rows(slot, Ct, o, d, s, diagonal);
-    acc_t* g = scratch<acc_t>(0, T * kR);
-    acc_t* e = o.has_value() ? scratch<acc_t>(1, T * kR) : nullptr;
-    constexpr int64_t CB = svdserve::kGemmCB;
-    // One region, three passes: h (the projection rows of W_aug, CB-column tiles split across threads), every
-    // token's cores, then the blocks.
-    svdserve::parallel_region([&](int64_t tid, int64_t n) {
-      const auto [tb, te] = svdserve::share(T, tid, n);
-      const auto [hb, he] = svdserve::share((kR + CB - 1) / CB, tid, n);
-      svdserve::gemm_block(xp, sx, Wp + M * K, K, hp, kR, 0, T, hb * CB, std::min(kR, he * CB));
-      svdserve::barrier(n);
-      if (e) token_cores<scalar_t, acc_t, true>(hp, kR, rows.C.data(), rows.d.data(), k, R, 1, g, e, tb, te, rows.s.data());
-      else token_cores<scalar_t, acc_t, false>(hp, kR, rows.C.data(), nullptr, k, R, 1, g, nullptr, tb, te, rows.s.data());
-      svdserve::barrier(n);
-      const auto [bb, be] = svdserve::share(n_blocks, tid, n);
-      if (e) gemm_core_blocks<scalar_t, acc_t, true>(xp, sx, Wp, K, yp, M, rows.o.data(), g, e, Up, M, R, k, off, tiles,
-                                                     blocks, T, bb, be);
-      else gemm_core_blocks<scalar_t, acc_t, false>(xp, sx, Wp, K, yp, M, nullptr, g, nullptr, Up, M, R, k, off, tiles,
-                                                    blocks, T, bb, be);
-    });
-  };
-  if (x.scalar_type() == at::kFloat) run(float{});
-  else run(c10::BFloat16{});
-  return {y, h};
-}
-
 // silu(gate) · up for y = [gate | up] (T, 2m): the activation of a gate/up group without adapters, in one pass
 // (torch's silu and multiply are two passes and a temporary), so base rows get the same activation as
 // `core_delta`'s `out`.
@@ -765,12 +460,9 @@ TORCH_LIBRARY_FRAGMENT(svdserve, m) {
   m.def("core_delta(Tensor(a!) y, Tensor h, Tensor Ct, Tensor? o, Tensor? d, Tensor U, int[] offsets, "
         "int tokens_per_row, Tensor(b!)? out=None, Tensor? slots=None) -> ()");
   m.def("gated_silu(Tensor y) -> Tensor");
-  m.def("core_linear(Tensor x, Tensor W_aug, Tensor Ct, Tensor? o, Tensor? d, Tensor U, int[] offsets, Tensor slots, "
-        "Tensor? s=None, Tensor? diagonal=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(svdserve, CPU, m) {
   m.impl("core_delta", &core_delta);
   m.impl("gated_silu", &gated_silu);
-  m.impl("core_linear", &core_linear);
 }

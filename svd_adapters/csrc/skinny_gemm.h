@@ -1,5 +1,6 @@
 // y = x · Wᵀ over a block of rows and columns, for the few rows of a decode step: the register-blocked tile shared
-// by skinny_linear.cpp (a whole product) and core_delta.cpp (a group's product fused with its core delta).
+// by skinny_linear.cpp (a whole product), core_linear.cpp (a group's product fused with its core delta) and
+// lowrank_delta.cpp (a prefill's per-row rank projections).
 //
 // x (T, K) and W (N, K) row-major as nn.Linear stores it; float32 or bfloat16, accumulated in float32 and written
 // as out_t (scalar_t unless said: lowrank_delta.cpp keeps a prefill's rank projections in float32). A tile is RB
