@@ -84,7 +84,15 @@ def fused_decode() -> bool:
     return os.environ.get("SVDSERVE_GPU_FUSED_DECODE", "0") in ("1", "true", "yes")
 
 
-LINEAR_BN, LINEAR_BK = 32, 64  # output columns per program; input columns per step of its loop
+# Output columns per program and warps per program. Input columns per step of its loop: `linear_bk`. Chosen so that
+# ptxas spills no registers on sm_90 (tests/test_gpu_compile.py): with 4 warps and 64 inputs a step it spilled
+# 88–2072 bytes for 16–64 rows.
+LINEAR_BN, LINEAR_WARPS = 32, 8
+
+
+def linear_bk(rows_block: int) -> int:
+    """Input columns per step of `linear_core`'s loop for a block of that many rows (16, 32 or 64)."""
+    return 16 if rows_block <= 16 else 32
 
 
 def linear_core(x: torch.Tensor, W_aug: torch.Tensor, Ct: torch.Tensor, o: torch.Tensor | None,
@@ -115,13 +123,14 @@ def linear_core(x: torch.Tensor, W_aug: torch.Tensor, Ct: torch.Tensor, o: torch
     y, h = z[:, :M], z[:, M:]
     b = list(bounds[1:-1]) + [M] * (3 - k)
     o_, d_ = (o, d) if scaled else (z, z)  # unused pointers when not scaled
+    BT = max(16, triton.next_power_of_2(T))
     linear_core_kernel[(triton.cdiv(M, LINEAR_BN),)](
         x, W_aug, y, h, Ct, o_, d_, U,
         T, M, R, b[0], b[1],
         x.stride(0), z.stride(0), z.stride(0), Ct.stride(0), Ct.stride(1), Ct.stride(2), o_.stride(0), d_.stride(0),
         U.stride(0),
         KIN=n_in, K=k, SCALED=scaled, R_PAD=max(16, triton.next_power_of_2(R)),
-        BT=max(16, triton.next_power_of_2(T)), BN=LINEAR_BN, BK=LINEAR_BK, IEEE=x.dtype == torch.float32,
+        BT=BT, BN=LINEAR_BN, BK=linear_bk(BT), IEEE=x.dtype == torch.float32, num_warps=LINEAR_WARPS,
     )
     return y, h
 

@@ -16,7 +16,8 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _member_delta(acc, hh, y_tile_first, y_tile_last, start, h_ptr, c_ptr, o, d_ptr, u_ptr, t, c, r, t_ok, c_ok,
-                  r_ok, member, R, s_ht, s_cp, s_ck, s_cr, s_dp, s_ur, i: tl.constexpr, SCALED: tl.constexpr):
+                  r_ok, member, R, s_ht, s_cp, s_ck, s_cr, s_dp, s_ur, i: tl.constexpr, SCALED: tl.constexpr,
+                  BT: tl.constexpr, R_PAD: tl.constexpr):
     """Member i's part of one tile: write its h where the tile holds its first column, then add each row's
     delta o ⊙ (U_r (C_p h)) + U_r (d_p ⊙ h) to the tile's columns of that member."""
     if (start >= y_tile_first) & (start <= y_tile_last):  # one program writes each member's h
@@ -24,10 +25,14 @@ def _member_delta(acc, hh, y_tile_first, y_tile_last, start, h_ptr, c_ptr, o, d_
                  mask=t_ok[:, None] & r_ok[None, :])
     cols = c_ok & (member == i)
     u = tl.load(u_ptr + r[:, None] * s_ur + c[None, :], mask=r_ok[:, None] & cols[None, :], other=0.0).to(tl.float32)
-    # g[t, :] = h[t, :] · Ct[t, i]: every row through its own core (stored transposed)
-    ct = tl.load(c_ptr + t[:, None, None] * s_cp + i * s_ck + r[None, :, None] * s_cr + r[None, None, :],
-                 mask=t_ok[:, None, None] & r_ok[None, :, None] & r_ok[None, None, :], other=0.0).to(tl.float32)
-    g = tl.sum(hh[:, :, None] * ct, axis=1)
+    # g[t, :] = h[t, :] · Ct[t, i]: every row through its own core (stored transposed), one row l of the cores at a
+    # time (a (rows, R, R) product at once held too many registers: ptxas spilled them)
+    g = tl.zeros((BT, R_PAD), dtype=tl.float32)
+    for l in range(0, R_PAD):
+        hl = tl.sum(tl.where(r[None, :] == l, hh, 0.0), axis=1)  # h[:, l]
+        cl = tl.load(c_ptr + t[:, None] * s_cp + i * s_ck + l * s_cr + r[None, :],
+                     mask=t_ok[:, None] & r_ok[None, :] & (l < R), other=0.0).to(tl.float32)
+        g += hl[:, None] * cl
     core = tl.dot(g, u, input_precision="ieee")
     if SCALED:
         dd = tl.load(d_ptr + t[:, None] * s_dp + i * R + r[None, :], mask=t_ok[:, None] & r_ok[None, :],
@@ -87,13 +92,13 @@ def linear_core_kernel(
         o = tl.load(o_ptr + t[:, None] * s_op + c[None, :], mask=t_ok[:, None] & c_ok[None, :], other=1.0).to(tl.float32)
     if first == 0:
         acc = _member_delta(acc, h0, first_col, last_col, 0, h_ptr, c_ptr, o, d_ptr, u_ptr, t, c, r, t_ok, c_ok,
-                            r_ok, member, R, s_ht, s_cp, s_ck, s_cr, s_dp, s_ur, 0, SCALED)
+                            r_ok, member, R, s_ht, s_cp, s_ck, s_cr, s_dp, s_ur, 0, SCALED, BT, R_PAD)
     if K > 1:
         if (first <= 1) & (last >= 1):
             acc = _member_delta(acc, h1, first_col, last_col, b1, h_ptr, c_ptr, o, d_ptr, u_ptr, t, c, r, t_ok, c_ok,
-                                r_ok, member, R, s_ht, s_cp, s_ck, s_cr, s_dp, s_ur, 1, SCALED)
+                                r_ok, member, R, s_ht, s_cp, s_ck, s_cr, s_dp, s_ur, 1, SCALED, BT, R_PAD)
     if K > 2:
         if last == 2:
             acc = _member_delta(acc, h2, first_col, last_col, b2, h_ptr, c_ptr, o, d_ptr, u_ptr, t, c, r, t_ok, c_ok,
-                                r_ok, member, R, s_ht, s_cp, s_ck, s_cr, s_dp, s_ur, 2, SCALED)
+                                r_ok, member, R, s_ht, s_cp, s_ck, s_cr, s_dp, s_ur, 2, SCALED, BT, R_PAD)
     tl.store(y_ptr + t[:, None] * s_yt + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & c_ok[None, :])
