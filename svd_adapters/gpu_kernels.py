@@ -79,8 +79,8 @@ def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tens
 
 def fused_decode() -> bool:
     """Whether a decode step's group GEMM and core delta run as one kernel (`linear_core`). Opt-in
-    (SVDSERVE_GPU_FUSED_DECODE=1) until measured on a GPU: checked for correctness under Triton's interpreter only;
-    `bench/gpu_check.sh` times both."""
+    (SVDSERVE_GPU_FUSED_DECODE=1) until measured on a GPU: checked against the formula under Triton's interpreter
+    and compiled for sm_90 in the tests, not yet timed; `bench/gpu_check.sh` times both."""
     return os.environ.get("SVDSERVE_GPU_FUSED_DECODE", "0") in ("1", "true", "yes")
 
 
