@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -382,25 +383,32 @@ def _check_tensor_names_and_shapes(
 
 
 def _decode_f32(blob: bytes, header: dict[str, Any], data_start: int) -> dict[str, torch.Tensor] | None:
-    """Fast path for all-F32 files (what the trainer writes): one buffer, one finiteness check for the whole
-    file, tensors as views. None when it does not apply or a value is non-finite (the slow path explains)."""
-    spans = [(name, e["shape"], e["data_offsets"]) for name, e in header.items()]
-    if any(header[name]["dtype"] != "F32" or off[0] % 4 for name, _, off in spans):
+    """Fast path for all-F32 files (what the trainer writes): one copy of the data section, one finiteness check
+    for the whole file, tensors as views of the copy. None when it does not apply or a value is non-finite (the
+    slow path explains). `_check_entries` has checked that the tensors tile the data section exactly."""
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], name, e["shape"]) for name, e in header.items())
+    if sys.byteorder != "little" or any(header[name]["dtype"] != "F32" or begin % 4 for begin, _, name, _ in spans):
         return None
     # numpy: a single-threaded scan. torch's parallel kernels stall when the engine thread holds the cores.
-    arr = np.frombuffer(blob, dtype="<f4", offset=data_start)
-    if not np.isfinite(arr).all():
+    if not np.isfinite(np.frombuffer(blob, dtype="<f4", offset=data_start)).all():
         return None
-    # Same-shaped tensors come out of one gather and one unbind: an adapter has hundreds of tensors, and a
-    # slice and a view each was most of a cold load's time.
-    groups: dict[tuple[int, ...], list[tuple[str, int]]] = {}
-    for name, shape, off in spans:
-        groups.setdefault(tuple(shape), []).append((name, off[0] // 4))
+    flat = torch.frombuffer(bytearray(memoryview(blob)[data_start:]), dtype=torch.float32)  # writable, owned
+    # Runs of back-to-back tensors of one shape are one piece each (LoRA-XS: all its cores), the rest a piece per
+    # tensor (OSoRA's vectors alternate in size); one split makes every piece. An adapter has hundreds of tensors,
+    # and a Python-level slice and view each was most of a cold load's time.
+    runs: list[tuple[tuple[int, ...], list[str]]] = []
+    for _, _, name, shape in spans:
+        if runs and runs[-1][0] == tuple(shape):
+            runs[-1][1].append(name)
+        else:
+            runs.append((tuple(shape), [name]))
+    pieces = torch.split(flat, [math.prod(shape) * len(names) for shape, names in runs])
     out: dict[str, torch.Tensor] = {}
-    for shape, members in groups.items():
-        starts = np.fromiter((s for _, s in members), dtype=np.int64, count=len(members))
-        block = arr[starts[:, None] + np.arange(math.prod(shape))].reshape(len(members), *shape)
-        out.update(zip((name for name, _ in members), torch.from_numpy(block).unbind(0)))
+    for (shape, names), piece in zip(runs, pieces):
+        if len(names) > 1:
+            out.update(zip(names, piece.view(len(names), *shape).unbind(0)))
+        else:
+            out[names[0]] = piece if len(shape) == 1 else piece.view(shape)
     return out
 
 
