@@ -181,7 +181,8 @@ class GroupPools:
         self.o = torch.ones(n_layers, core_slots, self.M, **kw)
         self.d = torch.zeros(n_layers, core_slots, self.k * R, **kw)
         # The diagonals of the cores, side by side, and per slot whether every core in it is diagonal (OSoRA's
-        # diag S; an empty slot's zeros): the CPU decode kernel then reads R numbers per member, not R².
+        # diag S; an empty slot's zeros): the CPU decode kernel then reads R numbers per member, not R². Kept for
+        # pools on the CPU only, its one reader.
         self.s = torch.zeros(n_layers, core_slots, self.k * R, **kw)
         self.diagonal = torch.ones(core_slots, dtype=torch.bool)  # on the host, like the kernel's slot ids
         self.A = torch.zeros(n_layers, lr_slots, self.k * self.K, n_in, **kw)
@@ -213,10 +214,11 @@ class GroupPools:
         r, R, L = t.rank, self.R, _layer_index(layers)
         if t.C is not None:
             self.C[L, slot, i, :r, :r] = t.C.transpose(-1, -2).to(self.C)
-            diag = torch.diagonal(t.C, dim1=-2, dim2=-1)
-            self.s[L, slot, i * R : i * R + r] = diag.to(self.s)
-            if not torch.equal(t.C, torch.diag_embed(diag)):
-                self.diagonal[slot] = False
+            if self.C.device.type == "cpu":  # only the CPU kernel reads the diagonals (on a GPU the check would sync)
+                diag = torch.diagonal(t.C, dim1=-2, dim2=-1)
+                self.s[L, slot, i * R : i * R + r] = diag.to(self.s)
+                if not torch.equal(t.C, torch.diag_embed(diag)):
+                    self.diagonal[slot] = False
         if t.o is not None:
             self.o[L, slot, self.offsets[i] : self.offsets[i] + self.out_sizes[i]] = t.o.to(self.o)
         if t.d is not None:
