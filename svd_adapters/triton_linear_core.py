@@ -6,9 +6,9 @@ import triton.language as tl
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
-    """a · b accumulated in float32, products exact: float32 inputs as IEEE products (as cuBLAS without TF32);
-    bf16 inputs widened and multiplied as TF32, which holds a bf16 mantissa exactly (on tensor cores; and Triton's
-    interpreter, which the tests run on the CPU, gets bf16 dots wrong)."""
+    """a · b accumulated in float32 with exact products: float32 inputs as IEEE products (as cuBLAS without TF32);
+    bf16 inputs widened and multiplied as TF32, which holds a bf16 mantissa exactly, on tensor cores. (Widening
+    also keeps the tests right: Triton's interpreter, which they run on the CPU, computes bf16 dots wrongly.)"""
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
