@@ -379,12 +379,14 @@ class LinearGroup(nn.Module):
         P, L, li = mp.rows, mp.tokens_per_row, self.layer
         # Without OSoRA rows every o is 1 and every d is 0: skip the scale and the subtraction.
         o, d = (rows["o"][li], rows["d"][li]) if mp.has_sub else (None, None)
-        if "slots" in rows and L == 1 and out is None and not lowrank_first and cpu_kernels.uses_kernel(x, self.W_aug):
-            # a decode step on the CPU whose GEMM the kernel takes: the GEMM and the core delta in one call
+        # A decode step's group with nothing between its GEMM and its core delta: both in one kernel call, on the CPU
+        # where calibration picked the kernel's GEMM for this shape, on a GPU where the fused kernel is turned on.
+        fusable = L == 1 and out is None and not lowrank_first
+        if fusable and "slots" in rows and cpu_kernels.uses_kernel(x, self.W_aug):
             return cpu_kernels.core_linear(x, self.W_aug, rows["C"][li], o, d, self.Ut_cat, self.bounds, rows["slots"],
                                            rows["s"][li], rows["diagonal"])
-        if L == 1 and out is None and not lowrank_first and x.shape[0] <= 64 and gpu_kernels.serves(x) \
-                and gpu_kernels.fused_decode():  # a decode step on a GPU: the GEMM and the core delta in one launch
+        if fusable and x.shape[0] <= gpu_kernels.LINEAR_MAX_ROWS and gpu_kernels.serves(x) \
+                and gpu_kernels.fused_decode():
             return gpu_kernels.linear_core(x, self.W_aug, rows["C"][li], o, d, self.Ut_cat, self.bounds)
         y, h = self.project(x)
         if lowrank_first:
@@ -435,12 +437,13 @@ class LinearGroup(nn.Module):
             z = cpu_kernels.matmul_t(x, self.W_aug)
             return z[:, : self.M], z[:, self.M :]
         W = self.prefill_weight()
-        if W.shape[0] > self.M and cpu_kernels.prefill_stacked(W, self.M):
+        if W.shape[0] == self.M:  # no V_rᵀ rows left (down): the members' GEMM alone
+            y, h_parts = cpu_kernels.matmul_t(x, W), []
+        elif cpu_kernels.prefill_stacked(W, self.M):
             z = cpu_kernels.matmul_t(x, W)
             y, h_parts = z[:, : self.M], [z[:, self.M :]]
-        else:  # no V_rᵀ rows left (down): no second GEMM
-            y = cpu_kernels.matmul_t(x, W[: self.M])
-            h_parts = [cpu_kernels.matmul_t(x, W[self.M :])] if W.shape[0] > self.M else []
+        else:
+            y, h_parts = cpu_kernels.matmul_t(x, W[: self.M]), [cpu_kernels.matmul_t(x, W[self.M :])]
         off = self.bounds[self.v_members :]
         h_parts += [y[:, a:b] @ Us for a, b, Us in zip(off[:-1], off[1:], self.U_over_s)]
         return y, h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts, dim=1)

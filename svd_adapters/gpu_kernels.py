@@ -47,6 +47,18 @@ def _kernel():
     return core_delta_kernel
 
 
+def _check_terms(kernel: str, Ct: torch.Tensor, o: torch.Tensor | None, d: torch.Tensor | None, U: torch.Tensor,
+                 bounds: list[int], M: int) -> None:
+    """The checks both core-delta kernels make of a group's terms (ValueError naming `kernel` on failure)."""
+    k = Ct.shape[1]
+    if k > 3 or len(bounds) != k + 1 or bounds[-1] != M:
+        raise ValueError(f"{kernel} takes 1 to 3 members and their k + 1 column bounds up to {M}, got {k} and {bounds}")
+    if U.stride(1) != 1 or Ct.stride(-1) != 1:
+        raise ValueError(f"{kernel} needs unit column strides in U and the cores")
+    if o is not None and (d is None or o.stride(1) != 1 or d.stride(1) != 1):
+        raise ValueError(f"{kernel} takes o and d together, with unit column strides")
+
+
 def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tensor | None, d: torch.Tensor | None,
                U: torch.Tensor, bounds: list[int], tokens_per_row: int = 1) -> None:
     """y (T, M) += one group's core delta, in place; the arguments are `cpu_kernels.core_delta`'s.
@@ -58,13 +70,10 @@ def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tens
 
     T, M = y.shape
     k, R = Ct.shape[1], Ct.shape[-1]
-    if k > 3 or len(bounds) != k + 1 or bounds[-1] != M:
-        raise ValueError(f"core_delta takes 1 to 3 members and their k + 1 column bounds up to {M}, got {k} and {bounds}")
-    if y.stride(1) != 1 or h.stride(1) != 1 or U.stride(1) != 1 or Ct.stride(-1) != 1:
-        raise ValueError("core_delta needs unit column strides in y, h, U and the cores")
+    _check_terms("core_delta", Ct, o, d, U, bounds, M)
+    if y.stride(1) != 1 or h.stride(1) != 1:
+        raise ValueError("core_delta needs unit column strides in y and h")
     scaled = o is not None
-    if scaled and (d is None or o.stride(1) != 1 or d.stride(1) != 1):
-        raise ValueError("core_delta takes o and d together, with unit column strides")
     b = list(bounds[1:-1]) + [M] * (3 - k)  # columns from b[0] on are member 1, from b[1] on member 2
     o_, d_ = (o, d) if scaled else (y, y)  # unused pointers when not scaled
     grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(M, BLOCK_N))
@@ -88,6 +97,7 @@ def fused_decode() -> bool:
 # ptxas spills no registers on sm_90 (tests/test_gpu_compile.py): with 4 warps and 64 inputs a step it spilled
 # 88–2072 bytes for 16–64 rows.
 LINEAR_BN, LINEAR_WARPS = 32, 8
+LINEAR_MAX_ROWS = 64  # a decode step's rows, one block of a program (`linear_core`)
 
 
 def linear_bk(rows_block: int) -> int:
@@ -109,16 +119,11 @@ def linear_core(x: torch.Tensor, W_aug: torch.Tensor, Ct: torch.Tensor, o: torch
 
     T, n_in = x.shape
     k, R, M = Ct.shape[1], Ct.shape[-1], bounds[-1]
-    if k > 3 or len(bounds) != k + 1:
-        raise ValueError(f"linear_core takes 1 to 3 members and their k + 1 column bounds, got {k} and {bounds}")
-    if T > 64 or W_aug.shape != (M + k * R, n_in) or not W_aug.is_contiguous() or x.stride(1) != 1:
-        raise ValueError(f"linear_core takes up to 64 rows of x (T, K) contiguous within a row and a contiguous W_aug "
-                         f"({M + k * R}, K); got x {tuple(x.shape)}, W_aug {tuple(W_aug.shape)}")
-    if Ct.stride(-1) != 1 or U.stride(1) != 1:
-        raise ValueError("linear_core needs unit column strides in the cores and U")
+    _check_terms("linear_core", Ct, o, d, U, bounds, M)
+    if T > LINEAR_MAX_ROWS or W_aug.shape != (M + k * R, n_in) or not W_aug.is_contiguous() or x.stride(1) != 1:
+        raise ValueError(f"linear_core takes up to {LINEAR_MAX_ROWS} rows of x (T, K) contiguous within a row and a "
+                         f"contiguous W_aug ({M + k * R}, K); got x {tuple(x.shape)}, W_aug {tuple(W_aug.shape)}")
     scaled = o is not None
-    if scaled and (d is None or o.stride(1) != 1 or d.stride(1) != 1):
-        raise ValueError("linear_core takes o and d together, with unit column strides")
     z = torch.empty(T, M + k * R, dtype=x.dtype, device=x.device)
     y, h = z[:, :M], z[:, M:]
     b = list(bounds[1:-1]) + [M] * (3 - k)
