@@ -23,6 +23,12 @@
 
 namespace svdserve {
 
+// Thread tid's share [b, e) of [0, n) when `threads` split it in contiguous, near-equal parts.
+inline std::pair<int64_t, int64_t> share(int64_t n, int64_t tid, int64_t threads) {
+  const int64_t chunk = (n + threads - 1) / threads;
+  return {std::min(n, tid * chunk), std::min(n, (tid + 1) * chunk)};
+}
+
 template <class F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain_size, const F& f) {
   if (begin >= end) return;
@@ -35,12 +41,13 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain_size, const F& f) {
     {
       int64_t n = omp_get_num_threads();
       if (grain_size > 0) n = std::min<int64_t>(n, (numiter + grain_size - 1) / grain_size);
-      const int64_t tid = omp_get_thread_num(), chunk = (numiter + n - 1) / n, b = begin + tid * chunk;
-      if (b < end) {
+      const int64_t tid = omp_get_thread_num();
+      const auto [b, e] = share(numiter, tid, n);
+      if (b < e) {
         try {
           at::internal::ThreadIdGuard tid_guard(static_cast<int>(tid));
           c10::ParallelGuard guard(true);
-          f(b, std::min(end, b + chunk));
+          f(begin + b, begin + e);
         } catch (...) {
           if (!failed.test_and_set()) error = std::current_exception();
         }
@@ -87,12 +94,6 @@ inline void barrier(int64_t threads) {
 #pragma omp barrier
   }
 #endif
-}
-
-// Thread tid's share [b, e) of [0, n) when `threads` split it in contiguous, near-equal parts.
-inline std::pair<int64_t, int64_t> share(int64_t n, int64_t tid, int64_t threads) {
-  const int64_t chunk = (n + threads - 1) / threads;
-  return {std::min(n, tid * chunk), std::min(n, (tid + 1) * chunk)};
 }
 
 }  // namespace svdserve
