@@ -27,7 +27,8 @@ import torch
 from adapters_store.base import AdapterStore, StoreUnavailable
 from adapters_store.validate import AdapterValidationError, load_adapter
 from service.adapter_cache import AdapterCache
-from service.sampling import Detokenizer, SamplingParams, sample
+from service.detokenize import Detokenizer
+from service.sampling import RowSampling, SamplingParams, TokenHistory, sample_batch
 from svd_adapters.adapter import Adapter
 from svd_adapters.base_model import BaseModel
 from svd_adapters.factors import BaseFactors
@@ -130,6 +131,7 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     generator: torch.Generator | None
+    history: TokenHistory | None = None  # token counts, for requests with penalties (made at admission)
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     out: list[int] = field(default_factory=list)
@@ -138,6 +140,9 @@ class _Request:
     cancelled: bool = False
     finish_reason: str | None = None
     method: str = "base"  # its adapter's method once admitted (a metrics label; never the adapter id)
+
+    def sampling(self) -> RowSampling:
+        return RowSampling(self.params, self.generator, self.history)
 
     def emit(self, kind: str, payload) -> None:
         try:
@@ -332,6 +337,7 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context limit "
                 f"of {self.config.max_seq_len} tokens; shorten the prompt or lower max_tokens"
             )
+        self._check_sampling(params)
         gen = None
         if params.temperature > 0:
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
@@ -355,6 +361,16 @@ class Engine:
             self.counters["requests"] += 1
             self._cond.notify()
         return req
+
+    def _check_sampling(self, params: SamplingParams) -> None:
+        vocab = self.base.model.config.vocab_size
+        bad = sorted(t for t in params.logit_bias if not 0 <= t < vocab)
+        if bad:
+            raise InvalidRequest(
+                f"logit_bias names token id {bad[0]}, outside this model's vocabulary of {vocab} tokens (ids 0..{vocab - 1})"
+            )
+        if params.top_k < 0 or not 0.0 < params.top_p <= 1.0 or not 0.0 <= params.min_p <= 1.0 or params.repetition_penalty <= 0:
+            raise InvalidRequest("top_k must be ≥ 0, top_p in (0, 1], min_p in [0, 1] and repetition_penalty > 0")
 
     def _notify(self) -> None:
         with self._cond:
@@ -549,13 +565,17 @@ class Engine:
             [r.prompt for r in reqs], rows, [r.core_slot for r in reqs], [r.lr_slot for r in reqs]
         )
         self._active.extend(reqs)
+        for req in reqs:
+            if req.params.penalized:
+                req.history = TokenHistory(req.prompt, logits.shape[-1])
+        tokens = sample_batch(logits, [r.sampling() for r in reqs])
         now = time.monotonic()
-        for req, row_logits in zip(reqs, logits):
+        for req, tok in zip(reqs, tokens):
             req.first_token_at = now
             self.counters["prompt_tokens"] += len(req.prompt)
             for obs in self.observers:
                 obs.on_first_token(now - req.arrived, req.method, len(req.prompt))
-            self._accept_token(req, sample(row_logits, req.params, req.generator))
+            self._accept_token(req, tok)
         for obs in self.observers:
             obs.on_step("prefill", time.perf_counter() - t0, len(reqs))
 
@@ -568,12 +588,10 @@ class Engine:
         positions = torch.tensor(pos, device=device)
         mp = self.runner.mapping([r.core_slot for r in live], [r.lr_slot for r in live])
         logits = self.runner.decode(tokens, positions, mp, context=max(pos) + 1)
-        greedy = torch.argmax(logits, dim=-1).tolist()  # one batched argmax for every greedy row
-        for i, req in enumerate(live):
-            if req.finish_reason is not None:
-                continue
-            tok = greedy[i] if req.params.temperature <= 0 else sample(logits[i], req.params, req.generator)
-            self._accept_token(req, tok)
+        tokens = sample_batch(logits, [r.sampling() for r in live])  # every row at once, one transfer
+        for req, tok in zip(live, tokens):
+            if req.finish_reason is None:
+                self._accept_token(req, tok)
         self.counters["steps"] += 1
         dt = time.perf_counter() - t0
         self.step_latencies.append(dt)
@@ -588,6 +606,8 @@ class Engine:
             self._finish(req, "stop")
             return
         req.out.append(tok)
+        if req.history is not None:
+            req.history.add(tok)
         self.counters["completion_tokens"] += 1
         delta, hit_stop = req.detok.add(tok)
         if delta:

@@ -282,3 +282,73 @@ def test_requests_ending_at_their_first_token_leave_before_the_decode_step(engin
     assert long.finish_reason in ("length", "stop") and short.completion_tokens <= 5
     # answers are sent before the engine retires their rows at the end of the step: wait for that, bounded
     wait_until(lambda: engine.stats()["active"] == 0, 5, what="the batch to empty")
+
+
+def reference_penalized_greedy(base, prompt: list[int], max_new: int, eos: set[int], params: SamplingParams) -> list[int]:
+    """Greedy decoding with the penalties and logit bias applied by hand to the plain model's logits."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_new):
+            logits = base.model(torch.tensor([ids])).logits[0, -1].double()
+            for tok in set(prompt) | set(out):
+                r = params.repetition_penalty
+                logits[tok] = logits[tok] / r if logits[tok] > 0 else logits[tok] * r
+            for tok in set(out):
+                logits[tok] -= params.presence_penalty + params.frequency_penalty * out.count(tok)
+            for tok, bias in params.logit_bias.items():
+                logits[tok] += bias
+            tok = int(logits.argmax())
+            if tok in eos:
+                break
+            out.append(tok)
+            ids.append(tok)
+    return out
+
+
+def test_engine_penalties_and_logit_bias_match_a_hand_reference_in_a_shared_batch(engine, tiny_base):
+    prompt = engine.encode_prompt("repeat after me: la la la la")
+    plain = SamplingParams(max_tokens=16)
+    cases = [
+        SamplingParams(max_tokens=16, repetition_penalty=1.8),
+        SamplingParams(max_tokens=16, presence_penalty=1.5, frequency_penalty=0.7),
+        SamplingParams(max_tokens=16, logit_bias={41: 6.0, 42: -100.0}, frequency_penalty=0.3),
+        SamplingParams(max_tokens=8, logit_bias={77: 100.0}),  # forced: every token is 77
+    ]
+
+    async def run():
+        return await asyncio.gather(*(engine.generate(prompt, None, p) for p in [plain] + cases))
+
+    results = asyncio.run(run())
+    unpenalized = reference_greedy(tiny_base, None, None, prompt, 16, engine.eos_ids)
+    assert results[0].token_ids == unpenalized
+    for p, res in zip(cases, results[1:]):
+        assert res.token_ids == reference_penalized_greedy(tiny_base, prompt, p.max_tokens, engine.eos_ids, p), p
+    assert results[-1].token_ids == [77] * 8
+    assert results[1].token_ids != unpenalized  # the penalties really changed something
+
+
+def test_engine_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(engine):
+    prompt = engine.encode_prompt("tell me a story")
+    params = [SamplingParams(max_tokens=10, temperature=1.0, seed=11),
+              SamplingParams(max_tokens=10, temperature=0.8, top_k=20, seed=12),
+              SamplingParams(max_tokens=10, temperature=1.2, top_p=0.8, min_p=0.05, seed=13)]
+
+    async def alone(p):
+        return await engine.generate(prompt, None, p)
+
+    async def busy():
+        others = [engine.generate(engine.encode_prompt(f"noise {i}"), None, SamplingParams(max_tokens=12, temperature=1.0))
+                  for i in range(3)]
+        return await asyncio.gather(*(engine.generate(prompt, None, p) for p in params), *others)
+
+    solo = [asyncio.run(alone(p)).token_ids for p in params]
+    together = asyncio.run(busy())[: len(params)]
+    assert [r.token_ids for r in together] == solo
+    assert len({tuple(s) for s in solo}) == len(solo)
+
+
+def test_engine_refuses_logit_bias_outside_the_vocabulary(engine):
+    prompt = engine.encode_prompt("hi")
+    vocab = engine.base.model.config.vocab_size
+    with pytest.raises(InvalidRequest, match=f"outside this model's vocabulary of {vocab}"):
+        asyncio.run(engine.generate(prompt, None, SamplingParams(max_tokens=2, logit_bias={vocab: 1.0})))
