@@ -398,7 +398,8 @@ def create_app(
         messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
         prompt_ids = await run_in_threadpool(engine.encode_prompt, body.prompt, messages, body.raw)
         params = eng.SamplingParams(
-            max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list()
+            max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list(),
+            **body.sampling_controls(),
         )
         if body.stream:
             return await _stream_response(engine.stream(prompt_ids, body.adapter_id, params, version), body.adapter_id)

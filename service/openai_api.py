@@ -6,9 +6,10 @@ api_key=<tenant key>); errors come in OpenAI's error shape with OpenAI's statuse
 
 Supported: prompt (a string, or a list of one string; tokenized as is, no chat template), messages (chat
 template applied; text content parts are joined), max_tokens / max_completion_tokens, temperature (default 1,
-as OpenAI's), top_p, seed, stop, stream (server-sent events, `data: [DONE]` at the end) with
-stream_options.include_usage, n=1. Parameters this server cannot honour (n>1, logprobs, echo, penalties,
-logit_bias, tools, …) are refused with 400 instead of being silently ignored; `user`, `metadata`, `store`
+as OpenAI's), top_p, seed, stop, presence_penalty, frequency_penalty, logit_bias, vLLM's top_k, min_p and
+repetition_penalty, stream (server-sent events, `data: [DONE]` at the end) with stream_options.include_usage,
+n=1. Parameters this server cannot honour (n>1, logprobs, echo, tools, …) are refused with 400 instead of being
+silently ignored; `user`, `metadata`, `store`
 are accepted and ignored.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from adapters_store import AdapterStore
 from service import engine as eng
 from service.auth import Auth, TenantCaller, app_auth, max_tokens_for
 from service.errors import ApiError, engine_error_status, openai_error_body
-from service.schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+from service.schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, SamplingControls
 from svd_adapters.log import get_logger
 
 log = get_logger(__name__)
@@ -47,7 +48,7 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-class _Common(BaseModel):
+class _Common(SamplingControls):
     """Parameters both endpoints share. Unknown fields are refused (400), as OpenAI refuses them."""
 
     model_config = ConfigDict(extra="forbid")
@@ -61,9 +62,6 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
     user: str | None = None  # accepted, ignored
     metadata: dict[str, Any] | None = None  # accepted, ignored
     store: bool | None = None  # accepted, ignored
@@ -73,11 +71,6 @@ class _Common(BaseModel):
         out = []
         if self.n not in (None, 1):
             out.append(("n", "only n=1 is supported; send n separate requests"))
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                out.append((name, f"{name} is not supported (only 0)"))
-        if self.logit_bias:
-            out.append(("logit_bias", "logit_bias is not supported"))
         return out
 
 
@@ -218,7 +211,8 @@ def _params(body: _Common, stops: list[str], max_tokens: int) -> eng.SamplingPar
     if top_p == 0.0:  # nucleus of mass 0: the most likely token, i.e. greedy
         temperature, top_p = 0.0, 1.0
     seed = None if body.seed is None else body.seed % SEED_MODULUS
-    return eng.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stops)
+    return eng.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stops,
+                              **body.sampling_controls())
 
 
 def _usage(result: eng.GenerationResult) -> dict[str, int]:

@@ -34,7 +34,58 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class GenerateRequest(BaseModel):
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
+
+
+class SamplingControls(BaseModel):
+    """Sampling parameters beyond temperature / top_p, shared by /generate and the OpenAI-compatible API
+    (OpenAI's penalties and logit_bias; top_k, min_p and repetition_penalty as vLLM and LoRAX take them)."""
+
+    top_k: int | None = Field(default=None, ge=-1, description="sample among the k most likely tokens; 0 or -1 = off")
+    min_p: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="drop tokens below min_p × the most likely token's probability"
+    )
+    presence_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, description="subtracted from the logit of every token already generated"
+    )
+    frequency_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, description="subtracted from a token's logit once per time it was generated"
+    )
+    repetition_penalty: float | None = Field(
+        default=None, gt=0.0, le=10.0,
+        description="> 1 discourages tokens of the prompt and the output (positive logits divided, negative multiplied)",
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="token id (as a string key) → bias in [-100, 100] added to its logit"
+    )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if not v:
+            return v
+        if len(v) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"logit_bias has at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(v)}")
+        for key, bias in v.items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids (non-negative integers as strings), got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values are in [-100, 100], got {bias} for token {key}")
+        return v
+
+    def sampling_controls(self) -> dict[str, Any]:
+        """Keyword arguments for SamplingParams (defaults where unset)."""
+        return {
+            "top_k": max(0, self.top_k or 0),
+            "min_p": self.min_p or 0.0,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            "logit_bias": {int(k): float(b) for k, b in (self.logit_bias or {}).items()},
+        }
+
+
+class GenerateRequest(SamplingControls):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={

@@ -12,6 +12,7 @@ import pytest
 
 from adapters_store.format import adapter_to_bytes
 from svd_adapters.adapter import new_adapter
+from svd_adapters.base_model import tiny_tokenizer
 from _reliability import assert_error, stored_files
 
 pytestmark = pytest.mark.anyio
@@ -259,6 +260,21 @@ async def test_sampling_is_reproducible_with_a_seed(serve, store):
         assert (await gen(client, prompt=PROMPT, stop="\n")).status_code == 200
 
 
+async def test_penalties_top_k_min_p_and_logit_bias_reach_the_sampler(serve, store):
+    async with serve(store) as client:
+        a_id = tiny_tokenizer().convert_tokens_to_ids("A")
+        forced = (await gen(client, prompt=PROMPT, raw=True, logit_bias={str(a_id): 100}, max_tokens=6)).json()
+        assert forced["text"] == "A" * 6
+        kw = dict(prompt=PROMPT, temperature=1.0, top_k=5, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.5,
+                  repetition_penalty=1.2, seed=3, max_tokens=10)
+        a, b = await gen(client, **kw), await gen(client, **kw)
+        assert a.status_code == 200, a.text
+        assert a.json()["text"] == b.json()["text"]
+        vocab = 259
+        assert_error(await gen(client, prompt=PROMPT, logit_bias={str(vocab): 1.0}), 400, "invalid_request",
+                     f"outside this model's vocabulary of {vocab}")
+
+
 async def test_unknown_and_deleted_adapters_are_404(serve, store, make_blob):
     async with serve(store) as client:
         assert_error(await gen(client, adapter_id="nobody", prompt=PROMPT), 404, "adapter_not_found", "nobody")
@@ -294,6 +310,10 @@ BAD_BODIES = {
     "empty_stop": ({"prompt": "a", "stop": [""]}, "stop"),
     "raw_with_messages": ({"messages": CHAT, "raw": True}, "raw"),
     "wrong_type": ({"prompt": 5}, "prompt"),
+    "logit_bias_key": ({"prompt": "a", "logit_bias": {"the": 5}}, "token ids"),
+    "logit_bias_value": ({"prompt": "a", "logit_bias": {"5": 101}}, "[-100, 100]"),
+    "repetition_penalty_zero": ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
+    "presence_penalty_range": ({"prompt": "a", "presence_penalty": 2.5}, "presence_penalty"),
 }
 
 

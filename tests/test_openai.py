@@ -18,6 +18,7 @@ import uvicorn
 from adapters_store.disk import DiskStore
 from service.app import create_app
 from service.config import Settings
+from svd_adapters.base_model import tiny_tokenizer
 
 ADMIN = "admin-" + "x" * 32
 PROMPT = "Hello there"
@@ -160,6 +161,22 @@ def test_completion_default_temperature_samples_and_a_seed_reproduces(client, li
     assert top_p_zero.choices[0].text == greedy.choices[0].text  # nucleus of mass 0 = the argmax
 
 
+def test_penalties_logit_bias_and_vllm_sampling_extras_are_honoured(client, http, live):
+    a_id = tiny_tokenizer().convert_tokens_to_ids("A")
+    forced = client.completions.create(model="sorsa-1", prompt=PROMPT, max_tokens=5, temperature=0,
+                                       logit_bias={str(a_id): 100})
+    assert forced.choices[0].text == "AAAAA"
+    kw = dict(presence_penalty=0.6, frequency_penalty=0.4, temperature=0)
+    chat = client.chat.completions.create(model="sorsa-1", messages=CHAT, max_tokens=8,
+                                          extra_body={"repetition_penalty": 1.3}, **kw)
+    native = generate_text(http, adapter_id="sorsa-1", messages=CHAT, max_tokens=8, repetition_penalty=1.3, **kw)
+    assert chat.choices[0].message.content == native["text"]  # the same parameters reach the same sampler
+    extras = dict(top_k=3, min_p=0.1)
+    a = client.completions.create(model="sorsa-1", prompt=PROMPT, max_tokens=8, seed=9, extra_body=extras)
+    b = client.completions.create(model="sorsa-1", prompt=PROMPT, max_tokens=8, seed=9, extra_body=extras)
+    assert a.choices[0].text == b.choices[0].text
+
+
 def test_completion_stream_concatenates_to_the_full_text(client, live):
     full = client.completions.create(model="strong", prompt=PROMPT, max_tokens=10, temperature=0)
     # Not strict here: the SDK types a streamed Completion's finish_reason as non-null, while OpenAI itself
@@ -247,7 +264,9 @@ def test_unknown_and_foreign_models_are_not_found_alike(client):
         ({"temperature": 3.5}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": MAX_TOKENS_LIMIT + 1}, "max_tokens"),  # over acme's per-request limit
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"logit_bias": {"not-a-token": 1.0}}, "logit_bias"),
+        ({"extra_body": {"top_k": -2}}, "top_k"),
         ({"stop": [""]}, "stop"),
         ({"extra_body": {"best_of_luck": 1}}, "best_of_luck"),
     ],
