@@ -30,6 +30,7 @@ from adapters_store.validate import AdapterValidationError, load_adapter
 from svd_adapters.threads import in_fresh_thread, single_core
 from service import metrics as svc_metrics
 from service import engine as eng
+from service import logprobs as logprob_shapes
 from service import openai_api
 from service.auth import AuthMiddleware, TenantCaller, admin_router, build_auth, max_tokens_for
 from service.config import Settings, resolve_device
@@ -399,14 +400,15 @@ def create_app(
         prompt_ids = await run_in_threadpool(engine.encode_prompt, body.prompt, messages, body.raw)
         params = eng.SamplingParams(
             max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list(),
-            **body.sampling_controls(),
+            logprobs=body.logprobs, **body.sampling_controls(),
         )
+        texts = logprob_shapes.token_texts(request)
         if body.stream:
-            return await _stream_response(engine.stream(prompt_ids, body.adapter_id, params, version), body.adapter_id)
+            return await _stream_response(engine.stream(prompt_ids, body.adapter_id, params, version), body.adapter_id, texts)
         result = await _unless_disconnected(request, engine.generate(prompt_ids, body.adapter_id, params, version))
         if result is None:  # the client went away; its batch row is already freed
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return _response_of(result, body.adapter_id)
+        return _response_of(result, body.adapter_id, texts)
 
     # --- health ----------------------------------------------------------------------------------------------
 
@@ -437,7 +439,7 @@ def create_app(
     return app
 
 
-def _response_of(result: eng.GenerationResult, adapter_id: str | None) -> GenerateResponse:
+def _response_of(result: eng.GenerationResult, adapter_id: str | None, texts: logprob_shapes.TokenTexts) -> GenerateResponse:
     return GenerateResponse(
         text=result.text,
         adapter_id=adapter_id,
@@ -447,6 +449,7 @@ def _response_of(result: eng.GenerationResult, adapter_id: str | None) -> Genera
             completion_tokens=result.completion_tokens,
             total_tokens=result.prompt_tokens + result.completion_tokens,
         ),
+        logprobs=None if result.logprobs is None else logprob_shapes.native(result.logprobs, texts),
     )
 
 
@@ -487,7 +490,7 @@ def _sse(event: str, data: str) -> bytes:
     return f"event: {event}\ndata: {data}\n\n".encode()
 
 
-async def _stream_response(items: AsyncIterator[Any], adapter_id: str | None) -> Response:
+async def _stream_response(items: AsyncIterator[Any], adapter_id: str | None, texts: logprob_shapes.TokenTexts) -> Response:
     """Server-sent events. The first item is awaited before answering, so errors that come before any text
     (queue full, unknown adapter, store down) still get their HTTP status; later ones become an 'error' event."""
     first = await first_item(items)
@@ -497,9 +500,12 @@ async def _stream_response(items: AsyncIterator[Any], adapter_id: str | None) ->
         try:
             while True:
                 if isinstance(item, eng.GenerationResult):
-                    yield _sse("done", _response_of(item, adapter_id).model_dump_json())
+                    yield _sse("done", _response_of(item, adapter_id, texts).model_dump_json())
                     return
-                yield _sse("delta", json.dumps({"text": item}, ensure_ascii=False))
+                delta = {"text": item.text}
+                if item.logprobs:
+                    delta["logprobs"] = logprob_shapes.native(item.logprobs, texts)
+                yield _sse("delta", json.dumps(delta, ensure_ascii=False))
                 item = await items.__anext__()
         except eng.EngineError as exc:
             yield _sse("error", json.dumps(engine_error_body(exc), ensure_ascii=False))

@@ -28,7 +28,8 @@ from adapters_store.base import AdapterStore, StoreUnavailable
 from adapters_store.validate import AdapterValidationError, load_adapter
 from service.adapter_cache import AdapterCache
 from service.detokenize import Detokenizer
-from service.sampling import RowSampling, SamplingParams, TokenHistory, sample_batch
+from service.sampling import (MAX_LOGPROBS, RowSampling, SamplingParams, TokenHistory, TokenLogprob, logprobs_of,
+                              sample_batch)
 from svd_adapters.adapter import Adapter
 from svd_adapters.base_model import BaseModel
 from svd_adapters.factors import BaseFactors
@@ -39,7 +40,8 @@ from svd_adapters.threads import compute_threads, single_core
 log = get_logger(__name__)
 
 __all__ = [
-    "Engine", "EngineConfig", "SamplingParams", "GenerationResult", "EngineError", "AdapterNotFound",
+    "Engine", "EngineConfig", "SamplingParams", "GenerationResult", "TextDelta", "TokenLogprob", "EngineError",
+    "AdapterNotFound",
     "AdapterUnavailable", "QueueFull", "EngineShuttingDown", "InvalidRequest", "RequestTimeout",
 ]
 
@@ -118,6 +120,15 @@ class GenerationResult:
     completion_tokens: int
     adapter_id: str | None
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when the request asked for them
+
+
+@dataclass
+class TextDelta:
+    """Streamed text, with the log-probabilities of the tokens generated since the previous delta (if asked)."""
+
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -135,6 +146,8 @@ class _Request:
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     out: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs_sent: int = 0  # entries of logprobs already streamed
     core_slot: int = 0
     lr_slot: int = 0
     cancelled: bool = False
@@ -143,6 +156,12 @@ class _Request:
 
     def sampling(self) -> RowSampling:
         return RowSampling(self.params, self.generator, self.history)
+
+    def emit_text(self, text: str) -> None:
+        """A delta with the text and every log-probability not yet sent (held back while there is no text)."""
+        if text or (self.logprobs_sent < len(self.logprobs) and self.finish_reason is not None):
+            self.emit("delta", TextDelta(text, self.logprobs[self.logprobs_sent :]))
+            self.logprobs_sent = len(self.logprobs)
 
     def emit(self, kind: str, payload) -> None:
         try:
@@ -269,7 +288,7 @@ class Engine:
         return result
 
     async def stream(self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams,
-                     version: str | None = None) -> AsyncIterator[str | GenerationResult]:
+                     version: str | None = None) -> AsyncIterator[TextDelta | GenerationResult]:
         """Text deltas as they are generated, then the final GenerationResult."""
         req = self._submit(prompt_ids, adapter_id, params, version)
         try:
@@ -371,6 +390,8 @@ class Engine:
             )
         if params.top_k < 0 or not 0.0 < params.top_p <= 1.0 or not 0.0 <= params.min_p <= 1.0 or params.repetition_penalty <= 0:
             raise InvalidRequest("top_k must be ≥ 0, top_p in (0, 1], min_p in [0, 1] and repetition_penalty > 0")
+        if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs asks for 0 to {MAX_LOGPROBS} alternatives per token, got {params.logprobs}")
 
     def _notify(self) -> None:
         with self._cond:
@@ -568,14 +589,15 @@ class Engine:
         for req in reqs:
             if req.params.penalized:
                 req.history = TokenHistory(req.prompt, logits.shape[-1])
-        tokens = sample_batch(logits, [r.sampling() for r in reqs])
+        rows = [r.sampling() for r in reqs]
+        tokens = sample_batch(logits, rows)
         now = time.monotonic()
-        for req, tok in zip(reqs, tokens):
+        for req, tok, lp in zip(reqs, tokens, logprobs_of(logits, rows, tokens)):
             req.first_token_at = now
             self.counters["prompt_tokens"] += len(req.prompt)
             for obs in self.observers:
                 obs.on_first_token(now - req.arrived, req.method, len(req.prompt))
-            self._accept_token(req, tok)
+            self._accept_token(req, tok, lp)
         for obs in self.observers:
             obs.on_step("prefill", time.perf_counter() - t0, len(reqs))
 
@@ -588,17 +610,18 @@ class Engine:
         positions = torch.tensor(pos, device=device)
         mp = self.runner.mapping([r.core_slot for r in live], [r.lr_slot for r in live])
         logits = self.runner.decode(tokens, positions, mp, context=max(pos) + 1)
-        tokens = sample_batch(logits, [r.sampling() for r in live])  # every row at once, one transfer
-        for req, tok in zip(live, tokens):
+        rows = [r.sampling() for r in live]
+        tokens = sample_batch(logits, rows)  # every row at once, one transfer
+        for req, tok, lp in zip(live, tokens, logprobs_of(logits, rows, tokens)):
             if req.finish_reason is None:
-                self._accept_token(req, tok)
+                self._accept_token(req, tok, lp)
         self.counters["steps"] += 1
         dt = time.perf_counter() - t0
         self.step_latencies.append(dt)
         for obs in self.observers:
             obs.on_step("decode", dt, len(live))
 
-    def _accept_token(self, req: _Request, tok: int) -> None:
+    def _accept_token(self, req: _Request, tok: int, logprob: TokenLogprob | None = None) -> None:
         if req.cancelled:
             req.finish_reason = "cancelled"
             return
@@ -608,10 +631,11 @@ class Engine:
         req.out.append(tok)
         if req.history is not None:
             req.history.add(tok)
+        if logprob is not None:
+            req.logprobs.append(logprob)
         self.counters["completion_tokens"] += 1
         delta, hit_stop = req.detok.add(tok)
-        if delta:
-            req.emit("delta", delta)
+        req.emit_text(delta)
         if hit_stop:
             self._finish(req, "stop")
         elif len(req.out) >= req.params.max_tokens or len(req.prompt) + len(req.out) >= self.config.max_seq_len:
@@ -626,11 +650,10 @@ class Engine:
             return
         req.finish_reason = reason
         self._finished_at.append(time.monotonic())
-        tail = req.detok.finish()
-        if tail:
-            req.emit("delta", tail)
+        req.emit_text(req.detok.finish())
         self.counters["finished"] += 1
-        req.emit("done", GenerationResult(req.detok.text, reason, len(req.prompt), len(req.out), req.adapter_id, list(req.out)))
+        req.emit("done", GenerationResult(req.detok.text, reason, len(req.prompt), len(req.out), req.adapter_id, list(req.out),
+                                          req.logprobs if req.params.logprobs is not None else None))
         for obs in self.observers:
             obs.on_finish(reason, len(req.out), req.method)
 

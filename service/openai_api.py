@@ -7,8 +7,9 @@ api_key=<tenant key>); errors come in OpenAI's error shape with OpenAI's statuse
 Supported: prompt (a string, or a list of one string; tokenized as is, no chat template), messages (chat
 template applied; text content parts are joined), max_tokens / max_completion_tokens, temperature (default 1,
 as OpenAI's), top_p, seed, stop, presence_penalty, frequency_penalty, logit_bias, vLLM's top_k, min_p and
-repetition_penalty, stream (server-sent events, `data: [DONE]` at the end) with stream_options.include_usage,
-n=1. Parameters this server cannot honour (n>1, logprobs, echo, tools, …) are refused with 400 instead of being
+repetition_penalty, logprobs (completions: 0–20 alternatives; chat: logprobs + top_logprobs), stream (server-sent
+events, `data: [DONE]` at the end) with stream_options.include_usage, n=1. Parameters this server cannot honour
+(n>1, echo, tools, …) are refused with 400 instead of being
 silently ignored; `user`, `metadata`, `store`
 are accepted and ignored.
 """
@@ -29,6 +30,8 @@ from adapters_store import AdapterStore
 from service import engine as eng
 from service.auth import Auth, TenantCaller, app_auth, max_tokens_for
 from service.errors import ApiError, engine_error_status, openai_error_body
+from service import logprobs as logprob_shapes
+from service.sampling import MAX_LOGPROBS
 from service.schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, SamplingControls
 from svd_adapters.log import get_logger
 
@@ -77,7 +80,7 @@ class _Common(SamplingControls):
 class CompletionRequest(_Common):
     prompt: str | list[str] = Field(description="the text, tokenized as is (no chat template)")
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token (0–20)")
     best_of: int | None = None
     suffix: str | None = None
 
@@ -87,8 +90,6 @@ class CompletionRequest(_Common):
             out.append(("prompt", f"prompt must be a string or a list of exactly one string, got a list of {len(self.prompt)}"))
         if self.echo:
             out.append(("echo", "echo is not supported"))
-        if self.logprobs not in (None, 0):
-            out.append(("logprobs", "logprobs are not supported"))
         if self.best_of not in (None, 1):
             out.append(("best_of", "only best_of=1 is supported"))
         if self.suffix:
@@ -115,7 +116,7 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -123,8 +124,8 @@ class ChatCompletionRequest(_Common):
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
-        if self.logprobs or self.top_logprobs:
-            out.append(("logprobs", "logprobs are not supported"))
+        if self.top_logprobs is not None and not self.logprobs:
+            out.append(("top_logprobs", "top_logprobs needs logprobs: true"))
         if self.response_format and self.response_format.get("type") != "text":
             out.append(("response_format", "only response_format {\"type\": \"text\"} is supported"))
         if self.tools:
@@ -205,14 +206,14 @@ async def _adapter_of(request: Request, caller: Any, model: str) -> tuple[str | 
     return model, version
 
 
-def _params(body: _Common, stops: list[str], max_tokens: int) -> eng.SamplingParams:
+def _params(body: _Common, stops: list[str], max_tokens: int, logprobs: int | None) -> eng.SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
     if top_p == 0.0:  # nucleus of mass 0: the most likely token, i.e. greedy
         temperature, top_p = 0.0, 1.0
     seed = None if body.seed is None else body.seed % SEED_MODULUS
     return eng.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stops,
-                              **body.sampling_controls())
+                              logprobs=logprobs, **body.sampling_controls())
 
 
 def _usage(result: eng.GenerationResult) -> dict[str, int]:
@@ -238,9 +239,9 @@ async def _run(request: Request, engine: eng.Engine, prompt_ids: list[int], adap
 
 
 async def _sse(
-    items: AsyncIterator[str | eng.GenerationResult],
+    items: AsyncIterator[eng.TextDelta | eng.GenerationResult],
     opening: list[dict[str, Any]],
-    chunk: Callable[[str], dict[str, Any]],
+    chunk: Callable[[eng.TextDelta], dict[str, Any]],
     closing: Callable[[eng.GenerationResult], list[dict[str, Any]]],
 ) -> Response:
     """Server-sent events in OpenAI's format. The first engine item is awaited before answering, so errors
@@ -262,7 +263,7 @@ async def _sse(
                         yield _data(obj)
                     yield DONE
                     return
-                if item:
+                if item.text or item.logprobs:
                     yield _data(chunk(item))
                 item = await items.__anext__()
         except eng.EngineError as exc:
@@ -291,12 +292,19 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
     explicit = body.max_tokens is not None
     max_tokens = max_tokens_for(caller, body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, explicit)
     prompt_ids = await run_in_threadpool(engine.encode_prompt, prompt, None, True)
-    params = _params(body, stops, max_tokens)
+    params = _params(body, stops, max_tokens, body.logprobs)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     fingerprint = request.app.state.factors.fingerprint
+    texts = logprob_shapes.token_texts(request)
+    offset = 0  # where a streamed chunk's tokens start in the completion's text
 
-    def choice(text: str, finish: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    def choice(text: str, finish: str | None, entries: list[eng.TokenLogprob] | None = None) -> dict[str, Any]:
+        nonlocal offset
+        lp = None
+        if entries is not None and body.logprobs is not None:
+            lp = logprob_shapes.completion(entries, texts, offset)
+            offset = lp["text_offset"][-1] + len(lp["tokens"][-1]) if entries else offset
+        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": lp}
 
     def envelope(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
@@ -311,11 +319,12 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
                 out.append(envelope([], usage=_usage(result)))
             return out
 
-        return await _sse(engine.stream(prompt_ids, adapter_id, params, version), [], lambda t: envelope([choice(t, None)]), closing)
+        return await _sse(engine.stream(prompt_ids, adapter_id, params, version), [],
+                          lambda d: envelope([choice(d.text, None, d.logprobs)]), closing)
     result = await _run(request, engine, prompt_ids, adapter_id, params, version)
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return envelope([choice(result.text, result.finish_reason)], usage=_usage(result))
+    return envelope([choice(result.text, result.finish_reason, result.logprobs)], usage=_usage(result))
 
 
 @router.post("/chat/completions", summary="OpenAI-compatible chat completion (the base model's chat template)")
@@ -330,9 +339,13 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
         max_tokens = max_tokens_for(caller, max(1, engine.config.max_seq_len - len(prompt_ids)), explicit=False)
     else:
         max_tokens = max_tokens_for(caller, requested, explicit=True, param=param)
-    params = _params(body, stops, max_tokens)
+    params = _params(body, stops, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     fingerprint = request.app.state.factors.fingerprint
+    texts = logprob_shapes.token_texts(request)
+
+    def logprobs(entries: list[eng.TokenLogprob] | None) -> dict[str, Any] | None:
+        return logprob_shapes.chat(entries, texts) if body.logprobs and entries is not None else None
 
     def envelope(obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": rid, "object": obj, "created": created, "model": body.model,
@@ -341,8 +354,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def delta(d: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            return envelope("chat.completion.chunk", [{"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}])
+        def delta(d: dict[str, Any], finish: str | None = None, entries: list[eng.TokenLogprob] | None = None) -> dict[str, Any]:
+            return envelope("chat.completion.chunk",
+                            [{"index": 0, "delta": d, "finish_reason": finish, "logprobs": logprobs(entries)}])
 
         def closing(result: eng.GenerationResult) -> list[dict[str, Any]]:
             out = [delta({}, result.finish_reason)]
@@ -351,12 +365,13 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
             return out
 
         opening = [delta({"role": "assistant", "content": ""})]
-        return await _sse(engine.stream(prompt_ids, adapter_id, params, version), opening, lambda t: delta({"content": t}), closing)
+        return await _sse(engine.stream(prompt_ids, adapter_id, params, version), opening,
+                          lambda d: delta({"content": d.text}, None, d.logprobs), closing)
     result = await _run(request, engine, prompt_ids, adapter_id, params, version)
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     message = {"role": "assistant", "content": result.text, "refusal": None}
-    choice = {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}
+    choice = {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": logprobs(result.logprobs)}
     return envelope("chat.completion", [choice], usage=_usage(result))
 
 

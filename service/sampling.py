@@ -33,6 +33,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives; None = off
 
     @property
     def greedy(self) -> bool:
@@ -69,6 +70,19 @@ class TokenHistory:
             self.counts[pos] += 1.0
 
 
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (before temperature, truncation and penalties, as
+    vLLM reports them) and the most likely alternatives at that position, most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
 @dataclass
 class RowSampling:
     """What `sample_batch` needs of one row: its parameters, generator (sampled rows) and history (penalties)."""
@@ -97,6 +111,24 @@ def sample_batch(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
         u = torch.cat([_uniform(rows[i].generator) for i in sampled]).to(x.device)
         tokens[_at(sampled, x.device)] = _draw(probs, [rows[i].params for i in sampled], u)
     return tokens.tolist()
+
+
+def logprobs_of(logits: torch.Tensor, rows: list[RowSampling], tokens: list[int]) -> list[TokenLogprob | None]:
+    """The chosen tokens' log-probabilities (and top alternatives) for the rows that ask for them, in one
+    batched log-softmax and one transfer; None for the others."""
+    asking = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(rows)
+    if not asking:
+        return out
+    lp = torch.log_softmax(_rows(logits, asking).float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor([tokens[i] for i in asking], device=lp.device)[:, None])[:, 0].tolist()
+    k = max(rows[i].params.logprobs for i in asking)
+    top_vals, top_ids = (lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    for j, i in enumerate(asking):
+        n = rows[i].params.logprobs
+        out[i] = TokenLogprob(tokens[i], chosen[j], list(zip(top_ids[j][:n], top_vals[j][:n])))
+    return out
 
 
 def _at(indices: list[int], device: torch.device) -> torch.Tensor:

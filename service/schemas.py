@@ -111,9 +111,15 @@ class GenerateRequest(SamplingControls):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=1 << 63, description="makes sampling reproducible")
     stop: str | list[str] | None = Field(default=None, description="stop sequence(s); not included in the text")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=20,
+        description="report each generated token's log-probability under the model and this many most likely "
+        "alternatives (0–20); null = none",
+    )
     stream: bool = Field(
         default=False,
-        description="answer as server-sent events: 'delta' events {\"text\": …} as tokens arrive, then one 'done' "
+        description="answer as server-sent events: 'delta' events {\"text\": …, \"logprobs\": [...] when asked} as "
+        "tokens arrive, then one 'done' "
         "event with the whole GenerateResponse (or an 'error' event {\"error\": {code, message}})",
     )
 
@@ -148,11 +154,24 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TokenAlternative(BaseModel):
+    token_id: int
+    token: str = Field(description="the token decoded alone")
+    logprob: float = Field(description="natural log of its probability under the model (before temperature etc.)")
+
+
+class TokenLogprobInfo(TokenAlternative):
+    top_logprobs: list[TokenAlternative] = Field(description="the most likely tokens at this position, most likely first")
+
+
 class GenerateResponse(BaseModel):
     text: str
     adapter_id: str | None
     finish_reason: Literal["stop", "length"]
     usage: Usage
+    logprobs: list[TokenLogprobInfo] | None = Field(
+        default=None, description="one entry per generated token, when the request set 'logprobs'"
+    )
 
 
 # --- adapters ------------------------------------------------------------------------------------------------

@@ -214,7 +214,7 @@ async def test_generate_with_base_and_adapters(serve, store, make_blob):
         base = await gen(client, adapter_id=None, prompt=PROMPT)
         assert base.status_code == 200, base.text
         body = base.json()
-        assert set(body) == {"text", "adapter_id", "finish_reason", "usage"}
+        assert set(body) == {"text", "adapter_id", "finish_reason", "usage", "logprobs"} and body["logprobs"] is None
         assert body["adapter_id"] is None and isinstance(body["text"], str)
         assert body["finish_reason"] in ("stop", "length")
         usage = body["usage"]
@@ -273,6 +273,33 @@ async def test_penalties_top_k_min_p_and_logit_bias_reach_the_sampler(serve, sto
         vocab = 259
         assert_error(await gen(client, prompt=PROMPT, logit_bias={str(vocab): 1.0}), 400, "invalid_request",
                      f"outside this model's vocabulary of {vocab}")
+
+
+async def test_logprobs_in_the_answer_and_in_the_stream(serve, store, make_blob):
+    async with serve(store) as client:
+        assert (await upload(client, make_blob("osora", rank=4, scale=30.0), "lp")).status_code == 201
+        body = {"adapter_id": "lp", "prompt": PROMPT, "max_tokens": 8, "logprobs": 2}
+        done = (await client.post("/generate", json=body)).json()
+        entries = done["logprobs"]
+        assert len(entries) == done["usage"]["completion_tokens"] > 0
+        for e in entries:
+            assert e["logprob"] <= 0 and len(e["top_logprobs"]) == 2
+            assert e["top_logprobs"][0]["token_id"] == e["token_id"]  # greedy: the most likely token
+            assert e["top_logprobs"][0]["logprob"] >= e["top_logprobs"][1]["logprob"]
+        streamed, final = [], None
+        async with client.stream("POST", "/generate", json={**body, "stream": True}) as resp:
+            event = None
+            async for line in resp.aiter_lines():
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                elif line.startswith("data:"):
+                    data = json.loads(line[5:])
+                    if event == "delta":
+                        streamed += data.get("logprobs", [])
+                    elif event == "done":
+                        final = data
+        assert streamed == entries and final["logprobs"] == entries
+        assert_error(await client.post("/generate", json={**body, "logprobs": 21}), 422, "validation_error", "logprobs")
 
 
 async def test_unknown_and_deleted_adapters_are_404(serve, store, make_blob):

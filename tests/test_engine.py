@@ -11,7 +11,7 @@ from _reliability import wait_until
 from adapters_store.disk import DiskStore
 from adapters_store.format import adapter_to_bytes
 from adapters_store.records import record_for
-from service.engine import AdapterNotFound, Engine, EngineConfig, InvalidRequest, SamplingParams
+from service.engine import AdapterNotFound, Engine, EngineConfig, InvalidRequest, SamplingParams, TextDelta
 from svd_adapters import cpu_kernels
 from svd_adapters.adapter import Adapter, random_adapter
 from svd_adapters.inject import merge_into
@@ -232,18 +232,44 @@ def test_streaming_yields_deltas_that_add_up(engine, adapters):
     aid = next(iter(adapters))
     prompt = engine.encode_prompt("stream please")
 
-    async def run():
+    async def run(params):
         parts, final = [], None
-        async for item in engine.stream(prompt, aid, SamplingParams(max_tokens=10)):
-            if isinstance(item, str):
+        async for item in engine.stream(prompt, aid, params):
+            if isinstance(item, TextDelta):
                 parts.append(item)
             else:
                 final = item
         return parts, final
 
-    parts, final = asyncio.run(run())
-    assert "".join(parts) == final.text
-    assert final.completion_tokens > 0
+    parts, final = asyncio.run(run(SamplingParams(max_tokens=10)))
+    assert "".join(p.text for p in parts) == final.text
+    assert final.completion_tokens > 0 and final.logprobs is None and not any(p.logprobs for p in parts)
+    # with logprobs, the deltas carry every generated token's entry once, in order
+    parts, final = asyncio.run(run(SamplingParams(max_tokens=10, logprobs=3)))
+    streamed = [lp for p in parts for lp in p.logprobs]
+    assert streamed == final.logprobs and [lp.token for lp in streamed] == final.token_ids
+
+
+def test_logprobs_are_the_models_log_softmax_with_its_top_alternatives(engine, tiny_base):
+    prompt = engine.encode_prompt("log probabilities please")
+    for params in (SamplingParams(max_tokens=6, logprobs=4),
+                   SamplingParams(max_tokens=6, logprobs=0, temperature=1.0, top_k=10, seed=5)):
+        res = asyncio.run(engine.generate(prompt, None, params))
+        assert len(res.logprobs) == len(res.token_ids) == res.completion_tokens
+        ids = list(prompt)
+        for entry in res.logprobs:
+            with torch.no_grad():
+                ref = torch.log_softmax(tiny_base.model(torch.tensor([ids])).logits[0, -1].double(), dim=-1)
+            assert abs(entry.logprob - float(ref[entry.token])) < 1e-4
+            assert len(entry.top) == params.logprobs
+            want = torch.topk(ref, params.logprobs)
+            assert [t for t, _ in entry.top] == want.indices.tolist()
+            assert all(abs(v - float(w)) < 1e-4 for (_, v), w in zip(entry.top, want.values))
+            if params.temperature == 0:
+                assert entry.token == entry.top[0][0]  # greedy: the chosen token is the most likely one
+            ids.append(entry.token)
+    with pytest.raises(InvalidRequest, match="logprobs"):
+        asyncio.run(engine.generate(prompt, None, SamplingParams(max_tokens=2, logprobs=21)))
 
 
 def test_runner_prefill_without_output_scales_matches_merged_reference(tiny_base, tiny_factors, adapters):

@@ -177,6 +177,44 @@ def test_penalties_logit_bias_and_vllm_sampling_extras_are_honoured(client, http
     assert a.choices[0].text == b.choices[0].text
 
 
+def test_logprobs_in_openai_shapes_streamed_or_not(client, live):
+    chat = client.chat.completions.create(model="strong", messages=CHAT, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens > 0
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        assert e.bytes == list(e.token.encode("utf-8"))
+    streamed = []
+    for chunk in client.chat.completions.create(model="strong", messages=CHAT, max_tokens=6, temperature=0,
+                                                logprobs=True, top_logprobs=3, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = client.chat.completions.create(model="strong", messages=CHAT, max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == chat.choices[0].message.content
+
+    done = client.completions.create(model="strong", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2)
+    lp = done.choices[0].logprobs
+    n = done.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n > 0
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(n)]
+    # keyed by token text: alternatives that decode alike (bytes of a split character: U+FFFD) share a key
+    assert all(1 <= len(top) <= 2 and v <= 0 and max(top.values()) <= 0 for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+    tokens, offsets = [], []
+    # the lenient client: the SDK types a streamed Completion's finish_reason as non-null (see the test below)
+    with openai.OpenAI(base_url=live.url + "/v1", api_key=live.keys["acme"], max_retries=0, timeout=60) as lenient:
+        for chunk in lenient.completions.create(model="strong", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2,
+                                                stream=True):
+            if chunk.choices and chunk.choices[0].logprobs:
+                tokens += chunk.choices[0].logprobs.tokens
+                offsets += chunk.choices[0].logprobs.text_offset
+    assert tokens == lp.tokens and offsets == lp.text_offset  # chunks go on from where the last one ended
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="strong", messages=CHAT, max_tokens=2, top_logprobs=2)
+    assert exc.value.param == "top_logprobs"
+
+
 def test_completion_stream_concatenates_to_the_full_text(client, live):
     full = client.completions.create(model="strong", prompt=PROMPT, max_tokens=10, temperature=0)
     # Not strict here: the SDK types a streamed Completion's finish_reason as non-null, while OpenAI itself
@@ -279,7 +317,7 @@ def test_bad_parameters_are_bad_request(client, live, kwargs, param):
 
 
 def test_completion_specific_bad_parameters(client, live):
-    for kwargs in ({"prompt": ["a", "b"]}, {"echo": True}, {"logprobs": 2}, {"prompt": "x" * 600}):
+    for kwargs in ({"prompt": ["a", "b"]}, {"echo": True}, {"logprobs": 21}, {"prompt": "x" * 600}):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model=live.base_name, **{"prompt": PROMPT, "max_tokens": 4, **kwargs})
     with pytest.raises(openai.BadRequestError):
