@@ -7,6 +7,9 @@ Starts `python -m service` (disk store in a temp dir, auth off) on a free loopba
 
     python bench/serve_load.py [--base default] [--clients 32] [--adapters 32] [--requests 64] [--max-tokens 32]
 
+With --sampled, the concurrent phase runs once more with the same requests sampled (temperature 0.8, top_p 0.9,
+a seed per request), to show what sampling costs against greedy in the same run.
+
 Prints a markdown table and a last line of JSON.
 """
 from __future__ import annotations
@@ -48,10 +51,15 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-async def generate(client: httpx.AsyncClient, adapter_id: str, i: int, max_tokens: int) -> tuple[float, int]:
+SAMPLED = {"temperature": 0.8, "top_p": 0.9}  # --sampled: the same requests again, sampled (seeded per request)
+
+
+async def generate(client: httpx.AsyncClient, adapter_id: str, i: int, max_tokens: int,
+                   sampling: dict | None = None) -> tuple[float, int]:
     t0 = time.perf_counter()
-    r = await client.post("/generate", json={"adapter_id": adapter_id, "prompt": QUESTIONS[i % len(QUESTIONS)],
-                                              "max_tokens": max_tokens, "temperature": 0})
+    body = {"adapter_id": adapter_id, "prompt": QUESTIONS[i % len(QUESTIONS)], "max_tokens": max_tokens,
+            **({"temperature": 0} if sampling is None else {**sampling, "seed": i})}
+    r = await client.post("/generate", json=body)
     r.raise_for_status()
     return time.perf_counter() - t0, r.json()["usage"]["completion_tokens"]
 
@@ -65,6 +73,12 @@ async def first_token(client: httpx.AsyncClient, adapter_id: str) -> float:
             if line.startswith("data:"):
                 return time.perf_counter() - t0
     raise RuntimeError("stream ended without data")
+
+
+def summary(results: list[tuple[float, int]], seconds: float) -> dict:
+    tokens = sum(t for _, t in results)
+    lat = [l for l, _ in results]
+    return {"tok_s": tokens / seconds, "p50_s": pct(lat, 0.5), "p99_s": pct(lat, 0.99), "tokens": tokens}
 
 
 async def run(args, url: str, ids: list[str]) -> dict:
@@ -82,17 +96,22 @@ async def run(args, url: str, ids: list[str]) -> dict:
         seq_s = time.perf_counter() - t0
         sem = asyncio.Semaphore(args.clients)
 
-        async def bounded(a, i):
+        async def bounded(a, i, sampling=None):
             async with sem:
-                return await generate(client, a, i, args.max_tokens)
+                return await generate(client, a, i, args.max_tokens, sampling)
 
         t0 = time.perf_counter()
         conc = await asyncio.gather(*(bounded(a, i) for a, i in reqs))
         conc_s = time.perf_counter() - t0
-    seq_tok, conc_tok = sum(t for _, t in seq), sum(t for _, t in conc)
+        sampled = None
+        if args.sampled:
+            t0 = time.perf_counter()
+            samp = await asyncio.gather(*(bounded(a, i, SAMPLED) for a, i in reqs))
+            sampled = summary(samp, time.perf_counter() - t0)
     return {
-        "sequential": {"tok_s": seq_tok / seq_s, "p50_s": pct([l for l, _ in seq], 0.5), "p99_s": pct([l for l, _ in seq], 0.99), "tokens": seq_tok},
-        "concurrent": {"tok_s": conc_tok / conc_s, "p50_s": pct([l for l, _ in conc], 0.5), "p99_s": pct([l for l, _ in conc], 0.99), "tokens": conc_tok},
+        "sequential": summary(seq, seq_s),
+        "concurrent": summary(conc, conc_s),
+        **({"concurrent_sampled": sampled} if sampled else {}),
         "ttft_cold_p50_ms": 1e3 * statistics.median(cold),
         "ttft_warm_p50_ms": 1e3 * statistics.median(warm),
     }
@@ -106,6 +125,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--cold", type=int, default=8, help="adapters whose first use is timed (cold)")
+    ap.add_argument("--sampled", action="store_true",
+                    help=f"also run the concurrent phase sampled ({SAMPLED}), against the greedy one")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="the server's --dtype")
     args = ap.parse_args()
 
@@ -156,6 +177,11 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     print(f"| one at a time | {s['tok_s']:.1f} | 1.00 | {s['p50_s']:.2f} | {s['p99_s']:.2f} |")
     print(f"| {args.clients} concurrent clients | {c['tok_s']:.1f} | {c['tok_s'] / s['tok_s']:.2f} | {c['p50_s']:.2f} | {c['p99_s']:.2f} |")
+    if "concurrent_sampled" in res:
+        x = res["concurrent_sampled"]
+        print(f"| {args.clients} concurrent clients, sampled (temperature {SAMPLED['temperature']}, top_p {SAMPLED['top_p']}) "
+              f"| {x['tok_s']:.1f} | {x['tok_s'] / s['tok_s']:.2f} ({x['tok_s'] / c['tok_s']:.2f} × greedy) "
+              f"| {x['p50_s']:.2f} | {x['p99_s']:.2f} |")
     print(f"\n| first token | p50 ms |\n|---|---:|\n| cold adapter (first use, from the store) | {res['ttft_cold_p50_ms']:.1f} |"
           f"\n| warm adapter (resident) | {res['ttft_warm_p50_ms']:.1f} |")
     print(json.dumps({"bench": "serve_load", "base": base.name, "clients": args.clients, "adapters": args.adapters,
