@@ -7,18 +7,19 @@ api_key=<tenant key>); errors come in OpenAI's error shape with OpenAI's statuse
 Supported: prompt (a string, or a list of one string; tokenized as is, no chat template), messages (chat
 template applied; text content parts are joined), max_tokens / max_completion_tokens, temperature (default 1,
 as OpenAI's), top_p, seed, stop, presence_penalty, frequency_penalty, logit_bias, vLLM's top_k, min_p and
-repetition_penalty, logprobs (completions: 0–20 alternatives; chat: logprobs + top_logprobs), stream (server-sent
-events, `data: [DONE]` at the end) with stream_options.include_usage, n=1. Parameters this server cannot honour
-(n>1, echo, tools, …) are refused with 400 instead of being
-silently ignored; `user`, `metadata`, `store`
-are accepted and ignored.
+repetition_penalty, logprobs (completions: 0–20 alternatives; chat: logprobs + top_logprobs), n (each choice its
+own batch row; choice i seeded with seed + i), stream (server-sent events, `data: [DONE]` at the end) with
+stream_options.include_usage. Parameters this server cannot honour (echo, best_of > 1, suffix, tools, …) are
+refused with 400 instead of being silently ignored; `user`, `metadata`, `store` are accepted and ignored.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -72,8 +73,6 @@ class _Common(SamplingControls):
     def unsupported(self) -> list[tuple[str, str]]:
         """(param, why) for each parameter set to a value this server cannot honour."""
         out = []
-        if self.n not in (None, 1):
-            out.append(("n", "only n=1 is supported; send n separate requests"))
         return out
 
 
@@ -216,12 +215,11 @@ def _params(body: _Common, stops: list[str], max_tokens: int, logprobs: int | No
                               logprobs=logprobs, **body.sampling_controls())
 
 
-def _usage(result: eng.GenerationResult) -> dict[str, int]:
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "total_tokens": result.prompt_tokens + result.completion_tokens,
-    }
+def _usage(results: list[eng.GenerationResult]) -> dict[str, int]:
+    """One prompt, n completions: the prompt counted once, as OpenAI counts it."""
+    prompt = results[0].prompt_tokens
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _data(obj: dict[str, Any]) -> bytes:
@@ -231,41 +229,103 @@ def _data(obj: dict[str, Any]) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
+def _choices(params: eng.SamplingParams, n: int) -> list[eng.SamplingParams]:
+    """The n choices' parameters: choice i is seeded with seed + i, so a seeded request reproduces every choice."""
+    if n == 1:
+        return [params]
+    return [replace(params, seed=None if params.seed is None else (params.seed + i) % SEED_MODULUS) for i in range(n)]
+
+
+async def _all(works: list[Awaitable[Any]]) -> list[Any]:
+    """Await every choice; the first failure cancels the others (freeing their batch rows) and is raised."""
+    tasks = [asyncio.ensure_future(w) for w in works]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        await _cancel(tasks)
+
+
+async def _cancel(tasks: list[asyncio.Future]) -> None:
+    """Cancel the tasks still running and wait until they have stopped (their engine streams closed)."""
+    pending = [t for t in tasks if not t.done()]
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
 async def _run(request: Request, engine: eng.Engine, prompt_ids: list[int], adapter_id: str | None,
-               params: eng.SamplingParams, version: str | None = None) -> eng.GenerationResult | None:
+               choices: list[eng.SamplingParams], version: str | None = None) -> list[eng.GenerationResult] | None:
     from service.app import _unless_disconnected  # service.app includes this router: import when first used
 
-    return await _unless_disconnected(request, engine.generate(prompt_ids, adapter_id, params, version))
+    works = [engine.generate(prompt_ids, adapter_id, p, version) for p in choices]
+    return await _unless_disconnected(request, _all(works))
+
+
+async def _merged(streams: list[AsyncIterator[Any]], firsts: list[Any]) -> AsyncIterator[tuple[int, Any]]:
+    """(choice index, item) from every engine stream as items arrive, until each has given its result; an
+    engine error from any of them is raised. Closing this closes every stream (their batch rows are freed)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, items: AsyncIterator[Any], first: Any) -> None:
+        try:
+            await queue.put((i, first))
+            if not isinstance(first, eng.GenerationResult):
+                async for item in items:
+                    await queue.put((i, item))
+        except Exception as exc:  # handed to the consumer, which raises it
+            await queue.put((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
+    left = len(streams)
+    try:
+        while left:
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, eng.GenerationResult):
+                left -= 1
+            yield i, item
+    finally:
+        await _cancel(tasks)
+        for s in streams:
+            await s.aclose()
 
 
 async def _sse(
-    items: AsyncIterator[eng.TextDelta | eng.GenerationResult],
+    streams: list[AsyncIterator[eng.TextDelta | eng.GenerationResult]],
     opening: list[dict[str, Any]],
-    chunk: Callable[[eng.TextDelta], dict[str, Any]],
-    closing: Callable[[eng.GenerationResult], list[dict[str, Any]]],
+    chunk: Callable[[int, eng.TextDelta], dict[str, Any]],
+    finished: Callable[[int, eng.GenerationResult], dict[str, Any]],
+    closing: Callable[[list[eng.GenerationResult]], list[dict[str, Any]]],
 ) -> Response:
-    """Server-sent events in OpenAI's format. The first engine item is awaited before answering, so errors
-    before any text (queue full, unknown adapter, store down) keep their HTTP status; a later error becomes a
-    `data: {"error": …}` event (the OpenAI client raises it). Closing the response (a client that hangs up)
-    closes the engine stream, which frees the request's batch row."""
+    """Server-sent events in OpenAI's format, the n choices' chunks interleaved as they come. Every choice's
+    first engine item is awaited before answering, so errors before any text (queue full, unknown adapter, store
+    down) keep their HTTP status; a later error becomes a `data: {"error": …}` event (the OpenAI client raises
+    it). Closing the response (a client that hangs up) closes the engine streams, which frees their batch rows."""
     from service.app import first_item  # service.app includes this router: import when first used
 
-    first = await first_item(items)
+    try:
+        firsts = await _all([first_item(s) for s in streams])
+    except BaseException:
+        for s in streams:
+            await s.aclose()
+        raise
+    items = _merged(streams, firsts)
 
     async def events() -> AsyncIterator[bytes]:
-        item = first
+        results: list[eng.GenerationResult | None] = [None] * len(streams)
         try:
             for obj in opening:
                 yield _data(obj)
-            while True:
+            async for i, item in items:
                 if isinstance(item, eng.GenerationResult):
-                    for obj in closing(item):
-                        yield _data(obj)
-                    yield DONE
-                    return
-                if item.text or item.logprobs:
-                    yield _data(chunk(item))
-                item = await items.__anext__()
+                    results[i] = item
+                    yield _data(finished(i, item))
+                elif item.text or item.logprobs:
+                    yield _data(chunk(i, item))
+            for obj in closing([r for r in results if r is not None]):
+                yield _data(obj)
+            yield DONE
         except eng.EngineError as exc:
             status, code = engine_error_status(exc)
             yield _data(openai_error_body(status, code, str(exc)))
@@ -292,19 +352,18 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
     explicit = body.max_tokens is not None
     max_tokens = max_tokens_for(caller, body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, explicit)
     prompt_ids = await run_in_threadpool(engine.encode_prompt, prompt, None, True)
-    params = _params(body, stops, max_tokens, body.logprobs)
+    choices = _choices(_params(body, stops, max_tokens, body.logprobs), body.n or 1)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     fingerprint = request.app.state.factors.fingerprint
     texts = logprob_shapes.token_texts(request)
-    offset = 0  # where a streamed chunk's tokens start in the completion's text
+    offsets = [0] * len(choices)  # where each choice's next streamed tokens start in its text
 
-    def choice(text: str, finish: str | None, entries: list[eng.TokenLogprob] | None = None) -> dict[str, Any]:
-        nonlocal offset
+    def choice(i: int, text: str, finish: str | None, entries: list[eng.TokenLogprob] | None = None) -> dict[str, Any]:
         lp = None
         if entries is not None and body.logprobs is not None:
-            lp = logprob_shapes.completion(entries, texts, offset)
-            offset = lp["text_offset"][-1] + len(lp["tokens"][-1]) if entries else offset
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": lp}
+            lp = logprob_shapes.completion(entries, texts, offsets[i])
+            offsets[i] += sum(len(t) for t in lp["tokens"])
+        return {"index": i, "text": text, "finish_reason": finish, "logprobs": lp}
 
     def envelope(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
@@ -312,19 +371,17 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def closing(result: eng.GenerationResult) -> list[dict[str, Any]]:
-            out = [envelope([choice("", result.finish_reason)])]
-            if include_usage:
-                out.append(envelope([], usage=_usage(result)))
-            return out
-
-        return await _sse(engine.stream(prompt_ids, adapter_id, params, version), [],
-                          lambda d: envelope([choice(d.text, None, d.logprobs)]), closing)
-    result = await _run(request, engine, prompt_ids, adapter_id, params, version)
-    if result is None:
+        streams = [engine.stream(prompt_ids, adapter_id, p, version) for p in choices]
+        return await _sse(
+            streams, [],
+            lambda i, d: envelope([choice(i, d.text, None, d.logprobs)]),
+            lambda i, result: envelope([choice(i, "", result.finish_reason)]),
+            lambda results: [envelope([], usage=_usage(results))] if include_usage else [],
+        )
+    results = await _run(request, engine, prompt_ids, adapter_id, choices, version)
+    if results is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return envelope([choice(result.text, result.finish_reason, result.logprobs)], usage=_usage(result))
+    return envelope([choice(i, r.text, r.finish_reason, r.logprobs) for i, r in enumerate(results)], usage=_usage(results))
 
 
 @router.post("/chat/completions", summary="OpenAI-compatible chat completion (the base model's chat template)")
@@ -340,6 +397,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
     else:
         max_tokens = max_tokens_for(caller, requested, explicit=True, param=param)
     params = _params(body, stops, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    choices = _choices(params, body.n or 1)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     fingerprint = request.app.state.factors.fingerprint
     texts = logprob_shapes.token_texts(request)
@@ -354,25 +412,24 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def delta(d: dict[str, Any], finish: str | None = None, entries: list[eng.TokenLogprob] | None = None) -> dict[str, Any]:
+        def delta(i: int, d: dict[str, Any], finish: str | None = None,
+                  entries: list[eng.TokenLogprob] | None = None) -> dict[str, Any]:
             return envelope("chat.completion.chunk",
-                            [{"index": 0, "delta": d, "finish_reason": finish, "logprobs": logprobs(entries)}])
+                            [{"index": i, "delta": d, "finish_reason": finish, "logprobs": logprobs(entries)}])
 
-        def closing(result: eng.GenerationResult) -> list[dict[str, Any]]:
-            out = [delta({}, result.finish_reason)]
-            if include_usage:
-                out.append(envelope("chat.completion.chunk", [], usage=_usage(result)))
-            return out
-
-        opening = [delta({"role": "assistant", "content": ""})]
-        return await _sse(engine.stream(prompt_ids, adapter_id, params, version), opening,
-                          lambda d: delta({"content": d.text}, None, d.logprobs), closing)
-    result = await _run(request, engine, prompt_ids, adapter_id, params, version)
-    if result is None:
+        streams = [engine.stream(prompt_ids, adapter_id, p, version) for p in choices]
+        return await _sse(
+            streams, [delta(i, {"role": "assistant", "content": ""}) for i in range(len(choices))],
+            lambda i, d: delta(i, {"content": d.text}, None, d.logprobs),
+            lambda i, result: delta(i, {}, result.finish_reason),
+            lambda results: [envelope("chat.completion.chunk", [], usage=_usage(results))] if include_usage else [],
+        )
+    results = await _run(request, engine, prompt_ids, adapter_id, choices, version)
+    if results is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    message = {"role": "assistant", "content": result.text, "refusal": None}
-    choice = {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": logprobs(result.logprobs)}
-    return envelope("chat.completion", [choice], usage=_usage(result))
+    out = [{"index": i, "message": {"role": "assistant", "content": r.text, "refusal": None},
+            "finish_reason": r.finish_reason, "logprobs": logprobs(r.logprobs)} for i, r in enumerate(results)]
+    return envelope("chat.completion", out, usage=_usage(results))
 
 
 def _model_entry(model_id: str, created: float, owned_by: str) -> dict[str, Any]:

@@ -514,3 +514,14 @@ def test_settings_from_env_and_overrides(monkeypatch, tmp_path):
     monkeypatch.setenv("SVDSERVE_CUDA_GRAPHS", "maybe")
     with pytest.raises(ValueError, match="SVDSERVE_CUDA_GRAPHS='maybe': expected 1 or 0"):
         Settings.from_env()
+
+
+async def test_n_choices_that_cannot_queue_answer_429_and_leave_nothing_behind(serve, store):
+    async with serve(store, max_waiting=0) as client:
+        body = {"model": "tiny-random-llama", "messages": CHAT, "max_tokens": 4, "n": 3}
+        for stream in (False, True):
+            resp = await client.post("/v1/chat/completions", json={**body, "stream": stream})
+            assert resp.status_code == 429, resp.text
+            assert resp.json()["error"]["code"] == "queue_full" and int(resp.headers["retry-after"]) >= 1
+        stats = client.app.state.engine.stats()
+        assert stats["active"] == 0 and stats["waiting"] == 0 and stats["rejected_queue_full"] >= 2

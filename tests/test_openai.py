@@ -215,6 +215,39 @@ def test_logprobs_in_openai_shapes_streamed_or_not(client, live):
     assert exc.value.param == "top_logprobs"
 
 
+def test_n_choices_each_seeded_with_seed_plus_index_streamed_or_not(client, live):
+    kw = dict(model="strong", messages=CHAT, max_tokens=8, temperature=1.0, seed=42)
+    many = client.chat.completions.create(n=3, **kw)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    texts = [c.message.content for c in many.choices]
+    for i in range(3):  # choice i is the single request seeded 42 + i
+        one = client.chat.completions.create(**{**kw, "seed": 42 + i})
+        assert one.choices[0].message.content == texts[i]
+    assert len(set(texts)) > 1
+    singles = [client.chat.completions.create(**{**kw, "seed": 42 + i}).usage for i in range(3)]
+    assert many.usage.prompt_tokens == singles[0].prompt_tokens  # the prompt counted once
+    assert many.usage.completion_tokens == sum(u.completion_tokens for u in singles)
+
+    parts, finish, usage = {0: "", 1: "", 2: ""}, {}, None
+    for chunk in client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw):
+        for c in chunk.choices:
+            parts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+        usage = chunk.usage or usage
+    assert [parts[i] for i in range(3)] == texts and set(finish) == {0, 1, 2}
+    assert usage.completion_tokens == many.usage.completion_tokens
+
+    greedy = client.completions.create(model="strong", prompt=PROMPT, max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in greedy.choices] == [0, 1] and greedy.choices[0].text == greedy.choices[1].text
+    with openai.OpenAI(base_url=live.url + "/v1", api_key=live.keys["acme"], max_retries=0, timeout=60) as lenient:
+        streamed = {0: "", 1: ""}
+        for chunk in lenient.completions.create(model="strong", prompt=PROMPT, max_tokens=6, temperature=0, n=2, stream=True):
+            for c in chunk.choices:
+                streamed[c.index] += c.text
+    assert streamed == {0: greedy.choices[0].text, 1: greedy.choices[1].text}
+
+
 def test_completion_stream_concatenates_to_the_full_text(client, live):
     full = client.completions.create(model="strong", prompt=PROMPT, max_tokens=10, temperature=0)
     # Not strict here: the SDK types a streamed Completion's finish_reason as non-null, while OpenAI itself
@@ -298,7 +331,7 @@ def test_unknown_and_foreign_models_are_not_found_alike(client):
 @pytest.mark.parametrize(
     "kwargs, param",
     [
-        ({"n": 2}, "n"),
+        ({"n": 129}, "n"),
         ({"temperature": 3.5}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": MAX_TOKENS_LIMIT + 1}, "max_tokens"),  # over acme's per-request limit
@@ -356,10 +389,11 @@ def test_async_client_and_concurrent_requests(live):
     assert texts[1] == texts[3] and texts[0] != texts[3]
 
 
-def test_client_disconnect_mid_stream_frees_the_batch_row(live):
+@pytest.mark.parametrize("n", [1, 3])
+def test_client_disconnect_mid_stream_frees_the_batch_row(live, n):
     engine = live.app.state.engine
     before = engine.stats()
-    body = {"model": "theirs", "prompt": "hi", "max_tokens": 480, "temperature": 0, "stream": True}
+    body = {"model": "theirs", "prompt": "hi", "max_tokens": 480, "temperature": 0, "stream": True, "n": n}
     # tenant "other": no max_tokens limit
     with httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {live.keys['other']}"}, timeout=30) as h:
         with h.stream("POST", "/v1/completions", json=body) as resp:
@@ -372,6 +406,6 @@ def test_client_disconnect_mid_stream_frees_the_batch_row(live):
             break
         time.sleep(0.01)
     after = engine.stats()
-    assert after["active"] == 0 and after["requests"] == before["requests"] + 1
+    assert after["active"] == 0 and after["requests"] == before["requests"] + n  # every choice's row freed
     assert after["finished"] == before["finished"]  # cancelled, not run to max_tokens
-    assert after["completion_tokens"] - before["completion_tokens"] < 480
+    assert after["completion_tokens"] - before["completion_tokens"] < 480 * n
