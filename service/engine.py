@@ -154,8 +154,12 @@ class _Request:
     finish_reason: str | None = None
     method: str = "base"  # its adapter's method once admitted (a metrics label; never the adapter id)
 
-    def sampling(self) -> RowSampling:
-        return RowSampling(self.params, self.generator, self.history)
+    def sampling(self, ending: set[int]) -> RowSampling:
+        """This step's sampling; `ending`: the engine's EOS ids, banned with stop_token_ids before min_tokens."""
+        banned = ()
+        if len(self.out) < self.params.min_tokens:
+            banned = tuple(sorted(ending | set(self.params.stop_token_ids)))
+        return RowSampling(self.params, self.generator, self.history, banned)
 
     def emit_text(self, text: str) -> None:
         """A delta with the text and every log-probability not yet sent (held back while there is no text)."""
@@ -383,11 +387,14 @@ class Engine:
 
     def _check_sampling(self, params: SamplingParams) -> None:
         vocab = self.base.model.config.vocab_size
-        bad = sorted(t for t in params.logit_bias if not 0 <= t < vocab)
-        if bad:
-            raise InvalidRequest(
-                f"logit_bias names token id {bad[0]}, outside this model's vocabulary of {vocab} tokens (ids 0..{vocab - 1})"
-            )
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            bad = sorted(t for t in ids if not 0 <= t < vocab)
+            if bad:
+                raise InvalidRequest(
+                    f"{name} names token id {bad[0]}, outside this model's vocabulary of {vocab} tokens (ids 0..{vocab - 1})"
+                )
+        if not 0 <= params.min_tokens <= params.max_tokens:
+            raise InvalidRequest(f"min_tokens must be between 0 and max_tokens ({params.max_tokens}), got {params.min_tokens}")
         if params.top_k < 0 or not 0.0 < params.top_p <= 1.0 or not 0.0 <= params.min_p <= 1.0 or params.repetition_penalty <= 0:
             raise InvalidRequest("top_k must be ≥ 0, top_p in (0, 1], min_p in [0, 1] and repetition_penalty > 0")
         if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
@@ -589,7 +596,7 @@ class Engine:
         for req in reqs:
             if req.params.penalized:
                 req.history = TokenHistory(req.prompt, logits.shape[-1])
-        rows = [r.sampling() for r in reqs]
+        rows = [r.sampling(self.eos_ids) for r in reqs]
         tokens = sample_batch(logits, rows)
         now = time.monotonic()
         for req, tok, lp in zip(reqs, tokens, logprobs_of(logits, rows, tokens)):
@@ -610,7 +617,7 @@ class Engine:
         positions = torch.tensor(pos, device=device)
         mp = self.runner.mapping([r.core_slot for r in live], [r.lr_slot for r in live])
         logits = self.runner.decode(tokens, positions, mp, context=max(pos) + 1)
-        rows = [r.sampling() for r in live]
+        rows = [r.sampling(self.eos_ids) for r in live]
         tokens = sample_batch(logits, rows)  # every row at once, one transfer
         for req, tok, lp in zip(live, tokens, logprobs_of(logits, rows, tokens)):
             if req.finish_reason is None:
@@ -625,7 +632,7 @@ class Engine:
         if req.cancelled:
             req.finish_reason = "cancelled"
             return
-        if tok in self.eos_ids:
+        if (tok in self.eos_ids and not req.params.ignore_eos) or tok in req.params.stop_token_ids:
             self._finish(req, "stop")
             return
         req.out.append(tok)

@@ -6,11 +6,12 @@ api_key=<tenant key>); errors come in OpenAI's error shape with OpenAI's statuse
 
 Supported: prompt (a string, or a list of one string; tokenized as is, no chat template), messages (chat
 template applied; text content parts are joined), max_tokens / max_completion_tokens, temperature (default 1,
-as OpenAI's), top_p, seed, stop, presence_penalty, frequency_penalty, logit_bias, vLLM's top_k, min_p and
-repetition_penalty, logprobs (completions: 0–20 alternatives; chat: logprobs + top_logprobs), n (each choice its
-own batch row; choice i seeded with seed + i), stream (server-sent events, `data: [DONE]` at the end) with
-stream_options.include_usage. Parameters this server cannot honour (echo, best_of > 1, suffix, tools, …) are
-refused with 400 instead of being silently ignored; `user`, `metadata`, `store` are accepted and ignored.
+as OpenAI's), top_p, seed, stop, presence_penalty, frequency_penalty, logit_bias, vLLM's top_k, min_p,
+repetition_penalty, stop_token_ids, ignore_eos and min_tokens, logprobs (completions: 0–20 alternatives; chat:
+logprobs + top_logprobs), n (each choice its own batch row; choice i seeded with seed + i), stream (server-sent
+events, `data: [DONE]` at the end) with stream_options.include_usage. Parameters this server cannot honour
+(echo, best_of > 1, suffix, tools, …) are refused with 400 instead of being silently ignored; `user`,
+`metadata`, `store` are accepted and ignored.
 """
 from __future__ import annotations
 

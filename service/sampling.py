@@ -34,6 +34,9 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # report each token's log-probability and this many top alternatives; None = off
+    stop_token_ids: list[int] = field(default_factory=list)  # tokens that end the generation like EOS (not in the text)
+    ignore_eos: bool = False  # go on past EOS (up to max_tokens), as vLLM's benchmarks do
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be chosen before this many tokens
 
     @property
     def greedy(self) -> bool:
@@ -90,11 +93,12 @@ class RowSampling:
     params: SamplingParams
     generator: torch.Generator | None = None
     history: TokenHistory | None = None
+    banned: tuple[int, ...] = ()  # tokens this step may not choose (ending tokens before min_tokens)
 
 
 def sample_batch(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
     """One token per row of `logits` (rows × vocab), each by its own row's parameters."""
-    adjusted = any(r.params.penalized or r.params.logit_bias for r in rows)
+    adjusted = any(r.params.penalized or r.params.logit_bias or r.banned for r in rows)
     if not adjusted and all(r.params.greedy for r in rows):
         return torch.argmax(logits, dim=-1).tolist()  # the common case: one op, one transfer
     x = logits.float()
@@ -178,6 +182,8 @@ def _apply_bias(x: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
         if r.params.logit_bias:
             ids = torch.tensor(list(r.params.logit_bias), device=x.device)
             x[i, ids] += torch.tensor(list(r.params.logit_bias.values()), device=x.device)
+        if r.banned:
+            x[i, torch.tensor(r.banned, device=x.device)] = float("-inf")
     return x
 
 

@@ -35,11 +35,13 @@ class ChatMessage(BaseModel):
 
 
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
+MAX_STOP_TOKEN_IDS = 64
 
 
 class SamplingControls(BaseModel):
     """Sampling parameters beyond temperature / top_p, shared by /generate and the OpenAI-compatible API
-    (OpenAI's penalties and logit_bias; top_k, min_p and repetition_penalty as vLLM and LoRAX take them)."""
+    (OpenAI's penalties and logit_bias; top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos and
+    min_tokens as vLLM takes them)."""
 
     top_k: int | None = Field(default=None, ge=-1, description="sample among the k most likely tokens; 0 or -1 = off")
     min_p: float | None = Field(
@@ -57,6 +59,13 @@ class SamplingControls(BaseModel):
     )
     logit_bias: dict[str, float] | None = Field(
         default=None, description="token id (as a string key) → bias in [-100, 100] added to its logit"
+    )
+    stop_token_ids: list[int] | None = Field(
+        default=None, max_length=MAX_STOP_TOKEN_IDS, description="token ids that end the generation, as EOS does"
+    )
+    ignore_eos: bool | None = Field(default=None, description="keep generating past EOS, up to max_tokens")
+    min_tokens: int | None = Field(
+        default=None, ge=0, description="EOS and stop_token_ids cannot end the generation before this many tokens"
     )
 
     @field_validator("logit_bias")
@@ -82,6 +91,9 @@ class SamplingControls(BaseModel):
             "frequency_penalty": self.frequency_penalty or 0.0,
             "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
             "logit_bias": {int(k): float(b) for k, b in (self.logit_bias or {}).items()},
+            "stop_token_ids": list(self.stop_token_ids or []),
+            "ignore_eos": bool(self.ignore_eos),
+            "min_tokens": self.min_tokens or 0,
         }
 
 

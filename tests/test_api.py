@@ -273,6 +273,14 @@ async def test_penalties_top_k_min_p_and_logit_bias_reach_the_sampler(serve, sto
         vocab = 259
         assert_error(await gen(client, prompt=PROMPT, logit_bias={str(vocab): 1.0}), 400, "invalid_request",
                      f"outside this model's vocabulary of {vocab}")
+        eos = str(tiny_tokenizer().eos_token_id)
+        ended = (await gen(client, prompt=PROMPT, logit_bias={eos: 100}, max_tokens=5)).json()
+        assert ended["usage"]["completion_tokens"] == 0 and ended["finish_reason"] == "stop"
+        on = (await gen(client, prompt=PROMPT, logit_bias={eos: 100}, max_tokens=5, ignore_eos=True)).json()
+        assert on["usage"]["completion_tokens"] == 5 and on["finish_reason"] == "length"
+        least = (await gen(client, prompt=PROMPT, logit_bias={eos: 100}, max_tokens=5, min_tokens=2)).json()
+        assert least["usage"]["completion_tokens"] == 2 and least["finish_reason"] == "stop"
+        assert_error(await gen(client, prompt=PROMPT, max_tokens=2, min_tokens=3), 400, "invalid_request", "min_tokens")
 
 
 async def test_logprobs_in_the_answer_and_in_the_stream(serve, store, make_blob):
@@ -341,6 +349,8 @@ BAD_BODIES = {
     "logit_bias_value": ({"prompt": "a", "logit_bias": {"5": 101}}, "[-100, 100]"),
     "repetition_penalty_zero": ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
     "presence_penalty_range": ({"prompt": "a", "presence_penalty": 2.5}, "presence_penalty"),
+    "min_tokens_negative": ({"prompt": "a", "min_tokens": -1}, "min_tokens"),
+    "stop_token_ids_type": ({"prompt": "a", "stop_token_ids": ["eos"]}, "stop_token_ids"),
 }
 
 

@@ -171,6 +171,10 @@ def test_penalties_logit_bias_and_vllm_sampling_extras_are_honoured(client, http
                                           extra_body={"repetition_penalty": 1.3}, **kw)
     native = generate_text(http, adapter_id="sorsa-1", messages=CHAT, max_tokens=8, repetition_penalty=1.3, **kw)
     assert chat.choices[0].message.content == native["text"]  # the same parameters reach the same sampler
+    eos = str(tiny_tokenizer().eos_token_id)
+    long = client.completions.create(model="sorsa-1", prompt=PROMPT, max_tokens=5, temperature=0, logit_bias={eos: 100},
+                                     extra_body={"ignore_eos": True})
+    assert long.usage.completion_tokens == 5 and long.choices[0].finish_reason == "length"
     extras = dict(top_k=3, min_p=0.1)
     a = client.completions.create(model="sorsa-1", prompt=PROMPT, max_tokens=8, seed=9, extra_body=extras)
     b = client.completions.create(model="sorsa-1", prompt=PROMPT, max_tokens=8, seed=9, extra_body=extras)
