@@ -101,9 +101,10 @@ def sample_batch(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
     adjusted = any(r.params.penalized or r.params.logit_bias or r.banned for r in rows)
     if not adjusted and all(r.params.greedy for r in rows):
         return torch.argmax(logits, dim=-1).tolist()  # the common case: one op, one transfer
-    x = logits.float()
-    if adjusted:
-        x = _apply_bias(_apply_penalties(logits.to(torch.float32, copy=True), rows), rows)  # never the caller's tensor
+    if adjusted:  # on a float32 copy: the caller's logits are never written
+        x = _apply_bias(_apply_penalties(logits.to(torch.float32, copy=True), rows), rows)
+    else:
+        x = logits.float()
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     tokens = torch.empty(len(rows), dtype=torch.long, device=x.device)
