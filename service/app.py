@@ -31,7 +31,7 @@ from svd_adapters.threads import in_fresh_thread, single_core
 from service import metrics as svc_metrics
 from service import engine as eng
 from service import logprobs as logprob_shapes
-from service import openai_api
+from service import openai_api, tokenize_api
 from service.auth import AuthMiddleware, TenantCaller, admin_router, build_auth, max_tokens_for
 from service.config import Settings, resolve_device
 from service.errors import ApiError, engine_error_body, error_response_for, register_error_handlers
@@ -212,6 +212,7 @@ def create_app(
     app.add_middleware(AuthMiddleware)  # outside the size limit: an unauthenticated body is never read
     app.include_router(admin_router)
     app.include_router(openai_api.router)
+    app.include_router(tokenize_api.router)
 
     svc_metrics.install(app)  # GET /metrics; added after the other middleware, so it counts their answers too
 

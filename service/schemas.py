@@ -186,6 +186,38 @@ class GenerateResponse(BaseModel):
     )
 
 
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(default=None, description="text, as one user turn through the chat template unless raw")
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, description="chat turns")
+    raw: bool = Field(default=False, description="tokenize 'prompt' as is, without the chat template")
+    return_token_strs: bool = Field(default=False, description="also answer each token as the tokenizer spells it")
+
+    @model_validator(mode="after")
+    def _prompt_xor_messages(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' (text) or 'messages' (chat turns)")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int = Field(description="this server's context limit (prompt + generated tokens)")
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: list[int] = Field(max_length=MAX_TOKENS_CEILING, description="token ids of the base model's vocabulary")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str = Field(description="the tokens' text (special tokens included)")
+
+
 # --- adapters ------------------------------------------------------------------------------------------------
 
 

@@ -535,3 +535,19 @@ async def test_n_choices_that_cannot_queue_answer_429_and_leave_nothing_behind(s
             assert resp.json()["error"]["code"] == "queue_full" and int(resp.headers["retry-after"]) >= 1
         stats = client.app.state.engine.stats()
         assert stats["active"] == 0 and stats["waiting"] == 0 and stats["rejected_queue_full"] >= 2
+
+
+async def test_tokenize_and_detokenize(serve, store):
+    async with serve(store) as client:
+        raw = (await client.post("/tokenize", json={"prompt": PROMPT, "raw": True, "return_token_strs": True})).json()
+        assert raw["count"] == len(raw["tokens"]) == len(PROMPT.encode()) and raw["max_model_len"] == 128
+        assert len(raw["token_strs"]) == raw["count"]
+        back = (await client.post("/detokenize", json={"tokens": raw["tokens"]})).json()
+        assert back == {"prompt": PROMPT}
+        chat = (await client.post("/tokenize", json={"prompt": PROMPT})).json()
+        used = (await gen(client, prompt=PROMPT, max_tokens=1)).json()["usage"]["prompt_tokens"]
+        assert chat["count"] == used and chat["token_strs"] is None  # exactly what /generate feeds the model
+        msgs = (await client.post("/tokenize", json={"messages": CHAT})).json()
+        assert msgs["count"] == (await gen(client, messages=CHAT, max_tokens=1)).json()["usage"]["prompt_tokens"]
+        assert_error(await client.post("/detokenize", json={"tokens": [5, 259]}), 400, "invalid_request", "vocabulary of 259")
+        assert_error(await client.post("/tokenize", json={"raw": True}), 422, "validation_error", "exactly one")

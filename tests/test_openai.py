@@ -365,6 +365,9 @@ def test_completion_specific_bad_parameters(client, live):
 
 def test_error_body_is_openai_shaped_and_keys_are_checked(live):
     with httpx.Client(base_url=live.url, timeout=30) as h:
+        assert h.post("/tokenize", json={"prompt": "hi"}).status_code == 401  # a tenant key is needed here too
+        keyed = h.post("/tokenize", json={"prompt": "hi"}, headers={"Authorization": f"Bearer {live.keys['acme']}"})
+        assert keyed.status_code == 200 and keyed.json()["count"] > 0
         resp = h.post("/v1/completions", json={"model": "x", "prompt": "hi"})
         assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
         err = resp.json()["error"]

@@ -1,0 +1,43 @@
+"""POST /tokenize and POST /detokenize (as vLLM serves them): the base model's token ids for a prompt, and back.
+
+Clients need token ids for logit_bias and stop_token_ids, and prompt lengths against the context limit; a prompt
+is tokenized exactly as /generate would feed it to the model (as one chat turn, unless raw; or chat messages).
+"""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from service.auth import TenantCaller
+from service.errors import ApiError
+from service.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+
+router = APIRouter(tags=["generation"])
+
+
+def _engine(request: Request):
+    engine = request.app.state.engine
+    if engine is None:
+        raise ApiError(503, "not_ready", "the server is starting up or shutting down; retry shortly", {"Retry-After": "1"})
+    return engine
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, summary="The token ids /generate would feed the model")
+async def tokenize(request: Request, body: TokenizeRequest, caller: TenantCaller) -> TokenizeResponse:
+    engine = _engine(request)
+    messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
+    ids = await run_in_threadpool(engine.encode_prompt, body.prompt, messages, body.raw)
+    strs = [engine.tokenizer.convert_ids_to_tokens(i) for i in ids] if body.return_token_strs else None
+    return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.config.max_seq_len, token_strs=strs)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, summary="The text of token ids")
+async def detokenize(request: Request, body: DetokenizeRequest, caller: TenantCaller) -> DetokenizeResponse:
+    engine = _engine(request)
+    vocab = engine.base.model.config.vocab_size
+    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    if bad:
+        raise ApiError(400, "invalid_request",
+                       f"token id {bad[0]} is outside this model's vocabulary of {vocab} tokens (ids 0..{vocab - 1})")
+    text = await run_in_threadpool(engine.tokenizer.decode, body.tokens)
+    return DetokenizeResponse(prompt=text)
