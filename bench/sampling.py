@@ -25,11 +25,15 @@ sys.path.insert(0, str(ROOT))
 
 from service.detokenize import Detokenizer  # noqa: E402
 from service.sampling import RowSampling, SamplingParams, TokenHistory, sample_batch  # noqa: E402
+from service.structured import Constraint, Grammars  # noqa: E402
 from svd_adapters.base_model import load_base  # noqa: E402
 
 PROMPTS = ["Tell me a story about a dragon.", "What is the capital of France?", "Write a haiku about rain.",
            "Explain photosynthesis briefly.", "List three fruits.", "How do I boil an egg?", "Say something kind.",
            "What is 12 times 7?"]
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
 
 CONFIGS = {
     "greedy": SamplingParams(),
@@ -89,7 +93,7 @@ def real_logits(base, rows: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def sampler_table(logits: torch.Tensor, reps: int) -> list[dict]:
+def sampler_table(logits: torch.Tensor, reps: int, tokenizer) -> list[dict]:
     rows_n, vocab = logits.shape
     results = []
     for name, p in CONFIGS.items():
@@ -102,6 +106,17 @@ def sampler_table(logits: torch.Tensor, reps: int) -> list[dict]:
                     h.add((t * 7919) % 150 + 1000 * i)
         rows = [RowSampling(p, gens[i] if not p.greedy else None, hists[i] if hists else None) for i in range(rows_n)]
         new = timed(lambda: sample_batch(logits, rows), reps)
+        if name == "greedy":  # the same rows held to a JSON schema: each step's masks from the grammar, then the choice
+            grammars = Grammars(tokenizer, vocab)
+            grammar = grammars.compile(Constraint("json_schema", SCHEMA))
+            matchers = [grammars.matcher(grammar) for _ in range(rows_n)]
+            for m in matchers:  # into the middle of a string value, where most of the vocabulary is allowed
+                for t in tokenizer.encode('{"name":"Ada', add_special_tokens=False):
+                    m.advance(t)
+            structured = timed(lambda: sample_batch(logits, [RowSampling(p, allowed=m.allowed(vocab)) for m in matchers]),
+                               reps)
+            results.append({"config": "greedy, JSON schema (grammar masks included)", "batched_ms": round(structured, 3),
+                            "per_row_ms": None, "speedup": None})
         old = None
         if not p.penalized and not p.top_k and not p.min_p:  # what the old sampler could do at all
             old = timed(lambda: [per_row_sample(logits[i], p, gens[i]) for i in range(rows_n)], max(3, reps // 4))
@@ -144,7 +159,7 @@ def main() -> None:
     base = load_base(args.base)
     logits = real_logits(base, args.rows)
     print(f"host: {torch.get_num_threads()} threads, vocabulary {logits.shape[1]}, {args.rows} rows")
-    samp = sampler_table(logits, args.reps)
+    samp = sampler_table(logits, args.reps, base.tokenizer)
     print("\n| token choice for all rows, one step | batched ms | per-row (before) ms | speedup |")
     print("|---|---:|---:|---:|")
     for r in samp:

@@ -31,7 +31,7 @@ from svd_adapters.threads import in_fresh_thread, single_core
 from service import metrics as svc_metrics
 from service import engine as eng
 from service import logprobs as logprob_shapes
-from service import openai_api, tokenize_api
+from service import openai_api, structured, tokenize_api
 from service.auth import AuthMiddleware, TenantCaller, admin_router, build_auth, max_tokens_for
 from service.config import Settings, resolve_device
 from service.errors import ApiError, engine_error_body, error_response_for, register_error_handlers
@@ -399,9 +399,10 @@ def create_app(
             )
         messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
         prompt_ids = await run_in_threadpool(engine.encode_prompt, body.prompt, messages, body.raw)
+        grammar = await structured.grammar_for(engine.grammars, body.constraint(), structured.constraint_param(body))
         params = eng.SamplingParams(
             max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list(),
-            logprobs=body.logprobs, **body.sampling_controls(),
+            logprobs=body.logprobs, grammar=grammar, **body.sampling_controls(),
         )
         texts = logprob_shapes.token_texts(request)
         if body.stream:

@@ -28,6 +28,7 @@ from adapters_store.base import AdapterStore, StoreUnavailable
 from adapters_store.validate import AdapterValidationError, load_adapter
 from service.adapter_cache import AdapterCache
 from service.detokenize import Detokenizer
+from service.structured import GrammarError, Grammars, Matcher
 from service.sampling import (MAX_LOGPROBS, RowSampling, SamplingParams, TokenHistory, TokenLogprob, logprobs_of,
                               sample_batch)
 from svd_adapters.adapter import Adapter
@@ -143,6 +144,7 @@ class _Request:
     queue: asyncio.Queue
     generator: torch.Generator | None
     history: TokenHistory | None = None  # token counts, for requests with penalties (made at admission)
+    matcher: Matcher | None = None  # its place in its structured-output grammar (made at admission)
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     out: list[int] = field(default_factory=list)
@@ -154,12 +156,14 @@ class _Request:
     finish_reason: str | None = None
     method: str = "base"  # its adapter's method once admitted (a metrics label; never the adapter id)
 
-    def sampling(self, ending: set[int]) -> RowSampling:
+    def sampling(self, ending: set[int], vocab: int) -> RowSampling:
         """This step's sampling; `ending`: the engine's EOS ids, banned with stop_token_ids before min_tokens."""
-        banned = ()
-        if len(self.out) < self.params.min_tokens:
+        banned, allowed = (), None
+        if self.matcher is not None:  # the grammar alone decides what may come next, its end included
+            allowed = self.matcher.allowed(vocab)
+        elif len(self.out) < self.params.min_tokens:
             banned = tuple(sorted(ending | set(self.params.stop_token_ids)))
-        return RowSampling(self.params, self.generator, self.history, banned)
+        return RowSampling(self.params, self.generator, self.history, banned, allowed)
 
     def emit_text(self, text: str) -> None:
         """A delta with the text and every log-probability not yet sent (held back while there is no text)."""
@@ -187,6 +191,7 @@ class Engine:
                                     cuda_graphs=cfg.cuda_graphs)
         self.cache = AdapterCache(cfg.core_slots, cfg.lr_slots)
         self.eos_ids = self._eos_ids()
+        self.grammars = Grammars(self.tokenizer, base.model.config.vocab_size)  # structured output's constraints
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
@@ -596,7 +601,9 @@ class Engine:
         for req in reqs:
             if req.params.penalized:
                 req.history = TokenHistory(req.prompt, logits.shape[-1])
-        rows = [r.sampling(self.eos_ids) for r in reqs]
+            if req.params.grammar is not None:
+                req.matcher = self.grammars.matcher(req.params.grammar)
+        rows = [r.sampling(self.eos_ids, logits.shape[-1]) for r in reqs]
         tokens = sample_batch(logits, rows)
         now = time.monotonic()
         for req, tok, lp in zip(reqs, tokens, logprobs_of(logits, rows, tokens)):
@@ -617,7 +624,7 @@ class Engine:
         positions = torch.tensor(pos, device=device)
         mp = self.runner.mapping([r.core_slot for r in live], [r.lr_slot for r in live])
         logits = self.runner.decode(tokens, positions, mp, context=max(pos) + 1)
-        rows = [r.sampling(self.eos_ids) for r in live]
+        rows = [r.sampling(self.eos_ids, logits.shape[-1]) for r in live]
         tokens = sample_batch(logits, rows)  # every row at once, one transfer
         for req, tok, lp in zip(live, tokens, logprobs_of(logits, rows, tokens)):
             if req.finish_reason is None:
@@ -632,9 +639,15 @@ class Engine:
         if req.cancelled:
             req.finish_reason = "cancelled"
             return
-        if (tok in self.eos_ids and not req.params.ignore_eos) or tok in req.params.stop_token_ids:
+        if (tok in self.eos_ids and (not req.params.ignore_eos or req.matcher is not None)) or tok in req.params.stop_token_ids:
             self._finish(req, "stop")
             return
+        if req.matcher is not None:
+            try:
+                req.matcher.advance(tok)
+            except GrammarError as exc:  # this request's alone: the rest of the batch goes on
+                self._finish(req, error=EngineError(f"structured output failed: {exc}"))
+                return
         req.out.append(tok)
         if req.history is not None:
             req.history.add(tok)
@@ -643,7 +656,7 @@ class Engine:
         self.counters["completion_tokens"] += 1
         delta, hit_stop = req.detok.add(tok)
         req.emit_text(delta)
-        if hit_stop:
+        if hit_stop or (req.matcher is not None and req.matcher.done):
             self._finish(req, "stop")
         elif len(req.out) >= req.params.max_tokens or len(req.prompt) + len(req.out) >= self.config.max_seq_len:
             self._finish(req, "length")

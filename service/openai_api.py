@@ -7,7 +7,8 @@ api_key=<tenant key>); errors come in OpenAI's error shape with OpenAI's statuse
 Supported: prompt (a string, or a list of one string; tokenized as is, no chat template), messages (chat
 template applied; text content parts are joined), max_tokens / max_completion_tokens, temperature (default 1,
 as OpenAI's), top_p, seed, stop, presence_penalty, frequency_penalty, logit_bias, vLLM's top_k, min_p,
-repetition_penalty, stop_token_ids, ignore_eos and min_tokens, logprobs (completions: 0–20 alternatives; chat:
+repetition_penalty, stop_token_ids, ignore_eos and min_tokens, response_format (json_object, json_schema) and
+vLLM's guided_json / guided_regex / guided_choice (service/structured.py), logprobs (completions: 0–20 alternatives; chat:
 logprobs + top_logprobs), n (each choice its own batch row; choice i seeded with seed + i), stream (server-sent
 events, `data: [DONE]` at the end) with stream_options.include_usage. Parameters this server cannot honour
 (echo, best_of > 1, suffix, tools, …) are refused with 400 instead of being silently ignored; `user`,
@@ -33,6 +34,7 @@ from service import engine as eng
 from service.auth import Auth, TenantCaller, app_auth, max_tokens_for
 from service.errors import ApiError, engine_error_status, openai_error_body
 from service import logprobs as logprob_shapes
+from service import structured
 from service.sampling import MAX_LOGPROBS
 from service.schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, SamplingControls
 from svd_adapters.log import get_logger
@@ -117,7 +119,6 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -126,8 +127,6 @@ class ChatCompletionRequest(_Common):
         out = super().unsupported()
         if self.top_logprobs is not None and not self.logprobs:
             out.append(("top_logprobs", "top_logprobs needs logprobs: true"))
-        if self.response_format and self.response_format.get("type") != "text":
-            out.append(("response_format", "only response_format {\"type\": \"text\"} is supported"))
         if self.tools:
             out.append(("tools", "tools (function calling) are not supported"))
         if self.tool_choice not in (None, "none"):
@@ -206,14 +205,14 @@ async def _adapter_of(request: Request, caller: Any, model: str) -> tuple[str | 
     return model, version
 
 
-def _params(body: _Common, stops: list[str], max_tokens: int, logprobs: int | None) -> eng.SamplingParams:
+def _params(body: _Common, stops: list[str], max_tokens: int, logprobs: int | None, grammar: str | None) -> eng.SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
     if top_p == 0.0:  # nucleus of mass 0: the most likely token, i.e. greedy
         temperature, top_p = 0.0, 1.0
     seed = None if body.seed is None else body.seed % SEED_MODULUS
     return eng.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stops,
-                              logprobs=logprobs, **body.sampling_controls())
+                              logprobs=logprobs, grammar=grammar, **body.sampling_controls())
 
 
 def _usage(results: list[eng.GenerationResult]) -> dict[str, int]:
@@ -353,7 +352,8 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
     explicit = body.max_tokens is not None
     max_tokens = max_tokens_for(caller, body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, explicit)
     prompt_ids = await run_in_threadpool(engine.encode_prompt, prompt, None, True)
-    choices = _choices(_params(body, stops, max_tokens, body.logprobs), body.n or 1)
+    grammar = await structured.grammar_for(engine.grammars, body.constraint(), structured.constraint_param(body))
+    choices = _choices(_params(body, stops, max_tokens, body.logprobs, grammar), body.n or 1)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     fingerprint = request.app.state.factors.fingerprint
     texts = logprob_shapes.token_texts(request)
@@ -397,7 +397,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
         max_tokens = max_tokens_for(caller, max(1, engine.config.max_seq_len - len(prompt_ids)), explicit=False)
     else:
         max_tokens = max_tokens_for(caller, requested, explicit=True, param=param)
-    params = _params(body, stops, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    grammar = await structured.grammar_for(engine.grammars, body.constraint(), structured.constraint_param(body))
+    params = _params(body, stops, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, grammar)
     choices = _choices(params, body.n or 1)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     fingerprint = request.app.state.factors.fingerprint

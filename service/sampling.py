@@ -37,6 +37,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # tokens that end the generation like EOS (not in the text)
     ignore_eos: bool = False  # go on past EOS (up to max_tokens), as vLLM's benchmarks do
     min_tokens: int = 0  # EOS and stop_token_ids cannot be chosen before this many tokens
+    grammar: str | None = None  # a compiled structured-output constraint (service/structured.py); None = free text
 
     @property
     def greedy(self) -> bool:
@@ -94,11 +95,12 @@ class RowSampling:
     generator: torch.Generator | None = None
     history: TokenHistory | None = None
     banned: tuple[int, ...] = ()  # tokens this step may not choose (ending tokens before min_tokens)
+    allowed: torch.Tensor | None = None  # the only tokens this step may choose (a grammar's), packed: see structured.py
 
 
 def sample_batch(logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
     """One token per row of `logits` (rows × vocab), each by its own row's parameters."""
-    adjusted = any(r.params.penalized or r.params.logit_bias or r.banned for r in rows)
+    adjusted = any(r.params.penalized or r.params.logit_bias or r.banned or r.allowed is not None for r in rows)
     if not adjusted and all(r.params.greedy for r in rows):
         return torch.argmax(logits, dim=-1).tolist()  # the common case: one op, one transfer
     if adjusted:  # on a float32 copy: the caller's logits are never written
@@ -185,7 +187,18 @@ def _apply_bias(x: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
             x[i, ids] += torch.tensor(list(r.params.logit_bias.values()), device=x.device)
         if r.banned:
             x[i, torch.tensor(r.banned, device=x.device)] = float("-inf")
+    bound = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if bound:  # every constrained row's grammar mask unpacked at once
+        words = torch.stack([rows[i].allowed for i in bound]).to(x.device)
+        idx = _at(bound, x.device)
+        x[idx] = x.index_select(0, idx).masked_fill_(~unpack_bitmask(words, x.shape[1]), float("-inf"))
     return x
+
+
+def unpack_bitmask(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Packed int32 words (rows, words) — bit j of word w: token 32·w + j — as a (rows, vocab) bool mask."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    return ((bits[..., None] >> shifts) & 1).bool().flatten(-2)[..., :vocab_size]
 
 
 def _uniform(generator: torch.Generator | None) -> torch.Tensor:

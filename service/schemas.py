@@ -6,6 +6,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapters_store.records import ID_PATTERN, AdapterRecord
+from service.structured import Constraint
 
 # Hard ceilings independent of the server's settings; the engine enforces prompt + max_tokens ≤ max_seq_len.
 MAX_TOKENS_CEILING = 1 << 16
@@ -36,6 +37,30 @@ class ChatMessage(BaseModel):
 
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
 MAX_STOP_TOKEN_IDS = 64
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema the output must follow")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: free text, any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("give 'json_schema' exactly when type is 'json_schema'")
+        return self
 
 
 class SamplingControls(BaseModel):
@@ -81,6 +106,39 @@ class SamplingControls(BaseModel):
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values are in [-100, 100], got {bias} for token {key}")
         return v
+
+    response_format: ResponseFormat | None = Field(
+        default=None, description="OpenAI's: {type: json_object} or {type: json_schema, json_schema: {schema}}"
+    )
+    guided_json: dict[str, Any] | None = Field(default=None, description="vLLM's: a JSON schema the output follows")
+    guided_regex: str | None = Field(default=None, description="vLLM's: a regular expression the output matches")
+    guided_choice: list[str] | None = Field(
+        default=None, min_length=1, description="vLLM's: the output is exactly one of these strings"
+    )
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> "SamplingControls":
+        given = [n for n in ("guided_json", "guided_regex", "guided_choice") if getattr(self, n) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise ValueError(f"give at most one output constraint, got {', '.join(given)}")
+        return self
+
+    def constraint(self) -> Constraint | None:
+        """The structured-output constraint asked for, if any."""
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            return Constraint("json_object")
+        if rf is not None and rf.type == "json_schema":
+            return Constraint("json_schema", rf.json_schema.schema_)
+        if self.guided_json is not None:
+            return Constraint("json_schema", self.guided_json)
+        if self.guided_regex is not None:
+            return Constraint("regex", self.guided_regex)
+        if self.guided_choice is not None:
+            return Constraint("choice", list(self.guided_choice))
+        return None
 
     def sampling_controls(self) -> dict[str, Any]:
         """Keyword arguments for SamplingParams (defaults where unset)."""

@@ -551,3 +551,29 @@ async def test_tokenize_and_detokenize(serve, store):
         assert msgs["count"] == (await gen(client, messages=CHAT, max_tokens=1)).json()["usage"]["prompt_tokens"]
         assert_error(await client.post("/detokenize", json={"tokens": [5, 259]}), 400, "invalid_request", "vocabulary of 259")
         assert_error(await client.post("/tokenize", json={"raw": True}), 422, "validation_error", "exactly one")
+
+
+async def test_structured_output_through_generate(serve, store, make_blob):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    async with serve(store) as client:
+        assert (await upload(client, make_blob("loraxs", rank=4, scale=20.0), "fmt")).status_code == 201
+        rf = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+        for adapter in (None, "fmt"):
+            done = (await gen(client, adapter_id=adapter, prompt=PROMPT, max_tokens=40, response_format=rf)).json()
+            value = json.loads(done["text"])
+            assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and 1 <= value["n"] <= 9
+            assert done["finish_reason"] == "stop"
+        obj = (await gen(client, prompt=PROMPT, raw=True, max_tokens=100, response_format={"type": "json_object"},
+                         temperature=1.0, seed=4)).json()
+        assert obj["text"].startswith("{")  # any JSON object: complete unless max_tokens cut it
+        assert obj["finish_reason"] == "length" or isinstance(json.loads(obj["text"]), dict)
+        pick = (await gen(client, prompt=PROMPT, max_tokens=10, guided_choice=["alpha", "beta"])).json()
+        assert pick["text"] in ("alpha", "beta")
+        assert_error(await gen(client, prompt=PROMPT, guided_regex="(unclosed"), 400, "invalid_output_constraint",
+                     "guided_regex")
+        bad_schema = {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}
+        assert_error(await gen(client, prompt=PROMPT, response_format=bad_schema), 400, "invalid_output_constraint",
+                     "response_format")
+        assert_error(await gen(client, prompt=PROMPT, guided_regex="a", guided_choice=["a"]), 422, "validation_error",
+                     "at most one output constraint")

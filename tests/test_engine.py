@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import copy
 
 import pytest
@@ -412,3 +414,40 @@ def test_engine_ignore_eos_min_tokens_and_stop_token_ids(engine, tiny_base):
         asyncio.run(engine.generate(prompt, None, SamplingParams(max_tokens=2, min_tokens=3)))
     with pytest.raises(InvalidRequest, match="stop_token_ids"):
         asyncio.run(engine.generate(prompt, None, SamplingParams(max_tokens=2, stop_token_ids=[10**6])))
+
+
+def test_structured_output_follows_schemas_regexes_and_choices_in_a_shared_batch(engine, tiny_base):
+    from service.structured import Constraint, GrammarError
+
+    prompt = engine.encode_prompt("answer in the required format")
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["answer", "n"], "additionalProperties": False}
+    constraints = {
+        "schema": Constraint("json_schema", schema),
+        "regex": Constraint("regex", r"(yes|no), [0-9]{2}"),
+        "choice": Constraint("choice", ["red", "green", "blue"]),
+    }
+    grammars = {k: engine.grammars.compile(c) for k, c in constraints.items()}
+
+    async def run():
+        free = engine.generate(prompt, None, SamplingParams(max_tokens=12))
+        bound = [engine.generate(prompt, None, SamplingParams(max_tokens=60, grammar=g, temperature=t, seed=1))
+                 for g in grammars.values() for t in (0.0, 1.0)]
+        return await asyncio.gather(free, *bound)
+
+    free, *bound = asyncio.run(run())
+    # the unconstrained row in the same batch is untouched by the others' masks
+    assert free.token_ids == reference_greedy(tiny_base, None, None, prompt, 12, engine.eos_ids)
+    for (kind, _), res in zip([(k, t) for k in grammars for t in (0, 1)], bound):
+        assert res.finish_reason == "stop", (kind, res.text)
+        if kind == "schema":
+            value = json.loads(res.text)
+            assert set(value) == {"answer", "n"} and value["answer"] in ("yes", "no") and 0 <= value["n"] <= 99
+        elif kind == "regex":
+            assert re.fullmatch(r"(yes|no), [0-9]{2}", res.text), res.text
+        else:
+            assert res.text in ("red", "green", "blue")
+    for bad in (Constraint("regex", "(unclosed"), Constraint("json_schema", {"type": "nonsense"}), Constraint("choice", [])):
+        with pytest.raises(GrammarError):
+            engine.grammars.compile(bad)

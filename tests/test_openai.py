@@ -6,6 +6,7 @@ HTTP to 127.0.0.1 exactly as it would talk to api.openai.com.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -250,6 +251,26 @@ def test_n_choices_each_seeded_with_seed_plus_index_streamed_or_not(client, live
             for c in chunk.choices:
                 streamed[c.index] += c.text
     assert streamed == {0: greedy.choices[0].text, 1: greedy.choices[1].text}
+
+
+def test_structured_output_response_format_and_vllm_guided_params(client, live):
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green"]}, "sure": {"type": "boolean"}},
+              "required": ["colour", "sure"], "additionalProperties": False}
+    chat = client.chat.completions.create(
+        model="strong", messages=CHAT, max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema, "strict": True}})
+    value = json.loads(chat.choices[0].message.content)
+    assert value["colour"] in ("red", "green") and isinstance(value["sure"], bool)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="strong", messages=CHAT, max_tokens=40, temperature=0, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}) if c.choices)
+    assert streamed == chat.choices[0].message.content
+    done = client.completions.create(model="strong", prompt=PROMPT, max_tokens=10, temperature=0,
+                                     extra_body={"guided_regex": "[a-c]{3}-[0-9]"})
+    assert re.fullmatch("[a-c]{3}-[0-9]", done.choices[0].text)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model="strong", prompt=PROMPT, max_tokens=4, extra_body={"guided_regex": "("})
+    assert exc.value.param == "guided_regex" and exc.value.code == "invalid_output_constraint"
 
 
 def test_completion_stream_concatenates_to_the_full_text(client, live):

@@ -135,3 +135,16 @@ def test_inverse_cdf_never_picks_a_zero_weight_token_even_at_the_ends():
         for u in (0.0, 1e-12, 0.5, 1 - 2 ** -52):
             picked = sampling._invert(w, torch.full((16,), u, dtype=torch.float64))
             assert (w.gather(1, picked[:, None]) > 0).all(), (width, u)
+
+
+def test_packed_grammar_masks_unpack_bit_by_bit_and_only_allowed_tokens_win():
+    words = torch.tensor([[1 - (1 << 31), 0, 4], [0, -1, 0]], dtype=torch.int32)  # bit 31: a negative word
+    mask = sampling.unpack_bitmask(words, 70)
+    assert mask.shape == (2, 70)
+    assert mask[0].nonzero()[:, 0].tolist() == [0, 31, 66]
+    assert mask[1].nonzero()[:, 0].tolist() == list(range(32, 64))
+    logits = torch.randn(2, 70)
+    logits[0, 5] = logits[1, 5] = 50.0  # the favourite is not allowed
+    got = sample_batch(logits, [RowSampling(SamplingParams(), allowed=words[0]),
+                                RowSampling(SamplingParams(temperature=1.0), torch.Generator().manual_seed(0), allowed=words[1])])
+    assert got[0] == [0, 31, 66][int(logits[0, [0, 31, 66]].argmax())] and 32 <= got[1] < 64
