@@ -106,6 +106,11 @@ def sampler_table(logits: torch.Tensor, reps: int, tokenizer) -> list[dict]:
                     h.add((t * 7919) % 150 + 1000 * i)
         rows = [RowSampling(p, gens[i] if not p.greedy else None, hists[i] if hists else None) for i in range(rows_n)]
         new = timed(lambda: sample_batch(logits, rows), reps)
+        old = None
+        if not p.penalized and not p.top_k and not p.min_p:  # what the old sampler could do at all
+            old = timed(lambda: [per_row_sample(logits[i], p, gens[i]) for i in range(rows_n)], max(3, reps // 4))
+        results.append({"config": name, "batched_ms": round(new, 3), "per_row_ms": None if old is None else round(old, 3),
+                        "speedup": None if old is None else round(old / new, 1)})
         if name == "greedy":  # the same rows held to a JSON schema: each step's masks from the grammar, then the choice
             grammars = Grammars(tokenizer, vocab)
             grammar = grammars.compile(Constraint("json_schema", SCHEMA))
@@ -117,11 +122,6 @@ def sampler_table(logits: torch.Tensor, reps: int, tokenizer) -> list[dict]:
                                reps)
             results.append({"config": "greedy, JSON schema (grammar masks included)", "batched_ms": round(structured, 3),
                             "per_row_ms": None, "speedup": None})
-        old = None
-        if not p.penalized and not p.top_k and not p.min_p:  # what the old sampler could do at all
-            old = timed(lambda: [per_row_sample(logits[i], p, gens[i]) for i in range(rows_n)], max(3, reps // 4))
-        results.append({"config": name, "batched_ms": round(new, 3), "per_row_ms": None if old is None else round(old, 3),
-                        "speedup": None if old is None else round(old / new, 1)})
     return results
 
 
