@@ -402,7 +402,7 @@ def create_app(
         grammar = await structured.grammar_for(engine.grammars, body.constraint(), structured.constraint_param(body))
         params = eng.SamplingParams(
             max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list(),
-            logprobs=body.logprobs, grammar=grammar, **body.sampling_controls(),
+            logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs, grammar=grammar, **body.sampling_controls(),
         )
         texts = logprob_shapes.token_texts(request)
         if body.stream:
@@ -452,6 +452,7 @@ def _response_of(result: eng.GenerationResult, adapter_id: str | None, texts: lo
             total_tokens=result.prompt_tokens + result.completion_tokens,
         ),
         logprobs=None if result.logprobs is None else logprob_shapes.native(result.logprobs, texts),
+        prompt_logprobs=None if result.prompt_logprobs is None else logprob_shapes.native(result.prompt_logprobs, texts),
     )
 
 

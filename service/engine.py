@@ -30,7 +30,7 @@ from service.adapter_cache import AdapterCache
 from service.detokenize import Detokenizer
 from service.structured import GrammarError, Grammars, Matcher
 from service.sampling import (MAX_LOGPROBS, RowSampling, SamplingParams, TokenHistory, TokenLogprob, logprobs_of,
-                              sample_batch)
+                              prompt_logprobs_of, sample_batch)
 from svd_adapters.adapter import Adapter
 from svd_adapters.base_model import BaseModel
 from svd_adapters.factors import BaseFactors
@@ -122,6 +122,7 @@ class GenerationResult:
     adapter_id: str | None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when the request asked for them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None first), when asked
 
 
 @dataclass
@@ -150,6 +151,7 @@ class _Request:
     out: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     logprobs_sent: int = 0  # entries of logprobs already streamed
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     core_slot: int = 0
     lr_slot: int = 0
     cancelled: bool = False
@@ -402,8 +404,10 @@ class Engine:
             raise InvalidRequest(f"min_tokens must be between 0 and max_tokens ({params.max_tokens}), got {params.min_tokens}")
         if params.top_k < 0 or not 0.0 < params.top_p <= 1.0 or not 0.0 <= params.min_p <= 1.0 or params.repetition_penalty <= 0:
             raise InvalidRequest("top_k must be ≥ 0, top_p in (0, 1], min_p in [0, 1] and repetition_penalty > 0")
-        if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
-            raise InvalidRequest(f"logprobs asks for 0 to {MAX_LOGPROBS} alternatives per token, got {params.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise InvalidRequest(f"{name} asks for 0 to {MAX_LOGPROBS} alternatives per token, got {k}")
 
     def _notify(self) -> None:
         with self._cond:
@@ -594,9 +598,15 @@ class Engine:
         t0 = time.perf_counter()
         start = len(self._active)
         rows = list(range(start, start + len(reqs)))
+        scored = [i for i, r in enumerate(reqs) if r.params.prompt_logprobs is not None]
         logits = self.runner.prefill(
-            [r.prompt for r in reqs], rows, [r.core_slot for r in reqs], [r.lr_slot for r in reqs]
+            [r.prompt for r in reqs], rows, [r.core_slot for r in reqs], [r.lr_slot for r in reqs], keep_hidden=bool(scored)
         )
+        for i in scored:  # every position's logits only for the prompts that are scored
+            req = reqs[i]
+            req.prompt_logprobs = prompt_logprobs_of(self.runner.position_logits(i, len(req.prompt)), req.prompt,
+                                                     req.params.prompt_logprobs)
+        self.runner.last_hidden = None
         self._active.extend(reqs)
         for req in reqs:
             if req.params.penalized:
@@ -673,7 +683,8 @@ class Engine:
         req.emit_text(req.detok.finish())
         self.counters["finished"] += 1
         req.emit("done", GenerationResult(req.detok.text, reason, len(req.prompt), len(req.out), req.adapter_id, list(req.out),
-                                          req.logprobs if req.params.logprobs is not None else None))
+                                          req.logprobs if req.params.logprobs is not None else None,
+                                          req.prompt_logprobs))
         for obs in self.observers:
             obs.on_finish(reason, len(req.out), req.method)
 

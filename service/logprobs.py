@@ -34,8 +34,9 @@ def token_texts(request) -> TokenTexts:
     return st.token_texts
 
 
-def native(entries: list[TokenLogprob], text: TokenTexts) -> list[dict[str, Any]]:
+def native(entries: list[TokenLogprob | None], text: TokenTexts) -> list[dict[str, Any] | None]:
     return [
+        None if e is None else
         {"token_id": e.token, "token": text(e.token), "logprob": e.logprob,
          "top_logprobs": [{"token_id": t, "token": text(t), "logprob": v} for t, v in e.top]}
         for e in entries
@@ -51,16 +52,20 @@ def chat(entries: list[TokenLogprob], text: TokenTexts) -> dict[str, Any]:
             "refusal": None}
 
 
-def completion(entries: list[TokenLogprob], text: TokenTexts, offset: int = 0) -> dict[str, Any]:
-    """`offset`: where the first entry's text starts in the completion (a stream's chunks go on from the last)."""
-    tokens = [text(e.token) for e in entries]
+def completion(entries: list[TokenLogprob], text: TokenTexts, offset: int = 0,
+               prompt: list[int] | None = None, prompt_entries: list[TokenLogprob | None] | None = None) -> dict[str, Any]:
+    """`offset`: where the first entry's text starts in the completion (a stream's chunks go on from the last).
+    With `prompt` (echo): the prompt's tokens first, from offset 0, with `prompt_entries` (None for the first)."""
+    ids = list(prompt or []) + [e.token for e in entries]
+    scored: list[TokenLogprob | None] = list(prompt_entries or [None] * len(prompt or [])) + list(entries)
+    tokens = [text(t) for t in ids]
     offsets = []
     for s in tokens:
         offsets.append(offset)
         offset += len(s)
     return {
         "tokens": tokens,
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{text(t): v for t, v in e.top} for e in entries],
+        "token_logprobs": [None if e is None else e.logprob for e in scored],
+        "top_logprobs": [None if e is None else {text(t): v for t, v in e.top} for e in scored],
         "text_offset": offsets,
     }

@@ -8,10 +8,11 @@ Supported: prompt (a string, or a list of one string; tokenized as is, no chat t
 template applied; text content parts are joined), max_tokens / max_completion_tokens, temperature (default 1,
 as OpenAI's), top_p, seed, stop, presence_penalty, frequency_penalty, logit_bias, vLLM's top_k, min_p,
 repetition_penalty, stop_token_ids, ignore_eos and min_tokens, response_format (json_object, json_schema) and
-vLLM's guided_json / guided_regex / guided_choice (service/structured.py), logprobs (completions: 0–20 alternatives; chat:
-logprobs + top_logprobs), n (each choice its own batch row; choice i seeded with seed + i), stream (server-sent
-events, `data: [DONE]` at the end) with stream_options.include_usage. Parameters this server cannot honour
-(echo, best_of > 1, suffix, tools, …) are refused with 400 instead of being silently ignored; `user`,
+vLLM's guided_json / guided_regex / guided_choice (service/structured.py), logprobs (completions: 0–20
+alternatives, with echo the prompt's tokens scored too — what evaluation harnesses ask for a likelihood; chat:
+logprobs + top_logprobs), echo, n (each choice its own batch row; choice i seeded with seed + i), stream
+(server-sent events, `data: [DONE]` at the end) with stream_options.include_usage. Parameters this server cannot
+honour (best_of > 1, suffix, tools, …) are refused with 400 instead of being silently ignored; `user`,
 `metadata`, `store` are accepted and ignored.
 """
 from __future__ import annotations
@@ -90,8 +91,8 @@ class CompletionRequest(_Common):
         out = super().unsupported()
         if isinstance(self.prompt, list) and len(self.prompt) != 1:
             out.append(("prompt", f"prompt must be a string or a list of exactly one string, got a list of {len(self.prompt)}"))
-        if self.echo:
-            out.append(("echo", "echo is not supported"))
+        if self.echo and self.stream and self.logprobs is not None:
+            out.append(("echo", "echo with logprobs is answered whole, not streamed; drop stream or logprobs"))
         if self.best_of not in (None, 1):
             out.append(("best_of", "only best_of=1 is supported"))
         if self.suffix:
@@ -353,17 +354,25 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
     max_tokens = max_tokens_for(caller, body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, explicit)
     prompt_ids = await run_in_threadpool(engine.encode_prompt, prompt, None, True)
     grammar = await structured.grammar_for(engine.grammars, body.constraint(), structured.constraint_param(body))
-    choices = _choices(_params(body, stops, max_tokens, body.logprobs, grammar), body.n or 1)
+    params = _params(body, stops, max_tokens, body.logprobs, grammar)
+    if body.echo and body.logprobs is not None:  # the echoed prompt's tokens are scored too
+        params = replace(params, prompt_logprobs=body.logprobs)
+    choices = _choices(params, body.n or 1)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     fingerprint = request.app.state.factors.fingerprint
     texts = logprob_shapes.token_texts(request)
-    offsets = [0] * len(choices)  # where each choice's next streamed tokens start in its text
+    echoed = prompt if body.echo else ""
+    offsets = [len(echoed)] * len(choices)  # where each choice's next streamed tokens start in its text
 
-    def choice(i: int, text: str, finish: str | None, entries: list[eng.TokenLogprob] | None = None) -> dict[str, Any]:
+    def choice(i: int, text: str, finish: str | None, entries: list[eng.TokenLogprob] | None = None,
+               prompt_entries: list[eng.TokenLogprob | None] | None = None) -> dict[str, Any]:
         lp = None
         if entries is not None and body.logprobs is not None:
-            lp = logprob_shapes.completion(entries, texts, offsets[i])
-            offsets[i] += sum(len(t) for t in lp["tokens"])
+            if prompt_entries is not None:  # echo: the prompt's tokens first, from the text's start
+                lp = logprob_shapes.completion(entries, texts, 0, prompt_ids, prompt_entries)
+            else:
+                lp = logprob_shapes.completion(entries, texts, offsets[i])
+                offsets[i] += sum(len(t) for t in lp["tokens"])
         return {"index": i, "text": text, "finish_reason": finish, "logprobs": lp}
 
     def envelope(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -373,8 +382,9 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         streams = [engine.stream(prompt_ids, adapter_id, p, version) for p in choices]
+        opening = [envelope([choice(i, echoed, None)]) for i in range(len(choices))] if body.echo else []
         return await _sse(
-            streams, [],
+            streams, opening,
             lambda i, d: envelope([choice(i, d.text, None, d.logprobs)]),
             lambda i, result: envelope([choice(i, "", result.finish_reason)]),
             lambda results: [envelope([], usage=_usage(results))] if include_usage else [],
@@ -382,7 +392,8 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
     results = await _run(request, engine, prompt_ids, adapter_id, choices, version)
     if results is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return envelope([choice(i, r.text, r.finish_reason, r.logprobs) for i, r in enumerate(results)], usage=_usage(results))
+    return envelope([choice(i, echoed + r.text, r.finish_reason, r.logprobs, r.prompt_logprobs)
+                     for i, r in enumerate(results)], usage=_usage(results))
 
 
 @router.post("/chat/completions", summary="OpenAI-compatible chat completion (the base model's chat template)")

@@ -38,6 +38,7 @@ class SamplingParams:
     ignore_eos: bool = False  # go on past EOS (up to max_tokens), as vLLM's benchmarks do
     min_tokens: int = 0  # EOS and stop_token_ids cannot be chosen before this many tokens
     grammar: str | None = None  # a compiled structured-output constraint (service/structured.py); None = free text
+    prompt_logprobs: int | None = None  # also each prompt token's log-probability given the tokens before it
 
     @property
     def greedy(self) -> bool:
@@ -136,6 +137,17 @@ def logprobs_of(logits: torch.Tensor, rows: list[RowSampling], tokens: list[int]
         n = rows[i].params.logprobs
         out[i] = TokenLogprob(tokens[i], chosen[j], list(zip(top_ids[j][:n], top_vals[j][:n])))
     return out
+
+
+def prompt_logprobs_of(logits: torch.Tensor, prompt: list[int], k: int) -> list[TokenLogprob | None]:
+    """Each prompt token's log-probability given the tokens before it, with k top alternatives, from the logits
+    (len(prompt), V) of every prompt position; None for the first token, which nothing predicts."""
+    lp = torch.log_softmax(logits[:-1].float(), dim=-1)
+    nxt = torch.tensor(prompt[1:], device=lp.device)
+    chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
+    top_vals, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    return [None] + [TokenLogprob(t, c, list(zip(i, v))) for t, c, i, v in zip(prompt[1:], chosen, top_ids, top_vals)]
 
 
 def _at(indices: list[int], device: torch.device) -> torch.Tensor:

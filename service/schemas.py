@@ -186,6 +186,11 @@ class GenerateRequest(SamplingControls):
         description="report each generated token's log-probability under the model and this many most likely "
         "alternatives (0–20); null = none",
     )
+    prompt_logprobs: int | None = Field(
+        default=None, ge=0, le=20,
+        description="also report each prompt token's log-probability given the tokens before it (the first: null), "
+        "with this many alternatives (0–20): a prompt's likelihood under the adapter",
+    )
     stream: bool = Field(
         default=False,
         description="answer as server-sent events: 'delta' events {\"text\": …, \"logprobs\": [...] when asked} as "
@@ -241,6 +246,9 @@ class GenerateResponse(BaseModel):
     usage: Usage
     logprobs: list[TokenLogprobInfo] | None = Field(
         default=None, description="one entry per generated token, when the request set 'logprobs'"
+    )
+    prompt_logprobs: list[TokenLogprobInfo | None] | None = Field(
+        default=None, description="one entry per prompt token (null for the first), when the request set 'prompt_logprobs'"
     )
 
 

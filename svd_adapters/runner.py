@@ -123,6 +123,7 @@ class BatchedRunner(nn.Module):
         shape = (max_batch, self.n_kv, max_seq_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in self.layers]
+        self.last_hidden: torch.Tensor | None = None  # see prefill(keep_hidden=True)
         # On a GPU, decode steps replay captured graphs (launching a step's kernels one by one from Python
         # costs more than running them); `cuda_graphs=False` runs them eagerly.
         self.graphs = (DecodeGraphs(self._decode_step, max_batch, max_seq_len, self.device)
@@ -247,9 +248,12 @@ class BatchedRunner(nn.Module):
     @torch.inference_mode()
     def prefill(
         self, prompts: list[list[int]], rows: list[int], core_slots: list[int], lr_slots: list[int],
-        all_logits: bool = False,
+        all_logits: bool = False, keep_hidden: bool = False,
     ) -> torch.Tensor:
-        """Run new requests' prompts into KV rows `rows`; returns last-token logits (P, V) or all (P, L, V)."""
+        """Run new requests' prompts into KV rows `rows`; returns last-token logits (P, V) or all (P, L, V).
+
+        With `keep_hidden`, the final hidden states (P, L, H) stay in `last_hidden` until the next prefill, so
+        the logits of chosen prompts' every position (`position_logits`) cost nothing for the others."""
         P, L = len(prompts), max(len(p) for p in prompts)
         if L > self.max_seq_len:
             raise ValueError(f"prompt of {L} tokens exceeds max_seq_len {self.max_seq_len}")
@@ -274,6 +278,7 @@ class BatchedRunner(nn.Module):
             return o.transpose(1, 2).reshape(P * L, self.n_heads, self.head_dim)
 
         h = self._layers(x, mp, cos, sin, attend, self._gathered(mp, decode=False)).view(P, L, -1)
+        self.last_hidden = h if keep_hidden else None
         if all_logits:
             return self.lm_head(h)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
@@ -317,6 +322,12 @@ class BatchedRunner(nn.Module):
             return o.reshape(T, self.n_heads, self.head_dim)
 
         return self.logits(self._layers(x, mp, cos, sin, attend, rows))
+
+    def position_logits(self, i: int, n: int) -> torch.Tensor:
+        """Logits (n, V) at the first n positions of prompt i of the last prefill run with `keep_hidden`."""
+        if self.last_hidden is None:
+            raise RuntimeError("position_logits needs the last prefill to have run with keep_hidden=True")
+        return self.lm_head(self.last_hidden[i, :n])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """lm_head for one hidden state per row (through the skinny-GEMM kernel where it is faster)."""

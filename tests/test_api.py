@@ -214,7 +214,8 @@ async def test_generate_with_base_and_adapters(serve, store, make_blob):
         base = await gen(client, adapter_id=None, prompt=PROMPT)
         assert base.status_code == 200, base.text
         body = base.json()
-        assert set(body) == {"text", "adapter_id", "finish_reason", "usage", "logprobs"} and body["logprobs"] is None
+        assert set(body) == {"text", "adapter_id", "finish_reason", "usage", "logprobs", "prompt_logprobs"}
+        assert body["logprobs"] is None and body["prompt_logprobs"] is None
         assert body["adapter_id"] is None and isinstance(body["text"], str)
         assert body["finish_reason"] in ("stop", "length")
         usage = body["usage"]
@@ -307,6 +308,9 @@ async def test_logprobs_in_the_answer_and_in_the_stream(serve, store, make_blob)
                     elif event == "done":
                         final = data
         assert streamed == entries and final["logprobs"] == entries
+        scored = (await client.post("/generate", json={**body, "prompt_logprobs": 1})).json()
+        assert len(scored["prompt_logprobs"]) == scored["usage"]["prompt_tokens"] and scored["prompt_logprobs"][0] is None
+        assert all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 1 for e in scored["prompt_logprobs"][1:])
         assert_error(await client.post("/generate", json={**body, "logprobs": 21}), 422, "validation_error", "logprobs")
 
 

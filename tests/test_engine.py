@@ -451,3 +451,27 @@ def test_structured_output_follows_schemas_regexes_and_choices_in_a_shared_batch
     for bad in (Constraint("regex", "(unclosed"), Constraint("json_schema", {"type": "nonsense"}), Constraint("choice", [])):
         with pytest.raises(GrammarError):
             engine.grammars.compile(bad)
+
+
+def test_prompt_logprobs_score_every_prompt_token_under_its_adapter(engine, tiny_base, tiny_factors, adapters):
+    aid = next(a for a, ad in adapters.items() if ad.method == "loraxs")
+    prompts = [engine.encode_prompt("score this prompt"), engine.encode_prompt("and this other one, longer")]
+
+    async def run():
+        return await asyncio.gather(
+            engine.generate(prompts[0], None, SamplingParams(max_tokens=2, prompt_logprobs=2)),
+            engine.generate(prompts[1], aid, SamplingParams(max_tokens=2, prompt_logprobs=0)),
+            engine.generate(prompts[1], None, SamplingParams(max_tokens=4)),  # unscored, in the same prefill
+        )
+
+    scored_base, scored_adapter, plain = asyncio.run(run())
+    for res, prompt, adapter, k in ((scored_base, prompts[0], None, 2), (scored_adapter, prompts[1], adapters[aid], 0)):
+        with torch.no_grad():
+            ref = torch.log_softmax(merged_model(tiny_base, tiny_factors, adapter)(torch.tensor([prompt])).logits[0].double(), -1)
+        entries = res.prompt_logprobs
+        assert len(entries) == len(prompt) and entries[0] is None
+        for t, e in enumerate(entries[1:], start=1):
+            assert e.token == prompt[t] and abs(e.logprob - float(ref[t - 1, prompt[t]])) < 1e-4
+            assert [i for i, _ in e.top] == torch.topk(ref[t - 1], k).indices.tolist()
+    assert plain.prompt_logprobs is None
+    assert plain.token_ids == reference_greedy(tiny_base, None, None, prompts[1], 4, engine.eos_ids)

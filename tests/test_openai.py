@@ -273,6 +273,27 @@ def test_structured_output_response_format_and_vllm_guided_params(client, live):
     assert exc.value.param == "guided_regex" and exc.value.code == "invalid_output_constraint"
 
 
+def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(client, live):
+    plain = client.completions.create(model="strong", prompt=PROMPT, max_tokens=3, temperature=0)
+    # the lenient client: the SDK types token_logprobs as floats, while the first echoed token's is null (as OpenAI's
+    # legacy API and vLLM answer it)
+    lenient = openai.OpenAI(base_url=live.url + "/v1", api_key=live.keys["acme"], max_retries=0, timeout=60)
+    done = lenient.completions.create(model="strong", prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=1)
+    c = done.choices[0]
+    assert c.text == PROMPT + plain.choices[0].text
+    lp = c.logprobs
+    n_prompt = done.usage.prompt_tokens
+    assert len(lp.tokens) == n_prompt + done.usage.completion_tokens
+    assert "".join(lp.tokens[:n_prompt]) == PROMPT and lp.text_offset[0] == 0
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    with lenient:
+        streamed = "".join(ch.choices[0].text for ch in lenient.completions.create(
+            model="strong", prompt=PROMPT, max_tokens=3, temperature=0, echo=True, stream=True) if ch.choices)
+    assert streamed == c.text
+
+
 def test_completion_stream_concatenates_to_the_full_text(client, live):
     full = client.completions.create(model="strong", prompt=PROMPT, max_tokens=10, temperature=0)
     # Not strict here: the SDK types a streamed Completion's finish_reason as non-null, while OpenAI itself
@@ -375,7 +396,8 @@ def test_bad_parameters_are_bad_request(client, live, kwargs, param):
 
 
 def test_completion_specific_bad_parameters(client, live):
-    for kwargs in ({"prompt": ["a", "b"]}, {"echo": True}, {"logprobs": 21}, {"prompt": "x" * 600}):
+    for kwargs in ({"prompt": ["a", "b"]}, {"echo": True, "stream": True, "logprobs": 1}, {"logprobs": 21},
+                   {"prompt": "x" * 600}):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model=live.base_name, **{"prompt": PROMPT, "max_tokens": 4, **kwargs})
     with pytest.raises(openai.BadRequestError):
