@@ -214,6 +214,28 @@ class Auth:
                 {"Retry-After": str(seconds)},
             )
 
+    def charge_choices(self, caller: Caller, n: int) -> None:
+        """n choices of one request count as n requests against the tenant's rate limit (the request itself was
+        charged one by the middleware): a 429 when the bucket lacks the rest, a 400 when it never could hold them."""
+        rpm = caller.limits.requests_per_minute
+        if n <= 1 or caller.tenant is None or rpm is None:
+            return
+        capacity = self.limiter.capacity(rpm, caller.limits.burst)
+        if n > capacity:
+            raise ApiError(
+                400, "too_many_choices",
+                f"n: {n} choices count as {n} requests against tenant {caller.tenant!r}'s limit, which allows at most "
+                f"{capacity:g} at once; ask for at most {capacity:g} choices", param="n",
+            )
+        wait = self.limiter.take(caller.tenant, rpm, caller.limits.burst, cost=n - 1)
+        if wait is not None:
+            seconds = max(1, math.ceil(wait))
+            raise ApiError(
+                429, "rate_limited",
+                f"n: {n} choices count as {n} requests; tenant {caller.tenant!r} is over its limit of {rpm:g} requests "
+                f"per minute for them; retry in {seconds} s or ask for fewer choices", {"Retry-After": str(seconds)},
+            )
+
     # --- adapter ownership -----------------------------------------------------------------------------------
 
     def remember_owner(self, adapter_id: str, tenant: str | None) -> None:

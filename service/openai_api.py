@@ -346,8 +346,9 @@ CLIENT_CLOSED_REQUEST = 499
 
 @router.post("/completions", summary="OpenAI-compatible text completion (raw prompt, no chat template)")
 async def completions(request: Request, body: CompletionRequest, caller: TenantCaller) -> Any:
-    engine, _, _ = _the(request)
+    engine, _, auth = _the(request)
     stops = _check(body)
+    auth.charge_choices(caller, body.n or 1)
     adapter_id, version = await _adapter_of(request, caller, body.model)
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     explicit = body.max_tokens is not None
@@ -398,8 +399,9 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
 
 @router.post("/chat/completions", summary="OpenAI-compatible chat completion (the base model's chat template)")
 async def chat_completions(request: Request, body: ChatCompletionRequest, caller: TenantCaller) -> Any:
-    engine, _, _ = _the(request)
+    engine, _, auth = _the(request)
     stops = _check(body)
+    auth.charge_choices(caller, body.n or 1)
     adapter_id, version = await _adapter_of(request, caller, body.model)
     prompt_ids = await run_in_threadpool(engine.encode_prompt, None, body.chat(), False)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

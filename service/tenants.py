@@ -403,15 +403,19 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant → (tokens, last refill time)
         self._lock = threading.Lock()
 
-    def take(self, tenant: str, per_minute: float, burst: int | None = None) -> float | None:
+    @staticmethod
+    def capacity(per_minute: float, burst: int | None = None) -> float:
+        return float(burst if burst is not None else max(1, math.floor(per_minute)))
+
+    def take(self, tenant: str, per_minute: float, burst: int | None = None, cost: float = 1.0) -> float | None:
         rate = per_minute / 60.0
-        capacity = float(burst if burst is not None else max(1, math.floor(per_minute)))
+        capacity = self.capacity(per_minute, burst)
         now = self._clock()
         with self._lock:
             tokens, last = self._buckets.get(tenant, (capacity, now))
             tokens = min(capacity, tokens + (now - last) * rate)
-            if tokens >= 1.0:
-                self._buckets[tenant] = (tokens - 1.0, now)
+            if tokens >= cost:
+                self._buckets[tenant] = (tokens - cost, now)
                 return None
             self._buckets[tenant] = (tokens, now)
-            return (1.0 - tokens) / rate
+            return (cost - tokens) / rate

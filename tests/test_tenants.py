@@ -239,6 +239,21 @@ async def test_rate_limit_is_429_with_retry_after(serve, store):
         assert (await client.get("/adapters", headers=bearer(other))).status_code == 200  # other tenants unaffected
 
 
+async def test_n_choices_count_as_n_requests_against_the_rate_limit(serve, store, tiny_base):
+    async with serve(store, auth="on", admin_key=ADMIN) as client:
+        key = await new_tenant(client, "fanout", requests_per_minute=5)
+        body = {"model": tiny_base.name, "messages": CHAT, "max_tokens": 2}
+        e = err(await client.post("/v1/chat/completions", json={**body, "n": 6}, headers=bearer(key)), 400, "too_many_choices")
+        assert e["param"] == "n" and "at most 5" in e["message"]
+        ok = await client.post("/v1/chat/completions", json={**body, "n": 3}, headers=bearer(key))
+        assert ok.status_code == 200 and len(ok.json()["choices"]) == 3
+        # 1 + 3 charged so far (the refused request's one included): one left, so 2 choices are over
+        resp = await client.post("/v1/completions", json={"model": tiny_base.name, "prompt": PROMPT, "max_tokens": 2, "n": 2},
+                                 headers=bearer(key))
+        e = err(resp, 429, "rate_limited")
+        assert "2 choices count as 2 requests" in e["message"] and int(resp.headers["retry-after"]) >= 1
+
+
 async def test_max_tokens_limit(serve, store, tiny_base):
     async with serve(store, auth="on", admin_key=ADMIN) as client:
         key = await new_tenant(client, "brief", max_tokens=4)
