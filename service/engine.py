@@ -612,7 +612,10 @@ class Engine:
             if req.params.penalized:
                 req.history = TokenHistory(req.prompt, logits.shape[-1])
             if req.params.grammar is not None:
-                req.matcher = self.grammars.matcher(req.params.grammar)
+                try:
+                    req.matcher = self.grammars.matcher(req.params.grammar)
+                except Exception as exc:  # this request's alone (its grammar was checked at the API already)
+                    self._finish(req, error=InvalidRequest(f"the output constraint could not be set up: {exc}"))
         rows = [r.sampling(self.eos_ids, logits.shape[-1]) for r in reqs]
         tokens = sample_batch(logits, rows)
         now = time.monotonic()
@@ -621,7 +624,8 @@ class Engine:
             self.counters["prompt_tokens"] += len(req.prompt)
             for obs in self.observers:
                 obs.on_first_token(now - req.arrived, req.method, len(req.prompt))
-            self._accept_token(req, tok, lp)
+            if req.finish_reason is None:
+                self._accept_token(req, tok, lp)
         for obs in self.observers:
             obs.on_step("prefill", time.perf_counter() - t0, len(reqs))
 

@@ -101,7 +101,10 @@ class Matcher:
         """The tokens the grammar allows next, packed: int32 words, bit j of word w for token 32·w + j (the
         sampler unpacks every constrained row's words at once: `sampling.unpack_bitmask`)."""
         bits = llguidance.numpy.allocate_token_bitmask(1, vocab_size)
-        llguidance.numpy.fill_next_token_bitmask(self._m, bits, 0)
+        try:
+            llguidance.numpy.fill_next_token_bitmask(self._m, bits, 0)
+        except Exception:  # a matcher in error: no mask here; the next `advance` fails this request alone
+            bits[:] = -1
         return torch.from_numpy(bits[0])
 
     def advance(self, token: int) -> None:
