@@ -211,7 +211,7 @@ class Engine:
         self.accepting = False
         self.counters = {"requests": 0, "finished": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0,
                          "adapter_loads": 0, "adapter_load_errors": 0, "rejected_queue_full": 0, "timed_out": 0,
-                         "failed_at_shutdown": 0}
+                         "failed_at_shutdown": 0, "prefills_shared": 0}
         self._finished_at: deque[float] = deque(maxlen=256)  # monotonic finish times, for Retry-After estimates
         self.load_latencies: deque[float] = deque(maxlen=1000)
         self.step_latencies: deque[float] = deque(maxlen=1000)
@@ -598,15 +598,27 @@ class Engine:
         t0 = time.perf_counter()
         start = len(self._active)
         rows = list(range(start, start + len(reqs)))
-        scored = [i for i, r in enumerate(reqs) if r.params.prompt_logprobs is not None]
+        # Identical prompts on the same adapter (an API request's n choices, a client's retries) are run once: the
+        # others copy that row's cache and logits, which are the same numbers.
+        first: dict[tuple, int] = {}
+        source = [first.setdefault((r.core_slot, r.lr_slot, tuple(r.prompt)), len(first)) for r in reqs]
+        unique = [source.index(j) for j in range(len(first))]  # each distinct prompt's first request
+        scored = sorted({source[i] for i, r in enumerate(reqs) if r.params.prompt_logprobs is not None})
         logits = self.runner.prefill(
-            [r.prompt for r in reqs], rows, [r.core_slot for r in reqs], [r.lr_slot for r in reqs], keep_hidden=bool(scored)
+            [reqs[i].prompt for i in unique], [rows[i] for i in unique], [reqs[i].core_slot for i in unique],
+            [reqs[i].lr_slot for i in unique], keep_hidden=bool(scored),
         )
-        for i in scored:  # every position's logits only for the prompts that are scored
-            req = reqs[i]
-            req.prompt_logprobs = prompt_logprobs_of(self.runner.position_logits(i, len(req.prompt)), req.prompt,
-                                                     req.params.prompt_logprobs)
+        position_logits = {j: self.runner.position_logits(j, len(reqs[unique[j]].prompt)) for j in scored}
         self.runner.last_hidden = None
+        for i, req in enumerate(reqs):
+            j = source[i]
+            if unique[j] != i:
+                self.runner.move_row(rows[unique[j]], rows[i], len(req.prompt))
+                self.counters["prefills_shared"] += 1
+            if req.params.prompt_logprobs is not None:  # every position's logits only for the prompts scored
+                req.prompt_logprobs = prompt_logprobs_of(position_logits[j], req.prompt, req.params.prompt_logprobs)
+        if len(unique) < len(reqs):
+            logits = logits.index_select(0, torch.tensor(source, device=logits.device))
         self._active.extend(reqs)
         for req in reqs:
             if req.params.penalized:
@@ -616,10 +628,10 @@ class Engine:
                     req.matcher = self.grammars.matcher(req.params.grammar)
                 except Exception as exc:  # this request's alone (its grammar was checked at the API already)
                     self._finish(req, error=InvalidRequest(f"the output constraint could not be set up: {exc}"))
-        rows = [r.sampling(self.eos_ids, logits.shape[-1]) for r in reqs]
-        tokens = sample_batch(logits, rows)
+        sampling = [r.sampling(self.eos_ids, logits.shape[-1]) for r in reqs]
+        tokens = sample_batch(logits, sampling)
         now = time.monotonic()
-        for req, tok, lp in zip(reqs, tokens, logprobs_of(logits, rows, tokens)):
+        for req, tok, lp in zip(reqs, tokens, logprobs_of(logits, sampling, tokens)):
             req.first_token_at = now
             self.counters["prompt_tokens"] += len(req.prompt)
             for obs in self.observers:

@@ -475,3 +475,32 @@ def test_prompt_logprobs_score_every_prompt_token_under_its_adapter(engine, tiny
             assert [i for i, _ in e.top] == torch.topk(ref[t - 1], k).indices.tolist()
     assert plain.prompt_logprobs is None
     assert plain.token_ids == reference_greedy(tiny_base, None, None, prompts[1], 4, engine.eos_ids)
+
+
+def test_identical_prompts_on_one_adapter_are_prefilled_once(engine, tiny_base, tiny_factors, adapters):
+    aid = next(a for a, ad in adapters.items() if ad.method == "osora")
+    prompt = engine.encode_prompt("the same question, asked three times")
+    other = engine.encode_prompt("a different question")
+    before = engine.stats()["prefills_shared"]
+
+    async def run():
+        return await asyncio.gather(
+            engine.generate(prompt, aid, SamplingParams(max_tokens=8)),
+            engine.generate(prompt, aid, SamplingParams(max_tokens=8, prompt_logprobs=1)),
+            engine.generate(prompt, None, SamplingParams(max_tokens=8)),  # same text, no adapter: its own prefill
+            engine.generate(other, aid, SamplingParams(max_tokens=8)),
+            engine.generate(prompt, aid, SamplingParams(max_tokens=8, temperature=1.0, seed=5)),
+        )
+
+    same, scored, base_row, different, sampled = asyncio.run(run())
+    want = reference_greedy(tiny_base, tiny_factors, adapters[aid], prompt, 8, engine.eos_ids)
+    assert same.token_ids == scored.token_ids == want
+    assert base_row.token_ids == reference_greedy(tiny_base, None, None, prompt, 8, engine.eos_ids)
+    assert different.token_ids == reference_greedy(tiny_base, tiny_factors, adapters[aid], other, 8, engine.eos_ids)
+    alone = asyncio.run(engine.generate(prompt, aid, SamplingParams(max_tokens=8, temperature=1.0, seed=5)))
+    assert sampled.token_ids == alone.token_ids  # a copied row decodes like its own prefill
+    with torch.no_grad():
+        ref = torch.log_softmax(merged_model(tiny_base, tiny_factors, adapters[aid])(torch.tensor([prompt])).logits[0].double(), -1)
+    assert all(abs(e.logprob - float(ref[t - 1, prompt[t]])) < 1e-4 for t, e in enumerate(scored.prompt_logprobs) if t)
+    # all five arrived together on an idle engine: one prefill, the two repeats and the sampled one copied
+    assert engine.stats()["prefills_shared"] - before >= 2
