@@ -597,29 +597,8 @@ class Engine:
     def _prefill(self, reqs: list[_Request]) -> None:
         t0 = time.perf_counter()
         start = len(self._active)
-        rows = list(range(start, start + len(reqs)))
-        # Identical prompts on the same adapter (an API request's n choices, a client's retries) are run once: the
-        # others copy that row's cache and logits, which are the same numbers.
-        first: dict[tuple, int] = {}
-        source = [first.setdefault((r.core_slot, r.lr_slot, tuple(r.prompt)), len(first)) for r in reqs]
-        unique = [source.index(j) for j in range(len(first))]  # each distinct prompt's first request
-        scored = sorted({source[i] for i, r in enumerate(reqs) if r.params.prompt_logprobs is not None})
-        logits = self.runner.prefill(
-            [reqs[i].prompt for i in unique], [rows[i] for i in unique], [reqs[i].core_slot for i in unique],
-            [reqs[i].lr_slot for i in unique], keep_hidden=bool(scored),
-        )
-        position_logits = {j: self.runner.position_logits(j, len(reqs[unique[j]].prompt)) for j in scored}
-        self.runner.last_hidden = None
-        for i, req in enumerate(reqs):
-            j = source[i]
-            if unique[j] != i:
-                self.runner.move_row(rows[unique[j]], rows[i], len(req.prompt))
-                self.counters["prefills_shared"] += 1
-            if req.params.prompt_logprobs is not None:  # every position's logits only for the prompts scored
-                req.prompt_logprobs = prompt_logprobs_of(position_logits[j], req.prompt, req.params.prompt_logprobs)
-        if len(unique) < len(reqs):
-            logits = logits.index_select(0, torch.tensor(source, device=logits.device))
-        self._active.extend(reqs)
+        self._active.extend(reqs)  # first: if the prefill fails, the step's error handler fails them and frees their slots
+        logits = self._run_prompts(reqs, list(range(start, start + len(reqs))))
         for req in reqs:
             if req.params.penalized:
                 req.history = TokenHistory(req.prompt, logits.shape[-1])
@@ -641,6 +620,31 @@ class Engine:
         for obs in self.observers:
             obs.on_step("prefill", time.perf_counter() - t0, len(reqs))
 
+    def _run_prompts(self, reqs: list[_Request], rows: list[int]) -> torch.Tensor:
+        """The requests' prompts into KV rows `rows`: each one's last-token logits (and its prompt logprobs where
+        asked). Identical prompts on the same adapter (an API request's n choices, a client's retries) run once; the
+        others copy that row's cache and logits, which are the same numbers."""
+        first: dict[tuple, int] = {}
+        source = [first.setdefault((r.core_slot, r.lr_slot, tuple(r.prompt)), len(first)) for r in reqs]
+        unique = [source.index(j) for j in range(len(first))]  # each distinct prompt's first request
+        scored = sorted({source[i] for i, r in enumerate(reqs) if r.params.prompt_logprobs is not None})
+        logits = self.runner.prefill(
+            [reqs[i].prompt for i in unique], [rows[i] for i in unique], [reqs[i].core_slot for i in unique],
+            [reqs[i].lr_slot for i in unique], keep_hidden=bool(scored),
+        )
+        position_logits = {j: self.runner.position_logits(j, len(reqs[unique[j]].prompt)) for j in scored}
+        self.runner.last_hidden = None
+        for i, req in enumerate(reqs):
+            j = source[i]
+            if unique[j] != i:
+                self.runner.move_row(rows[unique[j]], rows[i], len(req.prompt))
+                self.counters["prefills_shared"] += 1
+            if req.params.prompt_logprobs is not None:  # every position's logits only for the prompts scored
+                req.prompt_logprobs = prompt_logprobs_of(position_logits[j], req.prompt, req.params.prompt_logprobs)
+        if len(unique) < len(reqs):
+            logits = logits.index_select(0, torch.tensor(source, device=logits.device))
+        return logits
+
     def _decode(self) -> None:
         t0 = time.perf_counter()
         live = [r for r in self._active]
@@ -650,9 +654,9 @@ class Engine:
         positions = torch.tensor(pos, device=device)
         mp = self.runner.mapping([r.core_slot for r in live], [r.lr_slot for r in live])
         logits = self.runner.decode(tokens, positions, mp, context=max(pos) + 1)
-        rows = [r.sampling(self.eos_ids, logits.shape[-1]) for r in live]
-        tokens = sample_batch(logits, rows)  # every row at once, one transfer
-        for req, tok, lp in zip(live, tokens, logprobs_of(logits, rows, tokens)):
+        sampling = [r.sampling(self.eos_ids, logits.shape[-1]) for r in live]
+        tokens = sample_batch(logits, sampling)  # every row at once, one transfer
+        for req, tok, lp in zip(live, tokens, logprobs_of(logits, sampling, tokens)):
             if req.finish_reason is None:
                 self._accept_token(req, tok, lp)
         self.counters["steps"] += 1

@@ -13,7 +13,7 @@ from _reliability import wait_until
 from adapters_store.disk import DiskStore
 from adapters_store.format import adapter_to_bytes
 from adapters_store.records import record_for
-from service.engine import AdapterNotFound, Engine, EngineConfig, InvalidRequest, SamplingParams, TextDelta
+from service.engine import AdapterNotFound, Engine, EngineConfig, EngineError, InvalidRequest, SamplingParams, TextDelta
 from svd_adapters import cpu_kernels
 from svd_adapters.adapter import Adapter, random_adapter
 from svd_adapters.inject import merge_into
@@ -504,3 +504,24 @@ def test_identical_prompts_on_one_adapter_are_prefilled_once(engine, tiny_base, 
     assert all(abs(e.logprob - float(ref[t - 1, prompt[t]])) < 1e-4 for t, e in enumerate(scored.prompt_logprobs) if t)
     # all five arrived together on an idle engine: one prefill, the two repeats and the sampled one copied
     assert engine.stats()["prefills_shared"] - before >= 2
+
+
+def test_a_failing_prefill_fails_its_requests_and_the_engine_goes_on(engine, adapters, monkeypatch):
+    aid = next(iter(adapters))
+    prompt = engine.encode_prompt("this prefill breaks")
+    real = engine.runner.prefill
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated failure inside the prefill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "prefill", broken)
+    with pytest.raises(EngineError, match="simulated failure"):  # not left waiting forever (bounded here)
+        asyncio.run(asyncio.wait_for(engine.generate(prompt, aid, SamplingParams(max_tokens=3)), 30))
+    wait_until(lambda: engine.stats()["active"] == 0, 5, what="the failed row to leave")
+    assert all(res.refcount == 0 for res in engine.cache.resident.values())  # its adapter slot was released
+    again = asyncio.run(engine.generate(prompt, aid, SamplingParams(max_tokens=3)))
+    assert again.completion_tokens > 0 or again.finish_reason == "stop"
