@@ -93,6 +93,15 @@ class SamplingControls(BaseModel):
         default=None, ge=0, description="EOS and stop_token_ids cannot end the generation before this many tokens"
     )
 
+    response_format: ResponseFormat | None = Field(
+        default=None, description="OpenAI's: {type: json_object} or {type: json_schema, json_schema: {schema}}"
+    )
+    guided_json: dict[str, Any] | None = Field(default=None, description="vLLM's: a JSON schema the output follows")
+    guided_regex: str | None = Field(default=None, description="vLLM's: a regular expression the output matches")
+    guided_choice: list[str] | None = Field(
+        default=None, min_length=1, description="vLLM's: the output is exactly one of these strings"
+    )
+
     @field_validator("logit_bias")
     @classmethod
     def _check_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
@@ -106,15 +115,6 @@ class SamplingControls(BaseModel):
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values are in [-100, 100], got {bias} for token {key}")
         return v
-
-    response_format: ResponseFormat | None = Field(
-        default=None, description="OpenAI's: {type: json_object} or {type: json_schema, json_schema: {schema}}"
-    )
-    guided_json: dict[str, Any] | None = Field(default=None, description="vLLM's: a JSON schema the output follows")
-    guided_regex: str | None = Field(default=None, description="vLLM's: a regular expression the output matches")
-    guided_choice: list[str] | None = Field(
-        default=None, min_length=1, description="vLLM's: the output is exactly one of these strings"
-    )
 
     @model_validator(mode="after")
     def _one_constraint(self) -> "SamplingControls":
