@@ -128,26 +128,25 @@ def logprobs_of(logits: torch.Tensor, rows: list[RowSampling], tokens: list[int]
     out: list[TokenLogprob | None] = [None] * len(rows)
     if not asking:
         return out
-    lp = torch.log_softmax(_rows(logits, asking).float(), dim=-1)
-    chosen = lp.gather(1, torch.tensor([tokens[i] for i in asking], device=lp.device)[:, None])[:, 0].tolist()
     k = max(rows[i].params.logprobs for i in asking)
-    top_vals, top_ids = (lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
-    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-    for j, i in enumerate(asking):
-        n = rows[i].params.logprobs
-        out[i] = TokenLogprob(tokens[i], chosen[j], list(zip(top_ids[j][:n], top_vals[j][:n])))
+    for i, e in zip(asking, _score(_rows(logits, asking), [tokens[i] for i in asking], k)):
+        e.top = e.top[: rows[i].params.logprobs]
+        out[i] = e
     return out
 
 
 def prompt_logprobs_of(logits: torch.Tensor, prompt: list[int], k: int) -> list[TokenLogprob | None]:
     """Each prompt token's log-probability given the tokens before it, with k top alternatives, from the logits
     (len(prompt), V) of every prompt position; None for the first token, which nothing predicts."""
-    lp = torch.log_softmax(logits[:-1].float(), dim=-1)
-    nxt = torch.tensor(prompt[1:], device=lp.device)
-    chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
+    return [None] + _score(logits[:-1], prompt[1:], k)
+
+
+def _score(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """Row i's log-softmax at tokens[i] and its k most likely tokens (one log-softmax, one transfer)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
     top_vals, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-    return [None] + [TokenLogprob(t, c, list(zip(i, v))) for t, c, i, v in zip(prompt[1:], chosen, top_ids, top_vals)]
+    return [TokenLogprob(t, c, list(zip(i, v))) for t, c, i, v in zip(tokens, chosen, top_ids.tolist(), top_vals.tolist())]
 
 
 def _at(indices: list[int], device: torch.device) -> torch.Tensor:
@@ -279,7 +278,7 @@ def _invert(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     sums = blocks.sum(dim=-1, dtype=torch.float64)
     cum = torch.cumsum(sums, dim=-1)
     target = u.double() * cum[:, -1]
-    b = _search(sums, u.double())  # the block holding the target (a zero-weight block never does)
+    b = _find(cum, target)  # the block holding the target (a zero-weight block never does)
     before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(target))
     inner = blocks.gather(1, b[:, None, None].expand(rows, 1, BLOCK))[:, 0].double()
     inner_total = inner.sum(dim=-1)
@@ -290,6 +289,9 @@ def _invert(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def _search(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One-level inverse CDF (float64 weights, u in [0, 1))."""
     cdf = torch.cumsum(weights, dim=-1)
-    target = (u * cdf[:, -1])[:, None]
-    found = torch.searchsorted(cdf, target, right=True)[:, 0]
-    return found.clamp_(max=weights.shape[1] - 1)
+    return _find(cdf, u * cdf[:, -1])
+
+
+def _find(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose cumulative weight exceeds the row's target."""
+    return torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)

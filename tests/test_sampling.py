@@ -148,3 +148,9 @@ def test_packed_grammar_masks_unpack_bit_by_bit_and_only_allowed_tokens_win():
     got = sample_batch(logits, [RowSampling(SamplingParams(), allowed=words[0]),
                                 RowSampling(SamplingParams(temperature=1.0), torch.Generator().manual_seed(0), allowed=words[1])])
     assert got[0] == [0, 31, 66][int(logits[0, [0, 31, 66]].argmax())] and 32 <= got[1] < 64
+
+
+def test_prompt_logprobs_of_a_one_token_prompt_is_just_its_unpredicted_first_token():
+    assert sampling.prompt_logprobs_of(torch.randn(1, V), [3], 2) == [None]
+    entries = sampling.prompt_logprobs_of(torch.randn(3, V), [3, 4, 5], 2)
+    assert entries[0] is None and [e.token for e in entries[1:]] == [4, 5] and all(len(e.top) == 2 for e in entries[1:])
