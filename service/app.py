@@ -399,7 +399,7 @@ def create_app(
             )
         messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
         prompt_ids = await run_in_threadpool(engine.encode_prompt, body.prompt, messages, body.raw)
-        grammar = await structured.grammar_for(engine.grammars, body.constraint(), structured.constraint_param(body))
+        grammar = await structured.grammar_for(engine.grammars, body.constraint())
         params = eng.SamplingParams(
             max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list(),
             logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs, grammar=grammar, **body.sampling_controls(),

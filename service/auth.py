@@ -201,16 +201,17 @@ class Auth:
         with self._lock:
             self._last_good = {d: (c, t) for d, (c, t) in self._last_good.items() if c.key_id != key_id}
 
-    def check_rate(self, caller: Caller) -> None:
+    def check_rate(self, caller: Caller, cost: int = 1, why: str = "") -> None:
+        """Take `cost` requests from the tenant's bucket, or 429 with Retry-After (`why` is said first)."""
         rpm = caller.limits.requests_per_minute
         if caller.tenant is None or rpm is None:
             return
-        wait = self.limiter.take(caller.tenant, rpm, caller.limits.burst)
+        wait = self.limiter.take(caller.tenant, rpm, caller.limits.burst, cost=cost)
         if wait is not None:
             seconds = max(1, math.ceil(wait))
             raise ApiError(
                 429, "rate_limited",
-                f"tenant {caller.tenant!r} is over its limit of {rpm:g} requests per minute; retry in {seconds} s",
+                f"{why}tenant {caller.tenant!r} is over its limit of {rpm:g} requests per minute; retry in {seconds} s",
                 {"Retry-After": str(seconds)},
             )
 
@@ -227,14 +228,7 @@ class Auth:
                 f"n: {n} choices count as {n} requests against tenant {caller.tenant!r}'s limit, which allows at most "
                 f"{capacity:g} at once; ask for at most {capacity:g} choices", param="n",
             )
-        wait = self.limiter.take(caller.tenant, rpm, caller.limits.burst, cost=n - 1)
-        if wait is not None:
-            seconds = max(1, math.ceil(wait))
-            raise ApiError(
-                429, "rate_limited",
-                f"n: {n} choices count as {n} requests; tenant {caller.tenant!r} is over its limit of {rpm:g} requests "
-                f"per minute for them; retry in {seconds} s or ask for fewer choices", {"Retry-After": str(seconds)},
-            )
+        self.check_rate(caller, cost=n - 1, why=f"n: {n} choices count as {n} requests (ask for fewer choices); ")
 
     # --- adapter ownership -----------------------------------------------------------------------------------
 

@@ -633,7 +633,6 @@ class Engine:
             [reqs[i].lr_slot for i in unique], keep_hidden=bool(scored),
         )
         position_logits = {j: self.runner.position_logits(j, len(reqs[unique[j]].prompt)) for j in scored}
-        self.runner.last_hidden = None
         for i, req in enumerate(reqs):
             j = source[i]
             if unique[j] != i:

@@ -354,7 +354,7 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
     explicit = body.max_tokens is not None
     max_tokens = max_tokens_for(caller, body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, explicit)
     prompt_ids = await run_in_threadpool(engine.encode_prompt, prompt, None, True)
-    grammar = await structured.grammar_for(engine.grammars, body.constraint(), structured.constraint_param(body))
+    grammar = await structured.grammar_for(engine.grammars, body.constraint())
     params = _params(body, stops, max_tokens, body.logprobs, grammar)
     if body.echo and body.logprobs is not None:  # the echoed prompt's tokens are scored too
         params = replace(params, prompt_logprobs=body.logprobs)
@@ -410,7 +410,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
         max_tokens = max_tokens_for(caller, max(1, engine.config.max_seq_len - len(prompt_ids)), explicit=False)
     else:
         max_tokens = max_tokens_for(caller, requested, explicit=True, param=param)
-    grammar = await structured.grammar_for(engine.grammars, body.constraint(), structured.constraint_param(body))
+    grammar = await structured.grammar_for(engine.grammars, body.constraint())
     params = _params(body, stops, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, grammar)
     choices = _choices(params, body.n or 1)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -133,11 +133,11 @@ class SamplingControls(BaseModel):
         if rf is not None and rf.type == "json_schema":
             return Constraint("json_schema", rf.json_schema.schema_)
         if self.guided_json is not None:
-            return Constraint("json_schema", self.guided_json)
+            return Constraint("json_schema", self.guided_json, "guided_json")
         if self.guided_regex is not None:
-            return Constraint("regex", self.guided_regex)
+            return Constraint("regex", self.guided_regex, "guided_regex")
         if self.guided_choice is not None:
-            return Constraint("choice", list(self.guided_choice))
+            return Constraint("choice", list(self.guided_choice), "guided_choice")
         return None
 
     def sampling_controls(self) -> dict[str, Any]:

@@ -30,10 +30,12 @@ class GrammarError(ValueError):
 
 @dataclass(frozen=True)
 class Constraint:
-    """What a request asked its output to follow: kind is json_schema, json_object, regex or choice."""
+    """What a request asked its output to follow: kind is json_schema, json_object, regex or choice; param is the
+    request field that asked (named in errors)."""
 
     kind: str
     spec: Any = None
+    param: str = "response_format"
 
     def grammar(self) -> str:
         """llguidance's grammar for this constraint (not yet checked against a tokenizer)."""
@@ -117,7 +119,7 @@ class Matcher:
         return self._m.is_stopped()
 
 
-async def grammar_for(grammars: Grammars, constraint: Constraint | None, param: str) -> str | None:
+async def grammar_for(grammars: Grammars, constraint: Constraint | None) -> str | None:
     """The compiled grammar of a request's constraint (off the event loop: a large schema takes a while), or None;
     a constraint that does not compile is the caller's 400."""
     if constraint is None:
@@ -130,12 +132,5 @@ async def grammar_for(grammars: Grammars, constraint: Constraint | None, param: 
         return await run_in_threadpool(grammars.compile, constraint)
     except GrammarError as exc:
         raise ApiError(400, "invalid_output_constraint",
-                       f"{param}: the {constraint.kind} constraint does not compile: {exc}", param=param) from None
-
-
-def constraint_param(body: Any) -> str:
-    """The request field that carries the constraint, for error messages."""
-    for name in ("guided_json", "guided_regex", "guided_choice"):
-        if getattr(body, name, None) is not None:
-            return name
-    return "response_format"
+                       f"{constraint.param}: the {constraint.kind} constraint does not compile: {exc}",
+                       param=constraint.param) from None
