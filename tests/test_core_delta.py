@@ -109,7 +109,8 @@ def test_large_blocks_are_kept_in_mallocs_heap_on_glibc():
 # (L = 70: a row's chunks may land on different threads, each folding the row's projection itself).
 SHAPES = [dict(P=5, R=4, sizes=(12, 6, 6)), dict(P=32, R=16, sizes=(64, 32, 32)), dict(P=7, R=16, sizes=(48, 33)),
           dict(P=1, R=3, sizes=(16,)), dict(P=3, R=16, sizes=(32, 16), L=7), dict(P=2, R=6, sizes=(20, 9), L=5),
-          dict(P=3, R=16, sizes=(40, 24), L=70), dict(P=83, R=4, sizes=(20, 12))]
+          dict(P=3, R=16, sizes=(40, 24), L=70), dict(P=83, R=4, sizes=(20, 12)),
+          dict(P=3, R=4, sizes=(1000, 24), L=30)]  # rows of U 4 KB apart: read from a packed copy
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))

@@ -48,6 +48,7 @@ void gemm_core_blocks(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t 
                       int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
                       const std::vector<int64_t>& blocks, int64_t T, int64_t b, int64_t en) {
   constexpr int64_t TW = NV * sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
+  const TileSource<acc_t> src{U, M, 0, TW};
   for (int64_t bi = b; bi < en; ++bi) {
     const int64_t tb = blocks[bi], te = blocks[bi + 1], i = tiles[2 * tb];  // tiles [tb, te) of member i
     const int64_t c0 = tiles[2 * tb + 1], c1 = std::min(off[i + 1], tiles[2 * (te - 1) + 1] + TW);
@@ -67,9 +68,9 @@ void gemm_core_blocks(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t 
     }
     if constexpr (kScaled) {  // a few tokens through the block's tiles at a time (as `sweep`: measured faster)
       for (int64_t t = 0; t < T; t += 4)
-        apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, tb, te, t, std::min(T, t + 4));
+        apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, src, R, k, off, tiles, tb, te, t, std::min(T, t + 4));
     } else {
-      apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, U, M, R, k, off, tiles, tb, te, 0, T);
+      apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, src, R, k, off, tiles, tb, te, 0, T);
     }
   }
 }

@@ -27,12 +27,15 @@ constexpr int kRB = 4 * (svdserve::kVecRegs / 16);
 // Per-thread scratch buffers that only grow: a fresh allocation of a prefill's size per call costs a memset and
 // page faults (measured, when it held whole folded projections: OSoRA's prefill delta ~1.7× slower in the model
 // than in a loop that reused its memory). Every element used is written before it is read.
+// Aligned to 64 bytes, so a packed tile's rows (see TileSource) each sit in one cache line.
 template <typename acc_t>
 acc_t* scratch(int which, int64_t n) {
-  thread_local std::vector<acc_t> buffers[3];
+  constexpr int64_t kPad = 64 / sizeof(acc_t);
+  thread_local std::vector<acc_t> buffers[4];
   std::vector<acc_t>& b = buffers[which];
-  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
-  return b.data();
+  if (static_cast<int64_t>(b.size()) < n + kPad) b.resize(n + kPad);
+  const uintptr_t at = reinterpret_cast<uintptr_t>(b.data());
+  return reinterpret_cast<acc_t*>((at + 63) & ~uintptr_t(63));
 }
 
 // Every token's cores for every member: g = C h and, for scaled rows, e = d ⊙ h; (T, k·R) each. With `srow`,
@@ -70,8 +73,37 @@ void token_cores(const scalar_t* h, int64_t sh, const scalar_t* const* Crow, con
   }
 }
 
+// Where each tile's slice of U is read: U (R × M, row stride M) as given, or packed tile by tile (`pack_tiles`:
+// tile ti's R rows of TW columns contiguous at U + ti·R·TW). With M a multiple of 1024 floats (SmolLM2's gate/up
+// group: 3072), the R rows of a tile sit a multiple of 4 KB apart, all in one L1 set of 8 ways, and every U
+// load of the prefill sweep missed L1 (measured: its U loads were the sweep's hottest instructions).
+template <typename acc_t>
+struct TileSource {
+  const acc_t* U;
+  int64_t M;      // U's row stride when not packed
+  int64_t block;  // R·TW when packed, else 0
+  int64_t TW;
+  const acc_t* at(int64_t ti, int64_t c) const { return block ? U + ti * block : U + c; }
+  int64_t ld() const { return block ? TW : M; }
+};
+
+// U (R × M, row stride M) packed tile by tile into P (tiles.size()/2 · R · TW; a member's last, partial tile
+// zero-padded): the layout TileSource reads with block = R·TW.
+template <typename acc_t>
+void pack_tiles(const acc_t* U, int64_t M, int64_t R, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
+                int64_t TW, acc_t* P) {
+  for (size_t ti = 0; ti < tiles.size() / 2; ++ti) {
+    const int64_t i = tiles[2 * ti], c = tiles[2 * ti + 1], width = std::min(TW, off[i + 1] - c);
+    for (int64_t j = 0; j < R; ++j) {
+      acc_t* dst = P + (ti * R + j) * TW;
+      for (int64_t x = 0; x < width; ++x) dst[x] = U[j * M + c + x];
+      for (int64_t x = width; x < TW; ++x) dst[x] = 0;
+    }
+  }
+}
+
 // One tile (NV vectors of one member's output columns) for tokens t..t+RB-1. The tile's slice of U
-// (R × NV vectors) stays in L1 while tokens stream past; RB tokens at a time share each U load.
+// (R × NV vectors at Uc, row stride ldu) stays in L1 while tokens stream past; RB tokens at a time share each U load.
 template <typename scalar_t, typename acc_t, bool kScaled, int RB>
 inline void tile_rows(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e,
                       const acc_t* Uc, int64_t ldu, int64_t R, int64_t gstride, int64_t c, int64_t t) {
@@ -103,30 +135,32 @@ inline void tile_rows(scalar_t* y, int64_t sy, const scalar_t* const* o, const a
   }
 }
 
-// Tiles [tb, te) of `tiles` for tokens [t0, t1), all reading U (R × M, row stride M). g and e hold k·R cores
+// Tiles [tb, te) of `tiles` for tokens [t0, t1), each reading its slice of U from `src`. g and e hold k·R cores
 // per token (member i's at offset i·R).
 template <typename scalar_t, typename acc_t, bool kScaled>
-void apply_tiles(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e, const acc_t* U,
-                 int64_t M, int64_t R, int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
-                 int64_t tb, int64_t te, int64_t t0, int64_t t1) {
+void apply_tiles(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e,
+                 const TileSource<acc_t>& src, int64_t R, int64_t k, const std::vector<int64_t>& off,
+                 const std::vector<int64_t>& tiles, int64_t tb, int64_t te, int64_t t0, int64_t t1) {
   constexpr int W = sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
   constexpr int RB = kScaled ? kRB / 2 : kRB;
+  const int64_t ldu = src.ld();
   for (int64_t ti = tb; ti < te; ++ti) {
     const int64_t i = tiles[2 * ti], c = tiles[2 * ti + 1];
     const acc_t* gi = g + i * R;  // token t's member-i cores at gi + t·k·R
     const acc_t* ei = kScaled ? e + i * R : nullptr;
+    const acc_t* Uc = src.at(ti, c);
     if (c + NV * W <= off[i + 1]) {
       int64_t t = t0;
-      for (; t + RB <= t1; t += RB) tile_rows<scalar_t, acc_t, kScaled, RB>(y, sy, o, gi, ei, U + c, M, R, k * R, c, t);
-      for (; t < t1; ++t) tile_rows<scalar_t, acc_t, kScaled, 1>(y, sy, o, gi, ei, U + c, M, R, k * R, c, t);
+      for (; t + RB <= t1; t += RB) tile_rows<scalar_t, acc_t, kScaled, RB>(y, sy, o, gi, ei, Uc, ldu, R, k * R, c, t);
+      for (; t < t1; ++t) tile_rows<scalar_t, acc_t, kScaled, 1>(y, sy, o, gi, ei, Uc, ldu, R, k * R, c, t);
       continue;
     }
     for (int64_t t = t0; t < t1; ++t) {  // the member's last, partial tile
       for (int64_t cc = c; cc < off[i + 1]; ++cc) {
         acc_t a = 0, b = 0;
         for (int64_t j = 0; j < R; ++j) {
-          a += gi[t * k * R + j] * U[j * M + cc];
-          if constexpr (kScaled) b += ei[t * k * R + j] * U[j * M + cc];
+          a += gi[t * k * R + j] * Uc[j * ldu + cc - c];
+          if constexpr (kScaled) b += ei[t * k * R + j] * Uc[j * ldu + cc - c];
         }
         acc_t v = static_cast<acc_t>(y[t * sy + cc]);
         v += kScaled ? static_cast<acc_t>(o[t][cc]) * a + b : a;
