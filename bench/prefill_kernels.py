@@ -7,11 +7,12 @@ SmolLM2-135M's four groups (qkv, o, gate/up, down; random data of the real shape
 of `--tokens` tokens, each row reading its cores (OSoRA: also its output scales and d) from its own slot of a
 pool, as the runner calls the kernel: the delta added into the GEMM's output y, and for gate/up the activation
 silu(gate) · up written from the final outputs. The base's own pass at the same point is timed beside it (for
-gate/up the one-pass activation `gated_silu`; the other groups have none), so "× base" is what the adapters add.
+gate/up the one-pass activation `gated_silu`; the other groups have none): the difference is what adapters add.
 With `--against`, the same calls through that git revision's `core_delta` too, built into a namespace of its
 own and alternated with this tree's in every round (one process, one machine state: the way to compare two
 builds on a noisy host). Every call reads a y no call has read for a while (calls cycle through `--copies` of
-every input, more than the caches hold), as a prefill's GEMM output comes. Prints a markdown table and a last line of JSON.
+every input, more than the caches hold), as a prefill's GEMM output comes. Prints a markdown table and a last
+line of JSON.
 """
 from __future__ import annotations
 
