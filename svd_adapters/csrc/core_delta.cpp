@@ -316,8 +316,8 @@ void gated_rows(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, const 
 
 // Tokens [t0, t1) of a gate/up group through every tile pair, a register block of tokens at a time: each token's
 // rows of y are read front to back, streams the hardware prefetchers follow (in (tokens, tile) tasks each task
-// read a 128-byte piece of every token's row, a page apart: ~2× slower from memory). U (R × M, row stride M) is
-// the members' U_rᵀ packed tile by tile, or a row's folded projection, and stays in L2.
+// read a 128-byte piece of every token's row, a page apart: ~2× slower from memory). src holds the members' U_rᵀ
+// (packed tile by tile at prefill), or a row's folded projection, and stays in L2.
 // With `zero` (rows of L tokens): a register block whose tokens all belong to flagged rows takes the bare activation.
 template <typename scalar_t, typename acc_t>
 void stream_gated(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, const acc_t* g, const TileSource<acc_t>& src,
