@@ -232,6 +232,25 @@ inline typename Vec<acc_t>::type silu_vec(typename Vec<acc_t>::type x) {
 // vector registers, 16 of AVX-512's 32. (The other sweeps keep kRB: 6 tokens measured slower there.)
 constexpr int kGatedRB = svdserve::kVecRegs == 16 ? 6 : 8;
 
+// One member's delta for a register block: a[r][v] = Σ_j g[(t + r)·gstride + j] · Uc[j·ldu + v·W], RB tokens × NV
+// vectors in registers, each load of U shared by the block's tokens.
+template <typename acc_t, int RB>
+inline void member_block(typename Vec<acc_t>::type (&a)[RB][NV], const acc_t* g, const acc_t* Uc, int64_t ldu,
+                         int64_t R, int64_t gstride, int64_t t) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int W = sizeof(V) / sizeof(acc_t);
+  UNROLL for (int r = 0; r < RB; ++r)
+    UNROLL for (int v = 0; v < NV; ++v) a[r][v] = V{};
+  for (int64_t j = 0; j < R; ++j) {
+    V u[NV];
+    UNROLL for (int v = 0; v < NV; ++v) u[v] = load(Uc + j * ldu + v * W);
+    UNROLL for (int r = 0; r < RB; ++r) {
+      const acc_t x = g[(t + r) * gstride + j];
+      UNROLL for (int v = 0; v < NV; ++v) a[r][v] += x * u[v];
+    }
+  }
+}
+
 // A gate/up group's final activation for one tile pair and tokens t..t+RB-1, without writing y back:
 // out[t, c + x] = silu(y[t, c + x] + Δgate) · (y[t, m + c + x] + Δup), Δ = Σ_j g_j U[j, ·] with each member's g
 // (gg, gu: token t's at + t·gstride) and U slice (Ug, Uu: the tile's first column, row stride ldu). Gate and up
@@ -246,36 +265,15 @@ inline void gated_tile_rows(const scalar_t* y, int64_t sy, scalar_t* out, int64_
   using V = typename Vec<acc_t>::type;
   constexpr int W = sizeof(V) / sizeof(acc_t);
   alignas(64) acc_t act[RB][NV * W];  // in L1, not registers: the up pass needs all of them
-  {
-    V a[RB][NV];
-    UNROLL for (int r = 0; r < RB; ++r)
-      UNROLL for (int v = 0; v < NV; ++v) a[r][v] = V{};
-    for (int64_t j = 0; j < R; ++j) {
-      V u[NV];
-      UNROLL for (int v = 0; v < NV; ++v) u[v] = load(Ug + j * ldu + v * W);
-      UNROLL for (int r = 0; r < RB; ++r) {
-        const acc_t xg = gg[(t + r) * gstride + j];
-        UNROLL for (int v = 0; v < NV; ++v) a[r][v] += xg * u[v];
-      }
-    }
-    UNROLL for (int r = 0; r < RB; ++r)
-      UNROLL for (int v = 0; v < NV; ++v) store(act[r] + v * W, silu_vec<acc_t>(load(y + (t + r) * sy + c + v * W) + a[r][v]));
-  }
-  V b[RB][NV];
+  V a[RB][NV];
+  member_block<acc_t, RB>(a, gg, Ug, ldu, R, gstride, t);
   UNROLL for (int r = 0; r < RB; ++r)
-    UNROLL for (int v = 0; v < NV; ++v) b[r][v] = V{};
-  for (int64_t j = 0; j < R; ++j) {
-    V u[NV];
-    UNROLL for (int v = 0; v < NV; ++v) u[v] = load(Uu + j * ldu + v * W);
-    UNROLL for (int r = 0; r < RB; ++r) {
-      const acc_t xu = gu[(t + r) * gstride + j];
-      UNROLL for (int v = 0; v < NV; ++v) b[r][v] += xu * u[v];
-    }
-  }
+    UNROLL for (int v = 0; v < NV; ++v) store(act[r] + v * W, silu_vec<acc_t>(load(y + (t + r) * sy + c + v * W) + a[r][v]));
+  member_block<acc_t, RB>(a, gu, Uu, ldu, R, gstride, t);
   UNROLL for (int r = 0; r < RB; ++r) {
     const scalar_t* yr = y + (t + r) * sy + m + c;
     scalar_t* orow = out + (t + r) * so + c;
-    UNROLL for (int v = 0; v < NV; ++v) store(orow + v * W, load(act[r] + v * W) * (load(yr + v * W) + b[r][v]));
+    UNROLL for (int v = 0; v < NV; ++v) store(orow + v * W, load(act[r] + v * W) * (load(yr + v * W) + a[r][v]));
   }
 }
 
