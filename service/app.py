@@ -34,7 +34,7 @@ from service import logprobs as logprob_shapes
 from service import openai_api, structured, tokenize_api
 from service.auth import AuthMiddleware, TenantCaller, admin_router, build_auth, max_tokens_for
 from service.config import Settings, resolve_device
-from service.errors import ApiError, engine_error_body, error_response_for, register_error_handlers
+from service.errors import ApiError, engine_error_body, error_response_for, not_ready, register_error_handlers, shutting_down
 from service.schemas import (
     AdapterCreated,
     AdapterInfo,
@@ -219,18 +219,15 @@ def create_app(
     def running_engine(request: Request) -> eng.Engine:
         engine = request.app.state.engine
         if engine is None:
-            raise ApiError(503, "not_ready", "the server is starting up or shutting down; retry shortly", {"Retry-After": "1"})
+            raise not_ready()
         if not getattr(engine, "accepting", True):  # draining after SIGTERM: in-flight requests finish, new ones go elsewhere
-            raise ApiError(
-                503, "shutting_down", "the server is shutting down and takes no new requests; retry on another replica",
-                {"Retry-After": "1"},
-            )
+            raise shutting_down()
         return engine
 
     def the_store(request: Request) -> AdapterStore:
         s = request.app.state.store
         if s is None:
-            raise ApiError(503, "not_ready", "the server is starting up or shutting down; retry shortly", {"Retry-After": "1"})
+            raise not_ready()
         return s
 
     def known_id(adapter_id: str) -> str:

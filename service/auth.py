@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapters_store import AdapterStore, StoreUnavailable, validate_id
 from adapters_store.records import AdapterRecord, check_id
-from service.errors import STORE_RETRY_AFTER_S, ApiError, error_response_for
+from service.errors import STORE_RETRY_AFTER_S, ApiError, error_response_for, not_ready
 from service.tenants import (
     DEFAULT_TENANT,
     ApiKeyRecord,
@@ -339,7 +339,7 @@ class AuthMiddleware:
         auth: Auth | None = getattr(scope["app"].state, "auth", None) if "app" in scope else None
         try:
             if auth is None:
-                raise ApiError(503, "not_ready", "the server is starting up or shutting down; retry shortly", {"Retry-After": "1"})
+                raise not_ready()
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             if auth.enabled or path.startswith(ADMIN_PREFIX):
                 caller = await run_in_threadpool(auth.authenticate, path, headers)
@@ -368,7 +368,7 @@ async def current_caller(
     if caller is None:  # routed around the middleware (should not happen): authenticate here
         auth: Auth | None = request.app.state.auth
         if auth is None:
-            raise ApiError(503, "not_ready", "the server is starting up or shutting down; retry shortly", {"Retry-After": "1"})
+            raise not_ready()
         headers = {k.lower(): v for k, v in request.headers.items()}
         caller = await run_in_threadpool(auth.authenticate, request.url.path, headers)
         auth.check_rate(caller)
@@ -394,7 +394,7 @@ TenantCaller = Annotated[Caller, Depends(tenant_caller)]
 def app_auth(request: Request) -> Auth:
     auth = request.app.state.auth
     if auth is None:
-        raise ApiError(503, "not_ready", "the server is starting up or shutting down; retry shortly", {"Retry-After": "1"})
+        raise not_ready()
     return auth
 
 

@@ -59,6 +59,17 @@ class ApiError(StarletteHTTPException):
         self.param = param  # the offending request field, reported on /v1 routes
 
 
+def not_ready() -> ApiError:
+    """503 while what a route needs (engine, store, auth) is not set up: the server is starting or has stopped."""
+    return ApiError(503, "not_ready", "the server is starting up or shutting down; retry shortly", {"Retry-After": "1"})
+
+
+def shutting_down() -> ApiError:
+    """503 while draining after SIGTERM: in-flight requests finish, new ones go to another replica."""
+    return ApiError(503, "shutting_down", "the server is shutting down and takes no new requests; retry on another replica",
+                    {"Retry-After": "1"})
+
+
 def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from adapters_store import AdapterStore
 from service import engine as eng
 from service.auth import Auth, TenantCaller, app_auth, max_tokens_for
-from service.errors import ApiError, engine_error_status, openai_error_body
+from service.errors import ApiError, engine_error_status, not_ready, openai_error_body, shutting_down
 from service import logprobs as logprob_shapes
 from service import structured
 from service.sampling import MAX_LOGPROBS
@@ -188,10 +188,9 @@ def _model_not_found(model: str) -> ApiError:
 def _the(request: Request) -> tuple[eng.Engine, AdapterStore, Auth]:
     st = request.app.state
     if st.engine is None or st.store is None:
-        raise ApiError(503, "not_ready", "the server is starting up or shutting down; retry shortly", {"Retry-After": "1"})
+        raise not_ready()
     if not getattr(st.engine, "accepting", True):
-        raise ApiError(503, "shutting_down", "the server is shutting down and takes no new requests; retry on another replica",
-                       {"Retry-After": "1"})
+        raise shutting_down()
     return st.engine, st.store, app_auth(request)
 
 

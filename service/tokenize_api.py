@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from service.auth import TenantCaller
-from service.errors import ApiError
+from service.errors import ApiError, not_ready
 from service.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
 router = APIRouter(tags=["generation"])
@@ -18,7 +18,7 @@ router = APIRouter(tags=["generation"])
 def _engine(request: Request):
     engine = request.app.state.engine
     if engine is None:
-        raise ApiError(503, "not_ready", "the server is starting up or shutting down; retry shortly", {"Retry-After": "1"})
+        raise not_ready()
     return engine
 
 
