@@ -394,8 +394,7 @@ def create_app(
                 404, "adapter_not_found",
                 f"adapter {body.adapter_id!r} not found; upload it with POST /adapters or list them with GET /adapters",
             )
-        messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
-        prompt_ids = await run_in_threadpool(engine.encode_prompt, body.prompt, messages, body.raw)
+        prompt_ids = await run_in_threadpool(engine.encode_prompt, body.prompt, body.chat(), body.raw)
         grammar = await structured.grammar_for(engine.grammars, body.constraint())
         params = eng.SamplingParams(
             max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list(),

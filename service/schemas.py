@@ -63,6 +63,31 @@ class ResponseFormat(BaseModel):
         return self
 
 
+class PromptInput(BaseModel):
+    """What the model reads: text (one user turn through the chat template, or as is when raw) or chat turns; shared
+    by /generate and /tokenize, so /tokenize answers the ids /generate feeds the model."""
+
+    prompt: str | None = Field(
+        default=None, description="text, sent as one user turn through the chat template (tokenized as is when raw)"
+    )
+    messages: list[ChatMessage] | None = Field(
+        default=None, min_length=1, description="chat turns; the base model's chat template is applied"
+    )
+    raw: bool = Field(default=False, description="tokenize 'prompt' as is, without the chat template")
+
+    @model_validator(mode="after")
+    def _prompt_xor_messages(self) -> "PromptInput":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' (text) or 'messages' (chat turns)")
+        if self.raw and self.prompt is None:
+            raise ValueError("'raw' applies to 'prompt' only; 'messages' always use the chat template")
+        return self
+
+    def chat(self) -> list[dict[str, Any]] | None:
+        """The chat turns as the engine's encode_prompt takes them, or None for a prompt."""
+        return [m.model_dump() for m in self.messages] if self.messages is not None else None
+
+
 class SamplingControls(BaseModel):
     """Sampling parameters beyond temperature / top_p, shared by /generate and the OpenAI-compatible API
     (OpenAI's penalties and logit_bias; top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos and
@@ -155,7 +180,7 @@ class SamplingControls(BaseModel):
         }
 
 
-class GenerateRequest(SamplingControls):
+class GenerateRequest(PromptInput, SamplingControls):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
@@ -169,13 +194,6 @@ class GenerateRequest(SamplingControls):
     adapter_id: str | None = Field(
         default=None, pattern=ID_PATTERN, description="an uploaded adapter's id; null serves the base model"
     )
-    prompt: str | None = Field(
-        default=None, description="text, sent as one user turn through the chat template (tokenized as is when raw)"
-    )
-    messages: list[ChatMessage] | None = Field(
-        default=None, min_length=1, description="chat turns; the base model's chat template is applied"
-    )
-    raw: bool = Field(default=False, description="tokenize 'prompt' as is, without the chat template")
     max_tokens: int = Field(default=64, ge=1, le=MAX_TOKENS_CEILING, description="most tokens to generate")
     temperature: float = Field(default=0.0, ge=0.0, le=100.0, description="0 = greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -211,14 +229,6 @@ class GenerateRequest(SamplingControls):
                 raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters")
         return v
 
-    @model_validator(mode="after")
-    def _prompt_xor_messages(self) -> "GenerateRequest":
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' (text) or 'messages' (chat turns)")
-        if self.raw and self.prompt is None:
-            raise ValueError("'raw' applies to 'prompt' only; 'messages' always use the chat template")
-        return self
-
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
@@ -252,19 +262,10 @@ class GenerateResponse(BaseModel):
     )
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(PromptInput):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = Field(default=None, description="text, as one user turn through the chat template unless raw")
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1, description="chat turns")
-    raw: bool = Field(default=False, description="tokenize 'prompt' as is, without the chat template")
     return_token_strs: bool = Field(default=False, description="also answer each token as the tokenizer spells it")
-
-    @model_validator(mode="after")
-    def _prompt_xor_messages(self) -> "TokenizeRequest":
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' (text) or 'messages' (chat turns)")
-        return self
 
 
 class TokenizeResponse(BaseModel):

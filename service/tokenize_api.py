@@ -25,8 +25,7 @@ def _engine(request: Request):
 @router.post("/tokenize", response_model=TokenizeResponse, summary="The token ids /generate would feed the model")
 async def tokenize(request: Request, body: TokenizeRequest, caller: TenantCaller) -> TokenizeResponse:
     engine = _engine(request)
-    messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
-    ids = await run_in_threadpool(engine.encode_prompt, body.prompt, messages, body.raw)
+    ids = await run_in_threadpool(engine.encode_prompt, body.prompt, body.chat(), body.raw)
     strs = [engine.tokenizer.convert_ids_to_tokens(i) for i in ids] if body.return_token_strs else None
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.config.max_seq_len, token_strs=strs)
 
