@@ -10,6 +10,7 @@
 #include <optional>
 #include <vector>
 
+#include "parallel.h"
 #include "vec.h"
 
 namespace svdserve::core {
@@ -17,26 +18,13 @@ namespace svdserve::core {
 using svdserve::Vec;
 using svdserve::load;
 using svdserve::store;
+using svdserve::scratch;
 
 constexpr int NV = 2;        // vectors of output columns per tile (3 measured no faster)
 
 // Tokens (or core rows) per register block of an unscaled tile: RB × NV accumulator vectors within the vector
 // registers (16 with AVX2, 32 with AVX-512); scaled tiles keep two accumulators per output, so half as many.
 constexpr int kRB = 4 * (svdserve::kVecRegs / 16);
-
-// Per-thread scratch buffers that only grow: a fresh allocation of a prefill's size per call costs a memset and
-// page faults (measured, when it held whole folded projections: OSoRA's prefill delta ~1.7× slower in the model
-// than in a loop that reused its memory). Every element used is written before it is read.
-// Aligned to 64 bytes, so a packed tile's rows (see TileSource) each sit in one cache line.
-template <typename acc_t>
-acc_t* scratch(int which, int64_t n) {
-  constexpr int64_t kPad = 64 / sizeof(acc_t);
-  thread_local std::vector<acc_t> buffers[4];
-  std::vector<acc_t>& b = buffers[which];
-  if (static_cast<int64_t>(b.size()) < n + kPad) b.resize(n + kPad);
-  const uintptr_t at = reinterpret_cast<uintptr_t>(b.data());
-  return reinterpret_cast<acc_t*>((at + 63) & ~uintptr_t(63));
-}
 
 // Every token's cores for every member: g = C h and, for scaled rows, e = d ⊙ h; (T, k·R) each. With `srow`,
 // a row whose srow[p] is set has diagonal cores (OSoRA's diag S), srow[p] their diagonals (k·R): g = s ⊙ h, and C

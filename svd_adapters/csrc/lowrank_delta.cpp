@@ -41,7 +41,10 @@ constexpr int kRowsA = 4;  // rows of A per pass over x: each x load feeds 4 dot
 constexpr int kTileB = 4;  // vectors of output columns per tile of Bᵀ (4 accumulators, kr loads each)
 constexpr int64_t kTokenChunk = 64;  // prefill: tokens per pass (their x, [t | e] and y rows stay in L2)
 // Prefill: tokens per tile of the expansion, kTokTile × kTileB accumulators plus kTileB loaded vectors in registers
+// (on AVX2, 4 tokens × 2 vectors, 4 × 3, 3 × 3 and 6 × 2 measured within noise of 2 × 4: y's pass over memory, not
+// the tile, sets the time)
 constexpr int kTokTile = svdserve::kVecRegs == 32 ? 4 : 2;
+constexpr int64_t kSpan = kTileB * svdserve::kFloatLanes;  // columns per tile
 
 template <typename acc_t>
 inline acc_t lanes_sum(typename Vec<acc_t>::type v) {
@@ -196,47 +199,60 @@ void project_tokens(const scalar_t* x, int64_t sx, const scalar_t* A, int64_t n,
   if (c < kr) project_columns<1>(x, sx, A, n, rows, t, ldt, c);
 }
 
-// y[r, c0 + c] += Σ_{j<kr} t[r, j] B[j, c0 + c] + Σ_{j<re} t[r, kr + j] U[j, c0 + c] for TB_ rows and kTileB
-// vectors of columns, in registers: each loaded vector of B or U feeds TB_ rows.
+// [B; U] (kr rows of B, m numbers apart, then re rows of U, ldu apart) in float32, packed span by span: the rows
+// of span-wide column tile c / span contiguous at P + (c / span)·(kr + re)·span; columns past the last whole
+// span are left out. As given, the rows of a tile lie m (or M) numbers apart: for gate/up's 1536 (and U's 3072)
+// that is a multiple of 2 KB, so a tile's 32 rows fall into two L1 sets and evict each other on every pass of
+// tokens (the same aliasing the core sweep's `pack_tiles` avoids).
+template <typename scalar_t>
+void pack_expansion(const scalar_t* B, int64_t kr, const float* U, int64_t ldu, int64_t re, int64_t m, float* P) {
+  constexpr int64_t span = kSpan;
+  const int64_t rows = kr + re;
+  for (int64_t c = 0; c + span <= m; c += span) {
+    float* tile = P + (c / span) * rows * span;
+    for (int64_t j = 0; j < kr; ++j)
+      for (int64_t x = 0; x < span; ++x) tile[j * span + x] = static_cast<float>(B[j * m + c + x]);
+    for (int64_t j = 0; j < re; ++j)
+      for (int64_t x = 0; x < span; ++x) tile[(kr + j) * span + x] = U[j * ldu + c + x];
+  }
+}
+
+// y[r, c0 + c] += Σ_{j<rows} t[r, j] P[j, c] for TB_ tokens and kTileB vectors of columns, in registers: `tile` is
+// one packed span of [B; U] (`pack_expansion`), t the tokens' [t | e]; each loaded vector of it feeds TB_ tokens.
 template <int TB_, typename scalar_t>
-inline void expand_tile(const float* t, int64_t ldt, const scalar_t* B, int64_t ldb, int64_t kr, const float* U,
-                        int64_t ldu, int64_t re, scalar_t* y, int64_t sy, int64_t c0) {
+inline void expand_tile(const float* t, int64_t ldt, const float* tile, int64_t rows, scalar_t* y, int64_t sy,
+                        int64_t c0) {
   using V = Vec<float>::type;
   constexpr int W = svdserve::kFloatLanes;
+  constexpr int64_t span = kSpan;
   V a[TB_][kTileB];
   for (int r = 0; r < TB_; ++r)
     for (int v = 0; v < kTileB; ++v) a[r][v] = load(y + r * sy + c0 + v * W);
-  for (int64_t j = 0; j < kr; ++j) {
+  for (int64_t j = 0; j < rows; ++j) {
     V w[kTileB];
-    for (int v = 0; v < kTileB; ++v) w[v] = load(B + j * ldb + c0 + v * W);
+    for (int v = 0; v < kTileB; ++v) w[v] = load(tile + j * span + v * W);
     for (int r = 0; r < TB_; ++r) {
       const float tj = t[r * ldt + j];
       for (int v = 0; v < kTileB; ++v) a[r][v] += tj * w[v];
-    }
-  }
-  for (int64_t j = 0; j < re; ++j) {
-    V w[kTileB];
-    for (int v = 0; v < kTileB; ++v) w[v] = load(U + j * ldu + c0 + v * W);
-    for (int r = 0; r < TB_; ++r) {
-      const float ej = t[r * ldt + kr + j];
-      for (int v = 0; v < kTileB; ++v) a[r][v] += ej * w[v];
     }
   }
   for (int r = 0; r < TB_; ++r)
     for (int v = 0; v < kTileB; ++v) store(y + r * sy + c0 + v * W, a[r][v]);
 }
 
-// y[r, :m] += [t | e][r] · [B; U] for rows r < rows: whole tiles, then the columns past the last one.
+// y[r, :m] += [t | e][r] · [B; U] for rows r < rows: whole spans from the packed copy P, then the columns past the
+// last one from B and U as given.
 template <typename scalar_t>
-void expand_tokens(const float* t, int64_t ldt, const scalar_t* B, int64_t kr, const float* U, int64_t ldu,
-                   int64_t re, int64_t m, int64_t rows, scalar_t* y, int64_t sy) {
-  constexpr int64_t span = kTileB * svdserve::kFloatLanes;
+void expand_tokens(const float* t, int64_t ldt, const float* P, const scalar_t* B, int64_t kr, const float* U,
+                   int64_t ldu, int64_t re, int64_t m, int64_t rows, scalar_t* y, int64_t sy) {
+  constexpr int64_t span = kSpan;
   int64_t c = 0;
   for (; c + span <= m; c += span) {
+    const float* tile = P + (c / span) * (kr + re) * span;
     int64_t r = 0;
     for (; r + kTokTile <= rows; r += kTokTile)
-      expand_tile<kTokTile>(t + r * ldt, ldt, B, m, kr, U, ldu, re, y + r * sy, sy, c);
-    for (; r < rows; ++r) expand_tile<1>(t + r * ldt, ldt, B, m, kr, U, ldu, re, y + r * sy, sy, c);
+      expand_tile<kTokTile>(t + r * ldt, ldt, tile, kr + re, y + r * sy, sy, c);
+    for (; r < rows; ++r) expand_tile<1>(t + r * ldt, ldt, tile, kr + re, y + r * sy, sy, c);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float* tr = t + r * ldt;
@@ -250,17 +266,18 @@ void expand_tokens(const float* t, int64_t ldt, const scalar_t* B, int64_t kr, c
 }
 
 // One (row, member) task of a prefill: its L tokens' delta, kTokenChunk tokens at a time, with `buf` room for
-// kTokenChunk · (K + R) floats.
+// kTokenChunk · (K + R) floats and `packed` for (K + R) · m.
 template <typename scalar_t>
-void prefill_task(const Operands<scalar_t>& ops, const typename Operands<scalar_t>::Task& o, float* buf) {
+void prefill_task(const Operands<scalar_t>& ops, const typename Operands<scalar_t>::Task& o, float* buf, float* packed) {
   const int64_t re = d_length(o.d, ops.R), ldt = o.kr + re;
+  pack_expansion(o.B, o.kr, o.U, ops.M, re, o.m, packed);
   for (int64_t t0 = 0; t0 < ops.L; t0 += kTokenChunk) {
     const int64_t rows = std::min(kTokenChunk, ops.L - t0);
     project_tokens(o.x + t0 * ops.sx, ops.sx, o.A, ops.n, rows, o.kr, buf, ldt);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < re; ++j)
         buf[r * ldt + o.kr + j] = static_cast<float>(o.d[j]) * static_cast<float>(o.h[(t0 + r) * ops.sh + j]);
-    expand_tokens(buf, ldt, o.B, o.kr, o.U, ops.M, re, o.m, rows, o.y + t0 * ops.sy, ops.sy);
+    expand_tokens(buf, ldt, packed, o.B, o.kr, o.U, ops.M, re, o.m, rows, o.y + t0 * ops.sy, ops.sy);
   }
 }
 
@@ -281,14 +298,20 @@ template <typename scalar_t>
 void run_tasks(const Operands<scalar_t>& ops, const std::vector<int64_t>& tasks) {
   using acc_t = typename Operands<scalar_t>::acc_t;
   svdserve::parallel_for(0, static_cast<int64_t>(tasks.size()) / 2, 1, [&](int64_t b, int64_t en) {
-    std::vector<float> buf(ops.L > 1 ? kTokenChunk * (ops.K + ops.R) : 0);
+    float *buf = nullptr, *packed = nullptr;  // a prefill's: this thread's [t | e] of a chunk and packed [B; U]
+    if (ops.L > 1) {
+      int64_t widest = 0;
+      for (size_t i = 0; i + 1 < ops.off.size(); ++i) widest = std::max(widest, ops.off[i + 1] - ops.off[i]);
+      buf = svdserve::scratch<float>(0, kTokenChunk * (ops.K + ops.R));
+      packed = svdserve::scratch<float>(1, (ops.K + ops.R) * widest);
+    }
     std::vector<acc_t> t(ops.K), e(std::max<int64_t>(ops.R, 1));
     for (int64_t task = b; task < en; ++task) {
       const auto o = ops.task(tasks[2 * task], tasks[2 * task + 1]);
       if constexpr (std::is_same_v<scalar_t, double>) {  // float64 (tests' references): token by token
         for (int64_t l = 0; l < ops.L; ++l) decode_task(ops, ops.at_token(o, l), t.data(), e.data());
       } else {
-        if (ops.L > 1) prefill_task(ops, o, buf.data());
+        if (ops.L > 1) prefill_task(ops, o, buf, packed);
         else decode_task(ops, o, t.data(), e.data());
       }
     }
