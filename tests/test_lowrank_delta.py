@@ -75,15 +75,17 @@ def run(c) -> torch.Tensor:
 
 # Decode: widths that are and are not multiples of the kernel's vectors (16 floats; 64-wide tiles), inputs that
 # are and are not, ranks that are and are not multiples of its 4-row blocks, partly filled slots (LoRA in a
-# SORSA-sized pool). Prefill: rows of several tokens (the GEMM path), also more than one chunk of 64 tokens, with
-# ranks that leave every kind of narrower tile and widths that leave columns past the last tile.
+# SORSA-sized pool). Prefill: rows of several tokens (the tile path), also more than one chunk of 64 tokens, with
+# ranks that leave every kind of narrower tile (1 to 4 vectors of the projection's outer products, and more than
+# one block of them) and widths that leave columns past the last tile.
 SHAPES = [dict(P=5, K=8, n=24, sizes=(12, 6, 6), ranks=[0, 8, 3, 5]),
           dict(P=32, K=32, n=64, sizes=(128, 64, 64), ranks=[0, 32, 16, 32, 16]),
           dict(P=7, K=6, n=37, sizes=(70, 33), ranks=[0, 6, 1]),
           dict(P=3, K=4, n=5, sizes=(3,), ranks=[0, 4]),
           dict(P=4, K=8, n=24, sizes=(12, 6, 6), ranks=[0, 8, 3, 5], L=7),
           dict(P=6, K=32, n=40, sizes=(64, 33), ranks=[0, 32, 16], L=5),
-          dict(P=3, K=32, n=70, sizes=(130, 64, 17), ranks=[0, 32, 16, 5, 13], L=70)]
+          dict(P=3, K=32, n=70, sizes=(130, 64, 17), ranks=[0, 32, 16, 5, 13, 20], L=70),
+          dict(P=4, K=40, n=33, sizes=(40, 24), ranks=[0, 40, 36, 20, 7], L=9)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"P{s['P']}-L{s.get('L', 1)}-K{s['K']}-n{s['n']}-k{len(s['sizes'])}")

@@ -12,8 +12,9 @@
 // batched products, a concatenation and a scatter back into y, each a pass over memory.
 // Decode: each row reads (k·K·n + K·M) numbers per layer for one token, so it is bound by memory bandwidth: two
 // vector loops read A and Bᵀ once. Prefill: bound by arithmetic, a chunk of the row's tokens at a time: their
-// t = A_i x by the register-blocked GEMM tile (csrc/skinny_gemm.h) into a float32 buffer with e = d ⊙ h beside
-// it, then [t | e] · [B_iᵀ; U] added into y by tiles of tokens × columns held in registers. (This was two BLAS
+// t = A_i x by outer-product tiles from A_i transposed (`project_tile`) into a float32 buffer with e = d ⊙ h beside
+// it, then [t | e] · [B_iᵀ; U] added into y by tiles of tokens × columns held in registers, both operands packed
+// per task (a few % of its arithmetic) so that their rows sit apart in L1. (This was two BLAS
 // calls per task, a temporary and an add, ~15 ATen ops each: twice the time on SmolLM2's shapes in float32, 2.7×
 // in bfloat16, a row's products being too small for BLAS to reach speed.) float64 (the tests' references) runs
 // token by token as at decode.
@@ -28,7 +29,6 @@
 #include <vector>
 
 #include "parallel.h"
-#include "skinny_gemm.h"
 #include "vec.h"
 
 namespace {
@@ -174,29 +174,69 @@ int64_t d_length(const scalar_t* d, int64_t R) {
   return re;
 }
 
-// t[r, c] = x[r, :] · A[c, :] for rows r < rows, columns c in [c0, c0 + CB_), in float32 rows ldt apart.
-template <int CB_, typename scalar_t>
-void project_columns(const scalar_t* x, int64_t sx, const scalar_t* A, int64_t n, int64_t rows, float* t,
-                     int64_t ldt, int64_t c0) {
-  constexpr int RB = svdserve::kGemmRB;
-  int64_t r = 0;
-  for (; r + RB <= rows; r += RB) svdserve::gemm_tile<RB, CB_, scalar_t, float>(x, sx, A, n, t, ldt, r, c0);
-  for (; r < rows; ++r) svdserve::gemm_tile<1, CB_, scalar_t, float>(x, sx, A, n, t, ldt, r, c0);
+// A's first kr rows transposed into At (n rows of krp floats, krp = kr rounded up to whole vectors, zeros past kr):
+// the layout project_tile reads, the kr weights of one input element side by side.
+template <typename scalar_t>
+void pack_projection(const scalar_t* A, int64_t n, int64_t kr, int64_t krp, float* At) {
+  for (int64_t c = 0; c < n; ++c) {
+    for (int64_t j = 0; j < kr; ++j) At[c * krp + j] = static_cast<float>(A[j * n + c]);
+    for (int64_t j = kr; j < krp; ++j) At[c * krp + j] = 0;
+  }
 }
 
-// t = x · Aᵀ for a chunk of tokens: A's first kr rows (n numbers each), full-width tiles, then narrower ones for
-// the rest (a rank of 16 is 6 + 6 + 4 columns, not 6 + 6 + 1 + 1 + 1 + 1).
-template <typename scalar_t>
-void project_tokens(const scalar_t* x, int64_t sx, const scalar_t* A, int64_t n, int64_t rows, int64_t kr, float* t,
-                    int64_t ldt) {
-  constexpr int CB = svdserve::kGemmCB;
-  int64_t c = 0;
-  for (; c + CB <= kr; c += CB) project_columns<CB>(x, sx, A, n, rows, t, ldt, c);
-  if constexpr (CB > 4) {
-    if (c + 4 <= kr) project_columns<4>(x, sx, A, n, rows, t, ldt, c), c += 4;
+// t[r, j0 + j] = x[r, :] · A[j0 + j, :] for TB_ tokens and NV_ vectors of j, as outer products in registers: for
+// each input element, NV_ vectors of At times the TB_ tokens' value of it; no horizontal sums, and x read once per
+// TB_ tokens (the dot-product tile reads a chunk's x once per CB columns of A).
+template <int TB_, int NV_, typename scalar_t>
+inline void project_tile(const scalar_t* x, int64_t sx, const float* At, int64_t krp, int64_t n, int64_t j0,
+                         int64_t width, float* t, int64_t ldt) {
+  using V = Vec<float>::type;
+  constexpr int W = svdserve::kFloatLanes;
+  V a[TB_][NV_];
+  for (int r = 0; r < TB_; ++r)
+    for (int v = 0; v < NV_; ++v) a[r][v] = V{};
+  for (int64_t c = 0; c < n; ++c) {
+    V w[NV_];
+    for (int v = 0; v < NV_; ++v) w[v] = load(At + c * krp + j0 + v * W);
+    for (int r = 0; r < TB_; ++r) {
+      const float xc = static_cast<float>(x[r * sx + c]);
+      for (int v = 0; v < NV_; ++v) a[r][v] += xc * w[v];
+    }
   }
-  if (c + 2 <= kr) project_columns<2>(x, sx, A, n, rows, t, ldt, c), c += 2;
-  if (c < kr) project_columns<1>(x, sx, A, n, rows, t, ldt, c);
+  for (int r = 0; r < TB_; ++r) {
+    alignas(64) float row[NV_ * W];
+    for (int v = 0; v < NV_; ++v) store(row + v * W, a[r][v]);
+    for (int64_t j = 0; j < width; ++j) t[r * ldt + j0 + j] = row[j];
+  }
+}
+
+// Tokens per outer-product tile of NV_ vectors: the accumulators, NV_ loaded vectors and a broadcast in registers.
+template <int NV_>
+constexpr int kProjTokens = std::min(12, (svdserve::kVecRegs - 1 - NV_) / NV_);
+
+template <int NV_, typename scalar_t>
+void project_block(const scalar_t* x, int64_t sx, const float* At, int64_t krp, int64_t n, int64_t rows, int64_t j0,
+                   int64_t width, float* t, int64_t ldt) {
+  constexpr int TB = kProjTokens<NV_>;
+  int64_t r = 0;
+  for (; r + TB <= rows; r += TB) project_tile<TB, NV_>(x + r * sx, sx, At, krp, n, j0, width, t + r * ldt, ldt);
+  for (; r < rows; ++r) project_tile<1, NV_>(x + r * sx, sx, At, krp, n, j0, width, t + r * ldt, ldt);
+}
+
+// t = x · Aᵀ for a chunk of tokens from the transposed At: blocks of up to 4 vectors of its columns.
+template <typename scalar_t>
+void project_packed(const scalar_t* x, int64_t sx, const float* At, int64_t n, int64_t rows, int64_t kr, int64_t krp,
+                    float* t, int64_t ldt) {
+  constexpr int W = svdserve::kFloatLanes;
+  for (int64_t j0 = 0; j0 < kr; j0 += 4 * W) {
+    const int64_t width = std::min<int64_t>(4 * W, kr - j0);
+    switch ((width + W - 1) / W) {
+      case 1: project_block<1>(x, sx, At, krp, n, rows, j0, width, t, ldt); break;
+      case 2: project_block<2>(x, sx, At, krp, n, rows, j0, width, t, ldt); break;
+      case 3: project_block<3>(x, sx, At, krp, n, rows, j0, width, t, ldt); break;
+      default: project_block<4>(x, sx, At, krp, n, rows, j0, width, t, ldt); break;
+    }
+  }
 }
 
 // [B; U] (kr rows of B, m numbers apart, then re rows of U, ldu apart) in float32, packed span by span: the rows
@@ -268,12 +308,15 @@ void expand_tokens(const float* t, int64_t ldt, const float* P, const scalar_t* 
 // One (row, member) task of a prefill: its L tokens' delta, kTokenChunk tokens at a time, with `buf` room for
 // kTokenChunk · (K + R) floats and `packed` for (K + R) · m.
 template <typename scalar_t>
-void prefill_task(const Operands<scalar_t>& ops, const typename Operands<scalar_t>::Task& o, float* buf, float* packed) {
-  const int64_t re = d_length(o.d, ops.R), ldt = o.kr + re;
+void prefill_task(const Operands<scalar_t>& ops, const typename Operands<scalar_t>::Task& o, float* buf, float* packed,
+                  float* At) {
+  constexpr int64_t W = svdserve::kFloatLanes;
+  const int64_t re = d_length(o.d, ops.R), ldt = o.kr + re, krp = (o.kr + W - 1) / W * W;
   pack_expansion(o.B, o.kr, o.U, ops.M, re, o.m, packed);
+  pack_projection(o.A, ops.n, o.kr, krp, At);
   for (int64_t t0 = 0; t0 < ops.L; t0 += kTokenChunk) {
     const int64_t rows = std::min(kTokenChunk, ops.L - t0);
-    project_tokens(o.x + t0 * ops.sx, ops.sx, o.A, ops.n, rows, o.kr, buf, ldt);
+    project_packed(o.x + t0 * ops.sx, ops.sx, At, ops.n, rows, o.kr, krp, buf, ldt);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < re; ++j)
         buf[r * ldt + o.kr + j] = static_cast<float>(o.d[j]) * static_cast<float>(o.h[(t0 + r) * ops.sh + j]);
@@ -298,12 +341,13 @@ template <typename scalar_t>
 void run_tasks(const Operands<scalar_t>& ops, const std::vector<int64_t>& tasks) {
   using acc_t = typename Operands<scalar_t>::acc_t;
   svdserve::parallel_for(0, static_cast<int64_t>(tasks.size()) / 2, 1, [&](int64_t b, int64_t en) {
-    float *buf = nullptr, *packed = nullptr;  // a prefill's: this thread's [t | e] of a chunk and packed [B; U]
+    float *buf = nullptr, *packed = nullptr, *At = nullptr;  // a prefill's: this thread's [t | e] of a chunk and packed [B; U]
     if (ops.L > 1) {
       int64_t widest = 0;
       for (size_t i = 0; i + 1 < ops.off.size(); ++i) widest = std::max(widest, ops.off[i + 1] - ops.off[i]);
       buf = svdserve::scratch<float>(0, kTokenChunk * (ops.K + ops.R));
       packed = svdserve::scratch<float>(1, (ops.K + ops.R) * widest);
+      At = svdserve::scratch<float>(2, ops.n * ((ops.K + svdserve::kFloatLanes - 1) / svdserve::kFloatLanes * svdserve::kFloatLanes));
     }
     std::vector<acc_t> t(ops.K), e(std::max<int64_t>(ops.R, 1));
     for (int64_t task = b; task < en; ++task) {
@@ -311,7 +355,7 @@ void run_tasks(const Operands<scalar_t>& ops, const std::vector<int64_t>& tasks)
       if constexpr (std::is_same_v<scalar_t, double>) {  // float64 (tests' references): token by token
         for (int64_t l = 0; l < ops.L; ++l) decode_task(ops, ops.at_token(o, l), t.data(), e.data());
       } else {
-        if (ops.L > 1) prefill_task(ops, o, buf, packed);
+        if (ops.L > 1) prefill_task(ops, o, buf, packed, At);
         else decode_task(ops, o, t.data(), e.data());
       }
     }

@@ -1,9 +1,7 @@
 // y = x · Wᵀ over a block of rows and columns, for the few rows of a decode step: the register-blocked tile shared
-// by skinny_linear.cpp (a whole product), core_linear.cpp (a group's product fused with its core delta) and
-// lowrank_delta.cpp (a prefill's per-row rank projections).
+// by skinny_linear.cpp (a whole product) and core_linear.cpp (a group's product fused with its core delta).
 //
-// x (T, K) and W (N, K) row-major as nn.Linear stores it; float32 or bfloat16, accumulated in float32 and written
-// as out_t (scalar_t unless said: lowrank_delta.cpp keeps a prefill's rank projections in float32). A tile is RB
+// x (T, K) and W (N, K) row-major as nn.Linear stores it; float32 or bfloat16, accumulated in float32. A tile is RB
 // rows × CB columns of dot products along K in vector registers: each W load shared by RB rows, each x load by CB
 // columns, the CB rows of W (a few KB) staying in L1 while the rows stream past.
 #pragma once
@@ -17,8 +15,8 @@ namespace svdserve {
 // RB×CB accumulators + RB x + 1 W within the vector registers: 12 + 4 + 1 of AVX2's 16, 24 + 4 + 1 of AVX-512's 32
 constexpr int kGemmRB = 4, kGemmCB = kVecRegs == 32 ? 6 : 3;
 
-template <int RB_, int CB_, typename scalar_t, typename out_t = scalar_t>
-inline void gemm_tile(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t K, out_t* y, int64_t sy, int64_t t,
+template <int RB_, int CB_, typename scalar_t>
+inline void gemm_tile(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t K, scalar_t* y, int64_t sy, int64_t t,
                       int64_t n) {
   using V = Vec<float>::type;
   V acc[RB_][CB_];
@@ -38,7 +36,7 @@ inline void gemm_tile(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t 
       float s = hsum(acc[r][c]);
       for (int64_t kk = k; kk < K; ++kk)
         s += static_cast<float>(x[(t + r) * sx + kk]) * static_cast<float>(W[(n + c) * K + kk]);
-      y[(t + r) * sy + n + c] = static_cast<out_t>(s);
+      y[(t + r) * sy + n + c] = static_cast<scalar_t>(s);
     }
   }
 }
