@@ -11,7 +11,7 @@
 // member) tasks, straight from the slots: in PyTorch this was a gather of every row's A and B (copies), two
 // batched products, a concatenation and a scatter back into y, each a pass over memory.
 // Decode: each row reads (k·K·n + K·M) numbers per layer for one token, so it is bound by memory bandwidth: two
-// vector loops read A and Bᵀ once. Prefill: bound by arithmetic, a chunk of the row's tokens at a time: their
+// vector loops read A and Bᵀ once, a few rows at a time, each row front to back. Prefill: bound by arithmetic, a chunk of the row's tokens at a time: their
 // t = A_i x by outer-product tiles from A_i transposed (`project_tile`) into a float32 buffer with e = d ⊙ h beside
 // it, then [t | e] · [B_iᵀ; U] added into y by tiles of tokens × columns held in registers, both operands packed
 // per task (a few % of its arithmetic) so that their rows sit apart in L1. (This was two BLAS
@@ -38,7 +38,8 @@ using svdserve::load;
 using svdserve::store;
 
 constexpr int kRowsA = 4;  // rows of A per pass over x: each x load feeds 4 dot products
-constexpr int kTileB = 4;  // vectors of output columns per tile of Bᵀ (4 accumulators, kr loads each)
+constexpr int kRowsB = 4;  // decode: rows of Bᵀ per pass over the outputs
+constexpr int kTileB = 4;  // prefill: vectors of output columns per tile of [Bᵀ; U]
 constexpr int64_t kTokenChunk = 64;  // prefill: tokens per pass (their x, [t | e] and y rows stay in L2)
 // Prefill: tokens per tile of the expansion, kTokTile × kTileB accumulators plus kTileB loaded vectors in registers
 // (on AVX2, 4 tokens × 2 vectors, 4 × 3, 3 × 3 and 6 × 2 measured within noise of 2 × 4: y's pass over memory, not
@@ -88,33 +89,42 @@ void project_rows(const scalar_t* A, int64_t n, const scalar_t* x, int64_t kr, a
   }
 }
 
-// y[c] += Σ_{j<kr} t[j] Bt[j, c] + Σ_{j<re} e[j] U[j, c] for c in [0, m): Bt rows of m contiguous numbers, U
-// rows (the accumulation dtype) ldu apart, or re = 0; y read, and rounded to its dtype, once.
+// acc[c] += Σ_{j<rows} w[j] P[j·ld + c] for c in [0, m): kRowsB rows of P per pass over acc (m numbers, in L1),
+// each row read front to back. (Tiles of columns across all rows, one pass over y, read gate/up's 16 rows of 1536
+// numbers as 16 strided streams that fall into two L1 sets: its decode delta measured 15-35 % slower that way.)
 template <typename scalar_t, typename acc_t>
-void expand_rows(const scalar_t* Bt, const acc_t* t, int64_t kr, const acc_t* U, int64_t ldu, const acc_t* e,
-                 int64_t re, int64_t m, scalar_t* y) {
+void axpy_rows(const scalar_t* P, int64_t ld, const acc_t* w, int64_t rows, int64_t m, acc_t* acc) {
   using V = typename Vec<acc_t>::type;
   constexpr int W = sizeof(V) / sizeof(acc_t);
-  int64_t c = 0;
-  for (; c + kTileB * W <= m; c += kTileB * W) {
-    V a[kTileB];
-    for (int v = 0; v < kTileB; ++v) a[v] = load(y + c + v * W);
-    for (int64_t j = 0; j < kr; ++j) {
-      const acc_t tj = t[j];
-      for (int v = 0; v < kTileB; ++v) a[v] += tj * load(Bt + j * m + c + v * W);
+  constexpr int NR = kRowsB;
+  int64_t j = 0;
+  for (; j + NR <= rows; j += NR) {
+    int64_t c = 0;
+    for (; c + W <= m; c += W) {
+      V a = load(acc + c);
+      for (int r = 0; r < NR; ++r) a += w[j + r] * load(P + (j + r) * ld + c);
+      store(acc + c, a);
     }
-    for (int64_t j = 0; j < re; ++j) {
-      const acc_t ej = e[j];
-      for (int v = 0; v < kTileB; ++v) a[v] += ej * load(U + j * ldu + c + v * W);
-    }
-    for (int v = 0; v < kTileB; ++v) store(y + c + v * W, a[v]);
+    for (; c < m; ++c)
+      for (int r = 0; r < NR; ++r) acc[c] += w[j + r] * static_cast<acc_t>(P[(j + r) * ld + c]);
   }
-  for (; c < m; ++c) {
-    acc_t a = static_cast<acc_t>(y[c]);
-    for (int64_t j = 0; j < kr; ++j) a += t[j] * static_cast<acc_t>(Bt[j * m + c]);
-    for (int64_t j = 0; j < re; ++j) a += e[j] * U[j * ldu + c];
-    y[c] = static_cast<scalar_t>(a);
+  for (; j < rows; ++j) {
+    int64_t c = 0;
+    for (; c + W <= m; c += W) store(acc + c, load(acc + c) + w[j] * load(P + j * ld + c));
+    for (; c < m; ++c) acc[c] += w[j] * static_cast<acc_t>(P[j * ld + c]);
   }
+}
+
+// y[c] += Σ_{j<kr} t[j] Bt[j, c] + Σ_{j<re} e[j] U[j, c] for c in [0, m): Bt rows of m contiguous numbers, U
+// rows (the accumulation dtype) ldu apart, or re = 0; summed in `acc` (m numbers), so y is read, and rounded to its
+// dtype, once.
+template <typename scalar_t, typename acc_t>
+void expand_rows(const scalar_t* Bt, const acc_t* t, int64_t kr, const acc_t* U, int64_t ldu, const acc_t* e,
+                 int64_t re, int64_t m, scalar_t* y, acc_t* acc) {
+  for (int64_t c = 0; c < m; ++c) acc[c] = static_cast<acc_t>(y[c]);
+  axpy_rows(Bt, m, t, kr, m, acc);
+  axpy_rows(U, ldu, e, re, m, acc);
+  for (int64_t c = 0; c < m; ++c) y[c] = static_cast<scalar_t>(acc[c]);
 }
 
 // The call's operands as raw pointers and strides (h, d and U null without a d-term), and each (row, member)
@@ -328,12 +338,13 @@ void prefill_task(const Operands<scalar_t>& ops, const typename Operands<scalar_
 // then y += t · B + e · U, each read once.
 template <typename scalar_t>
 void decode_task(const Operands<scalar_t>& ops, const typename Operands<scalar_t>::Task& o,
-                 typename Operands<scalar_t>::acc_t* t, typename Operands<scalar_t>::acc_t* e) {
+                 typename Operands<scalar_t>::acc_t* t, typename Operands<scalar_t>::acc_t* e,
+                 typename Operands<scalar_t>::acc_t* acc) {
   using acc_t = typename Operands<scalar_t>::acc_t;
   project_rows<scalar_t, acc_t>(o.A, ops.n, o.x, o.kr, t);
   const int64_t re = d_length(o.d, ops.R);
   for (int64_t j = 0; j < re; ++j) e[j] = static_cast<acc_t>(o.d[j]) * static_cast<acc_t>(o.h[j]);
-  expand_rows<scalar_t, acc_t>(o.B, t, o.kr, o.U, ops.M, e, re, o.m, o.y);
+  expand_rows<scalar_t, acc_t>(o.B, t, o.kr, o.U, ops.M, e, re, o.m, o.y, acc);
 }
 
 // Every (row, member) task, as listed by lowrank_delta, split across threads.
@@ -341,7 +352,9 @@ template <typename scalar_t>
 void run_tasks(const Operands<scalar_t>& ops, const std::vector<int64_t>& tasks) {
   using acc_t = typename Operands<scalar_t>::acc_t;
   svdserve::parallel_for(0, static_cast<int64_t>(tasks.size()) / 2, 1, [&](int64_t b, int64_t en) {
-    float *buf = nullptr, *packed = nullptr, *At = nullptr;  // a prefill's: this thread's [t | e] of a chunk and packed [B; U]
+    float *buf = nullptr, *packed = nullptr, *At = nullptr;
+    acc_t* acc = svdserve::scratch<acc_t>(3, ops.M);  // a decode task's sums of one member's outputs
+    // a prefill's: this thread's [t | e] of a chunk, packed [B; U] and transposed A
     if (ops.L > 1) {
       int64_t widest = 0;
       for (size_t i = 0; i + 1 < ops.off.size(); ++i) widest = std::max(widest, ops.off[i + 1] - ops.off[i]);
@@ -353,10 +366,10 @@ void run_tasks(const Operands<scalar_t>& ops, const std::vector<int64_t>& tasks)
     for (int64_t task = b; task < en; ++task) {
       const auto o = ops.task(tasks[2 * task], tasks[2 * task + 1]);
       if constexpr (std::is_same_v<scalar_t, double>) {  // float64 (tests' references): token by token
-        for (int64_t l = 0; l < ops.L; ++l) decode_task(ops, ops.at_token(o, l), t.data(), e.data());
+        for (int64_t l = 0; l < ops.L; ++l) decode_task(ops, ops.at_token(o, l), t.data(), e.data(), acc);
       } else {
         if (ops.L > 1) prefill_task(ops, o, buf, packed, At);
-        else decode_task(ops, o, t.data(), e.data());
+        else decode_task(ops, o, t.data(), e.data(), acc);
       }
     }
   });
