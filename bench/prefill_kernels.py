@@ -5,17 +5,18 @@ not a target.
     python bench/prefill_kernels.py [--rows 32] [--tokens 64] [--rank 16] [--reps 30] [--against GIT_REV]
 
 SmolLM2-135M's four groups (qkv, o, gate/up, down; random data of the real shapes), one prefill of `--rows` rows
-of `--tokens` tokens, each row reading its cores (OSoRA: also its output scales and d) from its own slot of a
-pool, as the runner calls the kernel: the delta added into the GEMM's output y, and for gate/up the activation
-silu(gate) · up written from the final outputs; SORSA and LoRA rows read their A and Bᵀ (SORSA: also d, through
-the shared projections h) from their slots, their delta added into y (gate/up's activation is then the base's
-pass, not timed again). The base's own pass at the same point is timed beside it (for
-gate/up the one-pass activation `gated_silu`; the other groups have none): the difference is what adapters add.
-With `--against`, the same calls through that git revision's `core_delta` too, built into a namespace of its
-own and alternated with this tree's in every round (one process, one machine state: the way to compare two
-builds on a noisy host). Every call reads a y no call has read for a while (calls cycle through `--copies` of
-every input, more than the caches hold), as a prefill's GEMM output comes. Prints a markdown table and a last
-line of JSON.
+of `--tokens` tokens. OSoRA and LoRA-XS rows read their cores (OSoRA: also its output scales and d) from their own
+slots of a pool, as the runner calls the kernel: the delta added into the GEMM's output y, and for gate/up the
+activation silu(gate) · up written from the final outputs. SORSA and LoRA rows read their A and Bᵀ (SORSA: also d,
+through the shared projections h) from their slots, the delta added into y (gate/up's activation is then the
+base's pass, not timed again). The base's own pass at the same point is timed beside it (for gate/up the one-pass
+activation `gated_silu`; the other groups have none): the difference is what adapters add. With `--against`, the
+same calls through that git revision's kernels too, built into a namespace of their own and alternated with this
+tree's in every round (one process, one machine state: the way to compare two builds on a noisy host). Every call
+reads a y no call has read for a while (calls cycle through `--copies` of every input, more than the caches
+hold), as a prefill's GEMM output comes. `--tokens 1 --copies 8` times a decode step's calls instead (one token
+per row; the low-rank rows' A and Bᵀ then come from memory, as in a real step). Prints a markdown table and a
+last line of JSON.
 """
 from __future__ import annotations
 
