@@ -11,13 +11,13 @@
 // member) tasks, straight from the slots: in PyTorch this was a gather of every row's A and B (copies), two
 // batched products, a concatenation and a scatter back into y, each a pass over memory.
 // Decode: each row reads (k·K·n + K·M) numbers per layer for one token, so it is bound by memory bandwidth: two
-// vector loops read A and Bᵀ once, a few rows at a time, each row front to back. Prefill: bound by arithmetic, a chunk of the row's tokens at a time: their
-// t = A_i x by outer-product tiles from A_i transposed (`project_tile`) into a float32 buffer with e = d ⊙ h beside
-// it, then [t | e] · [B_iᵀ; U] added into y by tiles of tokens × columns held in registers, both operands packed
-// per task (a few % of its arithmetic) so that their rows sit apart in L1. (This was two BLAS
-// calls per task, a temporary and an add, ~15 ATen ops each: twice the time on SmolLM2's shapes in float32, 2.7×
-// in bfloat16, a row's products being too small for BLAS to reach speed.) float64 (the tests' references) runs
-// token by token as at decode.
+// vector loops read A and Bᵀ once, a few rows at a time, each row front to back. Prefill: bound by arithmetic, a
+// chunk of the row's tokens at a time: their t = A_i x by outer-product tiles from A_i transposed (`project_tile`)
+// into a float32 buffer with e = d ⊙ h beside it, then [t | e] · [B_iᵀ; U] added into y by tiles of tokens ×
+// columns held in registers, both operands packed per task (a few % of its arithmetic) so that the rows a tile
+// reads do not evict each other in L1. (This was two BLAS calls per task, a temporary and an add, ~15 ATen ops
+// each: twice the time on SmolLM2's shapes in float32, 2.7× in bfloat16, a row's products being too small for
+// BLAS to reach speed.) float64 (the tests' references) runs token by token as at decode.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
