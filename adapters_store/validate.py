@@ -8,10 +8,13 @@ Nothing here unpickles: torch.load / pickle are never used.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
-from typing import Any
+import threading
+from collections import OrderedDict
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -68,12 +71,83 @@ def load_adapter(
     blob = bytes(blob)
     _check_size(blob, max_bytes)
     header_len = _check_magic_and_header_len(blob)
-    header = _parse_header_json(blob[8 : 8 + header_len])
+    raw = blob[8 : 8 + header_len]
+    key = (_header_key(raw), len(blob) - 8 - header_len, factors.fingerprint, base_model_name, max_rank)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        layout = _check_layout(raw, len(blob) - 8 - header_len, factors, base_model_name, max_rank)
+        _LAYOUTS.put(key, layout)
+    return _decode(blob, layout, 8 + header_len)
+
+
+_METADATA_FIRST = b'{"__metadata__":'
+# duplicate keys refused, as the full parse does (a lambda: `_no_duplicate_keys` is defined further down)
+_METADATA_DECODER = json.JSONDecoder(object_pairs_hook=lambda pairs: _no_duplicate_keys(pairs))
+
+
+def _header_key(raw: bytes) -> tuple:
+    """What identifies a header's meaning: its bytes, except that the metadata (which safetensors writes first,
+    its keys in no fixed order: two saves of one adapter differ there) counts by its sorted items."""
+    if raw.startswith(_METADATA_FIRST):
+        try:
+            text = raw.decode("utf-8")
+            metadata, end = _METADATA_DECODER.raw_decode(text, len(_METADATA_FIRST))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            metadata = None  # the full check explains
+        if isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values()):
+            return tuple(sorted(metadata.items())), hashlib.sha256(text[end:].encode()).digest()
+    return (), hashlib.sha256(raw).digest()
+
+
+class _Layout(NamedTuple):
+    """What a header says once it has passed every check: the metadata's meaning and, for an all-F32 file, the
+    pieces `_decode_f32` cuts its data into (None: the file is decoded by safetensors)."""
+
+    meta: dict[str, Any]
+    f32_runs: list[tuple[tuple[int, ...], list[str]]] | None
+
+
+def _check_layout(raw: bytes, data_len: int, factors: BaseFactors, base_model_name: str | None,
+                  max_rank: int | None) -> _Layout:
+    """Every check of the header (JSON, entries, metadata, names and shapes against this base)."""
+    header = _parse_header_json(raw)
     metadata = header.pop("__metadata__", None)
-    entries = _check_entries(header, data_len=len(blob) - 8 - header_len)
+    entries = _check_entries(header, data_len=data_len)
     meta = _check_metadata(metadata, factors, base_model_name, max_rank)
     _check_tensor_names_and_shapes(entries, meta, factors)
-    return _decode(blob, meta, header, 8 + header_len)
+    return _Layout(meta, _f32_runs(header))
+
+
+class _LayoutCache:
+    """Headers that passed `_check_layout`, by the SHA-256 of their bytes and everything else the checks read
+    (data length, base fingerprint, name, max_rank); least recently used first out. Adapters of one method, rank
+    and targets (every tenant's, from the trainer) have byte-identical headers, and parsing and checking a header
+    of hundreds of entries was most of a cold load's CPU time (OSoRA: ~2/3 of fetch + validate). The tensor data
+    is still checked on every load; a refused header is never cached, so it is refused again."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key: tuple) -> _Layout | None:
+        with self._lock:
+            layout = self._items.get(key)
+            if layout is not None:
+                self._items.move_to_end(key)
+            return layout
+
+    def put(self, key: tuple, layout: _Layout) -> None:
+        with self._lock:
+            self._items[key] = layout
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_LAYOUTS = _LayoutCache()
 
 
 # --- bytes level -------------------------------------------------------------------------------------------
@@ -382,13 +456,25 @@ def _check_tensor_names_and_shapes(
     )
 
 
-def _decode_f32(blob: bytes, header: dict[str, Any], data_start: int) -> dict[str, torch.Tensor] | None:
-    """Fast path for all-F32 files (what the trainer writes): one copy of the data section, one finiteness check
-    for the whole file, tensors as views of the copy. None when it does not apply or a value is non-finite (the
-    slow path explains). `_check_entries` has checked that the tensors tile the data section exactly."""
-    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], name, e["shape"]) for name, e in header.items())
-    if sys.byteorder != "little" or any(header[name]["dtype"] != "F32" or begin % 4 for begin, _, name, _ in spans):
+def _f32_runs(header: dict[str, Any]) -> list[tuple[tuple[int, ...], list[str]]] | None:
+    """How `_decode_f32` cuts an all-F32 file's data section: runs of back-to-back tensors of one shape, in data
+    order, each (shape, names). None when a tensor is not F32 or not 4-byte aligned (or this host is big-endian)."""
+    spans = sorted((e["data_offsets"][0], name, e["shape"]) for name, e in header.items())
+    if sys.byteorder != "little" or any(header[name]["dtype"] != "F32" or begin % 4 for begin, name, _ in spans):
         return None
+    runs: list[tuple[tuple[int, ...], list[str]]] = []
+    for _, name, shape in spans:
+        if runs and runs[-1][0] == tuple(shape):
+            runs[-1][1].append(name)
+        else:
+            runs.append((tuple(shape), [name]))
+    return runs
+
+
+def _decode_f32(blob: bytes, runs: list[tuple[tuple[int, ...], list[str]]], data_start: int) -> dict[str, torch.Tensor] | None:
+    """Fast path for all-F32 files (what the trainer writes): one copy of the data section, one finiteness check
+    for the whole file, tensors as views of the copy. None when a value is non-finite (the slow path explains).
+    `_check_entries` has checked that the tensors tile the data section exactly; `runs` are `_f32_runs`."""
     # numpy: a single-threaded scan. torch's parallel kernels stall when the engine thread holds the cores.
     if not np.isfinite(np.frombuffer(blob, dtype="<f4", offset=data_start)).all():
         return None
@@ -396,12 +482,6 @@ def _decode_f32(blob: bytes, header: dict[str, Any], data_start: int) -> dict[st
     # Runs of back-to-back tensors of one shape are one piece each (LoRA-XS: all its cores), the rest a piece per
     # tensor (OSoRA's vectors alternate in size); one split makes every piece. An adapter has hundreds of tensors,
     # and a Python-level slice and view each was most of a cold load's time.
-    runs: list[tuple[tuple[int, ...], list[str]]] = []
-    for _, _, name, shape in spans:
-        if runs and runs[-1][0] == tuple(shape):
-            runs[-1][1].append(name)
-        else:
-            runs.append((tuple(shape), [name]))
     pieces = torch.split(flat, [math.prod(shape) * len(names) for shape, names in runs])
     out: dict[str, torch.Tensor] = {}
     for (shape, names), piece in zip(runs, pieces):
@@ -412,8 +492,9 @@ def _decode_f32(blob: bytes, header: dict[str, Any], data_start: int) -> dict[st
     return out
 
 
-def _decode(blob: bytes, meta: dict[str, Any], header: dict[str, Any], data_start: int) -> Adapter:
-    fast = _decode_f32(blob, header, data_start) if len(blob) > data_start else None
+def _decode(blob: bytes, layout: _Layout, data_start: int) -> Adapter:
+    meta = layout.meta
+    fast = _decode_f32(blob, layout.f32_runs, data_start) if layout.f32_runs and len(blob) > data_start else None
     if fast is not None:
         params_fast: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in fast.items():

@@ -1,9 +1,11 @@
 """Every kind of bad upload is refused before anything is stored, each with its own code and a fixing hint."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
+import struct
 import zipfile
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from adapters_store.format import adapter_to_bytes
+from adapters_store import validate
 from adapters_store.validate import MAX_HEADER_BYTES, AdapterValidationError, load_adapter
 from svd_adapters.adapter import Adapter, new_adapter
 from svd_adapters.factors import BaseFactors
@@ -295,3 +298,76 @@ def test_every_method_checks_shapes(tiny_factors: BaseFactors) -> None:
         err = refused(st_save(tensors, metadata=meta), tiny_factors, "shape_mismatch")
         assert name in err.message
         assert set(get_method(method).param_shapes(32, 64, 3)) == {k.rsplit(".", 1)[1] for k in tensors}
+
+
+# --- headers already checked are remembered (`validate._LAYOUTS`); the data never is ---------------------
+
+
+def test_a_header_is_checked_once_and_its_layout_reused(osora: Adapter, tiny_factors: BaseFactors,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    checks: list[int] = []
+    real = validate._check_layout
+    monkeypatch.setattr(validate, "_check_layout", lambda *a: (checks.append(1), real(*a))[1])
+    validate._LAYOUTS.clear()
+    good = adapter_to_bytes(osora)
+    first, second = load_adapter(good, tiny_factors), load_adapter(good, tiny_factors)
+    assert len(checks) == 1
+    for module, params in osora.params.items():
+        for name, t in params.items():
+            assert torch.equal(first.params[module][name], t) and torch.equal(second.params[module][name], t)
+    assert second.params[Q0]["S"].data_ptr() != first.params[Q0]["S"].data_ptr()  # each load owns its tensors
+    load_adapter(with_meta(good, alpha="2.0"), tiny_factors)  # another header: checked in full
+    assert len(checks) == 2
+
+
+def test_a_remembered_header_still_has_its_data_checked(osora: Adapter, tiny_factors: BaseFactors) -> None:
+    good = adapter_to_bytes(osora)
+    load_adapter(good, tiny_factors)
+    header_len = int.from_bytes(good[:8], "little")
+    header, data = split(good)
+    at = header[f"{Q0}.S"]["data_offsets"][0] + 4  # S[1], float32
+    data = data[:at] + struct.pack("<f", math.nan) + data[at + 4 :]
+    bad = good[: 8 + header_len] + data  # byte for byte the header just accepted
+    refused(bad, tiny_factors, "non_finite", f"{Q0}.S", "NaN")
+
+
+def test_a_remembered_header_is_checked_again_for_another_server_or_length(osora: Adapter,
+                                                                           tiny_factors: BaseFactors) -> None:
+    good = adapter_to_bytes(osora)
+    load_adapter(good, tiny_factors, max_rank=4)
+    refused(good, tiny_factors, "rank_too_large", "max_rank 3", max_rank=3)
+    refused(good[:-4], tiny_factors, "truncated", "upload")
+    other_base = dataclasses.replace(tiny_factors, fingerprint="0" * 16)
+    refused(good, other_base, "fingerprint_mismatch", "retrain")
+
+
+def test_the_layout_cache_keeps_the_most_recently_used() -> None:
+    cache = validate._LayoutCache(size=2)
+    layouts = [validate._Layout({"n": i}, None) for i in range(4)]
+    for i in range(3):
+        cache.put((i,), layouts[i])
+    assert cache.get((0,)) is None and cache.get((2,)) is layouts[2]
+    assert cache.get((1,)) is layouts[1]  # now the most recent: 2 goes next
+    cache.put((3,), layouts[3])
+    assert cache.get((2,)) is None and cache.get((1,)) is layouts[1] and cache.get((3,)) is layouts[3]
+
+
+def test_the_metadata_counts_by_its_items_not_their_order(osora: Adapter, tiny_factors: BaseFactors,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    checks: list[int] = []
+    real = validate._check_layout
+    monkeypatch.setattr(validate, "_check_layout", lambda *a: (checks.append(1), real(*a))[1])
+    validate._LAYOUTS.clear()
+    good = adapter_to_bytes(osora)
+    n = int.from_bytes(good[:8], "little")
+    raw = good[8 : 8 + n].decode()
+    assert raw.startswith('{"__metadata__":')  # where safetensors writes it, its keys in no fixed order
+    meta, end = json.JSONDecoder().raw_decode(raw, len('{"__metadata__":'))
+    reordered = json.dumps(dict(reversed(list(meta.items()))), separators=(",", ":"))
+    load_adapter(good, tiny_factors)
+    load_adapter(join(('{"__metadata__":' + reordered + raw[end:]).encode(), good[8 + n :]), tiny_factors)
+    assert len(checks) == 1
+    # a key given twice is still refused, not read as the header just accepted
+    twice = reordered[:-1] + ',"method":"osora"}'
+    refused(join(('{"__metadata__":' + twice + raw[end:]).encode(), good[8 + n :]), tiny_factors, "bad_header",
+            "duplicate key 'method'")
