@@ -104,7 +104,7 @@ class _Layout(NamedTuple):
     pieces `_decode_f32` cuts its data into (None: the file is decoded by safetensors)."""
 
     meta: dict[str, Any]
-    f32_runs: list[tuple[tuple[int, ...], list[str]]] | None
+    f32_plan: _F32Plan | None
 
 
 def _check_layout(raw: bytes, data_len: int, factors: BaseFactors, base_model_name: str | None,
@@ -115,7 +115,7 @@ def _check_layout(raw: bytes, data_len: int, factors: BaseFactors, base_model_na
     entries = _check_entries(header, data_len=data_len)
     meta = _check_metadata(metadata, factors, base_model_name, max_rank)
     _check_tensor_names_and_shapes(entries, meta, factors)
-    return _Layout(meta, _f32_runs(header))
+    return _Layout(meta, _f32_plan(header))
 
 
 class _LayoutCache:
@@ -456,25 +456,33 @@ def _check_tensor_names_and_shapes(
     )
 
 
-def _f32_runs(header: dict[str, Any]) -> list[tuple[tuple[int, ...], list[str]]] | None:
+class _F32Plan(NamedTuple):
     """How `_decode_f32` cuts an all-F32 file's data section: runs of back-to-back tensors of one shape, in data
-    order, each (shape, names). None when a tensor is not F32 or not 4-byte aligned (or this host is big-endian)."""
+    order, each (shape, its tensors as (module, param)), and the runs' sizes in numbers."""
+
+    runs: list[tuple[tuple[int, ...], list[tuple[str, str]]]]
+    sizes: list[int]
+
+
+def _f32_plan(header: dict[str, Any]) -> _F32Plan | None:
+    """None when a tensor is not F32 or not 4-byte aligned (or this host is big-endian): safetensors decodes."""
     spans = sorted((e["data_offsets"][0], name, e["shape"]) for name, e in header.items())
-    if sys.byteorder != "little" or any(header[name]["dtype"] != "F32" or begin % 4 for begin, name, _ in spans):
+    if not spans or sys.byteorder != "little" or any(header[name]["dtype"] != "F32" or begin % 4 for begin, name, _ in spans):
         return None
-    runs: list[tuple[tuple[int, ...], list[str]]] = []
+    runs: list[tuple[tuple[int, ...], list[tuple[str, str]]]] = []
     for _, name, shape in spans:
+        module, param = name.rsplit(".", 1)
         if runs and runs[-1][0] == tuple(shape):
-            runs[-1][1].append(name)
+            runs[-1][1].append((module, param))
         else:
-            runs.append((tuple(shape), [name]))
-    return runs
+            runs.append((tuple(shape), [(module, param)]))
+    return _F32Plan(runs, [math.prod(shape) * len(names) for shape, names in runs])
 
 
-def _decode_f32(blob: bytes, runs: list[tuple[tuple[int, ...], list[str]]], data_start: int) -> dict[str, torch.Tensor] | None:
+def _decode_f32(blob: bytes, plan: _F32Plan, data_start: int) -> dict[str, dict[str, torch.Tensor]] | None:
     """Fast path for all-F32 files (what the trainer writes): one copy of the data section, one finiteness check
-    for the whole file, tensors as views of the copy. None when a value is non-finite (the slow path explains).
-    `_check_entries` has checked that the tensors tile the data section exactly; `runs` are `_f32_runs`."""
+    for the whole file, tensors as views of the copy, by module and param. None when a value is non-finite (the
+    slow path explains). `_check_entries` has checked that the tensors tile the data section exactly."""
     # numpy: a single-threaded scan. torch's parallel kernels stall when the engine thread holds the cores.
     if not np.isfinite(np.frombuffer(blob, dtype="<f4", offset=data_start)).all():
         return None
@@ -482,25 +490,22 @@ def _decode_f32(blob: bytes, runs: list[tuple[tuple[int, ...], list[str]]], data
     # Runs of back-to-back tensors of one shape are one piece each (LoRA-XS: all its cores), the rest a piece per
     # tensor (OSoRA's vectors alternate in size); one split makes every piece. An adapter has hundreds of tensors,
     # and a Python-level slice and view each was most of a cold load's time.
-    pieces = torch.split(flat, [math.prod(shape) * len(names) for shape, names in runs])
-    out: dict[str, torch.Tensor] = {}
-    for (shape, names), piece in zip(runs, pieces):
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for (shape, names), piece in zip(plan.runs, torch.split(flat, plan.sizes)):
         if len(names) > 1:
-            out.update(zip(names, piece.view(len(names), *shape).unbind(0)))
+            for (module, param), t in zip(names, piece.view(len(names), *shape).unbind(0)):
+                params.setdefault(module, {})[param] = t
         else:
-            out[names[0]] = piece if len(shape) == 1 else piece.view(shape)
-    return out
+            module, param = names[0]
+            params.setdefault(module, {})[param] = piece if len(shape) == 1 else piece.view(shape)
+    return params
 
 
 def _decode(blob: bytes, layout: _Layout, data_start: int) -> Adapter:
     meta = layout.meta
-    fast = _decode_f32(blob, layout.f32_runs, data_start) if layout.f32_runs and len(blob) > data_start else None
+    fast = _decode_f32(blob, layout.f32_plan, data_start) if layout.f32_plan and len(blob) > data_start else None
     if fast is not None:
-        params_fast: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t in fast.items():
-            module, param = key.rsplit(".", 1)
-            params_fast.setdefault(module, {})[param] = t
-        return _adapter(meta, params_fast)
+        return _adapter(meta, fast)
     try:
         tensors = st_load(blob)  # header fully checked above; safetensors itself never executes code
     except Exception as exc:  # defensive: a safetensors rule we did not mirror
