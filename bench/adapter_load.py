@@ -2,7 +2,10 @@
 
 Measures the engine's own path: `Engine._load` (fetch the blob from the store, validate it completely,
 turn it into slot terms) followed by the slot write the engine thread does before the adapter can serve.
-A baseline in the same run: a bare Redis GET of the same blob (the floor any design pays).
+A baseline in the same run: a bare Redis GET of the same blob (the floor any design pays). The adapters of one
+method share their header layout (as a trainer's adapters of one method, rank and targets do), so after the first
+load of each method the validator's header checks are remembered (`adapters_store.validate`): the p50 is such a
+load, whose data is still checked; the p99 includes the first, checked in full.
 
     python bench/adapter_load.py [--base default] [--rank 16] [--n 40] [--redis redis://127.0.0.1:6379/0] [--device cuda]
 
