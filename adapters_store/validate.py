@@ -4,6 +4,8 @@ Order: size → magic bytes (pickle / zip / GGUF disguised as .safetensors) → 
 every tensor entry (dtype, shape, offsets tiling the data exactly) → metadata (format, method, fingerprint,
 targets, rank, alpha) → tensor names and shapes against what this base expects → only then are tensor
 bytes decoded (by safetensors, whose header we already checked) and tested for NaN/Inf.
+A header that passed every check is remembered (`_LayoutCache`): the next file with the same header (another
+tenant's adapter of the same method, rank and targets) goes from the header length straight to its data's checks.
 Nothing here unpickles: torch.load / pickle are never used.
 """
 from __future__ import annotations
@@ -119,11 +121,12 @@ def _check_layout(raw: bytes, data_len: int, factors: BaseFactors, base_model_na
 
 
 class _LayoutCache:
-    """Headers that passed `_check_layout`, by the SHA-256 of their bytes and everything else the checks read
-    (data length, base fingerprint, name, max_rank); least recently used first out. Adapters of one method, rank
-    and targets (every tenant's, from the trainer) have byte-identical headers, and parsing and checking a header
-    of hundreds of entries was most of a cold load's CPU time (OSoRA: ~2/3 of fetch + validate). The tensor data
-    is still checked on every load; a refused header is never cached, so it is refused again."""
+    """Headers that passed `_check_layout`, by `_header_key` and everything else the checks read (data length,
+    base fingerprint, name, max_rank); least recently used first out. Adapters of one method, rank and targets
+    (every tenant's, from the trainer) have one header up to the order of its metadata's keys, and parsing and
+    checking a header of hundreds of entries was most of a cold load's CPU time (OSoRA: ~2/5 of fetch + validate +
+    terms). The tensor data is still checked on every load; a refused header is never kept, so it is refused
+    again."""
 
     def __init__(self, size: int = 64) -> None:
         self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
