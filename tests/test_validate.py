@@ -303,21 +303,27 @@ def test_every_method_checks_shapes(tiny_factors: BaseFactors) -> None:
 # --- headers already checked are remembered (`validate._LAYOUTS`); the data never is ---------------------
 
 
-def test_a_header_is_checked_once_and_its_layout_reused(osora: Adapter, tiny_factors: BaseFactors,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def layout_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per header checked in full from here on (none remembered at the start)."""
     checks: list[int] = []
     real = validate._check_layout
     monkeypatch.setattr(validate, "_check_layout", lambda *a: (checks.append(1), real(*a))[1])
     validate._LAYOUTS.clear()
+    return checks
+
+
+def test_a_header_is_checked_once_and_its_layout_reused(osora: Adapter, tiny_factors: BaseFactors,
+                                                        layout_checks: list[int]) -> None:
     good = adapter_to_bytes(osora)
     first, second = load_adapter(good, tiny_factors), load_adapter(good, tiny_factors)
-    assert len(checks) == 1
+    assert len(layout_checks) == 1
     for module, params in osora.params.items():
         for name, t in params.items():
             assert torch.equal(first.params[module][name], t) and torch.equal(second.params[module][name], t)
     assert second.params[Q0]["S"].data_ptr() != first.params[Q0]["S"].data_ptr()  # each load owns its tensors
     load_adapter(with_meta(good, alpha="2.0"), tiny_factors)  # another header: checked in full
-    assert len(checks) == 2
+    assert len(layout_checks) == 2
 
 
 def test_a_remembered_header_still_has_its_data_checked(osora: Adapter, tiny_factors: BaseFactors) -> None:
@@ -353,11 +359,7 @@ def test_the_layout_cache_keeps_the_most_recently_used() -> None:
 
 
 def test_the_metadata_counts_by_its_items_not_their_order(osora: Adapter, tiny_factors: BaseFactors,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    checks: list[int] = []
-    real = validate._check_layout
-    monkeypatch.setattr(validate, "_check_layout", lambda *a: (checks.append(1), real(*a))[1])
-    validate._LAYOUTS.clear()
+                                                          layout_checks: list[int]) -> None:
     good = adapter_to_bytes(osora)
     n = int.from_bytes(good[:8], "little")
     raw = good[8 : 8 + n].decode()
@@ -366,7 +368,7 @@ def test_the_metadata_counts_by_its_items_not_their_order(osora: Adapter, tiny_f
     reordered = json.dumps(dict(reversed(list(meta.items()))), separators=(",", ":"))
     load_adapter(good, tiny_factors)
     load_adapter(join(('{"__metadata__":' + reordered + raw[end:]).encode(), good[8 + n :]), tiny_factors)
-    assert len(checks) == 1
+    assert len(layout_checks) == 1
     # a key given twice is still refused, not read as the header just accepted
     twice = reordered[:-1] + ',"method":"osora"}'
     refused(join(('{"__metadata__":' + twice + raw[end:]).encode(), good[8 + n :]), tiny_factors, "bad_header",
