@@ -14,6 +14,8 @@ so op costs, not arithmetic, set its speed).
   product instead was measured slower: a per-output epilogue.)
 - `core_delta` (`csrc/core_delta.cpp`): one group's core delta added to an output already computed: at prefill, and at
   decode where calibration chose torch's matmul for the GEMM.
+- `decode_attention` (`csrc/decode_attention.cpp`): a decode step's attention, each row's one query per head
+  against its own cached keys up to its position (PyTorch's CPU SDPA spent ~3× the time of reading them).
 - `lowrank_delta` (`csrc/lowrank_delta.cpp`): one group's low-rank delta (SORSA, LoRA) in one call, every row's
   A and Bᵀ read from its slot (PyTorch gathered copies of them first, then concatenated and scattered the
   results: at decode ~3× the memory traffic); at prefill in register tiles of its own (per-row products are too
@@ -43,7 +45,8 @@ from svd_adapters.log import get_logger
 log = get_logger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "skinny_linear.cpp", _CSRC / "core_delta.cpp", _CSRC / "core_linear.cpp", _CSRC / "lowrank_delta.cpp"]
+_SOURCES = [_CSRC / "skinny_linear.cpp", _CSRC / "core_delta.cpp", _CSRC / "core_linear.cpp", _CSRC / "lowrank_delta.cpp",
+            _CSRC / "decode_attention.cpp"]
 _HEADERS = [_CSRC / "vec.h", _CSRC / "parallel.h", _CSRC / "skinny_gemm.h", _CSRC / "core_tiles.h"]
 # Vector flags for the capability torch itself detected on this CPU (the kernels' inner loops are plain C++).
 _ARCH_FLAGS = {
@@ -157,6 +160,23 @@ def lowrank_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: list[to
     d (S, k·R) the slots' d-terms and U (R, M) the members' U_rᵀ in the accumulation dtype: also U_r (d ⊙ h).
     Check `serves(y)` first."""
     torch.ops.svdserve.lowrank_delta(y, x, A, Bt, offsets, slots, ranks, tokens_per_row, h, d, U)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Attention of one new token per row (`csrc/decode_attention.cpp`): q (T, Hq, D); k, v the KV cache (rows,
+    Hkv, S, D) with row t at index t; positions (T,) int64, row t sees keys [0, positions[t]]. Returns (T, Hq, D).
+    Check `attends(q, k)` first."""
+    return torch.ops.svdserve.decode_attention(q.contiguous(), k, v, positions, scale)
+
+
+def attends(query_heads: int, k: torch.Tensor) -> bool:
+    """Whether `decode_attention` takes queries of `query_heads` heads against the KV cache k (rows, Hkv, S, D): a
+    contiguous CPU cache of a kernel dtype, kernels loaded and not forced off, head size a multiple of 16 up to
+    256, at most 1024 query numbers per KV head."""
+    D, group = k.shape[-1], query_heads // k.shape[1]
+    return k.device.type == "cpu" and k.dtype in _LINEAR_DTYPES and k.is_contiguous() and bool(_state.get("ok")) \
+        and _state.get("force") is not False and D % 16 == 0 and D <= 256 and group * D <= 1024
 
 
 def gated_silu(y: torch.Tensor) -> torch.Tensor:

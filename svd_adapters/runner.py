@@ -311,10 +311,14 @@ class BatchedRunner(nn.Module):
         heads = torch.arange(self.n_kv, device=self.device)
         flat = ((torch.arange(T, device=self.device)[:, None] * self.n_kv + heads) * self.max_seq_len + positions[:, None]).view(-1)
 
+        fused_attention = cpu_kernels.attends(self.n_heads, self.k_cache[0])
+
         def attend(li, q, k, v):
             kc, vc = self.k_cache[li], self.v_cache[li]
             kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim))
             vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim))
+            if fused_attention:  # the CPU kernel reads each row's keys up to its own position, no mask
+                return cpu_kernels.decode_attention(q, kc, vc, positions, self.head_dim ** -0.5)
             # One query per row: the query heads sharing a KV head become that head's queries (same mask),
             # so no GQA expansion of the cache is needed (several times faster on CPU, bf16 most of all).
             o = F.scaled_dot_product_attention(q.view(T, self.n_kv, group, self.head_dim), kc[:T, :, :L], vc[:T, :, :L],
