@@ -411,11 +411,15 @@ class LinearGroup(nn.Module):
         core delta's sweep, which adds each token's delta to its gate and up outputs in registers and writes only
         the activation (y is never written back; low-rank rows' delta goes into y before that sweep); without core
         rows after the deltas, as a pass of its own; base-only batches take the same one-pass activation, so the
-        baseline is not handicapped. Elsewhere: `forward`, then the activation as PyTorch ops."""
-        fused = (act_is_silu and self.k == 2 and self.out_sizes[0] == self.out_sizes[1]
-                 and self.bias is None and x.shape[0] > cpu_kernels.SKINNY_MAX_ROWS and cpu_kernels.serves(x))
-        if not fused:
-            gate, up = self.split(self(x, mp, rows))
+        baseline is not handicapped. A CPU decode step: `forward`, then that one-pass activation. Elsewhere:
+        `forward`, then the activation as PyTorch ops."""
+        one_pass = (act_is_silu and self.k == 2 and self.out_sizes[0] == self.out_sizes[1] and self.bias is None
+                    and cpu_kernels.serves(x))
+        if not (one_pass and x.shape[0] > cpu_kernels.SKINNY_MAX_ROWS):
+            y = self(x, mp, rows)
+            if one_pass:  # a few rows (decode): the delta is in y already; the activation in one pass, not two ops
+                return cpu_kernels.gated_silu(y)
+            gate, up = self.split(y)
             return act(gate) * up
         if not mp.has_core:  # base and low-rank rows only: the activation as a pass of its own
             y = self(x, mp, rows) if mp.has_lr else cpu_kernels.matmul_t(x, self.W_aug[: self.M])
