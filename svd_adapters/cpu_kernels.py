@@ -14,8 +14,9 @@ so op costs, not arithmetic, set its speed).
   product instead was measured slower: a per-output epilogue.)
 - `core_delta` (`csrc/core_delta.cpp`): one group's core delta added to an output already computed: at prefill, and at
   decode where calibration chose torch's matmul for the GEMM.
-- `decode_attention` (`csrc/decode_attention.cpp`): a decode step's attention, each row's one query per head
-  against its own cached keys up to its position (PyTorch's CPU SDPA spent ~3× the time of reading them).
+- `decode_attention` (`csrc/decode_attention.cpp`): a decode step's attention in one call per layer: the rotary
+  embedding, the KV cache write, and each row's query heads against its own cached keys up to its position
+  (PyTorch's CPU SDPA with a mask took ~1.7× as long, before the rotary and cache-write ops around it).
 - `lowrank_delta` (`csrc/lowrank_delta.cpp`): one group's low-rank delta (SORSA, LoRA) in one call, every row's
   A and Bᵀ read from its slot (PyTorch gathered copies of them first, then concatenated and scattered the
   results: at decode ~3× the memory traffic); at prefill in register tiles of its own (per-row products are too
@@ -162,12 +163,14 @@ def lowrank_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: list[to
     torch.ops.svdserve.lowrank_delta(y, x, A, Bt, offsets, slots, ranks, tokens_per_row, h, d, U)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Attention of one new token per row (`csrc/decode_attention.cpp`): q (T, Hq, D); k, v the KV cache (rows,
-    Hkv, S, D) with row t at index t; positions (T,) int64, row t sees keys [0, positions[t]]. Returns (T, Hq, D).
-    Check `attends(q, k)` first."""
-    return torch.ops.svdserve.decode_attention(q.contiguous(), k, v, positions, scale)
+def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float) -> torch.Tensor:
+    """A decode step's attention, one new token per row (`csrc/decode_attention.cpp`): q (T, Hq, D), k_new and
+    v_new (T, Hkv, D) before the rotary embedding (each row's heads contiguous; rows may be strided); cos, sin
+    (T, D) the rows' rotary terms; k, v the KV cache (rows, Hkv, S, D), row t at index t, into which row t's
+    rotated key and its value are written at positions[t] (int64, (T,)) before it attends to keys
+    [0, positions[t]]. Returns (T, Hq, D). Check `attends` first."""
+    return torch.ops.svdserve.decode_attention(q, k_new, v_new, k, v, positions, cos, sin, scale)
 
 
 def attends(query_heads: int, k: torch.Tensor) -> bool:

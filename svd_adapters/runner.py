@@ -196,18 +196,19 @@ class BatchedRunner(nn.Module):
             vc[dst, :, :length] = vc[src, :, :length]
 
     # ---- forward ----
-    def _layers(self, x: torch.Tensor, mp: SlotMapping, cos: torch.Tensor, sin: torch.Tensor, attend,
-                rows: dict[str, dict[str, tuple[torch.Tensor, ...]]]) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, mp: SlotMapping, attend, rows: dict[str, dict[str, tuple[torch.Tensor, ...]]]
+                ) -> torch.Tensor:
+        """The decoder layers; attend(li, q, k, v) gets each layer's queries, keys and values before the rotary
+        embedding (T, heads, D): it rotates them (the CPU decode kernel does so as it reads them)."""
         T = x.shape[0]
         for li, blk in enumerate(self.layers):
             g = blk.groups
             q, k, v = g["qkv"].split(g["qkv"](blk.ln1(x), mp, rows["qkv"]))
-            q = rotate(q.view(T, self.n_heads, self.head_dim), cos, sin)
-            k = rotate(k.view(T, self.n_kv, self.head_dim), cos, sin)
-            v = v.view(T, self.n_kv, self.head_dim)
-            attn = attend(li, q, k, v).reshape(T, self.n_heads * self.head_dim)
+            attn = attend(li, q.view(T, self.n_heads, self.head_dim), k.view(T, self.n_kv, self.head_dim),
+                          v.view(T, self.n_kv, self.head_dim)).reshape(T, self.n_heads * self.head_dim)
             x = x + g["o"](attn, mp, rows["o"])
-            x = x + g["down"](g["gate_up"].gated(blk.ln2(x), mp, rows["gate_up"], blk.act, blk.silu), mp, rows["down"])
+            x = x + g["down"](g["gate_up"].gated(blk.ln2(x), mp, rows["gate_up"], blk.act, blk.silu), mp,
+                              rows["down"])
         return self.norm(x)
 
     def _gathered(self, mp: SlotMapping, decode: bool) -> dict[str, dict[str, tuple[torch.Tensor, ...]]]:
@@ -269,15 +270,15 @@ class BatchedRunner(nn.Module):
 
         def attend(li, q, k, v):
             # (P·L, heads, D) → (P, heads, L, D); right padding means causal masking alone keeps pads unseen.
-            q = q.view(P, L, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k.view(P, L, self.n_kv, self.head_dim).transpose(1, 2)
+            q = rotate(q, cos, sin).view(P, L, self.n_heads, self.head_dim).transpose(1, 2)
+            k = rotate(k, cos, sin).view(P, L, self.n_kv, self.head_dim).transpose(1, 2)
             v = v.view(P, L, self.n_kv, self.head_dim).transpose(1, 2)
             self.k_cache[li][row_idx, :, :L] = k
             self.v_cache[li][row_idx, :, :L] = v
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
             return o.transpose(1, 2).reshape(P * L, self.n_heads, self.head_dim)
 
-        h = self._layers(x, mp, cos, sin, attend, self._gathered(mp, decode=False)).view(P, L, -1)
+        h = self._layers(x, mp, attend, self._gathered(mp, decode=False)).view(P, L, -1)
         self.last_hidden = h if keep_hidden else None
         if all_logits:
             return self.lm_head(h)
@@ -304,28 +305,30 @@ class BatchedRunner(nn.Module):
             rows = {g: pools.cached_rows(mp) for g, pools in self.pools.items()}
         x = self.embed(tokens)
         cos, sin = self._cos_sin(x, positions)
-        mask = (torch.arange(L, device=self.device)[None, :] <= positions[:, None]).view(T, 1, 1, L)
-        # Flat (row, kv-head, position) offsets into the cache viewed as (rows·heads·seq, D): index_copy_ is
-        # one cheap scatter, unlike advanced-index assignment.
-        group = self.n_heads // self.n_kv
-        heads = torch.arange(self.n_kv, device=self.device)
-        flat = ((torch.arange(T, device=self.device)[:, None] * self.n_kv + heads) * self.max_seq_len + positions[:, None]).view(-1)
-
         fused_attention = cpu_kernels.attends(self.n_heads, self.k_cache[0])
+        if not fused_attention:
+            mask = (torch.arange(L, device=self.device)[None, :] <= positions[:, None]).view(T, 1, 1, L)
+            # Flat (row, kv-head, position) offsets into the cache viewed as (rows·heads·seq, D): index_copy_ is
+            # one cheap scatter, unlike advanced-index assignment.
+            heads = torch.arange(self.n_kv, device=self.device)
+            flat = ((torch.arange(T, device=self.device)[:, None] * self.n_kv + heads) * self.max_seq_len
+                    + positions[:, None]).view(-1)
+        group = self.n_heads // self.n_kv
 
         def attend(li, q, k, v):
             kc, vc = self.k_cache[li], self.v_cache[li]
+            if fused_attention:  # one kernel: rotary, the cache write, each row's keys up to its own position
+                return cpu_kernels.decode_attention(q, k, v, kc, vc, positions, cos, sin, self.head_dim ** -0.5)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim))
             vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim))
-            if fused_attention:  # the CPU kernel reads each row's keys up to its own position, no mask
-                return cpu_kernels.decode_attention(q, kc, vc, positions, self.head_dim ** -0.5)
             # One query per row: the query heads sharing a KV head become that head's queries (same mask),
             # so no GQA expansion of the cache is needed (several times faster on CPU, bf16 most of all).
             o = F.scaled_dot_product_attention(q.view(T, self.n_kv, group, self.head_dim), kc[:T, :, :L], vc[:T, :, :L],
                                                attn_mask=mask)
             return o.reshape(T, self.n_heads, self.head_dim)
 
-        return self.logits(self._layers(x, mp, cos, sin, attend, rows))
+        return self.logits(self._layers(x, mp, attend, rows))
 
     def position_logits(self, i: int, n: int) -> torch.Tensor:
         """Logits (n, V) at the first n positions of prompt i of the last prefill run with `keep_hidden`."""

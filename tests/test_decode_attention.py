@@ -1,5 +1,6 @@
-"""A decode step's attention in the CPU kernel (`csrc/decode_attention.cpp`) against PyTorch's SDPA with the mask
-the runner used before it, and the runner's decode step with the kernel against the same step without it."""
+"""A decode step's attention in the CPU kernel (`csrc/decode_attention.cpp`: rotary, cache write, attention)
+against the runner's PyTorch path (rotate, index_copy_, SDPA with a mask), and the runner's decode steps with the
+kernel against the same steps without it."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from svd_adapters import cpu_kernels
+from svd_adapters.runner import rotate
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels need a C++ compiler")
+
+
+@pytest.fixture(autouse=True)
+def kernels_built():
+    # CI has a C++ compiler (tests/test_core_delta.py: test_kernels_build_here): a failed build fails these tests.
+    assert cpu_kernels.available(), "the CPU kernels did not build (see the log for the compiler's error)"
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -23,11 +30,14 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -
     return o.reshape(T, Hq, D)
 
 
-def case(T: int, Hq: int, Hkv: int, D: int, S: int, dtype: torch.dtype, seed: int = 0):
-    """Queries, a cache with two rows more than T (rows the kernel must not read) and every position past a row's
-    own set to NaN (a kernel that read past it would show it), positions including 0 and S - 1."""
+def case(T: int, Hq: int, Hkv: int, D: int, S: int, dtype: torch.dtype, seed: int = 0) -> dict:
+    """A step's inputs as the runner has them: q, k_new, v_new column slices of one (T, ·) GEMM output (strided
+    rows), rotary terms at each row's position, and a cache with two rows more than T (rows the kernel must not
+    read) where every position past a row's own is NaN (a kernel that read past it would show it); positions
+    include 0 and S - 1."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(T, Hq, D, generator=gen).to(dtype)
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=gen).to(dtype)
+    q, k_new, v_new = torch.split(qkv, [Hq * D, Hkv * D, Hkv * D], dim=-1)
     k = torch.randn(T + 2, Hkv, S, D, generator=gen).to(dtype)
     v = torch.randn(T + 2, Hkv, S, D, generator=gen).to(dtype)
     pos = torch.randint(0, S, (T,), generator=gen)
@@ -36,7 +46,26 @@ def case(T: int, Hq: int, Hkv: int, D: int, S: int, dtype: torch.dtype, seed: in
         k[t, :, pos[t] + 1 :] = float("nan")
         v[t, :, pos[t] + 1 :] = float("nan")
     k[T:], v[T:] = float("nan"), float("nan")
-    return q, k, v, pos
+    angles = pos[:, None].double() * 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    angles = torch.cat([angles, angles], dim=-1)  # HF's layout: each frequency for both halves
+    return dict(q=q.view(T, Hq, D), k_new=k_new.view(T, Hkv, D), v_new=v_new.view(T, Hkv, D), k=k, v=v, pos=pos,
+                cos=angles.cos().to(dtype), sin=angles.sin().to(dtype))
+
+
+def run_kernel(c: dict) -> torch.Tensor:
+    D = c["q"].shape[-1]
+    return cpu_kernels.decode_attention(c["q"], c["k_new"], c["v_new"], c["k"], c["v"], c["pos"], c["cos"], c["sin"],
+                                        D ** -0.5)
+
+
+def reference(c: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The runner's PyTorch path in float64: rotate, write row t's key and value at its position, SDPA."""
+    cos, sin = c["cos"].double().unsqueeze(1), c["sin"].double().unsqueeze(1)
+    q, k_new = rotate(c["q"].double(), cos, sin), rotate(c["k_new"].double(), cos, sin)
+    k, v = c["k"].double().clone(), c["v"].double().clone()
+    for t, p in enumerate(c["pos"].tolist()):
+        k[t, :, p], v[t, :, p] = k_new[t], c["v_new"][t].double()
+    return sdpa(q, k, v, c["pos"]), k, v
 
 
 SHAPES = [  # (T, query heads, KV heads, head size, cache length)
@@ -49,45 +78,57 @@ SHAPES = [  # (T, query heads, KV heads, head size, cache length)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_decode_attention_matches_sdpa_and_reads_only_each_rows_own_positions(shape):
-    T, Hq, Hkv, D, S = shape
-    q, k, v, pos = case(T, Hq, Hkv, D, S, torch.float32)
-    got = cpu_kernels.decode_attention(q, k, v, pos, D ** -0.5)
-    assert got.shape == q.shape and got.dtype == q.dtype
+def test_decode_attention_matches_the_pytorch_path_and_reads_only_each_rows_own_positions(shape):
+    c = case(*shape, torch.float32)
+    want, k_want, v_want = reference(c)
+    got = run_kernel(c)
+    assert got.shape == c["q"].shape and got.dtype == torch.float32
     assert torch.isfinite(got).all()
-    assert (got.double() - sdpa(q, k, v, pos)).abs().max() <= 1e-5
+    assert (got.double() - want).abs().max() <= 1e-5
+    T = shape[0]  # the cache now holds each row's rotated key and its value at its position, and nothing else changed
+    written = torch.isfinite(k_want)
+    assert torch.equal(torch.isfinite(c["k"]), written) and torch.equal(torch.isfinite(c["v"]), written)
+    assert (c["k"][written].double() - k_want[written]).abs().max() <= 1e-6
+    assert torch.equal(c["v"][written].double(), v_want[written])
+    assert written[:T].any() and not written[T:].any()
 
 
 def test_decode_attention_in_bfloat16_within_one_rounding():
-    q, k, v, pos = case(6, 12, 4, 64, 50, torch.bfloat16, seed=3)
-    got = cpu_kernels.decode_attention(q, k, v, pos, 64 ** -0.5)
+    c = case(6, 12, 4, 64, 50, torch.bfloat16, seed=3)
+    want = reference(c)[0]
+    got = run_kernel(c)
     assert got.dtype == torch.bfloat16
-    want = sdpa(q, k, v, pos)
-    assert ((got.double() - want).abs() <= 2 ** -8 * want.abs() + 1e-6).all()
+    # inputs rotated in float32 and the key rounded once into the cache: within a few bf16 roundings
+    assert ((got.double() - want).abs() <= 2 ** -6 * want.abs().clamp(min=0.1)).all()
 
 
 def test_decode_attention_gives_the_same_bits_on_one_thread():
-    q, k, v, pos = case(16, 9, 3, 64, 72, torch.float32, seed=5)
-    full = cpu_kernels.decode_attention(q, k, v, pos, 0.125)
+    outs = []
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = cpu_kernels.decode_attention(q, k, v, pos, 0.125)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(full, one)
+    for n in (threads, 1):
+        c = case(16, 9, 3, 64, 72, torch.float32, seed=5)
+        torch.set_num_threads(n)
+        try:
+            outs.append((run_kernel(c), c["k"].nan_to_num(7.0)))
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 def test_decode_attention_refuses_bad_inputs_with_a_message():
-    q, k, v, pos = case(4, 4, 2, 16, 8, torch.float32)
+    c = case(4, 4, 2, 16, 8, torch.float32)
     with pytest.raises(RuntimeError, match="outside the cache"):
-        cpu_kernels.decode_attention(q, k, v, torch.tensor([0, 1, 2, 8]), 0.25)
+        run_kernel({**c, "pos": torch.tensor([0, 1, 2, 8])})
     with pytest.raises(RuntimeError, match="multiple of KV heads"):
-        cpu_kernels.decode_attention(torch.randn(4, 3, 16), k, v, pos, 0.25)
+        run_kernel({**c, "q": torch.randn(4, 3, 16)})
     with pytest.raises(RuntimeError, match="one dtype"):
-        cpu_kernels.decode_attention(q.double(), k, v, pos, 0.25)
+        run_kernel({**c, "cos": c["cos"].double()})
+    with pytest.raises(RuntimeError, match="heads contiguous"):
+        run_kernel({**c, "q": torch.randn(4, 16, 4).transpose(1, 2)})
     with pytest.raises(RuntimeError, match="head sizes"):
-        cpu_kernels.decode_attention(torch.randn(4, 4, 12), torch.randn(4, 2, 8, 12), torch.randn(4, 2, 8, 12), pos, 0.25)
+        run_kernel({**c, "q": torch.randn(4, 4, 12), "k_new": torch.randn(4, 2, 12), "v_new": torch.randn(4, 2, 12),
+                    "k": torch.randn(4, 2, 8, 12), "v": torch.randn(4, 2, 8, 12), "cos": torch.randn(4, 12),
+                    "sin": torch.randn(4, 12)})
 
 
 def test_the_runner_uses_the_kernel_only_where_it_takes_the_shapes():
@@ -107,7 +148,7 @@ def test_the_runner_uses_the_kernel_only_where_it_takes_the_shapes():
 def test_decode_steps_with_the_kernel_match_sdpa_through_the_runner(tiny_base, tiny_factors, monkeypatch):
     """Rows at different positions (a row of the batch started later), decoded a few steps with the kernel and
     with SDPA (everything else as calibrated, so only attention differs)."""
-    from svd_adapters.runner import BatchedRunner
+    from svd_adapters.runner import BatchedRunner  # noqa: PLC0415
 
     runner = BatchedRunner(tiny_base, tiny_factors, max_rank=4, max_batch=3, max_seq_len=32, core_slots=2, lr_slots=2)
     assert cpu_kernels.attends(runner.n_heads, runner.k_cache[0])

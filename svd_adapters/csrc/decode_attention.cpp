@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 
 #include "parallel.h"
 #include "vec.h"
@@ -42,7 +43,7 @@ struct Prefetch {
 // Row t, KV head kh: scores (group × n, scaled), softmax, and the weighted values into the group's outputs.
 // NV: vectors per head, fixed for the common head sizes so the loops over them unroll into registers (0: any).
 template <typename scalar_t, int NV>
-void attend(const scalar_t* q, const scalar_t* K, const scalar_t* Vv, scalar_t* out, int64_t group, int64_t D,
+void attend(const float* q, const scalar_t* K, const scalar_t* Vv, scalar_t* out, int64_t group, int64_t D,
             int64_t n, float scale, float* s, Prefetch next) {
   const int64_t nv = NV ? NV : D / kFloatLanes;
   V qv[kMaxVecs];  // the group's queries, scaled
@@ -94,46 +95,90 @@ void attend(const scalar_t* q, const scalar_t* K, const scalar_t* Vv, scalar_t* 
     for (int64_t i = 0; i < nv; ++i) svdserve::store(out + g * D + i * kFloatLanes, acc[g * nv + i] * inv[g]);
 }
 
-// Every (row, KV head) pair is one task, split across threads.
+// x rotated by its position's cos and sin (HF's rotate_half convention: the second half of x, negated, pairs with
+// the first), as floats.
 template <typename scalar_t>
-void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* pos, at::Tensor& out,
-         int64_t group, float scale) {
+void rotate(const scalar_t* x, const scalar_t* cos, const scalar_t* sin, int64_t D, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i)
+    out[i] = static_cast<float>(x[i]) * static_cast<float>(cos[i]) - static_cast<float>(x[i + half]) * static_cast<float>(sin[i]);
+  for (int64_t i = half; i < D; ++i)
+    out[i] = static_cast<float>(x[i]) * static_cast<float>(cos[i]) + static_cast<float>(x[i - half]) * static_cast<float>(sin[i]);
+}
+
+// Every (row, KV head) pair is one task, split across threads: it rotates the row's new key and its query heads,
+// writes the key and value into the cache at the row's position, then attends.
+template <typename scalar_t>
+void run(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k, at::Tensor& v,
+         const int64_t* pos, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& out, int64_t group, float scale) {
   const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2);
-  const scalar_t *qp = q.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t sq = q.stride(0), skn = k_new.stride(0), svn = v_new.stride(0);
+  const scalar_t *qp = q.const_data_ptr<scalar_t>(), *knp = k_new.const_data_ptr<scalar_t>(),
+                 *vnp = v_new.const_data_ptr<scalar_t>(), *cp = cos.const_data_ptr<scalar_t>(),
+                 *snp = sin.const_data_ptr<scalar_t>();
+  scalar_t *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>();
   svdserve::parallel_for(0, T * Hkv, 1, [&](int64_t b, int64_t e) {
     float* s = svdserve::scratch<float>(0, group * S);
+    float* qr = svdserve::scratch<float>(1, (group + 1) * D);  // the rotated queries, then the rotated key
     for (int64_t task = b; task < e; ++task) {
-      const int64_t t = task / Hkv, h = task % Hkv, kv = (t * Hkv + h) * S * D, qo = (t * Hq + h * group) * D;
+      const int64_t t = task / Hkv, h = task % Hkv, kv = (t * Hkv + h) * S * D, n = pos[t] + 1;
+      const scalar_t *c = cp + t * D, *sn = snp + t * D;
+      float* kr = qr + group * D;
+      rotate(knp + t * skn + h * D, c, sn, D, kr);
+      scalar_t *kdst = kp + kv + pos[t] * D, *vdst = vp + kv + pos[t] * D;
+      const scalar_t* vsrc = vnp + t * svn + h * D;
+      for (int64_t i = 0; i < D; ++i) {
+        kdst[i] = static_cast<scalar_t>(kr[i]);
+        vdst[i] = vsrc[i];
+      }
+      for (int64_t g = 0; g < group; ++g) rotate(qp + t * sq + (h * group + g) * D, c, sn, D, qr + g * D);
       Prefetch next;
       if (task + 1 < e) {
         const int64_t t1 = (task + 1) / Hkv, kv1 = (t1 * Hkv + (task + 1) % Hkv) * S * D;
         next = {reinterpret_cast<const char*>(kp + kv1), reinterpret_cast<const char*>(vp + kv1),
                 static_cast<int64_t>((pos[t1] + 1) * D * sizeof(scalar_t))};
       }
-      const int64_t n = pos[t] + 1;
+      scalar_t* o = op + (t * Hq + h * group) * D;
       if (D == 4 * kFloatLanes) {
-        attend<scalar_t, 4>(qp + qo, kp + kv, vp + kv, op + qo, group, D, n, scale, s, next);
+        attend<scalar_t, 4>(qr, kp + kv, vp + kv, o, group, D, n, scale, s, next);
       } else if (D == 8 * kFloatLanes) {
-        attend<scalar_t, 8>(qp + qo, kp + kv, vp + kv, op + qo, group, D, n, scale, s, next);
+        attend<scalar_t, 8>(qr, kp + kv, vp + kv, o, group, D, n, scale, s, next);
       } else {
-        attend<scalar_t, 0>(qp + qo, kp + kv, vp + kv, op + qo, group, D, n, scale, s, next);
+        attend<scalar_t, 0>(qr, kp + kv, vp + kv, o, group, D, n, scale, s, next);
       }
     }
   });
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
+// Rows' heads as (T, H, D) views with each head's D numbers contiguous and heads back to back (the rows may be
+// strided: q, k and v are column slices of one GEMM output).
+void check_heads(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), name,
+              " must be (T, heads, D) with each row's heads contiguous, got sizes ", x.sizes(), " strides ", x.strides());
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor k,
+                            at::Tensor v, const at::Tensor& pos, const at::Tensor& cos, const at::Tensor& sin,
                             double scale) {
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && pos.device().is_cpu(),
-              "decode_attention runs on the CPU");
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && k.sizes() == v.sizes(), "q (T, Hq, D), k and v (rows, Hkv, S, D), got ",
-              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k and v must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "q, k, v: one dtype");
+  for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&q, &k_new, &v_new, &k, &v, &pos, &cos, &sin})
+    TORCH_CHECK(x->device().is_cpu(), "decode_attention runs on the CPU");
+  check_heads(q, "q");
+  check_heads(k_new, "k_new");
+  check_heads(v_new, "v_new");
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous(),
+              "the caches k and v must be contiguous (rows, Hkv, S, D), got ", k.sizes(), " and ", v.sizes());
+  const at::ScalarType dt = q.scalar_type();
+  for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&k_new, &v_new, &k, &v, &cos, &sin})
+    TORCH_CHECK(x->scalar_type() == dt, "q, k_new, v_new, the caches, cos and sin must share one dtype");
   const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2);
   TORCH_CHECK(k.size(3) == D && k.size(0) >= T, "the cache must hold ", T, " rows of head size ", D, ", got ",
               k.sizes());
+  TORCH_CHECK(k_new.size(0) == T && v_new.size(0) == T && k_new.size(1) == Hkv && v_new.size(1) == Hkv &&
+                  k_new.size(2) == D && v_new.size(2) == D,
+              "k_new and v_new must be (T, Hkv, D) = (", T, ", ", Hkv, ", ", D, "), got ", k_new.sizes(), " and ",
+              v_new.sizes());
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * D && sin.numel() == T * D,
+              "cos and sin must be contiguous, T·D = ", T * D, " numbers each");
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "query heads (", Hq, ") must be a multiple of KV heads (", Hkv, ")");
   const int64_t group = Hq / Hkv;
   TORCH_CHECK(D % kFloatLanes == 0 && D <= kMaxHeadDim && group * (D / kFloatLanes) <= kMaxVecs,
@@ -143,14 +188,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t* p = pos.const_data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(p[t] >= 0 && p[t] < S, "row ", t, "'s position ", p[t], " is outside the cache's ", S);
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = at::empty({T, Hq, D}, q.options());
   if (T == 0) return out;
-  if (q.scalar_type() == at::kFloat) {
-    run<float>(q, k, v, p, out, group, static_cast<float>(scale));
-  } else if (q.scalar_type() == at::kBFloat16) {
-    run<c10::BFloat16>(q, k, v, p, out, group, static_cast<float>(scale));
+  if (dt == at::kFloat) {
+    run<float>(q, k_new, v_new, k, v, p, cos, sin, out, group, static_cast<float>(scale));
+  } else if (dt == at::kBFloat16) {
+    run<c10::BFloat16>(q, k_new, v_new, k, v, p, cos, sin, out, group, static_cast<float>(scale));
   } else {
-    TORCH_CHECK(false, "decode_attention takes float32 or bfloat16, got ", q.scalar_type());
+    TORCH_CHECK(false, "decode_attention takes float32 or bfloat16, got ", dt);
   }
   return out;
 }
@@ -158,7 +203,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(svdserve, m) {
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor pos, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k, Tensor(b!) v, Tensor pos, Tensor cos, "
+        "Tensor sin, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(svdserve, CPU, m) {
