@@ -17,6 +17,8 @@ so op costs, not arithmetic, set its speed).
 - `decode_attention` (`csrc/decode_attention.cpp`): a decode step's attention in one call per layer: the rotary
   embedding, the KV cache write, and each row's query heads against its own cached keys up to its position
   (PyTorch's CPU SDPA with a mask took ~1.7× as long, before the rotary and cache-write ops around it).
+- `rms_norm` (`csrc/rms_norm.cpp`): Llama-family RMSNorm in one call instead of ~7 PyTorch ops (61 of them per
+  decode step of SmolLM2).
 - `lowrank_delta` (`csrc/lowrank_delta.cpp`): one group's low-rank delta (SORSA, LoRA) in one call, every row's
   A and Bᵀ read from its slot (PyTorch gathered copies of them first, then concatenated and scattered the
   results: at decode ~3× the memory traffic); at prefill in register tiles of its own (per-row products are too
@@ -47,7 +49,7 @@ log = get_logger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / "skinny_linear.cpp", _CSRC / "core_delta.cpp", _CSRC / "core_linear.cpp", _CSRC / "lowrank_delta.cpp",
-            _CSRC / "decode_attention.cpp"]
+            _CSRC / "decode_attention.cpp", _CSRC / "rms_norm.cpp"]
 _HEADERS = [_CSRC / "vec.h", _CSRC / "parallel.h", _CSRC / "skinny_gemm.h", _CSRC / "core_tiles.h"]
 # Vector flags for the capability torch itself detected on this CPU (the kernels' inner loops are plain C++).
 _ARCH_FLAGS = {
@@ -180,6 +182,17 @@ def attends(query_heads: int, k: torch.Tensor) -> bool:
     D, group = k.shape[-1], query_heads // k.shape[1]
     return k.device.type == "cpu" and k.dtype in _LINEAR_DTYPES and k.is_contiguous() and bool(_state.get("ok")) \
         and _state.get("force") is not False and D % 16 == 0 and D <= 256 and group * D <= 1024
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's LlamaRMSNorm of x (T, H) with `weight` (H,), in one call (`csrc/rms_norm.cpp`). Check `normalizes`."""
+    return torch.ops.svdserve.rms_norm(x, weight, eps)
+
+
+def normalizes(x: torch.Tensor) -> bool:
+    """Whether `rms_norm` takes x: rows on the CPU in a kernel dtype, kernels loaded and not forced off."""
+    return x.device.type == "cpu" and x.dtype in _LINEAR_DTYPES and x.dim() == 2 and x.stride(-1) == 1 \
+        and bool(_state.get("ok")) and _state.get("force") is not False
 
 
 def gated_silu(y: torch.Tensor) -> torch.Tensor:
