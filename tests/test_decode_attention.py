@@ -119,6 +119,10 @@ def test_decode_attention_refuses_bad_inputs_with_a_message():
     c = case(4, 4, 2, 16, 8, torch.float32)
     with pytest.raises(RuntimeError, match="outside the cache"):
         run_kernel({**c, "pos": torch.tensor([0, 1, 2, 8])})
+    with pytest.raises(RuntimeError, match="contiguous .* int64 vector"):  # a strided view would be misread
+        run_kernel({**c, "pos": torch.tensor([0, 9, 1, 9, 2, 9, 3, 9])[::2]})
+    with pytest.raises(RuntimeError, match="contiguous .* int64 vector"):
+        run_kernel({**c, "pos": torch.tensor([0, 1, 2, 3], dtype=torch.int32)})
     with pytest.raises(RuntimeError, match="multiple of KV heads"):
         run_kernel({**c, "q": torch.randn(4, 3, 16)})
     with pytest.raises(RuntimeError, match="one dtype"):

@@ -184,7 +184,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   TORCH_CHECK(D % kFloatLanes == 0 && D <= kMaxHeadDim && group * (D / kFloatLanes) <= kMaxVecs,
               "decode_attention takes head sizes that are multiples of ", kFloatLanes, " up to ", kMaxHeadDim,
               " and at most ", kMaxVecs * kFloatLanes, " query numbers per KV head, got D=", D, ", group=", group);
-  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == T, "pos: (T,) int64");
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == T && pos.is_contiguous(),
+              "pos must be a contiguous (T,) = (", T, ",) int64 vector, got ", pos.sizes(), " ", pos.scalar_type());
   const int64_t* p = pos.const_data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(p[t] >= 0 && p[t] < S, "row ", t, "'s position ", p[t], " is outside the cache's ", S);
