@@ -79,18 +79,26 @@ def available() -> bool:
         return bool(_state["ok"])
 
 
+def _use_pip_ninja() -> None:
+    """Put the pip `ninja` package's binary (a dependency) first on PATH when another ninja would be found. Two
+    ninja versions hash build commands differently, so with a system ninja on PATH, `.venv/bin/python -m service`
+    (system ninja) and the activated venv (pip's) each rebuilt every kernel the other had built (~55 s a start)."""
+    try:
+        import ninja
+    except ImportError:  # torch then uses whichever ninja PATH has
+        return
+    pip_ninja = Path(ninja.BIN_DIR) / "ninja"
+    found = shutil.which("ninja")
+    if pip_ninja.exists() and (found is None or Path(found).resolve() != pip_ninja.resolve()):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build() -> bool:
     from torch.utils import cpp_extension
 
     from svd_adapters.base_model import svdserve_home
 
-    try:  # the pip `ninja` package's binary, also when the venv's bin/ is not on PATH (.venv/bin/python -m service)
-        import ninja
-
-        if shutil.which("ninja") is None:
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    except ImportError:
-        pass
+    _use_pip_ninja()
     cap = torch.backends.cpu.get_cpu_capability()
     name = f"svdserve_kernels_{cap.lower()}"
     build_dir = svdserve_home() / "kernels" / name

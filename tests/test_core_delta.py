@@ -2,7 +2,10 @@
 member, or one block-diagonal GEMM per group) and the CPU kernels (`svd_adapters/csrc/`)."""
 from __future__ import annotations
 
+import os
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +90,21 @@ def test_pytorch_decode_delta_matches_the_formula(dtype, scaled):
 def test_kernels_build_here():
     # CI and the Docker image have a C++ compiler: serving there must not silently fall back to the slow path.
     assert cpu_kernels.available(), "the CPU kernels did not build (see the log for the compiler's error)"
+
+
+def test_kernels_build_with_pips_ninja_even_with_another_ninja_first_on_path(tmp_path, monkeypatch):
+    # a system ninja of another version hashes build commands differently: alternating the two rebuilt everything
+    import ninja  # noqa: PLC0415  (a dependency of svdserve)
+    other = tmp_path / "ninja"
+    other.write_text("#!/bin/sh\nexit 1\n")
+    other.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert shutil.which("ninja") == str(other)
+    cpu_kernels._use_pip_ninja()
+    assert Path(shutil.which("ninja")).resolve() == (Path(ninja.BIN_DIR) / "ninja").resolve()
+    path = os.environ["PATH"]
+    cpu_kernels._use_pip_ninja()  # already first: PATH is left as it is
+    assert os.environ["PATH"] == path
 
 
 def test_prefill_projection_calibration_decides_per_shape(monkeypatch):
