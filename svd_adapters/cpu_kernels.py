@@ -182,13 +182,17 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     return torch.ops.svdserve.decode_attention(q, k_new, v_new, k, v, positions, cos, sin, scale)
 
 
+def _runs_on(t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """Whether a kernel can take t at all: a CPU tensor of one of `dtypes`, kernels loaded and not forced off."""
+    return t.device.type == "cpu" and t.dtype in dtypes and bool(_state.get("ok")) and _state.get("force") is not False
+
+
 def attends(query_heads: int, k: torch.Tensor) -> bool:
     """Whether `decode_attention` takes queries of `query_heads` heads against the KV cache k (rows, Hkv, S, D): a
     contiguous CPU cache of a kernel dtype, kernels loaded and not forced off, head size a multiple of 16 up to
     256, at most 1024 query numbers per KV head."""
     D, group = k.shape[-1], query_heads // k.shape[1]
-    return k.device.type == "cpu" and k.dtype in _LINEAR_DTYPES and k.is_contiguous() and bool(_state.get("ok")) \
-        and _state.get("force") is not False and D % 16 == 0 and D <= 256 and group * D <= 1024
+    return _runs_on(k, _LINEAR_DTYPES) and k.is_contiguous() and D % 16 == 0 and D <= 256 and group * D <= 1024
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -198,8 +202,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def normalizes(x: torch.Tensor) -> bool:
     """Whether `rms_norm` takes x: rows on the CPU in a kernel dtype, kernels loaded and not forced off."""
-    return x.device.type == "cpu" and x.dtype in _LINEAR_DTYPES and x.dim() == 2 and x.stride(-1) == 1 \
-        and bool(_state.get("ok")) and _state.get("force") is not False
+    return _runs_on(x, _LINEAR_DTYPES) and x.dim() == 2 and x.stride(-1) == 1
 
 
 def gated_silu(y: torch.Tensor) -> torch.Tensor:
@@ -209,8 +212,7 @@ def gated_silu(y: torch.Tensor) -> torch.Tensor:
 
 def serves(y: torch.Tensor) -> bool:
     """Whether `core_delta` takes this output: a CPU tensor of a dtype it is built for, kernels loaded."""
-    return y.device.type == "cpu" and y.dtype in _DELTA_DTYPES and bool(_state.get("ok")) \
-        and _state.get("force") is not False
+    return _runs_on(y, _DELTA_DTYPES)
 
 
 def _key(W: torch.Tensor) -> tuple:

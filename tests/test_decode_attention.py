@@ -11,7 +11,6 @@ from svd_adapters import cpu_kernels
 from svd_adapters.runner import rotate
 
 
-
 @pytest.fixture(autouse=True)
 def kernels_built():
     # CI has a C++ compiler (tests/test_core_delta.py: test_kernels_build_here): a failed build fails these tests.

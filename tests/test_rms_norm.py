@@ -50,6 +50,8 @@ def test_rms_norm_refuses_bad_inputs_with_a_message():
         cpu_kernels.rms_norm(torch.randn(2, 8), torch.ones(8, dtype=torch.float64), 1e-5)
     with pytest.raises(RuntimeError, match="each row contiguous"):
         cpu_kernels.rms_norm(torch.randn(8, 2).T, torch.ones(8), 1e-5)
+    with pytest.raises(RuntimeError, match="rms_norm takes float32 or bfloat16, got Double"):
+        cpu_kernels.rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64), 1e-5)
 
 
 def test_every_norm_of_a_step_goes_through_the_kernel_with_the_modules_results(tiny_base, tiny_factors, monkeypatch):

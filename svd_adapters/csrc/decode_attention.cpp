@@ -191,13 +191,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
     TORCH_CHECK(p[t] >= 0 && p[t] < S, "row ", t, "'s position ", p[t], " is outside the cache's ", S);
   at::Tensor out = at::empty({T, Hq, D}, q.options());
   if (T == 0) return out;
-  if (dt == at::kFloat) {
-    run<float>(q, k_new, v_new, k, v, p, cos, sin, out, group, static_cast<float>(scale));
-  } else if (dt == at::kBFloat16) {
-    run<c10::BFloat16>(q, k_new, v_new, k, v, p, cos, sin, out, group, static_cast<float>(scale));
-  } else {
-    TORCH_CHECK(false, "decode_attention takes float32 or bfloat16, got ", dt);
-  }
+  svdserve::dispatch_float_bf16(dt, "decode_attention", [&](auto zero) {
+    run<decltype(zero)>(q, k_new, v_new, k, v, p, cos, sin, out, group, static_cast<float>(scale));
+  });
   return out;
 }
 

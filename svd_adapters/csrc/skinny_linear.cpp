@@ -44,14 +44,10 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& W) {
   const int64_t T = x.size(0), K = x.size(1), N = W.size(0);
   at::Tensor y = at::empty({T, N}, x.options());
   if (T == 0 || N == 0) return y;
-  if (x.scalar_type() == at::kFloat) {
-    gemm(x.const_data_ptr<float>(), x.stride(0), W.const_data_ptr<float>(), K, y.data_ptr<float>(), N, T, N);
-  } else if (x.scalar_type() == at::kBFloat16) {
-    gemm(x.const_data_ptr<c10::BFloat16>(), x.stride(0), W.const_data_ptr<c10::BFloat16>(), K,
-         y.data_ptr<c10::BFloat16>(), N, T, N);
-  } else {
-    TORCH_CHECK(false, "skinny_linear takes float32 or bfloat16, got ", x.scalar_type());
-  }
+  svdserve::dispatch_float_bf16(x.scalar_type(), "skinny_linear", [&](auto zero) {
+    using scalar_t = decltype(zero);
+    gemm(x.const_data_ptr<scalar_t>(), x.stride(0), W.const_data_ptr<scalar_t>(), K, y.data_ptr<scalar_t>(), N, T, N);
+  });
   return y;
 }
 

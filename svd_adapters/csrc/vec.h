@@ -3,7 +3,9 @@
 // has no AVX), and bfloat16 ⇄ float conversion a vector at a time.
 #pragma once
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 
@@ -111,6 +113,19 @@ inline void store(c10::BFloat16* p, Vec<float>::type v) {
   const u32v nan = (u32v)(v != v);  // all ones where NaN
   const u16v out = __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), u16v);
   __builtin_memcpy(p, &out, sizeof(out));
+}
+
+// Calls f with a value of the element type for float32 or bfloat16, the dtypes the float-vector kernels are built
+// for (`using scalar_t = decltype(value)` inside f); any other dtype is refused with the op's name.
+template <typename F>
+void dispatch_float_bf16(c10::ScalarType dt, const char* op, const F& f) {
+  if (dt == c10::kFloat) {
+    f(float{});
+  } else if (dt == c10::kBFloat16) {
+    f(c10::BFloat16{});
+  } else {
+    TORCH_CHECK(false, op, " takes float32 or bfloat16, got ", dt);
+  }
 }
 
 }  // namespace svdserve
