@@ -27,8 +27,8 @@ so op costs, not arithmetic, set its speed).
 Whether the GEMM kernel beats torch's matmul depends on the CPU and its BLAS, so `calibrate` times both once
 per weight shape and keeps the faster (`uses_kernel`); base-only batches go through the same choice, so
 adapters are compared like for like. Compiled with torch's extension builder (needs a C++ compiler; ~30 s
-once) into `$SVDSERVE_HOME/kernels/<cpu capability>`, so a cache shared between machines never hands one a
-binary it cannot run. Without a compiler, or with SVDSERVE_CPU_KERNELS=0, everything runs through plain
+once) into `$SVDSERVE_HOME/kernels/<cpu capability>` (or `$SVDSERVE_KERNELS_DIR/<cpu capability>`), so a cache
+shared between machines never hands one a binary it cannot run. Without a compiler, or with SVDSERVE_CPU_KERNELS=0, everything runs through plain
 PyTorch ops (the same results to float rounding, slower).
 """
 from __future__ import annotations
@@ -93,15 +93,23 @@ def _use_pip_ninja() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def kernels_root() -> Path:
+    """Where compiled kernels are cached: $SVDSERVE_KERNELS_DIR, else $SVDSERVE_HOME/kernels. Processes with their
+    own SVDSERVE_HOME (the tests' service subprocesses) point this at one shared cache instead of compiling every
+    kernel again (~1–2 min on a 2-core host)."""
+    from svd_adapters.base_model import svdserve_home
+
+    env = os.environ.get("SVDSERVE_KERNELS_DIR")
+    return Path(env) if env else svdserve_home() / "kernels"
+
+
 def _build() -> bool:
     from torch.utils import cpp_extension
-
-    from svd_adapters.base_model import svdserve_home
 
     _use_pip_ninja()
     cap = torch.backends.cpu.get_cpu_capability()
     name = f"svdserve_kernels_{cap.lower()}"
-    build_dir = svdserve_home() / "kernels" / name
+    build_dir = kernels_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     # torch rebuilds when a source file changes; a header's digest in the flags makes a header change count too.
     headers = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:16]

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
+from svd_adapters import cpu_kernels
+
 if TYPE_CHECKING:
     import redis
 
@@ -206,7 +208,10 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120.0) -> "ServiceProcess":
-        env = dict(os.environ, SVDSERVE_HOME=str(self.home), PYTHONUNBUFFERED="1",
+        # The kernels this test process uses (built once per run), not a fresh build per server: on a 2-core host
+        # that build alone took more than the start-up timeout while the rest of the suite ran.
+        env = dict(os.environ, SVDSERVE_HOME=str(self.home), SVDSERVE_KERNELS_DIR=str(cpu_kernels.kernels_root()),
+                   PYTHONUNBUFFERED="1",
                    PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         for var in ("REDIS_URL", "SVDSERVE_STORE"):
             env.pop(var, None)

@@ -107,6 +107,14 @@ def test_kernels_build_with_pips_ninja_even_with_another_ninja_first_on_path(tmp
     assert os.environ["PATH"] == path
 
 
+def test_kernels_cache_follows_its_env_var_else_the_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SVDSERVE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SVDSERVE_KERNELS_DIR", raising=False)
+    assert cpu_kernels.kernels_root() == tmp_path / "home" / "kernels"
+    monkeypatch.setenv("SVDSERVE_KERNELS_DIR", str(tmp_path / "shared"))
+    assert cpu_kernels.kernels_root() == tmp_path / "shared"
+
+
 def test_prefill_projection_calibration_decides_per_shape(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_stacked_faster", {})
     W = torch.randn(40, 24)
