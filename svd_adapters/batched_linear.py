@@ -214,10 +214,10 @@ class GroupPools:
         r, R, L = t.rank, self.R, _layer_index(layers)
         if t.C is not None:
             self.C[L, slot, i, :r, :r] = t.C.transpose(-1, -2).to(self.C)
-            if self.C.device.type == "cpu":  # only the CPU kernel reads the diagonals (on a GPU the check would sync)
+            if self.C.device.type == "cpu":  # only the CPU kernels read the diagonals
                 diag = torch.diagonal(t.C, dim1=-2, dim2=-1)
                 self.s[L, slot, i * R : i * R + r] = diag.to(self.s)
-                if not torch.equal(t.C, torch.diag_embed(diag)):
+                if not t.diagonal:  # a dense core (LoRA-XS's; one that happens to be diagonal is read densely)
                     self.diagonal[slot] = False
         if t.o is not None:
             self.o[L, slot, self.offsets[i] : self.offsets[i] + self.out_sizes[i]] = t.o.to(self.o)

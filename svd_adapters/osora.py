@@ -20,4 +20,4 @@ def init_params(U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, genera
 
 
 def terms(p: dict[str, torch.Tensor], U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, alpha: float) -> DeltaTerms:
-    return DeltaTerms(rank=S_r.shape[-1], C=torch.diag_embed(p["S"]), o=p["O"], d=-S_r)
+    return DeltaTerms(rank=S_r.shape[-1], C=torch.diag_embed(p["S"]), o=p["O"], d=-S_r, diagonal=True)

@@ -27,6 +27,7 @@ class DeltaTerms:
     d: torch.Tensor | None = None  # r
     A: torch.Tensor | None = None  # k×n
     B: torch.Tensor | None = None  # m×k
+    diagonal: bool = False  # C is diagonal by construction (OSoRA's diag S): the CPU kernels read its diagonal only
 
     @property
     def has_core(self) -> bool:
