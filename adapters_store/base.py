@@ -22,6 +22,10 @@ class AdapterExists(StoreError):
         self.adapter_id = adapter_id
 
 
+class VersionChanged(StoreError):
+    """get_blob(expect_sha256=...) found the id stored with other contents (replaced since the caller looked)."""
+
+
 def validate_id(adapter_id: str) -> str:
     """ValueError unless `adapter_id` matches ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$."""
     return check_id(adapter_id)
@@ -38,7 +42,10 @@ class AdapterStore(ABC):
     def put(self, record: AdapterRecord, blob: bytes, overwrite: bool = False) -> None: ...
 
     @abstractmethod
-    def get_blob(self, adapter_id: str) -> bytes | None: ...
+    def get_blob(self, adapter_id: str, expect_sha256: str | None = None) -> bytes | None:
+        """The blob, checked against its record's sha256 (None for an unknown id or a blob that fails the check).
+        With expect_sha256: VersionChanged unless that is the record's sha256, so a caller that knows the version
+        it wants need not hash the blob again (a second pass over it: ~0.5 ms for OSoRA, ~14 ms for SORSA)."""
 
     @abstractmethod
     def get_record(self, adapter_id: str) -> AdapterRecord | None: ...

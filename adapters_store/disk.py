@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from adapters_store.base import AdapterExists, AdapterStore, StoreError, validate_id
+from adapters_store.base import AdapterExists, AdapterStore, StoreError, VersionChanged, validate_id
 from adapters_store.filelock import DirLock
 from adapters_store.records import AdapterRecord
 from svd_adapters.log import get_logger
@@ -136,12 +136,14 @@ class DiskStore(AdapterStore):
     def get_record(self, adapter_id: str) -> AdapterRecord | None:
         return self._visible(validate_id(adapter_id))
 
-    def get_blob(self, adapter_id: str) -> bytes | None:
+    def get_blob(self, adapter_id: str, expect_sha256: str | None = None) -> bytes | None:
         validate_id(adapter_id)
         for _ in range(2):  # see _visible
             record = self._read_record_file(adapter_id)
             if record is None:
                 return None
+            if expect_sha256 is not None and record.sha256 != expect_sha256:
+                raise VersionChanged(f"adapter {adapter_id!r} is now stored with other contents")
             try:
                 blob = self._blob_path(adapter_id, record.sha256).read_bytes()
             except FileNotFoundError:

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from adapters_store.base import AdapterExists, AdapterStore, StoreError, StoreUnavailable, validate_id
+from adapters_store.base import AdapterExists, AdapterStore, StoreError, StoreUnavailable, VersionChanged, validate_id
 from adapters_store.records import AdapterRecord, sha256_hex
 from svd_adapters.log import get_logger
 
@@ -142,7 +142,7 @@ class RedisStore(AdapterStore):
         with self._lock:
             self._warn_if_not_durable()
 
-    def get_blob(self, adapter_id: str) -> bytes | None:
+    def get_blob(self, adapter_id: str, expect_sha256: str | None = None) -> bytes | None:
         validate_id(adapter_id)
         # One MGET: record and blob from the same snapshot, so the hash check never races an overwrite.
         raw_meta, blob = self._call(
@@ -151,6 +151,8 @@ class RedisStore(AdapterStore):
         record = self._parse(raw_meta, adapter_id)
         if record is None or blob is None:
             return None
+        if expect_sha256 is not None and record.sha256 != expect_sha256:
+            raise VersionChanged(f"adapter {adapter_id!r} is now stored with other contents")
         if sha256_hex(blob) != record.sha256:
             log.warning("adapter %r: blob in Redis does not match its sha256; not served", adapter_id)
             return None

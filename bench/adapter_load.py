@@ -1,7 +1,9 @@
 """Cold adapter load latency, Redis → ready in a device slot, per method (p50 / p99).
 
-Measures the engine's own path: `Engine._load` (fetch the blob from the store, validate it completely,
-turn it into slot terms) followed by the slot write the engine thread does before the adapter can serve.
+Measures the engine's own path: `Engine._load` of the key a request makes (adapter id and the version the API
+authorised: fetch the blob from the store, which checks it against its record and the record against that
+version, validate it completely, turn it into slot terms) followed by the slot write the engine thread does before
+the adapter can serve.
 A baseline in the same run: a bare Redis GET of the same blob (the floor any design pays). The adapters of one
 method share their header layout (as a trainer's adapters of one method, rank and targets do), so after the first
 load of each method the validator's header checks are remembered (`adapters_store.validate`): the p50 is such a
@@ -67,16 +69,18 @@ def main() -> None:
                 a = random_adapter(method, args.rank, factors, base.name, seed=i)
                 blob = adapter_to_bytes(a)
                 aid = f"{method}-{i}"
-                store.put(record_for(a, blob, aid), blob)
-                ids.append(aid)
+                record = record_for(a, blob, aid)
+                store.put(record, blob)
+                ids.append(f"{aid}@{record.sha256}")  # the engine's key: id and the version the API authorised
             size = len(blob)
             get_t, load_t, write_t, total_t = [], [], [], []
-            for aid in ids:
+            for key in ids:
+                aid = key.partition("@")[0]
                 t0 = time.perf_counter()
                 store._client.get(store._blob_key(aid))
                 get_t.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                m, terms, _ = engine._load(aid)  # fetch + validate + terms, as the loader thread does
+                m, terms, _ = engine._load(key)  # fetch + validate + terms, as the loader thread does
                 t1 = time.perf_counter()
                 slot = 1
                 if pool_of(m) == "core":

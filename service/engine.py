@@ -12,7 +12,6 @@ The asyncio side talks to the engine through `generate` / `stream`; events come 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import random
 import threading
@@ -24,7 +23,7 @@ from typing import AsyncIterator
 
 import torch
 
-from adapters_store.base import AdapterStore, StoreUnavailable
+from adapters_store.base import AdapterStore, StoreUnavailable, VersionChanged
 from adapters_store.validate import AdapterValidationError, load_adapter
 from service.adapter_cache import AdapterCache
 from service.detokenize import Detokenizer
@@ -494,15 +493,16 @@ class Engine:
         t0 = time.perf_counter()
         adapter_id, _, version = key.partition("@")
         try:
-            blob = self.store.get_blob(adapter_id)
+            # the store checks the blob against its record's sha256, and the record's against the version wanted
+            blob = self.store.get_blob(adapter_id, expect_sha256=version or None)
         except StoreUnavailable as exc:
             raise AdapterUnavailable(
                 f"adapter {adapter_id!r} is not cached on this replica and the adapter store is unreachable ({exc}); retry shortly"
             ) from exc
+        except VersionChanged as exc:
+            raise AdapterUnavailable(f"adapter {adapter_id!r} was replaced while it was loading; retry") from exc
         if blob is None:
             raise AdapterNotFound(f"adapter {adapter_id!r} not found; upload it with POST /adapters or list them with GET /adapters")
-        if version and hashlib.sha256(blob).hexdigest() != version:
-            raise AdapterUnavailable(f"adapter {adapter_id!r} was replaced while it was loading; retry")
         try:
             adapter = load_adapter(blob, self.factors)
             self.check_servable(adapter)

@@ -13,7 +13,7 @@ from _reliability import wait_until
 from adapters_store.disk import DiskStore
 from adapters_store.format import adapter_to_bytes
 from adapters_store.records import record_for
-from service.engine import AdapterNotFound, Engine, EngineConfig, EngineError, InvalidRequest, SamplingParams, TextDelta
+from service.engine import AdapterNotFound, AdapterUnavailable, Engine, EngineConfig, EngineError, InvalidRequest, SamplingParams, TextDelta
 from svd_adapters import cpu_kernels
 from svd_adapters.adapter import Adapter, random_adapter
 from svd_adapters.inject import merge_into
@@ -228,6 +228,21 @@ def test_engine_errors(engine):
         asyncio.run(gen("no-such-adapter", SamplingParams(max_tokens=3)))
     with pytest.raises(InvalidRequest):
         asyncio.run(gen(None, SamplingParams(max_tokens=1000)))
+
+
+def test_a_version_replaced_before_its_load_is_refused_not_served(engine, adapters):
+    """The API passes the version (sha256) it authorised; a load that finds other contents stored under the id
+    fails with 'replaced ... retry' (503) instead of serving weights the caller did not ask for."""
+    aid = next(iter(adapters))
+    version = engine.store.get_record(aid).sha256
+    prompt = engine.encode_prompt("hi")
+
+    async def gen(v):
+        return await engine.generate(prompt, aid, SamplingParams(max_tokens=2), v)
+
+    assert asyncio.run(gen(version)).finish_reason in ("length", "stop")
+    with pytest.raises(AdapterUnavailable, match="replaced while it was loading"):
+        asyncio.run(gen("0" * 64))
 
 
 def test_streaming_yields_deltas_that_add_up(engine, adapters):

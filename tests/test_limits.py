@@ -137,9 +137,9 @@ class SlowStore(DiskStore):
 
         self.put(record_for(adapter_from_bytes_unchecked(blob), blob, adapter_id), blob)
 
-    def get_blob(self, adapter_id: str) -> bytes | None:
+    def get_blob(self, adapter_id: str, expect_sha256: str | None = None) -> bytes | None:
         self.release.wait(timeout=10)
-        return super().get_blob(adapter_id)
+        return super().get_blob(adapter_id, expect_sha256)
 
 
 # --- a full queue --------------------------------------------------------------------------------------

@@ -148,10 +148,10 @@ class FlakyStore(DiskStore):
             raise StoreUnavailable("store is down (test)")
         return super().get_record(adapter_id)
 
-    def get_blob(self, adapter_id):
+    def get_blob(self, adapter_id, expect_sha256=None):
         if self.down:
             raise StoreUnavailable("store is down (test)")
-        return super().get_blob(adapter_id)
+        return super().get_blob(adapter_id, expect_sha256)
 
 
 async def test_store_errors_and_upload_limit(serve, tmp_path, make_blob):

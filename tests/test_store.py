@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from adapters_store import AdapterExists, AdapterRecord, StoreError, StoreUnavailable, open_store, record_for
-from adapters_store.base import AdapterStore
+from adapters_store.base import AdapterStore, VersionChanged
 from adapters_store.disk import DiskStore
 from adapters_store.format import adapter_to_bytes
 from _reliability import REDIS_URL, redis_key_prefix
@@ -85,6 +85,19 @@ def test_put_get_list_delete(store: AdapterStore, make, tiny_factors: BaseFactor
     assert store.delete("a1") is False
     assert store.get_blob("a1") is None and store.get_record("a1") is None
     assert [r.adapter_id for r in store.list()] == ["a2"]
+
+
+def test_get_blob_for_an_expected_version(store: AdapterStore, make) -> None:
+    """A reader that knows the version it wants gets the blob only while the record still says that version."""
+    rec, blob = make("v1", method="osora")
+    store.put(rec, blob)
+    assert store.get_blob("v1", expect_sha256=rec.sha256) == blob
+    rec2, blob2 = make("v1", method="lora")
+    store.put(rec2, blob2, overwrite=True)
+    with pytest.raises(VersionChanged, match="v1"):
+        store.get_blob("v1", expect_sha256=rec.sha256)
+    assert store.get_blob("v1", expect_sha256=rec2.sha256) == blob2
+    assert store.get_blob("unknown", expect_sha256=rec.sha256) is None
 
 
 def test_no_overwrite_unless_asked(store: AdapterStore, make) -> None:
