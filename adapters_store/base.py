@@ -69,6 +69,12 @@ class AdapterStore(ABC):
         self.close()
 
     @staticmethod
+    def _check_version(record: AdapterRecord, expect_sha256: str | None) -> None:
+        """get_blob's expect_sha256: VersionChanged unless the record it found is that version."""
+        if expect_sha256 is not None and record.sha256 != expect_sha256:
+            raise VersionChanged(f"adapter {record.adapter_id!r} is now stored with other contents")
+
+    @staticmethod
     def _check_put(record: AdapterRecord, blob: bytes) -> None:
         """A record must describe exactly the blob stored with it (readers verify by sha256)."""
         validate_id(record.adapter_id)

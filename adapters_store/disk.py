@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from adapters_store.base import AdapterExists, AdapterStore, StoreError, VersionChanged, validate_id
+from adapters_store.base import AdapterExists, AdapterStore, StoreError, validate_id
 from adapters_store.filelock import DirLock
 from adapters_store.records import AdapterRecord
 from svd_adapters.log import get_logger
@@ -142,8 +142,7 @@ class DiskStore(AdapterStore):
             record = self._read_record_file(adapter_id)
             if record is None:
                 return None
-            if expect_sha256 is not None and record.sha256 != expect_sha256:
-                raise VersionChanged(f"adapter {adapter_id!r} is now stored with other contents")
+            self._check_version(record, expect_sha256)
             try:
                 blob = self._blob_path(adapter_id, record.sha256).read_bytes()
             except FileNotFoundError:

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from adapters_store.base import AdapterExists, AdapterStore, StoreError, StoreUnavailable, VersionChanged, validate_id
+from adapters_store.base import AdapterExists, AdapterStore, StoreError, StoreUnavailable, validate_id
 from adapters_store.records import AdapterRecord, sha256_hex
 from svd_adapters.log import get_logger
 
@@ -151,8 +151,7 @@ class RedisStore(AdapterStore):
         record = self._parse(raw_meta, adapter_id)
         if record is None or blob is None:
             return None
-        if expect_sha256 is not None and record.sha256 != expect_sha256:
-            raise VersionChanged(f"adapter {adapter_id!r} is now stored with other contents")
+        self._check_version(record, expect_sha256)
         if sha256_hex(blob) != record.sha256:
             log.warning("adapter %r: blob in Redis does not match its sha256; not served", adapter_id)
             return None

@@ -28,8 +28,8 @@ Whether the GEMM kernel beats torch's matmul depends on the CPU and its BLAS, so
 per weight shape and keeps the faster (`uses_kernel`); base-only batches go through the same choice, so
 adapters are compared like for like. Compiled with torch's extension builder (needs a C++ compiler; ~30 s
 once) into `$SVDSERVE_HOME/kernels/<cpu capability>` (or `$SVDSERVE_KERNELS_DIR/<cpu capability>`), so a cache
-shared between machines never hands one a binary it cannot run. Without a compiler, or with SVDSERVE_CPU_KERNELS=0, everything runs through plain
-PyTorch ops (the same results to float rounding, slower).
+shared between machines never hands one a binary it cannot run. Without a compiler, or with
+SVDSERVE_CPU_KERNELS=0, everything runs through plain PyTorch ops (the same results to float rounding, slower).
 """
 from __future__ import annotations
 
