@@ -380,11 +380,12 @@ class LinearGroup(nn.Module):
         # Without OSoRA rows every o is 1 and every d is 0: skip the scale and the subtraction.
         o, d = (rows["o"][li], rows["d"][li]) if mp.has_sub else (None, None)
         # A decode step's group with nothing between its GEMM and its core delta: both in one kernel call, on the CPU
-        # where calibration picked the kernel's GEMM for this shape, on a GPU where the fused kernel is turned on.
+        # (the GEMM the kernel's own where calibration picked it for this shape, else torch's inside the same call),
+        # on a GPU where the fused kernel is turned on.
         fusable = L == 1 and out is None and not lowrank_first
-        if fusable and "slots" in rows and cpu_kernels.uses_kernel(x, self.W_aug):
+        if fusable and "slots" in rows:  # the slot pools themselves: the CPU kernels serve this step
             return cpu_kernels.core_linear(x, self.W_aug, rows["C"][li], o, d, self.Ut_cat, self.bounds, rows["slots"],
-                                           rows["s"][li], rows["diagonal"])
+                                           rows["s"][li], rows["diagonal"], blas=not cpu_kernels.uses_kernel(x, self.W_aug))
         if fusable and x.shape[0] <= gpu_kernels.LINEAR_MAX_ROWS and gpu_kernels.serves(x) \
                 and gpu_kernels.fused_decode():
             return gpu_kernels.linear_core(x, self.W_aug, rows["C"][li], o, d, self.Ut_cat, self.bounds)

@@ -212,10 +212,11 @@ def test_core_delta_kernel_skips_zero_adapter_rows_at_prefill(dtype, scaled, gat
     assert (got.double() - want).abs().max().item() <= 2 * KERNEL_TOL[dtype] * want.abs().max().item()
 
 
-def run_core_linear(c, K: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def run_core_linear(c, K: int, slots: torch.Tensor, blas: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The case as a decode step for `core_linear`: inputs x (T, K) and W_aug = [W; V_rᵀ] (M + k·R, K), whose
     product replaces the case's z (so `reference` applies); the rows' terms in a slot pool at `slots` (unread
-    slots NaN). Returns the kernel's y and h and the float64 reference of [y | h]."""
+    slots NaN). Returns the kernel's y and h (with `blas`, torch's GEMM inside the call) and the float64 reference
+    of [y | h]."""
     gen = torch.Generator().manual_seed(K)
     dtype, M, R = c["z"].dtype, c["M"], c["R"]
     x = torch.randn(c["P"] + 2, K, generator=gen).to(dtype)[1:-1]  # a row-strided view, as inside the runner
@@ -230,7 +231,8 @@ def run_core_linear(c, K: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch
         p[slots] = t
         return p
 
-    y, h = cpu_kernels.core_linear(x, W_aug, pool(c["Ct"]), pool(c["o"]), pool(c["d"]), U, c["offsets"] + [M], slots)
+    y, h = cpu_kernels.core_linear(x, W_aug, pool(c["Ct"]), pool(c["o"]), pool(c["d"]), U, c["offsets"] + [M], slots,
+                                   blas=blas)
     return y, h, reference(c)
 
 
@@ -245,15 +247,16 @@ LINEAR_SHAPES = [dict(P=5, R=4, sizes=(12, 6, 6), K=37), dict(P=32, R=16, sizes=
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scaled", [False, True])
-def test_core_linear_kernel_matches_the_formula(shape, dtype, scaled):
+@pytest.mark.parametrize("blas", [False, True], ids=["own-gemm", "torch-gemm"])
+def test_core_linear_kernel_matches_the_formula(shape, dtype, scaled, blas):
     """A decode step's GEMM fused with its core delta: y the base outputs plus each row's delta (read from its
-    slot), h the shared projections, both against the float64 formula."""
+    slot), h the shared projections, both against the float64 formula; the GEMM the kernel's own or torch's."""
     assert cpu_kernels.available()
     shape = dict(shape)
     K = shape.pop("K")
     c = case(dtype, scaled, **shape)
     slots = torch.randperm(c["P"] + 2, generator=torch.Generator().manual_seed(c["P"]))[: c["P"]]
-    y, h, want = run_core_linear(c, K, slots)
+    y, h, want = run_core_linear(c, K, slots, blas)
     M = c["M"]
     assert y.dtype == h.dtype == dtype and y.shape == (c["P"], M) and h.shape == (c["P"], c["k"] * c["R"])
     scale = want[:, :M].abs().max().item()
@@ -263,7 +266,8 @@ def test_core_linear_kernel_matches_the_formula(shape, dtype, scaled):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_core_linear_kernel_takes_diagonal_cores_from_their_diagonals(dtype):
+@pytest.mark.parametrize("blas", [False, True], ids=["own-gemm", "torch-gemm"])
+def test_core_linear_kernel_takes_diagonal_cores_from_their_diagonals(dtype, blas):
     """Slots flagged diagonal (OSoRA's diag S) give their cores as diagonals in s: their core pool entries are not
     read (NaN here), the others' are (dense cores, s NaN), and every row matches the formula."""
     assert cpu_kernels.available()
@@ -292,11 +296,40 @@ def test_core_linear_kernel_takes_diagonal_cores_from_their_diagonals(dtype):
     want = reference(dict(c, z=x.double() @ W_aug.double().T))
     U = torch.cat(c["Ut"], dim=1).float().contiguous()
     y, h = cpu_kernels.core_linear(x, W_aug, Ct_pool, pool(c["o"]), pool(c["d"]), U, c["offsets"] + [M], slots,
-                                   s_pool, diagonal)
+                                   s_pool, diagonal, blas=blas)
     tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-6
     assert (y.double() - want[:, :M]).abs().max().item() <= tol * want[:, :M].abs().max().item()
     with pytest.raises(RuntimeError, match="s and diagonal come together"):
         cpu_kernels.core_linear(x, W_aug, Ct_pool, pool(c["o"]), pool(c["d"]), U, c["offsets"] + [M], slots, s_pool)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_core_linear_with_torchs_gemm_gives_the_bits_of_matmul_then_core_delta(dtype, scaled):
+    """`blas=True` is the decode path it replaced, in one call: torch's x · W_augᵀ, then `core_delta` on the
+    product's y and h. Same bits, so serving's outputs do not change with it (SmolLM2's width: 3 members)."""
+    assert cpu_kernels.available()
+    c = case(dtype, scaled, P=32, R=16, sizes=(96, 32, 32))
+    M, k, R = c["M"], c["k"], c["R"]
+    slots = 1 + torch.randperm(33, generator=torch.Generator().manual_seed(8))[:32]
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(32, 80, generator=gen).to(dtype)
+    W_aug = (torch.randn(M + k * R, 80, generator=gen) / 9).to(dtype)
+    U = torch.cat(c["Ut"], dim=1).float().contiguous()
+
+    def pool(t):
+        if t is None:
+            return None
+        p = torch.full((34,) + t.shape[1:], float("nan"), dtype=t.dtype)
+        p[slots] = t
+        return p
+
+    terms = (pool(c["Ct"]), pool(c["o"]), pool(c["d"]), U, c["offsets"] + [M])
+    y, h = cpu_kernels.core_linear(x, W_aug, *terms, slots, blas=True)
+    z = x @ W_aug.T
+    cpu_kernels.core_delta(z[:, :M], z[:, M:], *terms, 1, slots=slots)
+    assert torch.equal(y, z[:, :M]) and torch.equal(h, z[:, M:])
+    assert not torch.equal(y, (x @ W_aug.T)[:, :M])  # the delta went in
 
 
 def test_core_linear_kernel_gives_the_same_bits_on_one_thread():

@@ -45,7 +45,7 @@ def test_bf16_mixed_batch_is_as_accurate_as_the_merged_model_in_bf16(tiny_base, 
     monkeypatch.setitem(cpu_kernels._state, "force", kernels)  # every decode GEMM through the kernels, or none
     calls = []
     fused = cpu_kernels.core_linear
-    monkeypatch.setattr(cpu_kernels, "core_linear", lambda *a: (calls.append(1), fused(*a))[1])
+    monkeypatch.setattr(cpu_kernels, "core_linear", lambda *a, **kw: (calls.append(1), fused(*a, **kw))[1])
     runner = BatchedRunner(bf16_base, tiny_factors, max_rank=8, max_batch=8, max_seq_len=32, core_slots=4, lr_slots=4)
     assert runner.pools["qkv"].C.dtype == torch.bfloat16 and runner.k_cache[0].dtype == torch.bfloat16
     cs, ls = runner.place(adapters, tiny_factors)

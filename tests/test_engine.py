@@ -51,18 +51,25 @@ def assert_decode_matches(runner, logits, prompts, refs, mp, steps: int, device:
             assert (last[i] - ref).abs().max().item() <= tol, f"decode row {i}"
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["cpu-kernels", "pytorch-path"])
+@pytest.mark.parametrize("path", ["cpu-kernels", "cpu-kernels-torch-gemm", "pytorch-path"])
 @pytest.mark.parametrize("low_rank_only", [False, True], ids=["all-methods", "sorsa-lora-only"])
-def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factors, adapters, fused, low_rank_only,
+def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factors, adapters, path, low_rank_only,
                                                           monkeypatch):
     """Every method, several ranks and base rows in one batch (or only SORSA / LoRA rows and base rows: the shared
-    projections are then computed for SORSA's subtraction alone) against merged references, prefill and decode."""
+    projections are then computed for SORSA's subtraction alone) against merged references, prefill and decode;
+    through the CPU kernels (every decode GEMM the kernel's own, or torch's as calibration picks on an AMX CPU in
+    bfloat16) or through PyTorch ops alone."""
     assert cpu_kernels.available()
-    monkeypatch.setitem(cpu_kernels._state, "force", fused)  # every decode GEMM through the kernels, or none
-    calls = []
+    fused = path != "pytorch-path"
+    monkeypatch.setitem(cpu_kernels._state, "force", True if path == "cpu-kernels" else None if fused else False)
+    if path == "cpu-kernels-torch-gemm":
+        monkeypatch.setattr(cpu_kernels, "uses_kernel", lambda x, W: False)
+    calls, blas = [], []
     for name in ("skinny_linear", "core_delta", "core_linear", "lowrank_delta"):
         kernel = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _k=kernel, _n=name, **kw: (calls.append(_n), _k(*a, **kw))[1])
+    real_linear = cpu_kernels.core_linear
+    monkeypatch.setattr(cpu_kernels, "core_linear", lambda *a, **kw: (blas.append(kw.get("blas")), real_linear(*a, **kw))[1])
     runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=16, max_seq_len=64, core_slots=8, lr_slots=8)
     chosen = {k: a for k, a in adapters.items() if not low_rank_only or a.method in ("sorsa", "lora")}
     cs, ls = runner.place(list(chosen.values()), tiny_factors)
@@ -87,8 +94,10 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
     # the decode steps above went through the path under test (with core rows: each group's GEMM and core delta in
     # one call, core_linear; the prefill's core delta after its GEMM, core_delta); the kernels read the slot pools,
     # so the per-row buffers the PyTorch path copies adapters into were never made
-    assert set(calls) == ({"skinny_linear", "lowrank_delta"} | ({"core_delta", "core_linear"} if not low_rank_only
-                                                                else set()) if fused else set())
+    gemm = {"skinny_linear"} if path == "cpu-kernels" else set()
+    assert set(calls) == (gemm | {"lowrank_delta"} | ({"core_delta", "core_linear"} if not low_rank_only else set())
+                          if fused else set())
+    assert set(blas) == ({path == "cpu-kernels-torch-gemm"} if fused and not low_rank_only else set())
     assert (runner._row_keys is None) == (fused or low_rank_only)  # row buffers hold core adapters only
     # the adapters really change the output (the comparison above is not vacuous)
     base_row = refs[-1](torch.tensor([prompts[0]])).logits[0]

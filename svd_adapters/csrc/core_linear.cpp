@@ -75,11 +75,15 @@ void gemm_core_blocks(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t 
   }
 }
 
+// With `blas`, the GEMM is ATen's (at::mm: MKL, or oneDNN's AMX tiles for bfloat16 where the CPU has them), for
+// shapes where calibration found it faster than gemm_block, and the delta follows in the same call: y and h are then
+// views of the one [y | h] product. The alternative, torch's matmul from Python, slicing y and h, and core_delta
+// as an op of its own, cost ~9 µs more a group in dispatch alone (a bfloat16 step on an AMX Xeon: ~1 ms of ~40).
 std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Tensor& W_aug, const at::Tensor& Ct,
                                                const std::optional<at::Tensor>& o, const std::optional<at::Tensor>& d,
                                                const at::Tensor& U, at::IntArrayRef offsets, const at::Tensor& slots,
                                                const std::optional<at::Tensor>& s,
-                                               const std::optional<at::Tensor>& diagonal) {
+                                               const std::optional<at::Tensor>& diagonal, bool blas) {
   TORCH_CHECK(x.device().is_cpu() && W_aug.device().is_cpu(), "core_linear runs on the CPU");
   TORCH_CHECK(x.dim() == 2 && W_aug.dim() == 2 && x.size(1) == W_aug.size(1), "x (T, K) and W_aug (N, K) must share K, got ",
               x.sizes(), " and ", W_aug.sizes());
@@ -101,7 +105,13 @@ std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Te
                 diagonal->device().is_cpu() && diagonal->is_contiguous(),
                 "diagonal must be a contiguous CPU bool vector with one entry per slot (", Ct.size(0), ")");
   }
-  at::Tensor y = at::empty({T, M}, x.options()), h = at::empty({T, k * R}, x.options());
+  at::Tensor y, h;
+  if (blas) {
+    const at::Tensor z = at::mm(x, W_aug.t());
+    y = z.narrow(1, 0, M), h = z.narrow(1, M, k * R);
+  } else {
+    y = at::empty({T, M}, x.options()), h = at::empty({T, k * R}, x.options());
+  }
   if (T == 0) return {y, h};
   const std::vector<int64_t> off(offsets.begin(), offsets.end());
   // float32 or bfloat16 only: the GEMM tile accumulates in float vectors
@@ -118,25 +128,39 @@ std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Te
     const acc_t* Up = U.const_data_ptr<acc_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     scalar_t* hp = h.data_ptr<scalar_t>();
-    const int64_t sx = x.stride(0), kR = k * R;
+    const int64_t sx = x.stride(0), kR = k * R, sy = y.stride(0), sh = h.stride(0);
     const RowTerms<scalar_t> rows(slot, Ct, o, d, s, diagonal);
     acc_t* g = scratch<acc_t>(0, T * kR);
     acc_t* e = o.has_value() ? scratch<acc_t>(1, T * kR) : nullptr;
     constexpr int64_t CB = svdserve::kGemmCB;
-    // One region, three passes: h (the projection rows of W_aug, CB-column tiles split across threads), every
-    // token's cores, then the blocks.
+    // One region, three passes: h (the projection rows of W_aug, CB-column tiles split across threads; with
+    // `blas`, already there), every token's cores, then the blocks (with `blas`, the delta alone, as core_delta's
+    // decode sweep: threads split the tiles, scaled rows a few tokens at a time).
     svdserve::parallel_region([&](int64_t tid, int64_t n) {
       const auto [tb, te] = svdserve::share(T, tid, n);
-      const auto [hb, he] = svdserve::share((kR + CB - 1) / CB, tid, n);
-      svdserve::gemm_block(xp, sx, Wp + M * K, K, hp, kR, 0, T, hb * CB, std::min(kR, he * CB));
+      if (!blas) {
+        const auto [hb, he] = svdserve::share((kR + CB - 1) / CB, tid, n);
+        svdserve::gemm_block(xp, sx, Wp + M * K, K, hp, sh, 0, T, hb * CB, std::min(kR, he * CB));
+        svdserve::barrier(n);
+      }
+      if (e) token_cores<scalar_t, acc_t, true>(hp, sh, rows.C.data(), rows.d.data(), k, R, 1, g, e, tb, te, rows.s.data());
+      else token_cores<scalar_t, acc_t, false>(hp, sh, rows.C.data(), nullptr, k, R, 1, g, nullptr, tb, te, rows.s.data());
       svdserve::barrier(n);
-      if (e) token_cores<scalar_t, acc_t, true>(hp, kR, rows.C.data(), rows.d.data(), k, R, 1, g, e, tb, te, rows.s.data());
-      else token_cores<scalar_t, acc_t, false>(hp, kR, rows.C.data(), nullptr, k, R, 1, g, nullptr, tb, te, rows.s.data());
-      svdserve::barrier(n);
+      if (blas) {
+        const TileSource<acc_t> src{Up, M, 0, TW};
+        const auto [b, en] = svdserve::share(static_cast<int64_t>(tiles.size()) / 2, tid, n);
+        if (!e) {
+          apply_tiles<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, src, R, k, off, tiles, b, en, 0, T);
+          return;
+        }
+        for (int64_t t = 0; t < T; t += 4)
+          apply_tiles<scalar_t, acc_t, true>(yp, sy, rows.o.data(), g, e, src, R, k, off, tiles, b, en, t, std::min(T, t + 4));
+        return;
+      }
       const auto [bb, be] = svdserve::share(n_blocks, tid, n);
-      if (e) gemm_core_blocks<scalar_t, acc_t, true>(xp, sx, Wp, K, yp, M, rows.o.data(), g, e, Up, M, R, k, off, tiles,
+      if (e) gemm_core_blocks<scalar_t, acc_t, true>(xp, sx, Wp, K, yp, sy, rows.o.data(), g, e, Up, M, R, k, off, tiles,
                                                      blocks, T, bb, be);
-      else gemm_core_blocks<scalar_t, acc_t, false>(xp, sx, Wp, K, yp, M, nullptr, g, nullptr, Up, M, R, k, off, tiles,
+      else gemm_core_blocks<scalar_t, acc_t, false>(xp, sx, Wp, K, yp, sy, nullptr, g, nullptr, Up, M, R, k, off, tiles,
                                                     blocks, T, bb, be);
     });
   };
@@ -149,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Te
 
 TORCH_LIBRARY_FRAGMENT(svdserve, m) {
   m.def("core_linear(Tensor x, Tensor W_aug, Tensor Ct, Tensor? o, Tensor? d, Tensor U, int[] offsets, Tensor slots, "
-        "Tensor? s=None, Tensor? diagonal=None) -> (Tensor, Tensor)");
+        "Tensor? s=None, Tensor? diagonal=None, bool blas=False) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(svdserve, CPU, m) {
