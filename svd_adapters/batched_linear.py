@@ -26,6 +26,8 @@ on a GPU the core delta and a decode step's low-rank delta are one Triton kernel
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -325,16 +327,27 @@ class LinearGroup(nn.Module):
         acc = torch.promote_types(ref.dtype, torch.float32)
         self.Ut_cat = torch.cat([f.U[:, : self.R].T for f in factors], dim=1).to(ref.device, acc).contiguous()
         self.bounds = pools.offsets + [self.M]
-        # At prefill, members narrower than their input (k and v, down) take their shared projection from their own
-        # base output: U_rᵀ W = σ_r V_rᵀ, so h = (U_rᵀ y) / σ_r, R·m multiply-adds a token instead of R·n (a third of
-        # SmolLM2's projection work; within 1e-6 relative of V_rᵀ x on its weights). Only a trailing run of such
-        # members (their V_rᵀ rows are then the last of W_aug, which a prefill leaves out), and not in bf16, where y
-        # is rounded to 8 bits before the product.
+        # At prefill, members narrower than their input (k and v, down) can take their shared projection from their
+        # own base output: U_rᵀ W = σ_r V_rᵀ, so h = (U_rᵀ y) / σ_r, R·m multiply-adds a token instead of R·n (a third
+        # of SmolLM2's projection work; within 1e-6 relative of V_rᵀ x on its weights). Only a trailing run of such
+        # members (their V_rᵀ rows are then the last of W_aug, which such a prefill leaves out), and not in bf16,
+        # where y is rounded to 8 bits before the product. Whether it pays is the CPU's call (`prefill_plans`).
         narrow = [f.U.shape[0] < f.Vh.shape[1] and ref.dtype in (torch.float32, torch.float64) for f in factors]
         self.v_members = self.k
         while self.v_members > 0 and narrow[self.v_members - 1]:
             self.v_members -= 1
         self.U_over_s = [(f.U[:, : self.R] / f.S[: self.R]).to(ref).contiguous() for f in factors[self.v_members :]]
+        # (narrow h from outputs, one GEMM over all the V_rᵀ rows it keeps) per prefill plan; see `prefill_plans`
+        self._plans: dict[str, tuple[bool, bool]] = {}
+        for from_outputs in ([True, False] if self.v_members < self.k else [False]):
+            with_v = (self.v_members if from_outputs else self.k) > 0
+            for one in ([True, False] if with_v else [False]):
+                name = ("one GEMM" if one else "two GEMMs") if with_v else "GEMM over W"
+                self._plans[name + (", narrow h from outputs" if from_outputs else "")] = (from_outputs, one)
+        # Uncalibrated (e.g. a GPU's runner moved to the CPU): narrow h from outputs where there are narrow
+        # members, and two GEMMs.
+        self._default_plan = next(p for p in self._plans.values() if p[0] == (self.v_members < self.k) and not p[1])
+        self.plan_key = (tuple(self.W_aug.shape), tuple(self.out_sizes), self.v_members, self.W_aug.dtype)
 
     def forward(self, x: torch.Tensor, mp: SlotMapping, rows: dict[str, tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """x (T, n) → (T, M): base outputs of all members plus each token's adapter delta.
@@ -434,29 +447,45 @@ class LinearGroup(nn.Module):
 
         A decode step's few rows take one GEMM over W_aug: it reads the weights once, which is what a skinny
         product costs. So does a prefill on a GPU, where kernel launches, not FLOPs, set a small model's prefill
-        time (it is not graphed: each kernel is a launch from Python). A prefill on the CPU takes one or two GEMMs
-        (W, then V_rᵀ), whichever the CPU runs faster (`cpu_kernels.calibrate_prefill`: on one Xeon MKL ran e.g.
-        3104 = 3072 + 32 rows up to 10 % slower than W alone, on a Zen 5 the one GEMM was faster), and the trailing
-        narrow members' h come from their outputs (`prefill_weight`): fewer FLOPs for more, smaller products."""
+        time (it is not graphed: each kernel is a launch from Python). A prefill on the CPU takes the plan
+        calibration found fastest for this group (`prefill_plans`)."""
         if x.shape[0] <= cpu_kernels.SKINNY_MAX_ROWS or x.device.type != "cpu":
             z = cpu_kernels.matmul_t(x, self.W_aug)
             return z[:, : self.M], z[:, self.M :]
-        W = self.prefill_weight()
-        if W.shape[0] == self.M:  # no V_rᵀ rows left (down): the members' GEMM alone
+        return self.project_prefill(x, *self._plans.get(cpu_kernels.prefill_plan(self.plan_key), self._default_plan))
+
+    def prefill_plans(self) -> dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
+        """A prefill's ways to its y and h on the CPU, by name: the same numbers to float rounding, at speeds that
+        depend on the CPU and its BLAS, so the runner times them once a process (`cpu_kernels.calibrate_prefill`)
+        and `project` takes the fastest.
+        - One GEMM over [W; V_rᵀ] (then sliced) or two (W, then V_rᵀ): on one Xeon MKL ran e.g. 3104 = 3072 + 32
+          rows up to 10 % slower than W alone, on a Zen 5 the one GEMM was faster.
+        - For a group with narrow members (k and v, down): their h from their outputs (see `__init__`), or their
+          V_rᵀ rows in the GEMM like the others': fewer FLOPs against more, smaller products (on an AMX Xeon the
+          qkv group's h all from its GEMM took ~7 % less time, 16 ms of a 2048-token prefill)."""
+        return {name: functools.partial(self.project_prefill, from_outputs=a, one_gemm=b) for name, (a, b) in self._plans.items()}
+
+    def prefill_calibration(self) -> tuple[tuple, str, torch.Tensor, dict[str, Callable]]:
+        """What `cpu_kernels.calibrate_prefill` takes for this group: its signature, a label, W_aug, its plans."""
+        label = "+".join(map(str, self.out_sizes)) + f"x{self.W_aug.shape[1]}"
+        return self.plan_key, label, self.W_aug, self.prefill_plans()
+
+    def project_prefill(self, x: torch.Tensor, from_outputs: bool, one_gemm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """y and h for a prefill's rows by one plan (see `prefill_plans`): the trailing narrow members' h from their
+        outputs or not, the V_rᵀ rows the GEMM keeps in the same GEMM as W or in one of their own."""
+        v = self.v_members if from_outputs else self.k
+        W = self.W_aug[: self.M + v * self.R]
+        if v == 0:  # no V_rᵀ rows left (down): the members' GEMM alone
             y, h_parts = cpu_kernels.matmul_t(x, W), []
-        elif cpu_kernels.prefill_stacked(W, self.M):
+        elif one_gemm:
             z = cpu_kernels.matmul_t(x, W)
             y, h_parts = z[:, : self.M], [z[:, self.M :]]
         else:
             y, h_parts = cpu_kernels.matmul_t(x, W[: self.M]), [cpu_kernels.matmul_t(x, W[self.M :])]
-        off = self.bounds[self.v_members :]
-        h_parts += [y[:, a:b] @ Us for a, b, Us in zip(off[:-1], off[1:], self.U_over_s)]
+        if from_outputs:
+            off = self.bounds[v:]
+            h_parts += [y[:, a:b] @ Us for a, b, Us in zip(off[:-1], off[1:], self.U_over_s)]
         return y, h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts, dim=1)
-
-    def prefill_weight(self) -> torch.Tensor:
-        """The rows of W_aug a prefill multiplies: the members' weights and the V_rᵀ of those whose projection
-        does not come from their output (see `__init__`)."""
-        return self.W_aug[: self.M + self.v_members * self.R]
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         return list(torch.split(y, self.out_sizes, dim=-1))

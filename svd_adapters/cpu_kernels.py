@@ -38,6 +38,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -61,7 +62,7 @@ SKINNY_MAX_ROWS = 64  # above this many rows BLAS is as fast or faster (measured
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 _skinny_faster: dict[tuple, bool] = {}  # (N, K, dtype) → the kernel beat torch's matmul at calibration
-_stacked_faster: dict[tuple, bool] = {}  # (N, K, M, dtype) → one prefill GEMM over [W; V_rᵀ] beat two
+_prefill_plans: dict[tuple, str] = {}  # a group's signature → its fastest way to a prefill's projections
 
 
 def enabled() -> bool:
@@ -288,35 +289,30 @@ def calibrate(weights: list[torch.Tensor], rows: int, reps: int = 9) -> None:
              rows, ", ".join(report))
 
 
-def prefill_stacked(W_aug: torch.Tensor, M: int) -> bool:
-    """Whether a prefill projects [W; V_rᵀ] (W_aug, base rows first: M of them) in one GEMM rather than two; see
-    `calibrate_prefill`."""
-    return _stacked_faster.get((W_aug.shape[0], W_aug.shape[1], M, W_aug.dtype), False)
+def prefill_plan(key: tuple) -> str | None:
+    """The plan `calibrate_prefill` found fastest for a group with this signature, or None if not timed."""
+    return _prefill_plans.get(key)
 
 
-def calibrate_prefill(groups: list[tuple[torch.Tensor, int]], rows: int = 1024, reps: int = 4) -> None:
-    """For each augmented weight (W_aug, M) not timed yet: a prefill's base outputs and shared projections as one
-    GEMM over W_aug (then sliced) against two (W, then V_rᵀ), alternating; keep the faster. Which wins depends on
-    the CPU and its BLAS: the one GEMM was up to 7 % slower on an Intel Xeon (MKL), up to 4 % faster on an AMD
-    Zen 5 (2048 tokens). Both give the same results to float rounding."""
-    todo = {}
-    for W, M in groups:
-        key = (W.shape[0], W.shape[1], M, W.dtype)
-        if W.device.type == "cpu" and key not in _stacked_faster:
-            todo.setdefault(key, (W, M))
-    if not todo:
-        return
+def calibrate_prefill(groups: list[tuple[tuple, str, torch.Tensor, dict[str, Callable[[torch.Tensor], object]]]],
+                      rows: int = 1024, reps: int = 4) -> None:
+    """For each group (signature, label for the log, a weight of its input width and dtype, its plans: ways to a
+    prefill's base outputs and shared projections, the same numbers to float rounding) whose signature was not timed
+    yet: time every plan on `rows` random rows, alternating, and keep the fastest (`prefill_plan`). Which wins depends
+    on the CPU and its BLAS (see `LinearGroup.prefill_plans`)."""
     report = []
     with torch.inference_mode():
-        for key, (W, M) in todo.items():
-            x = torch.randn(rows, W.shape[1], dtype=W.dtype)
-            Wy, Wh = W[:M], W[M:]
-            t = _best_times({"one": lambda: x @ W.T, "two": lambda: (x @ Wy.T, x @ Wh.T)}, reps)
-            one, two = t["one"], t["two"]
-            _stacked_faster[key] = one < two
-            report.append(f"{M}+{key[0] - M}x{key[1]} {two / one:.2f}x")
-    log.info("prefill projections at %d rows, one GEMM's speed relative to two (one used where > 1): %s",
-             rows, ", ".join(report))
+        for key, label, like, plans in groups:
+            if key in _prefill_plans or like.device.type != "cpu" or not plans:
+                continue
+            x = torch.randn(rows, like.shape[1], dtype=like.dtype)
+            t = _best_times({name: (lambda f=f: f(x)) for name, f in plans.items()}, reps)
+            ranked = sorted(t, key=t.get)
+            _prefill_plans[key] = ranked[0]
+            margin = f", {t[ranked[1]] / t[ranked[0]]:.2f}x the next" if len(ranked) > 1 else ""
+            report.append(f"{label}: {ranked[0]}{margin}")
+    if report:
+        log.info("prefill projections at %d rows, the fastest plan per group: %s", rows, "; ".join(report))
 
 
 def keep_large_blocks() -> bool:
@@ -347,4 +343,4 @@ def summary() -> str:
     if not _state.get("ok"):
         return "not in use (PyTorch path)"
     return (f"core delta kernel on; GEMM kernel for {sum(_skinny_faster.values())}/{len(_skinny_faster)} decode weight "
-            f"shapes; one prefill GEMM for {sum(_stacked_faster.values())}/{len(_stacked_faster)} groups")
+            f"shapes; prefill projections: {', '.join(sorted(set(_prefill_plans.values()))) or 'not timed'}")

@@ -120,8 +120,8 @@ class BatchedRunner(nn.Module):
             grp = self.layers[0].groups
             cpu_kernels.calibrate([w for g in grp.values() for w in (g.W_aug, g.W_aug[: g.M])] + [self.lm_head.weight],
                                   rows=max_batch)
-            # groups whose prefill has V_rᵀ rows to stack (down has none: its projection comes from its output)
-            cpu_kernels.calibrate_prefill([(g.prefill_weight(), g.M) for g in grp.values() if g.v_members])
+            # and each group's ways to a prefill's projections
+            cpu_kernels.calibrate_prefill([g.prefill_calibration() for g in grp.values()])
             cpu_kernels.keep_large_blocks()
         shape = (max_batch, self.n_kv, max_seq_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in self.layers]

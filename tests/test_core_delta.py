@@ -115,14 +115,19 @@ def test_kernels_cache_follows_its_env_var_else_the_home(tmp_path, monkeypatch):
     assert cpu_kernels.kernels_root() == tmp_path / "shared"
 
 
-def test_prefill_projection_calibration_decides_per_shape(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "_stacked_faster", {})
-    W = torch.randn(40, 24)
-    assert not cpu_kernels.prefill_stacked(W, 32)  # not timed: two GEMMs
-    cpu_kernels.calibrate_prefill([(W, 32), (W, 32)], rows=128, reps=2)
-    assert list(cpu_kernels._stacked_faster) == [(40, 24, 32, torch.float32)]  # each shape timed once
-    cpu_kernels._stacked_faster[(40, 24, 32, torch.float32)] = True
-    assert cpu_kernels.prefill_stacked(W, 32) and not cpu_kernels.prefill_stacked(W, 30)
+def test_prefill_calibration_keeps_each_groups_fastest_plan(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_prefill_plans", {})
+    W, widths, calls = torch.randn(40, 24), [], []
+
+    def plan(name: str, seconds: float):
+        return lambda x: (widths.append(x.shape), calls.append(name), time.sleep(seconds))
+
+    plans = {"slow": plan("slow", 0.003), "fast": plan("fast", 0.001)}
+    assert cpu_kernels.prefill_plan(("qkv",)) is None  # not timed: the group takes its default
+    cpu_kernels.calibrate_prefill([(("qkv",), "qkv", W, plans), (("qkv",), "qkv", W, plans)], rows=8, reps=2)
+    assert cpu_kernels.prefill_plan(("qkv",)) == "fast"
+    assert calls.count("slow") == calls.count("fast") == 3  # one signature timed once: a warm-up round, 2 timed
+    assert set(widths) == {(8, 24)}  # random rows of the group's input width
 
 
 def test_calibration_keeps_each_callables_fastest_round_so_a_burst_of_noise_does_not_flip_the_choice():

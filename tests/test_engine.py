@@ -105,32 +105,38 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
 
 
 def test_prefill_projections_of_narrow_members_come_from_their_outputs(tiny_base, tiny_factors):
-    """At prefill k and v, and down (narrower than their input) take h = (U_rᵀ y) / σ_r from their own base outputs
-    instead of a GEMM over V_rᵀ: the same h as x · V_rᵀ, to float rounding (the merged-reference tests check the
-    logits); the GEMM leaves their V_rᵀ rows out."""
+    """At prefill k and v, and down (narrower than their input) can take h = (U_rᵀ y) / σ_r from their own base
+    outputs instead of a GEMM over V_rᵀ: every plan a group offers (calibration picks one per CPU) gives the y and h
+    of x · W_augᵀ, to float rounding (the merged-reference tests check the logits)."""
     runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=4, max_seq_len=64, core_slots=2, lr_slots=2)
     groups = runner.layers[0].groups
     assert {name: g.v_members for name, g in groups.items()} == {"qkv": 1, "o": 1, "gate_up": 2, "down": 0}
+    assert {name: sorted(g.prefill_plans()) for name, g in groups.items()} == {
+        "qkv": ["one GEMM", "one GEMM, narrow h from outputs", "two GEMMs", "two GEMMs, narrow h from outputs"],
+        "o": ["one GEMM", "two GEMMs"], "gate_up": ["one GEMM", "two GEMMs"],
+        "down": ["GEMM over W, narrow h from outputs", "one GEMM", "two GEMMs"]}
+    assert all(cpu_kernels.prefill_plan(g.plan_key) in g.prefill_plans() for g in groups.values())  # calibrated
     gen = torch.Generator().manual_seed(0)
     for name, g in groups.items():
         x = torch.randn(cpu_kernels.SKINNY_MAX_ROWS + 36, g.W_aug.shape[1], generator=gen)  # a prefill's rows
-        assert g.prefill_weight().shape[0] == g.M + g.v_members * g.R
-        y, h = g.project(x)
         want = x.double() @ g.W_aug.double().T
-        assert (y.double() - want[:, : g.M]).abs().max() <= 1e-5 * want[:, : g.M].abs().max(), name
-        assert (h.double() - want[:, g.M :]).abs().max() <= 1e-5 * want[:, g.M :].abs().max(), name
+        for plan, project in list(g.prefill_plans().items()) + [("chosen", g.project)]:
+            y, h = project(x)
+            assert y.shape == (x.shape[0], g.M) and h.shape == (x.shape[0], g.k * g.R)
+            assert (y.double() - want[:, : g.M]).abs().max() <= 1e-5 * want[:, : g.M].abs().max(), (name, plan)
+            assert (h.double() - want[:, g.M :]).abs().max() <= 1e-5 * want[:, g.M :].abs().max(), (name, plan)
 
 
-@pytest.mark.parametrize("stacked", [True, False], ids=["one-projection-gemm", "two-projection-gemms"])
+@pytest.mark.parametrize("plan", ["one GEMM", "two GEMMs, narrow h from outputs"], ids=["one-gemm", "two-gemms-narrow"])
 @pytest.mark.parametrize("mix", ["osora-loraxs-base-rows", "all-methods-base-rows", "sorsa-lora-base-rows", "base-only"])
 def test_prefill_fuses_the_gated_activation_and_still_matches_merged_reference(tiny_base, tiny_factors, adapters,
-                                                                              mix, stacked, monkeypatch):
+                                                                              mix, plan, monkeypatch):
     """A prefill of more than 64 tokens applies silu(gate)·up inside the kernels: with core rows fused into the
     gate/up core delta (low-rank rows' delta added first), else (and for base-only batches) in one pass after the
     deltas; the logits stay the merged reference's, whether the projections come from one GEMM over [W; V_rᵀ] or
-    two (calibration picks per CPU)."""
+    from two GEMMs and the narrow members' outputs (calibration picks a plan per CPU)."""
     assert cpu_kernels.available() and tiny_base.model.config.hidden_act == "silu"
-    monkeypatch.setattr(cpu_kernels, "prefill_stacked", lambda W, M: stacked)
+    monkeypatch.setattr(cpu_kernels, "prefill_plan", lambda key: plan)  # down has no "two GEMMs, narrow": its default
     used = []
     for name in ("core_delta", "gated_silu", "lowrank_delta"):
         kernel = getattr(cpu_kernels, name)
