@@ -337,7 +337,8 @@ class LinearGroup(nn.Module):
         while self.v_members > 0 and narrow[self.v_members - 1]:
             self.v_members -= 1
         self.U_over_s = [(f.U[:, : self.R] / f.S[: self.R]).to(ref).contiguous() for f in factors[self.v_members :]]
-        # (narrow h from outputs, one GEMM over all the V_rᵀ rows it keeps) per prefill plan; see `prefill_plans`
+        # Each prefill plan's (h of the narrow members from their outputs?, W and the V_rᵀ rows kept in one GEMM?),
+        # by name; see `prefill_plans`
         self._plans: dict[str, tuple[bool, bool]] = {}
         for from_outputs in ([True, False] if self.v_members < self.k else [False]):
             with_v = (self.v_members if from_outputs else self.k) > 0
@@ -463,7 +464,8 @@ class LinearGroup(nn.Module):
         - For a group with narrow members (k and v, down): their h from their outputs (see `__init__`), or their
           V_rᵀ rows in the GEMM like the others': fewer FLOPs against more, smaller products (on an AMX Xeon the
           qkv group's h all from its GEMM took ~7 % less time, 16 ms of a 2048-token prefill)."""
-        return {name: functools.partial(self.project_prefill, from_outputs=a, one_gemm=b) for name, (a, b) in self._plans.items()}
+        return {name: functools.partial(self.project_prefill, from_outputs=a, one_gemm=b)
+                for name, (a, b) in self._plans.items()}
 
     def prefill_calibration(self) -> tuple[tuple, str, torch.Tensor, dict[str, Callable]]:
         """What `cpu_kernels.calibrate_prefill` takes for this group: its signature, a label, W_aug, its plans."""
