@@ -369,25 +369,16 @@ void sweep_gated(const scalar_t* y, int64_t sy, scalar_t* out, int64_t so, const
 // Every tile for every token, split across threads. Unscaled, at prefill: in tasks of a register block of tokens,
 // each through every tile, so each token's row of y is read front to back (see stream_gated: in (chunk, tile) tasks
 // the qkv delta of a 2048-token prefill took 1.1 ms, in these 0.65); a decode step's few rows split the tiles.
-// Scaled (OSoRA rows at decode): each thread takes a range of tiles and walks it a few tokens at a time, so each
-// token's o and y rows are read front to back too: o comes from memory at decode (the step's GEMMs stream the
-// weights through every cache level), and this order measured ~25 % faster there (2 threads, AVX-512).
+// Scaled (OSoRA rows at decode): each thread takes a range of tiles and walks it a few tokens at a time
+// (`decode_tiles`).
 template <typename scalar_t, typename acc_t, bool kScaled>
 void sweep(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e,
            const TileSource<acc_t>& src, int64_t R, int64_t k, const std::vector<int64_t>& off,
            const std::vector<int64_t>& tiles, int64_t T, int64_t chunk, const char* zero = nullptr, int64_t L = 1) {
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()) / 2;
-  if constexpr (kScaled) {
-    constexpr int64_t kTokens = 4;
+  if (kScaled || T <= chunk) {  // a decode step's few rows: threads split the tiles (y is small and in cache)
     svdserve::parallel_for(0, n_tiles, 4, [&](int64_t tb, int64_t te) {
-      for (int64_t t = 0; t < T; t += kTokens)
-        apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, src, R, k, off, tiles, tb, te, t, std::min(T, t + kTokens));
-    });
-    return;
-  }
-  if (T <= chunk) {  // a decode step's few rows: threads split the tiles (y is small and in cache)
-    svdserve::parallel_for(0, n_tiles, 4, [&](int64_t tb, int64_t te) {
-      apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, src, R, k, off, tiles, tb, te, 0, T);
+      decode_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, src, R, k, off, tiles, tb, te, T);
     });
     return;
   }

@@ -66,12 +66,7 @@ void gemm_core_blocks(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t 
       }
       svdserve::gemm_block(x, sx, W, K, y, sy, 0, T, n, std::min(c1, n + CB));
     }
-    if constexpr (kScaled) {  // a few tokens through the block's tiles at a time (as `sweep`: measured faster)
-      for (int64_t t = 0; t < T; t += 4)
-        apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, src, R, k, off, tiles, tb, te, t, std::min(T, t + 4));
-    } else {
-      apply_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, src, R, k, off, tiles, tb, te, 0, T);
-    }
+    decode_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, src, R, k, off, tiles, tb, te, T);
   }
 }
 
@@ -134,8 +129,8 @@ std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Te
     acc_t* e = o.has_value() ? scratch<acc_t>(1, T * kR) : nullptr;
     constexpr int64_t CB = svdserve::kGemmCB;
     // One region, three passes: h (the projection rows of W_aug, CB-column tiles split across threads; with
-    // `blas`, already there), every token's cores, then the blocks (with `blas`, the delta alone, as core_delta's
-    // decode sweep: threads split the tiles, scaled rows a few tokens at a time).
+    // `blas`, already there), every token's cores, then the blocks (with `blas`, the delta alone: `decode_tiles`
+    // over each thread's share of the tiles, as core_delta's decode sweep).
     svdserve::parallel_region([&](int64_t tid, int64_t n) {
       const auto [tb, te] = svdserve::share(T, tid, n);
       if (!blas) {
@@ -149,12 +144,8 @@ std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Te
       if (blas) {
         const TileSource<acc_t> src{Up, M, 0, TW};
         const auto [b, en] = svdserve::share(static_cast<int64_t>(tiles.size()) / 2, tid, n);
-        if (!e) {
-          apply_tiles<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, src, R, k, off, tiles, b, en, 0, T);
-          return;
-        }
-        for (int64_t t = 0; t < T; t += 4)
-          apply_tiles<scalar_t, acc_t, true>(yp, sy, rows.o.data(), g, e, src, R, k, off, tiles, b, en, t, std::min(T, t + 4));
+        if (e) decode_tiles<scalar_t, acc_t, true>(yp, sy, rows.o.data(), g, e, src, R, k, off, tiles, b, en, T);
+        else decode_tiles<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, src, R, k, off, tiles, b, en, T);
         return;
       }
       const auto [bb, be] = svdserve::share(n_blocks, tid, n);

@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -155,6 +156,23 @@ void apply_tiles(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t*
         y[t * sy + cc] = static_cast<scalar_t>(v);
       }
     }
+  }
+}
+
+// Tiles [tb, te) for all T tokens of a decode step: unscaled, every token at once (register blocks of kRB share each
+// load of U); scaled (OSoRA rows), a few tokens at a time, so each token's o and y rows are read front to back — o
+// comes from memory at decode (the step's GEMMs stream the weights through every cache level), and this order
+// measured ~25 % faster there (2 threads, AVX-512). Shared by core_delta's decode sweep and core_linear.
+template <typename scalar_t, typename acc_t, bool kScaled>
+void decode_tiles(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e,
+                  const TileSource<acc_t>& src, int64_t R, int64_t k, const std::vector<int64_t>& off,
+                  const std::vector<int64_t>& tiles, int64_t tb, int64_t te, int64_t T) {
+  if constexpr (kScaled) {
+    constexpr int64_t kTokens = 4;
+    for (int64_t t = 0; t < T; t += kTokens)
+      apply_tiles<scalar_t, acc_t, true>(y, sy, o, g, e, src, R, k, off, tiles, tb, te, t, std::min(T, t + kTokens));
+  } else {
+    apply_tiles<scalar_t, acc_t, false>(y, sy, o, g, e, src, R, k, off, tiles, tb, te, 0, T);
   }
 }
 
