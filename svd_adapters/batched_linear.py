@@ -58,6 +58,9 @@ class SlotMapping:
     # exactly nothing.
     lr_row_slots: torch.Tensor | None = None
     lr_sub: bool = False  # some low-rank row's adapter has a d-term (SORSA): the step needs h for it
+    # With has_sub, on the host: which rows' core slots scale outputs (OSoRA's); the CPU decode kernel gives the
+    # others (LoRA-XS rows) the unscaled arithmetic
+    core_scaled: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -71,6 +74,7 @@ class SlotMapping:
     def build(core_slots: list[int], lr_slots: list[int], sub_slots: set[int], tokens_per_row: int = 1,
               device: torch.device | str = "cpu", lr_sub_slots: set[int] = frozenset()) -> "SlotMapping":
         lr_rows = [i for i, s in enumerate(lr_slots) if s != 0]
+        scaled = [s in sub_slots for s in core_slots]
 
         def index(values: list[int]) -> torch.Tensor:
             # non_blocking: a blocking host → GPU copy would wait for every queued kernel (a stall per step)
@@ -81,11 +85,12 @@ class SlotMapping:
             lr_idx=index(lr_slots),
             tokens_per_row=tokens_per_row,
             has_core=any(s != 0 for s in core_slots),
-            has_sub=any(s in sub_slots for s in core_slots),
+            has_sub=any(scaled),
             lr_rows=index(lr_rows) if lr_rows else None,
             core_slots=tuple(core_slots),
             lr_row_slots=index([lr_slots[i] for i in lr_rows]) if lr_rows else None,
             lr_sub=any(s in lr_sub_slots for s in lr_slots if s),
+            core_scaled=torch.tensor(scaled) if any(scaled) else None,
         )
 
 
@@ -264,7 +269,7 @@ class GroupPools:
         views = {"C": self.layer_views["C"], "s": self.layer_views["s"], "diagonal": self.diagonal,
                  "slots": mp.core_idx}
         if mp.has_sub:
-            views["o"], views["d"] = self.layer_views["o"], self.layer_views["d"]
+            views["o"], views["d"], views["scaled"] = self.layer_views["o"], self.layer_views["d"], mp.core_scaled
         return views
 
     def enable_row_cache(self, max_rows: int) -> None:
@@ -399,7 +404,8 @@ class LinearGroup(nn.Module):
         fusable = L == 1 and out is None and not lowrank_first
         if fusable and "slots" in rows:  # the slot pools themselves: the CPU kernels serve this step
             return cpu_kernels.core_linear(x, self.W_aug, rows["C"][li], o, d, self.Ut_cat, self.bounds, rows["slots"],
-                                           rows["s"][li], rows["diagonal"], blas=not cpu_kernels.uses_kernel(x, self.W_aug))
+                                           rows["s"][li], rows["diagonal"], blas=not cpu_kernels.uses_kernel(x, self.W_aug),
+                                           scaled=rows.get("scaled"))
         if fusable and x.shape[0] <= gpu_kernels.LINEAR_MAX_ROWS and gpu_kernels.serves(x) \
                 and gpu_kernels.fused_decode():
             return gpu_kernels.linear_core(x, self.W_aug, rows["C"][li], o, d, self.Ut_cat, self.bounds)

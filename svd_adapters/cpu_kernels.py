@@ -159,15 +159,18 @@ def core_delta(y: torch.Tensor, h: torch.Tensor, Ct: torch.Tensor, o: torch.Tens
 
 def core_linear(x: torch.Tensor, W_aug: torch.Tensor, Ct: torch.Tensor, o: torch.Tensor | None, d: torch.Tensor | None,
                 U: torch.Tensor, offsets: list[int], slots: torch.Tensor, s: torch.Tensor | None = None,
-                diagonal: torch.Tensor | None = None, blas: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                diagonal: torch.Tensor | None = None, blas: bool = False,
+                scaled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A decode step's GEMM of one group fused with its core delta (`csrc/core_linear.cpp`): x (T, K), one token per
     row, and W_aug (M + k·R, K) = [the members' weights; their V_rᵀ] give y (T, M), base outputs plus each row's
     core delta, and the shared projections h (T, k·R). The terms as for `core_delta` with `slots`; float32 or
     bfloat16. With s (S, k·R) and diagonal (S,) bool on the host: slots flagged diagonal have the diagonals of
     their cores in s, and their Ct is not read. The GEMM is the kernel's own where `uses_kernel(x, W_aug)`, else
     pass `blas=True`: torch's GEMM (MKL; oneDNN's AMX for bfloat16) inside the same call, y and h views of its
-    product."""
-    return torch.ops.svdserve.core_linear(x, W_aug, Ct, o, d, U, offsets, slots, s, diagonal, blas)
+    product. Rows reading slot 0 (the pools' zero adapter) get the GEMM's outputs alone. With o and d, `scaled`
+    (T,) bool on the host flags the rows whose slots scale outputs (OSoRA's); the others (o = 1, d = 0 in their
+    slots) take the unscaled arithmetic, same bits. Without it every row with o and d is taken as scaled."""
+    return torch.ops.svdserve.core_linear(x, W_aug, Ct, o, d, U, offsets, slots, s, diagonal, blas, scaled)
 
 
 def lowrank_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bt: list[torch.Tensor], offsets: list[int],

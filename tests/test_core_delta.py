@@ -260,7 +260,8 @@ def test_core_linear_kernel_matches_the_formula(shape, dtype, scaled, blas):
     shape = dict(shape)
     K = shape.pop("K")
     c = case(dtype, scaled, **shape)
-    slots = torch.randperm(c["P"] + 2, generator=torch.Generator().manual_seed(c["P"]))[: c["P"]]
+    # from slot 1 on: slot 0 is the pools' zero adapter, whose rows get no delta (tested below)
+    slots = 1 + torch.randperm(c["P"] + 2, generator=torch.Generator().manual_seed(c["P"]))[: c["P"]]
     y, h, want = run_core_linear(c, K, slots, blas)
     M = c["M"]
     assert y.dtype == h.dtype == dtype and y.shape == (c["P"], M) and h.shape == (c["P"], c["k"] * c["R"])
@@ -281,7 +282,7 @@ def test_core_linear_kernel_takes_diagonal_cores_from_their_diagonals(dtype, bla
     flagged = torch.arange(P) % 3 != 0
     diag = torch.randn(P, k, R, generator=torch.Generator().manual_seed(5)).to(dtype)
     c["Ct"][flagged] = torch.diag_embed(diag[flagged])  # the formula's cores for the flagged rows
-    slots = torch.randperm(P + 2, generator=torch.Generator().manual_seed(6))[:P]
+    slots = 1 + torch.randperm(P + 1, generator=torch.Generator().manual_seed(6))[:P]
     S = P + 2
     Ct_pool = torch.full((S, k, R, R), float("nan"), dtype=dtype)
     s_pool = torch.full((S, k * R), float("nan"), dtype=dtype)
@@ -337,11 +338,51 @@ def test_core_linear_with_torchs_gemm_gives_the_bits_of_matmul_then_core_delta(d
     assert not torch.equal(y, (x @ W_aug.T)[:, :M])  # the delta went in
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("blas", [False, True], ids=["own-gemm", "torch-gemm"])
+def test_core_linear_kernel_skips_zero_adapter_rows_and_takes_unflagged_rows_unscaled(dtype, blas):
+    """A decode step as a mixed batch makes it: rows reading slot 0 (base rows, low-rank rows) get the GEMM's
+    outputs alone (slot 0's terms are NaN here: never read), rows not flagged `scaled` (LoRA-XS's: o = 1, d = 0) the
+    unscaled arithmetic, flagged rows (OSoRA's) the scaled one. Every row matches the formula, and the result is the
+    same bits as with every adapted row taken as scaled."""
+    assert cpu_kernels.available()
+    c = case(dtype, True, P=14, R=16, sizes=(64, 32, 32), seed=11)
+    P, k, R, M = c["P"], c["k"], c["R"], c["M"]
+    kind = torch.arange(P) % 4  # 0: slot 0, 1: LoRA-XS, 2 and 3: OSoRA
+    zero, plain = kind == 0, kind == 1
+    c["o"][zero | plain], c["d"][zero | plain], c["Ct"][zero] = 1, 0, 0  # what the formula gives those rows
+    slots = 1 + torch.randperm(P, generator=torch.Generator().manual_seed(12))
+    slots[zero] = 0
+    S = P + 1
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(P, 48, generator=gen).to(dtype)
+    W_aug = (torch.randn(M + k * R, 48, generator=gen) / 7).to(dtype)
+    want = reference(dict(c, z=x.double() @ W_aug.double().T))
+    U = torch.cat(c["Ut"], dim=1).float().contiguous()
+
+    def pool(t):
+        p = torch.full((S,) + t.shape[1:], float("nan"), dtype=t.dtype)
+        p[slots] = t  # slot 0 last written by a zero row: NaN again below
+        p[0] = float("nan")
+        return p
+
+    terms = (pool(c["Ct"]), pool(c["o"]), pool(c["d"]), U, c["offsets"] + [M], slots)
+    y, h = cpu_kernels.core_linear(x, W_aug, *terms, blas=blas, scaled=kind >= 2)
+    bare = (x @ W_aug.T) if blas else cpu_kernels.skinny_linear(x, W_aug)
+    assert torch.equal(y[zero], bare[zero, :M]) and torch.equal(h, bare[:, M:])
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-6
+    assert (y.double() - want[:, :M]).abs().max().item() <= tol * want[:, :M].abs().max().item()
+    y_all, _ = cpu_kernels.core_linear(x, W_aug, *terms, blas=blas)  # no flags: every adapted row scaled
+    assert torch.equal(y, y_all)
+    with pytest.raises(RuntimeError, match="scaled must be a contiguous CPU bool vector"):
+        cpu_kernels.core_linear(x, W_aug, *terms, scaled=torch.ones(P - 1, dtype=torch.bool))
+
+
 def test_core_linear_kernel_gives_the_same_bits_on_one_thread():
     """One thread runs the kernel's passes inline (no parallel region, no barriers) and each output is the same
     arithmetic whichever thread computes it: the results are identical."""
     c = case(torch.float32, True, P=32, R=16, sizes=(64, 32, 32))
-    slots = torch.randperm(34, generator=torch.Generator().manual_seed(3))[:32]
+    slots = 1 + torch.randperm(33, generator=torch.Generator().manual_seed(3))[:32]
     threads = torch.get_num_threads()
     y2, h2, _ = run_core_linear(c, 64, slots)
     torch.set_num_threads(1)

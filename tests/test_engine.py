@@ -64,12 +64,14 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
     monkeypatch.setitem(cpu_kernels._state, "force", True if path == "cpu-kernels" else None if fused else False)
     if path == "cpu-kernels-torch-gemm":
         monkeypatch.setattr(cpu_kernels, "uses_kernel", lambda x, W: False)
-    calls, blas = [], []
+    calls, blas, scaled = [], [], []
     for name in ("skinny_linear", "core_delta", "core_linear", "lowrank_delta"):
         kernel = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _k=kernel, _n=name, **kw: (calls.append(_n), _k(*a, **kw))[1])
     real_linear = cpu_kernels.core_linear
-    monkeypatch.setattr(cpu_kernels, "core_linear", lambda *a, **kw: (blas.append(kw.get("blas")), real_linear(*a, **kw))[1])
+    monkeypatch.setattr(cpu_kernels, "core_linear", lambda *a, **kw: (blas.append(kw.get("blas")),
+                                                                      scaled.append(kw.get("scaled")),
+                                                                      real_linear(*a, **kw))[2])
     runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=16, max_seq_len=64, core_slots=8, lr_slots=8)
     chosen = {k: a for k, a in adapters.items() if not low_rank_only or a.method in ("sorsa", "lora")}
     cs, ls = runner.place(list(chosen.values()), tiny_factors)
@@ -98,6 +100,10 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
     assert set(calls) == (gemm | {"lowrank_delta"} | ({"core_delta", "core_linear"} if not low_rank_only else set())
                           if fused else set())
     assert set(blas) == ({path == "cpu-kernels-torch-gemm"} if fused and not low_rank_only else set())
+    # the kernel was told which rows are OSoRA's (the others, LoRA-XS's, take the unscaled arithmetic; base and
+    # low-rank rows read slot 0 and get no core delta)
+    osora_rows = [a is not None and adapters[a].method == "osora" for a in row_ids]
+    assert all(torch.equal(f, torch.tensor(osora_rows)) for f in scaled)
     assert (runner._row_keys is None) == (fused or low_rank_only)  # row buffers hold core adapters only
     # the adapters really change the output (the comparison above is not vacuous)
     base_row = refs[-1](torch.tensor([prompts[0]])).logits[0]

@@ -41,11 +41,36 @@ std::vector<int64_t> column_blocks(const std::vector<int64_t>& tiles) {
   return blocks;
 }
 
-// Blocks [b, e) of core_linear: each block's U and o prefetched, its columns of y from the GEMM, then its delta.
-template <typename scalar_t, typename acc_t, bool kScaled>
+// The rows a call's delta goes to, in `DecodeRows`' order: entries [0, n_plain) unscaled, then n_scaled scaled
+// ones; entry t's cores at g + t·k·R; scaled entry j's e at e + j·k·R and its row of o at o[j]; map as
+// `DecodeRows::map()`.
+template <typename scalar_t, typename acc_t>
+struct DeltaRows {
+  const scalar_t* const* o;
+  const acc_t* g;
+  const acc_t* e;
+  int64_t n_plain, n_scaled, kR;
+  const int64_t* map;
+};
+
+// Tiles [tb, te) of the delta for every entry: the unscaled entries' walk, then the scaled entries'.
+template <typename scalar_t, typename acc_t>
+void delta_tiles(scalar_t* y, int64_t sy, const DeltaRows<scalar_t, acc_t>& d, const TileSource<acc_t>& src,
+                 int64_t R, int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles, int64_t tb,
+                 int64_t te) {
+  if (d.n_plain > 0)
+    decode_tiles<scalar_t, acc_t, false>(y, sy, nullptr, d.g, nullptr, src, R, k, off, tiles, tb, te, d.n_plain, d.map);
+  if (d.n_scaled > 0)
+    decode_tiles<scalar_t, acc_t, true>(y, sy, d.o, d.g + d.n_plain * d.kR, d.e, src, R, k, off,
+                                        tiles, tb, te, d.n_scaled, d.map ? d.map + d.n_plain : nullptr);
+}
+
+// Blocks [b, e) of core_linear: each block's U and the scaled entries' o prefetched, its columns of y from the GEMM
+// (all T rows), then its delta.
+template <typename scalar_t, typename acc_t>
 void gemm_core_blocks(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t K, scalar_t* y, int64_t sy,
-                      const scalar_t* const* o, const acc_t* g, const acc_t* e, const acc_t* U, int64_t M, int64_t R,
-                      int64_t k, const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
+                      const DeltaRows<scalar_t, acc_t>& d, const acc_t* U, int64_t M, int64_t R, int64_t k,
+                      const std::vector<int64_t>& off, const std::vector<int64_t>& tiles,
                       const std::vector<int64_t>& blocks, int64_t T, int64_t b, int64_t en) {
   constexpr int64_t TW = NV * sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
   const TileSource<acc_t> src{U, M, 0, TW};
@@ -54,7 +79,7 @@ void gemm_core_blocks(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t 
     const int64_t c0 = tiles[2 * tb + 1], c1 = std::min(off[i + 1], tiles[2 * (te - 1) + 1] + TW);
     // The block's U and o into L1 while its GEMM runs, spread over the GEMM's tiles.
     constexpr int64_t kLine = 64 / sizeof(acc_t);  // o's scalar_t lines are as wide or wider
-    const int64_t lines = (c1 - c0 + kLine - 1) / kLine, items = (R + (kScaled ? T : 0)) * lines;
+    const int64_t lines = (c1 - c0 + kLine - 1) / kLine, items = (R + d.n_scaled) * lines;
     constexpr int64_t CB = svdserve::kGemmCB;
     const int64_t n_gemm = (c1 - c0 + CB - 1) / CB, per = (items + n_gemm - 1) / n_gemm;
     int64_t item = 0;
@@ -62,11 +87,11 @@ void gemm_core_blocks(const scalar_t* x, int64_t sx, const scalar_t* W, int64_t 
       for (const int64_t stop = std::min(items, item + per); item < stop; ++item) {
         const int64_t row = item / lines, c = c0 + (item % lines) * kLine;
         if (row < R) __builtin_prefetch(U + row * M + c, 0, 3);
-        else if constexpr (kScaled) __builtin_prefetch(o[row - R] + c, 0, 3);
+        else __builtin_prefetch(d.o[row - R] + c, 0, 3);
       }
       svdserve::gemm_block(x, sx, W, K, y, sy, 0, T, n, std::min(c1, n + CB));
     }
-    decode_tiles<scalar_t, acc_t, kScaled>(y, sy, o, g, e, src, R, k, off, tiles, tb, te, T);
+    delta_tiles<scalar_t, acc_t>(y, sy, d, src, R, k, off, tiles, tb, te);
   }
 }
 
@@ -78,7 +103,8 @@ std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Te
                                                const std::optional<at::Tensor>& o, const std::optional<at::Tensor>& d,
                                                const at::Tensor& U, at::IntArrayRef offsets, const at::Tensor& slots,
                                                const std::optional<at::Tensor>& s,
-                                               const std::optional<at::Tensor>& diagonal, bool blas) {
+                                               const std::optional<at::Tensor>& diagonal, bool blas,
+                                               const std::optional<at::Tensor>& scaled) {
   TORCH_CHECK(x.device().is_cpu() && W_aug.device().is_cpu(), "core_linear runs on the CPU");
   TORCH_CHECK(x.dim() == 2 && W_aug.dim() == 2 && x.size(1) == W_aug.size(1), "x (T, K) and W_aug (N, K) must share K, got ",
               x.sizes(), " and ", W_aug.sizes());
@@ -100,6 +126,8 @@ std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Te
                 diagonal->device().is_cpu() && diagonal->is_contiguous(),
                 "diagonal must be a contiguous CPU bool vector with one entry per slot (", Ct.size(0), ")");
   }
+  // Rows reading slot 0 get the GEMM's outputs alone; LoRA-XS rows of a batch with OSoRA rows, the unscaled tiles.
+  const DecodeRows active(slot, o.has_value(), scaled);
   at::Tensor y, h;
   if (blas) {
     const at::Tensor z = at::mm(x, W_aug.t());
@@ -125,34 +153,39 @@ std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Te
     scalar_t* hp = h.data_ptr<scalar_t>();
     const int64_t sx = x.stride(0), kR = k * R, sy = y.stride(0), sh = h.stride(0);
     const RowTerms<scalar_t> rows(slot, Ct, o, d, s, diagonal);
-    acc_t* g = scratch<acc_t>(0, T * kR);
-    acc_t* e = o.has_value() ? scratch<acc_t>(1, T * kR) : nullptr;
+    const int64_t np = active.n_plain, ns = active.n_scaled;
+    const int64_t* map = active.map();
+    const int64_t* smap = map ? map + np : nullptr;
+    std::vector<const scalar_t*> o_scaled(ns);  // the scaled entries' rows of o
+    for (int64_t j = 0; j < ns; ++j) o_scaled[j] = rows.o[active.order[np + j]];
+    acc_t* g = scratch<acc_t>(0, active.active() * kR);
+    acc_t* e = ns > 0 ? scratch<acc_t>(1, ns * kR) : nullptr;
+    const DeltaRows<scalar_t, acc_t> delta{o_scaled.data(), g, e, np, ns, kR, map};
     constexpr int64_t CB = svdserve::kGemmCB;
     // One region, three passes: h (the projection rows of W_aug, CB-column tiles split across threads; with
-    // `blas`, already there), every token's cores, then the blocks (with `blas`, the delta alone: `decode_tiles`
+    // `blas`, already there), the active rows' cores, then the blocks (with `blas`, the delta alone: `delta_tiles`
     // over each thread's share of the tiles, as core_delta's decode sweep).
     svdserve::parallel_region([&](int64_t tid, int64_t n) {
-      const auto [tb, te] = svdserve::share(T, tid, n);
       if (!blas) {
         const auto [hb, he] = svdserve::share((kR + CB - 1) / CB, tid, n);
         svdserve::gemm_block(xp, sx, Wp + M * K, K, hp, sh, 0, T, hb * CB, std::min(kR, he * CB));
         svdserve::barrier(n);
       }
-      if (e) token_cores<scalar_t, acc_t, true>(hp, sh, rows.C.data(), rows.d.data(), k, R, 1, g, e, tb, te, rows.s.data());
-      else token_cores<scalar_t, acc_t, false>(hp, sh, rows.C.data(), nullptr, k, R, 1, g, nullptr, tb, te, rows.s.data());
+      const auto [pb, pe] = svdserve::share(np, tid, n);
+      token_cores<scalar_t, acc_t, false>(hp, sh, rows.C.data(), nullptr, k, R, 1, g, nullptr, pb, pe, rows.s.data(),
+                                          nullptr, map);
+      const auto [sb, se] = svdserve::share(ns, tid, n);
+      token_cores<scalar_t, acc_t, true>(hp, sh, rows.C.data(), rows.d.data(), k, R, 1, g + np * kR, e, sb, se,
+                                         rows.s.data(), nullptr, smap);
       svdserve::barrier(n);
       if (blas) {
         const TileSource<acc_t> src{Up, M, 0, TW};
         const auto [b, en] = svdserve::share(static_cast<int64_t>(tiles.size()) / 2, tid, n);
-        if (e) decode_tiles<scalar_t, acc_t, true>(yp, sy, rows.o.data(), g, e, src, R, k, off, tiles, b, en, T);
-        else decode_tiles<scalar_t, acc_t, false>(yp, sy, nullptr, g, nullptr, src, R, k, off, tiles, b, en, T);
+        delta_tiles<scalar_t, acc_t>(yp, sy, delta, src, R, k, off, tiles, b, en);
         return;
       }
       const auto [bb, be] = svdserve::share(n_blocks, tid, n);
-      if (e) gemm_core_blocks<scalar_t, acc_t, true>(xp, sx, Wp, K, yp, sy, rows.o.data(), g, e, Up, M, R, k, off, tiles,
-                                                     blocks, T, bb, be);
-      else gemm_core_blocks<scalar_t, acc_t, false>(xp, sx, Wp, K, yp, sy, nullptr, g, nullptr, Up, M, R, k, off, tiles,
-                                                    blocks, T, bb, be);
+      gemm_core_blocks<scalar_t, acc_t>(xp, sx, Wp, K, yp, sy, delta, Up, M, R, k, off, tiles, blocks, T, bb, be);
     });
   };
   if (x.scalar_type() == at::kFloat) run(float{});
@@ -164,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Te
 
 TORCH_LIBRARY_FRAGMENT(svdserve, m) {
   m.def("core_linear(Tensor x, Tensor W_aug, Tensor Ct, Tensor? o, Tensor? d, Tensor U, int[] offsets, Tensor slots, "
-        "Tensor? s=None, Tensor? diagonal=None, bool blas=False) -> (Tensor, Tensor)");
+        "Tensor? s=None, Tensor? diagonal=None, bool blas=False, Tensor? scaled=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(svdserve, CPU, m) {

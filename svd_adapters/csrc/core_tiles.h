@@ -31,13 +31,15 @@ constexpr int kRB = 4 * (svdserve::kVecRegs / 16);
 // a row whose srow[p] is set has diagonal cores (OSoRA's diag S), srow[p] their diagonals (k·R): g = s ⊙ h, and C
 // is not read (R² numbers per member, of which R count). Rows that `zero` flags (core_delta.cpp's zero_tokens) get zeros,
 // whatever their h: a register block that straddles one of them and another row adds exactly nothing to it.
+// With `map` (a decode step's rows in the order `DecodeRows` sorts them): entry t of g and e is token map[t]'s.
 template <typename scalar_t, typename acc_t, bool kScaled>
 void token_cores(const scalar_t* h, int64_t sh, const scalar_t* const* Crow, const scalar_t* const* drow,
                  int64_t k, int64_t R, int64_t L, acc_t* g, acc_t* e, int64_t begin, int64_t end,
-                 const scalar_t* const* srow = nullptr, const char* zero = nullptr) {
+                 const scalar_t* const* srow = nullptr, const char* zero = nullptr, const int64_t* map = nullptr) {
   for (int64_t t = begin; t < end; ++t) {
-    const scalar_t* ht = h + t * sh;
-    const int64_t p = t / L;
+    const int64_t src = map ? map[t] : t;
+    const scalar_t* ht = h + src * sh;
+    const int64_t p = src / L;
     if (zero != nullptr && zero[p]) {
       for (int64_t j = 0; j < k * R; ++j) g[t * k * R + j] = 0;
       continue;
@@ -91,11 +93,18 @@ void pack_tiles(const acc_t* U, int64_t M, int64_t R, const std::vector<int64_t>
   }
 }
 
+// Token t's row of y: row t, or with `ymap` (a decode step's rows in `DecodeRows`' order) row ymap[t].
+template <typename scalar_t>
+inline scalar_t* y_row(scalar_t* y, int64_t sy, const int64_t* ymap, int64_t t) {
+  return y + (ymap ? ymap[t] : t) * sy;
+}
+
 // One tile (NV vectors of one member's output columns) for tokens t..t+RB-1. The tile's slice of U
 // (R × NV vectors at Uc, row stride ldu) stays in L1 while tokens stream past; RB tokens at a time share each U load.
 template <typename scalar_t, typename acc_t, bool kScaled, int RB>
 inline void tile_rows(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e,
-                      const acc_t* Uc, int64_t ldu, int64_t R, int64_t gstride, int64_t c, int64_t t) {
+                      const acc_t* Uc, int64_t ldu, int64_t R, int64_t gstride, int64_t c, int64_t t,
+                      const int64_t* ymap) {
   using V = typename Vec<acc_t>::type;
   constexpr int W = sizeof(V) / sizeof(acc_t);
   V a[RB][NV], b[RB][NV];
@@ -114,7 +123,7 @@ inline void tile_rows(scalar_t* y, int64_t sy, const scalar_t* const* o, const a
     }
   }
   UNROLL for (int r = 0; r < RB; ++r) {
-    scalar_t* yr = y + (t + r) * sy + c;
+    scalar_t* yr = y_row(y, sy, ymap, t + r) + c;
     UNROLL for (int v = 0; v < NV; ++v) {
       V yv = load(yr + v * W);
       if constexpr (kScaled) yv += load(o[t + r] + c + v * W) * a[r][v] + b[r][v];
@@ -129,7 +138,8 @@ inline void tile_rows(scalar_t* y, int64_t sy, const scalar_t* const* o, const a
 template <typename scalar_t, typename acc_t, bool kScaled>
 void apply_tiles(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e,
                  const TileSource<acc_t>& src, int64_t R, int64_t k, const std::vector<int64_t>& off,
-                 const std::vector<int64_t>& tiles, int64_t tb, int64_t te, int64_t t0, int64_t t1) {
+                 const std::vector<int64_t>& tiles, int64_t tb, int64_t te, int64_t t0, int64_t t1,
+                 const int64_t* ymap = nullptr) {
   constexpr int W = sizeof(typename Vec<acc_t>::type) / sizeof(acc_t);
   constexpr int RB = kScaled ? kRB / 2 : kRB;
   const int64_t ldu = src.ld();
@@ -140,8 +150,8 @@ void apply_tiles(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t*
     const acc_t* Uc = src.at(ti, c);
     if (c + NV * W <= off[i + 1]) {
       int64_t t = t0;
-      for (; t + RB <= t1; t += RB) tile_rows<scalar_t, acc_t, kScaled, RB>(y, sy, o, gi, ei, Uc, ldu, R, k * R, c, t);
-      for (; t < t1; ++t) tile_rows<scalar_t, acc_t, kScaled, 1>(y, sy, o, gi, ei, Uc, ldu, R, k * R, c, t);
+      for (; t + RB <= t1; t += RB) tile_rows<scalar_t, acc_t, kScaled, RB>(y, sy, o, gi, ei, Uc, ldu, R, k * R, c, t, ymap);
+      for (; t < t1; ++t) tile_rows<scalar_t, acc_t, kScaled, 1>(y, sy, o, gi, ei, Uc, ldu, R, k * R, c, t, ymap);
       continue;
     }
     for (int64_t t = t0; t < t1; ++t) {  // the member's last, partial tile
@@ -151,9 +161,10 @@ void apply_tiles(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t*
           a += gi[t * k * R + j] * Uc[j * ldu + cc - c];
           if constexpr (kScaled) b += ei[t * k * R + j] * Uc[j * ldu + cc - c];
         }
-        acc_t v = static_cast<acc_t>(y[t * sy + cc]);
+        scalar_t* yt = y_row(y, sy, ymap, t);
+        acc_t v = static_cast<acc_t>(yt[cc]);
         v += kScaled ? static_cast<acc_t>(o[t][cc]) * a + b : a;
-        y[t * sy + cc] = static_cast<scalar_t>(v);
+        yt[cc] = static_cast<scalar_t>(v);
       }
     }
   }
@@ -166,13 +177,13 @@ void apply_tiles(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t*
 template <typename scalar_t, typename acc_t, bool kScaled>
 void decode_tiles(scalar_t* y, int64_t sy, const scalar_t* const* o, const acc_t* g, const acc_t* e,
                   const TileSource<acc_t>& src, int64_t R, int64_t k, const std::vector<int64_t>& off,
-                  const std::vector<int64_t>& tiles, int64_t tb, int64_t te, int64_t T) {
+                  const std::vector<int64_t>& tiles, int64_t tb, int64_t te, int64_t T, const int64_t* ymap = nullptr) {
   if constexpr (kScaled) {
     constexpr int64_t kTokens = 4;
     for (int64_t t = 0; t < T; t += kTokens)
-      apply_tiles<scalar_t, acc_t, true>(y, sy, o, g, e, src, R, k, off, tiles, tb, te, t, std::min(T, t + kTokens));
+      apply_tiles<scalar_t, acc_t, true>(y, sy, o, g, e, src, R, k, off, tiles, tb, te, t, std::min(T, t + kTokens), ymap);
   } else {
-    apply_tiles<scalar_t, acc_t, false>(y, sy, o, g, e, src, R, k, off, tiles, tb, te, 0, T);
+    apply_tiles<scalar_t, acc_t, false>(y, sy, o, g, e, src, R, k, off, tiles, tb, te, 0, T, ymap);
   }
 }
 
@@ -234,6 +245,38 @@ struct RowTerms {
         s[p] = s_->const_data_ptr<scalar_t>() + slot[p] * s_->stride(0);
     }
   }
+};
+
+// A decode step's rows by what their delta needs: rows reading slot 0 (the pools' zero adapter: base rows, the
+// low-rank rows of a mixed batch) add nothing and are left out; of the others, rows that `scaled` does not flag
+// (LoRA-XS's: o = 1, d = 0 in their slots) take the unscaled tiles, half the arithmetic and none of o's bytes, and
+// only flagged rows (OSoRA's) the scaled ones. Without o and d no row is scaled; with them and no `scaled`, all are.
+// `order` lists the unscaled rows, then the scaled; `map()` is its data, or null where that is every row in order.
+struct DecodeRows {
+  std::vector<int64_t> order;
+  int64_t n_plain = 0, n_scaled = 0;
+  bool identity = false;
+  DecodeRows(const std::vector<int64_t>& slot, bool has_o, const std::optional<at::Tensor>& scaled) {
+    const int64_t P = static_cast<int64_t>(slot.size());
+    const bool* flag = nullptr;
+    if (has_o && scaled.has_value()) {
+      TORCH_CHECK(scaled->dim() == 1 && scaled->size(0) == P && scaled->scalar_type() == at::kBool &&
+                  scaled->device().is_cpu() && scaled->is_contiguous(),
+                  "scaled must be a contiguous CPU bool vector with one entry per row (", P, ")");
+      flag = scaled->const_data_ptr<bool>();
+    }
+    std::vector<int64_t> scaled_rows;
+    for (int64_t p = 0; p < P; ++p) {
+      if (slot[p] == 0) continue;
+      if (has_o && (flag == nullptr || flag[p])) scaled_rows.push_back(p);
+      else order.push_back(p);
+    }
+    n_plain = static_cast<int64_t>(order.size()), n_scaled = static_cast<int64_t>(scaled_rows.size());
+    order.insert(order.end(), scaled_rows.begin(), scaled_rows.end());
+    identity = n_plain + n_scaled == P && (n_plain == 0 || n_scaled == 0);
+  }
+  int64_t active() const { return n_plain + n_scaled; }
+  const int64_t* map() const { return identity ? nullptr : order.data(); }
 };
 
 // (member, first column) of every TW-wide tile, the members' columns in order.
