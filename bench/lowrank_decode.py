@@ -1,7 +1,7 @@
 """The low-rank rows' share of a mixed decode step against the memory floor: a diagnostic behind
 `csrc/lowrank_delta.cpp`'s decode path, not a target.
 
-    python bench/lowrank_decode.py [--base default] [--batch 32] [--rank 16] [--reps 12]
+    python bench/lowrank_decode.py [--base default] [--batch 32] [--rank 16] [--reps 12] [--against GIT_REV]
 
 The mixed-batch benchmark's "mix of all methods" (OSoRA, LoRA-XS, SORSA, LoRA in turn, every row its own
 adapter) runs one real decode step with every `lowrank_delta` call recorded (4 groups × the layers, real slot
@@ -12,6 +12,8 @@ SORSA/LoRA row streams its whole adapter, ~20 MB for SmolLM2 at rank 16, every s
 contiguous bytes. When the kernel's time is near the strided sums', the low-rank rows cost what reading their
 adapters costs on this host, and only fewer bytes (not a faster loop) would move it. (`prefill_kernels.py --tokens
 1` times the same calls on random pools, whose smaller groups stay in L3 between rounds: faster than a real step.)
+With `--against`, the calls also go through that git revision's kernel (built as `prefill_kernels.py --against`
+builds it), alternated with this tree's in every round.
 
 Prints a markdown table and a last line of JSON.
 """
@@ -29,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.mixed_batch import batch_args, random_adapter  # noqa: E402
+from bench.prefill_kernels import build_revision  # noqa: E402
 from svd_adapters import cpu_kernels  # noqa: E402
 from svd_adapters.base_model import load_base  # noqa: E402
 from svd_adapters.factors import load_or_compute  # noqa: E402
@@ -66,6 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     batch_args(ap)
     ap.add_argument("--reps", type=int, default=12)
+    ap.add_argument("--against", metavar="GIT_REV", help="also replay the calls through this revision's kernel, alternated")
     args = ap.parse_args()
     if args.device != "cpu" or not cpu_kernels.available():
         sys.exit("this diagnostic times the CPU kernel: run it on the CPU, with the kernels built")
@@ -91,9 +95,9 @@ def main() -> None:
     contiguous.fill_(1.0)
     flush = torch.empty(64 << 20)  # 256 MB written before every timed pass
 
-    def kernel() -> None:
+    def kernel(ops=torch.ops.svdserve) -> None:
         for a, k in calls:
-            torch.ops.svdserve.lowrank_delta(*a, **k)
+            ops.lowrank_delta(*a, **k)
 
     def strided_sums() -> None:
         for v in views:
@@ -101,6 +105,9 @@ def main() -> None:
 
     paths = {"lowrank_delta calls (the kernel)": kernel, "torch sums over the same bytes (strided views)": strided_sums,
              "torch sum over as many contiguous bytes": lambda: contiguous.sum()}
+    if args.against:  # the same calls through that revision's kernel, in the same rounds
+        build_revision(args.against)
+        paths[f"lowrank_delta calls, {args.against}'s kernel"] = lambda: kernel(torch.ops.svdserve_rev)
     threads = sorted({1, torch.get_num_threads()})
     times: dict[tuple[str, int], list[float]] = {(p, t): [] for p in paths for t in threads}
     full = torch.get_num_threads()
@@ -128,7 +135,7 @@ def main() -> None:
             row.append(f"{ms:.2f} | {nbytes / ms / 1e6:.1f}")
         print(f"| {name} | " + " | ".join(row) + " |")
     print(json.dumps({"bench": "lowrank_decode", "base": base.name, "rows": B, "lowrank_rows": n_lr, "rank": r,
-                      "calls": len(calls), "bytes": nbytes, "results": results}))
+                      "calls": len(calls), "bytes": nbytes, "against": args.against, "results": results}))
 
 
 if __name__ == "__main__":
