@@ -19,7 +19,8 @@ using namespace svdserve::core;
 
 // A decode step's GEMM for one group fused with its core delta (core_linear): [y | h] = x · W_augᵀ with W_aug =
 // [W; V_rᵀ] (the members' weights, then their shared projections), every row's core delta added into y, one token
-// per row. In one parallel region (a region costs microseconds, as much as a small pass here): h (W_aug's last
+// per row (`DecodeRows`: none for rows reading slot 0; the unscaled arithmetic for rows not flagged `scaled`).
+// In one parallel region (a region costs microseconds, as much as a small pass here): h (W_aug's last
 // k·R rows), every token's cores, then blocks of up to kBlockTiles tiles of one member: the block's columns of y
 // from the GEMM, with the block's U and o prefetched a few lines per GEMM tile, then at once its delta while
 // they are in L1. Run separately (skinny_linear, then core_delta), the delta's reads of U, o and the cores waited
