@@ -110,6 +110,27 @@ def test_runner_mixed_batch_logits_match_merged_reference(tiny_base, tiny_factor
     assert (logits[0, : len(prompts[0])] - base_row).abs().max().item() > 1e-3
 
 
+def test_a_core_slot_rewritten_with_another_method_is_served_as_its_new_adapter(tiny_base, tiny_factors, adapters):
+    """The CPU decode kernel takes a row unscaled unless its slot holds an output-scaling (OSoRA) adapter: a slot
+    that held OSoRA and now holds LoRA-XS (the device cache evicts and reuses slots) is served as LoRA-XS, and the
+    reverse, beside another OSoRA row and a base row, each row against its merged reference."""
+    assert cpu_kernels.available()
+    runner = BatchedRunner(tiny_base, tiny_factors, max_rank=8, max_batch=4, max_seq_len=64, core_slots=4, lr_slots=2)
+    osora, loraxs, other = adapters["osora-r8-0"], adapters["loraxs-r8-5"], adapters["osora-r3-4"]
+    runner.place([osora, loraxs, other], tiny_factors)  # slots 1, 2, 3
+    runner.write_core_slot(1, loraxs.terms(tiny_factors))  # evicted and reused, both ways
+    runner.write_core_slot(2, osora.terms(tiny_factors))
+    assert runner.scaled_slots == {2, 3}
+    cs, ls = [1, 2, 3, 0], [0] * 4
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 200, (n,), generator=gen).tolist() for n in (5, 9, 7, 4)]
+    logits = runner.prefill(prompts, list(range(4)), cs, ls, all_logits=True)
+    refs = [merged_model(tiny_base, tiny_factors, a) for a in (loraxs, osora, other, None)]
+    mp = runner.mapping(cs, ls)
+    assert mp.core_scaled.tolist() == [False, True, True, False]
+    assert_decode_matches(runner, logits, prompts, refs, mp, steps=2)
+
+
 def test_prefill_projections_of_narrow_members_come_from_their_outputs(tiny_base, tiny_factors):
     """At prefill k and v, and down (narrower than their input) can take h = (U_rᵀ y) / σ_r from their own base
     outputs instead of a GEMM over V_rᵀ: every plan a group offers (calibration picks one per CPU) gives the y and h
