@@ -58,6 +58,8 @@ def group_layers(members: list[int], K: int, R: int, kinds: list[str], layers: i
             U=torch.randn(R, M, generator=gen), offsets=offsets, M=M, s=S.reshape(slots, k * R), diagonal=diagonal,
             slots=row_slots))
     return out
+
+
 def bare(a) -> None:
     cpu_kernels.skinny_linear(a["x"], a["W"])
 

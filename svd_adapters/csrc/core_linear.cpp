@@ -48,10 +48,13 @@ std::vector<int64_t> column_blocks(const std::vector<int64_t>& tiles) {
 template <typename scalar_t, typename acc_t>
 struct DeltaRows {
   const scalar_t* const* o;
-  const acc_t* g;
-  const acc_t* e;
+  acc_t* g;  // written by the call's cores pass, read by its tiles
+  acc_t* e;
   int64_t n_plain, n_scaled, kR;
   const int64_t* map;
+  // The scaled entries' cores and rows (their part of g and of map)
+  acc_t* g_scaled() const { return g + n_plain * kR; }
+  const int64_t* map_scaled() const { return map ? map + n_plain : nullptr; }
 };
 
 // Tiles [tb, te) of the delta for every entry: the unscaled entries' walk, then the scaled entries'.
@@ -62,8 +65,8 @@ void delta_tiles(scalar_t* y, int64_t sy, const DeltaRows<scalar_t, acc_t>& d, c
   if (d.n_plain > 0)
     decode_tiles<scalar_t, acc_t, false>(y, sy, nullptr, d.g, nullptr, src, R, k, off, tiles, tb, te, d.n_plain, d.map);
   if (d.n_scaled > 0)
-    decode_tiles<scalar_t, acc_t, true>(y, sy, d.o, d.g + d.n_plain * d.kR, d.e, src, R, k, off,
-                                        tiles, tb, te, d.n_scaled, d.map ? d.map + d.n_plain : nullptr);
+    decode_tiles<scalar_t, acc_t, true>(y, sy, d.o, d.g_scaled(), d.e, src, R, k, off, tiles, tb, te, d.n_scaled,
+                                        d.map_scaled());
 }
 
 // Blocks [b, e) of core_linear: each block's U and the scaled entries' o prefetched, its columns of y from the GEMM
@@ -155,13 +158,11 @@ std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Te
     const int64_t sx = x.stride(0), kR = k * R, sy = y.stride(0), sh = h.stride(0);
     const RowTerms<scalar_t> rows(slot, Ct, o, d, s, diagonal);
     const int64_t np = active.n_plain, ns = active.n_scaled;
-    const int64_t* map = active.map();
-    const int64_t* smap = map ? map + np : nullptr;
     std::vector<const scalar_t*> o_scaled(ns);  // the scaled entries' rows of o
     for (int64_t j = 0; j < ns; ++j) o_scaled[j] = rows.o[active.order[np + j]];
     acc_t* g = scratch<acc_t>(0, active.active() * kR);
     acc_t* e = ns > 0 ? scratch<acc_t>(1, ns * kR) : nullptr;
-    const DeltaRows<scalar_t, acc_t> delta{o_scaled.data(), g, e, np, ns, kR, map};
+    const DeltaRows<scalar_t, acc_t> delta{o_scaled.data(), g, e, np, ns, kR, active.map()};
     constexpr int64_t CB = svdserve::kGemmCB;
     // One region, three passes: h (the projection rows of W_aug, CB-column tiles split across threads; with
     // `blas`, already there), the active rows' cores, then the blocks (with `blas`, the delta alone: `delta_tiles`
@@ -174,10 +175,10 @@ std::tuple<at::Tensor, at::Tensor> core_linear(const at::Tensor& x, const at::Te
       }
       const auto [pb, pe] = svdserve::share(np, tid, n);
       token_cores<scalar_t, acc_t, false>(hp, sh, rows.C.data(), nullptr, k, R, 1, g, nullptr, pb, pe, rows.s.data(),
-                                          nullptr, map);
+                                          nullptr, delta.map);
       const auto [sb, se] = svdserve::share(ns, tid, n);
-      token_cores<scalar_t, acc_t, true>(hp, sh, rows.C.data(), rows.d.data(), k, R, 1, g + np * kR, e, sb, se,
-                                         rows.s.data(), nullptr, smap);
+      token_cores<scalar_t, acc_t, true>(hp, sh, rows.C.data(), rows.d.data(), k, R, 1, delta.g_scaled(), e, sb, se,
+                                         rows.s.data(), nullptr, delta.map_scaled());
       svdserve::barrier(n);
       if (blas) {
         const TileSource<acc_t> src{Up, M, 0, TW};
