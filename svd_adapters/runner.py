@@ -276,14 +276,19 @@ class BatchedRunner(nn.Module):
         cos, sin = self._cos_sin(x, positions)
         mp = self.mapping(core_slots, lr_slots, L)
         row_idx = torch.tensor(rows, device=self.device)
+        rows_host = torch.tensor(rows, dtype=torch.long)
 
         def attend(li, q, k, v):
             # (P·L, heads, D) → (P, heads, L, D); right padding means causal masking alone keeps pads unseen.
-            q = rotate(q, cos, sin).view(P, L, self.n_heads, self.head_dim).transpose(1, 2)
-            k = rotate(k, cos, sin).view(P, L, self.n_kv, self.head_dim).transpose(1, 2)
+            if cpu_kernels.rotates(q, self.k_cache[li]):  # q, k rotated in place; the cache written in the same pass
+                cpu_kernels.prefill_rotary(q, k, v, cos, sin, self.k_cache[li], self.v_cache[li], rows_host, L)
+            else:
+                q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+                self.k_cache[li][row_idx, :, :L] = k.view(P, L, self.n_kv, self.head_dim).transpose(1, 2)
+                self.v_cache[li][row_idx, :, :L] = v.view(P, L, self.n_kv, self.head_dim).transpose(1, 2)
+            q = q.view(P, L, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(P, L, self.n_kv, self.head_dim).transpose(1, 2)
             v = v.view(P, L, self.n_kv, self.head_dim).transpose(1, 2)
-            self.k_cache[li][row_idx, :, :L] = k
-            self.v_cache[li][row_idx, :, :L] = v
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
             return o.transpose(1, 2).reshape(P * L, self.n_heads, self.head_dim)
 
