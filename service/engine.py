@@ -25,6 +25,7 @@ import torch
 
 from adapters_store.base import AdapterStore, StoreUnavailable, VersionChanged
 from adapters_store.validate import AdapterValidationError, load_adapter
+from service import prefill_groups
 from service.adapter_cache import AdapterCache
 from service.detokenize import Detokenizer
 from service.structured import GrammarError, Grammars, Matcher
@@ -105,6 +106,9 @@ class EngineConfig:
     lr_slots: int = 8
     max_waiting: int = 256
     max_prefill_tokens: int = 4096  # padded prompt tokens per prefill step, so one step stays short
+    # a prefill call's fixed cost in prompt tokens, weighed against padding when a step's prompts are split into
+    # calls by length (service/prefill_groups.py); None: the device's default
+    prefill_call_tokens: int | None = None
     loader_threads: int = 2
     device: str = "cpu"
     dtype: str = "float32"  # weights, activations and adapter slots; bfloat16 halves the bytes a decode step reads
@@ -191,6 +195,8 @@ class Engine:
                                     max_seq_len=cfg.max_seq_len, core_slots=cfg.core_slots, lr_slots=cfg.lr_slots,
                                     cuda_graphs=cfg.cuda_graphs)
         self.cache = AdapterCache(cfg.core_slots, cfg.lr_slots)
+        self.prefill_call_tokens = (cfg.prefill_call_tokens if cfg.prefill_call_tokens is not None
+                                    else prefill_groups.call_tokens(cfg.device))
         self.eos_ids = self._eos_ids()
         self.grammars = Grammars(self.tokenizer, base.model.config.vocab_size)  # structured output's constraints
         self._ids = itertools.count(1)
@@ -627,12 +633,23 @@ class Engine:
         first: dict[tuple, int] = {}
         source = [first.setdefault((r.core_slot, r.lr_slot, tuple(r.prompt)), len(first)) for r in reqs]
         unique = [source.index(j) for j in range(len(first))]  # each distinct prompt's first request
-        scored = sorted({source[i] for i, r in enumerate(reqs) if r.params.prompt_logprobs is not None})
-        logits = self.runner.prefill(
-            [reqs[i].prompt for i in unique], [rows[i] for i in unique], [reqs[i].core_slot for i in unique],
-            [reqs[i].lr_slot for i in unique], keep_hidden=bool(scored),
-        )
-        position_logits = {j: self.runner.position_logits(j, len(reqs[unique[j]].prompt)) for j in scored}
+        scored = {source[i] for i, r in enumerate(reqs) if r.params.prompt_logprobs is not None}
+        parts, position_logits = [], {}
+        # prompts of similar length together, so a long one does not pad every short one (service/prefill_groups.py)
+        groups = prefill_groups.plan([len(reqs[i].prompt) for i in unique], self.prefill_call_tokens)
+        for group in groups:
+            picked = [unique[j] for j in group]
+            parts.append(self.runner.prefill(
+                [reqs[i].prompt for i in picked], [rows[i] for i in picked], [reqs[i].core_slot for i in picked],
+                [reqs[i].lr_slot for i in picked], keep_hidden=any(j in scored for j in group),
+            ))
+            for g, j in enumerate(group):  # before the next call replaces the kept hidden states
+                if j in scored:
+                    position_logits[j] = self.runner.position_logits(g, len(reqs[unique[j]].prompt))
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        order = [j for group in groups for j in group]  # logits' rows: the distinct prompts in group order
+        if order != sorted(order):
+            logits = logits[torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=logits.device)]
         for i, req in enumerate(reqs):
             j = source[i]
             if unique[j] != i:

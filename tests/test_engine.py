@@ -5,6 +5,7 @@ import asyncio
 import json
 import re
 import copy
+import threading
 
 import pytest
 import torch
@@ -561,6 +562,54 @@ def test_identical_prompts_on_one_adapter_are_prefilled_once(engine, tiny_base, 
     assert all(abs(e.logprob - float(ref[t - 1, prompt[t]])) < 1e-4 for t, e in enumerate(scored.prompt_logprobs) if t)
     # all five arrived together on an idle engine: one prefill, the two repeats and the sampled one copied
     assert engine.stats()["prefills_shared"] - before >= 2
+
+
+def test_a_steps_prompts_are_prefilled_in_calls_by_length(engine, tiny_base, tiny_factors, adapters, monkeypatch):
+    """A long prompt admitted with short ones gets a prefill call of its own instead of padding theirs, and every
+    request still generates what it does alone (greedy) and scores its prompt as alone."""
+    aid = next(a for a, ad in adapters.items() if ad.method == "loraxs")
+    asyncio.run(engine.generate(engine.encode_prompt("warm"), aid, SamplingParams(max_tokens=1)))  # resident now
+    long = engine.encode_prompt("a long question: " + "abc " * 25, raw=True)
+    shorts = [engine.encode_prompt(t, raw=True) for t in ("hi", "what is 2 + 2?", "name a colour")]
+    assert len(long) > max(map(len, shorts)) + 64 and len(long) + 6 <= engine.config.max_seq_len
+    calls, gate = [], threading.Event()
+    real = engine.runner.prefill
+
+    def spy(prompts, *a, **k):
+        calls.append(sorted(map(len, prompts)))
+        if len(calls) == 1:  # hold the first step until the others wait, so they are admitted in one step
+            gate.wait(10)
+        return real(prompts, *a, **k)
+
+    monkeypatch.setattr(engine.runner, "prefill", spy)
+    requests = [(shorts[0], None, SamplingParams(max_tokens=6)), (long, aid, SamplingParams(max_tokens=6, prompt_logprobs=1)),
+                (shorts[1], aid, SamplingParams(max_tokens=6)), (shorts[2], None, SamplingParams(max_tokens=6, prompt_logprobs=0)),
+                (long, None, SamplingParams(max_tokens=6))]
+
+    async def run():
+        first = asyncio.ensure_future(engine.generate(shorts[0], None, SamplingParams(max_tokens=2)))
+        while not calls:
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(engine.generate(*r)) for r in requests]
+        for _ in range(5000):
+            if engine.stats()["waiting"] == len(requests) or any(t.done() for t in rest):
+                break
+            await asyncio.sleep(0.001)
+        gate.set()
+        return await asyncio.gather(first, *rest)
+
+    results = asyncio.run(run())[1:]
+    step = calls[1:]  # the five admitted together
+    assert sorted(n for c in step for n in c) == sorted(len(p) for p, _, _ in requests)
+    assert sorted(step) == sorted([[len(long)] * 2, sorted(map(len, shorts))])  # two calls: nothing padded to the long one
+    for (prompt, adapter_id, params), res in zip(requests, results):
+        adapter = adapters[adapter_id] if adapter_id else None
+        assert res.token_ids == reference_greedy(tiny_base, tiny_factors, adapter, prompt, 6, engine.eos_ids)
+        if params.prompt_logprobs is not None:
+            with torch.no_grad():
+                ref = torch.log_softmax(merged_model(tiny_base, tiny_factors, adapter)(torch.tensor([prompt])).logits[0].double(), -1)
+            assert len(res.prompt_logprobs) == len(prompt)
+            assert all(abs(e.logprob - float(ref[t - 1, prompt[t]])) < 1e-4 for t, e in enumerate(res.prompt_logprobs) if t)
 
 
 def test_a_failing_prefill_fails_its_requests_and_the_engine_goes_on(engine, adapters, monkeypatch):
