@@ -105,7 +105,8 @@ class EngineConfig:
     core_slots: int = 64
     lr_slots: int = 8
     max_waiting: int = 256
-    max_prefill_tokens: int = 4096  # padded prompt tokens per prefill step, so one step stays short
+    # prompt tokens a prefill step computes, padding included (as split into calls by length), so one step stays short
+    max_prefill_tokens: int = 4096
     # a prefill call's fixed cost in prompt tokens, weighed against padding when a step's prompts are split into
     # calls by length (service/prefill_groups.py); None: the device's default
     prefill_call_tokens: int | None = None
@@ -561,7 +562,7 @@ class Engine:
         """Waiting requests whose adapter is resident, FIFO, up to the free rows and the prefill budget."""
         admitted: list[_Request] = []
         free_rows = self.config.max_batch - len(self._active)
-        longest = 0
+        lengths: list[int] = []  # the admitted prompts'
         with self._cond:
             for req in list(self._waiting):
                 if req.cancelled:
@@ -570,8 +571,8 @@ class Engine:
                     continue
                 if len(admitted) >= free_rows:
                     break
-                longest_if = max(longest, len(req.prompt))
-                if admitted and longest_if * (len(admitted) + 1) > self.config.max_prefill_tokens:
+                if admitted and not prefill_groups.fits(lengths + [len(req.prompt)], self.prefill_call_tokens,
+                                                        self.config.max_prefill_tokens):
                     break
                 key = req.cache_key
                 if key is not None and "@" not in key and key not in self.cache.resident:
@@ -597,7 +598,7 @@ class Engine:
                         req.lr_slot = res.slot
                 self._waiting.remove(req)
                 admitted.append(req)
-                longest = longest_if
+                lengths.append(len(req.prompt))
         return admitted
 
     def _prefill(self, reqs: list[_Request]) -> None:

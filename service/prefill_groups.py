@@ -39,3 +39,14 @@ def plan(lengths: list[int], call_cost: int) -> list[list[int]]:
         groups.append([order[k] for k in range(cut[j], j)])
         j = cut[j]
     return groups
+
+
+def fits(lengths: list[int], call_cost: int, budget: int) -> bool:
+    """Whether prefilling these prompts, split by `plan`, computes at most `budget` prompt tokens, padding included
+    (the engine's admission budget per step). Padded into one call they are an upper bound and their sum a lower
+    one, so the split is only planned when the two disagree."""
+    if not lengths or max(lengths) * len(lengths) <= budget:
+        return True
+    if sum(lengths) > budget:
+        return False
+    return sum(max(lengths[i] for i in g) * len(g) for g in plan(lengths, call_cost)) <= budget

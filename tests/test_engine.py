@@ -565,13 +565,17 @@ def test_identical_prompts_on_one_adapter_are_prefilled_once(engine, tiny_base, 
 
 
 def test_a_steps_prompts_are_prefilled_in_calls_by_length(engine, tiny_base, tiny_factors, adapters, monkeypatch):
-    """A long prompt admitted with short ones gets a prefill call of its own instead of padding theirs, and every
-    request still generates what it does alone (greedy) and scores its prompt as alone."""
+    """A long prompt admitted with short ones gets a prefill call of its own instead of padding theirs, the step's
+    budget counts the tokens so computed (not all five padded to the long one), and every request still generates
+    what it does alone (greedy) and scores its prompt as alone."""
     aid = next(a for a, ad in adapters.items() if ad.method == "loraxs")
     asyncio.run(engine.generate(engine.encode_prompt("warm"), aid, SamplingParams(max_tokens=1)))  # resident now
     long = engine.encode_prompt("a long question: " + "abc " * 25, raw=True)
     shorts = [engine.encode_prompt(t, raw=True) for t in ("hi", "what is 2 + 2?", "name a colour")]
     assert len(long) > max(map(len, shorts)) + 64 and len(long) + 6 <= engine.config.max_seq_len
+    # room for the five split by length (two long, three short padded to the longest of them), not padded together
+    engine.config.max_prefill_tokens = 2 * len(long) + 3 * max(map(len, shorts))
+    assert engine.config.max_prefill_tokens < 3 * len(long)
     calls, gate = [], threading.Event()
     real = engine.runner.prefill
 

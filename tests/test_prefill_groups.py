@@ -64,3 +64,12 @@ def test_a_negative_call_cost_is_refused():
 def test_defaults_by_device():
     assert prefill_groups.call_tokens("cpu") == 32
     assert prefill_groups.call_tokens("cuda:0") == prefill_groups.call_tokens("cuda") == 2048
+
+
+def test_fits_counts_the_tokens_the_split_computes():
+    lengths = [117, 2, 13, 117, 14]
+    # split: the two long prompts (234 tokens) and the three short ones padded to 14 (42): 276
+    assert prefill_groups.fits(lengths, 32, 276) and not prefill_groups.fits(lengths, 32, 275)
+    assert prefill_groups.fits(lengths, 10 ** 6, 585) and not prefill_groups.fits(lengths, 10 ** 6, 584)  # one call
+    assert not prefill_groups.fits([50, 60], 0, 109)  # more real tokens than the budget: never
+    assert prefill_groups.fits([], 32, 0)
