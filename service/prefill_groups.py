@@ -9,7 +9,7 @@ fixed cost is less than the padding it saves.
 """
 from __future__ import annotations
 
-# The fixed cost of a prefill call, in prompt tokens' worth of a large prefill (see the top): measured ~35–40 on
+# The fixed cost of a prefill call, in prompt tokens' worth of a large prefill (see the top): measured 34–37 on
 # a CPU; on a GPU a token costs ~60× less while a call's launches cost about as much, so one call almost always.
 CALL_TOKENS = {"cpu": 32, "cuda": 2048}
 
