@@ -221,11 +221,11 @@ def prefill_rotary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     torch.ops.svdserve.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, rows, tokens_per_row)
 
 
-def rotates(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether `prefill_rotary` takes queries q against the KV cache k_cache: CPU tensors of a kernel dtype, each
-    row's heads contiguous, a contiguous cache, kernels loaded and not forced off."""
-    return (_runs_on(q, _LINEAR_DTYPES) and q.dim() == 3 and q.stride(2) == 1 and q.stride(1) == q.shape[2]
-            and k_cache.is_contiguous())
+def rotates(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `prefill_rotary` takes q, k, v and the KV cache: CPU tensors of a kernel dtype, each row's heads
+    contiguous, a contiguous cache, kernels loaded and not forced off."""
+    return (_runs_on(q, _LINEAR_DTYPES) and all(x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
+                                                for x in (q, k, v)) and k_cache.is_contiguous())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

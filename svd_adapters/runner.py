@@ -280,7 +280,7 @@ class BatchedRunner(nn.Module):
 
         def attend(li, q, k, v):
             # (P·L, heads, D) → (P, heads, L, D); right padding means causal masking alone keeps pads unseen.
-            if cpu_kernels.rotates(q, self.k_cache[li]):  # q, k rotated in place; the cache written in the same pass
+            if cpu_kernels.rotates(q, k, v, self.k_cache[li]):  # q, k rotated in place; the cache written in the same pass
                 cpu_kernels.prefill_rotary(q, k, v, cos, sin, self.k_cache[li], self.v_cache[li], rows_host, L)
             else:
                 q, k = rotate(q, cos, sin), rotate(k, cos, sin)

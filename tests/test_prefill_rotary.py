@@ -101,3 +101,12 @@ def test_the_runners_prefill_through_the_kernel_matches_the_pytorch_ops(tiny_bas
     assert torch.equal(with_kernel, without)
     assert all(torch.equal(a, b) for a, b in zip(caches, torch_caches))
     assert any(c.any() for c in caches)
+
+
+def test_the_runner_takes_the_kernel_only_for_rows_of_contiguous_heads():
+    q, k, v = qkv_views(4, 2, 1, 8, torch.float32, seed=0)
+    cache = torch.zeros(2, 1, 4, 8)
+    assert cpu_kernels.rotates(q, k, v, cache)
+    assert not cpu_kernels.rotates(q, k.transpose(1, 2), v, cache)  # a head's numbers strided: PyTorch's ops instead
+    assert not cpu_kernels.rotates(q, k, v, torch.zeros(2, 1, 4, 16)[..., :8])  # a non-contiguous cache
+    assert not cpu_kernels.rotates(q.double(), k.double(), v.double(), cache.double())  # float64: not a kernel dtype
