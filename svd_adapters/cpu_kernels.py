@@ -52,7 +52,7 @@ log = get_logger(__name__)
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / "skinny_linear.cpp", _CSRC / "core_delta.cpp", _CSRC / "core_linear.cpp", _CSRC / "lowrank_delta.cpp",
             _CSRC / "decode_attention.cpp", _CSRC / "rms_norm.cpp", _CSRC / "prefill_rotary.cpp"]
-_HEADERS = [_CSRC / "vec.h", _CSRC / "parallel.h", _CSRC / "skinny_gemm.h", _CSRC / "core_tiles.h"]
+_HEADERS = [_CSRC / "vec.h", _CSRC / "parallel.h", _CSRC / "skinny_gemm.h", _CSRC / "core_tiles.h", _CSRC / "heads.h"]
 # Vector flags for the capability torch itself detected on this CPU (the kernels' inner loops are plain C++).
 _ARCH_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <initializer_list>
 
+#include "heads.h"
 #include "parallel.h"
 #include "vec.h"
 
@@ -150,21 +151,14 @@ void run(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, 
   });
 }
 
-// Rows' heads as (T, H, D) views with each head's D numbers contiguous and heads back to back (the rows may be
-// strided: q, k and v are column slices of one GEMM output).
-void check_heads(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), name,
-              " must be (T, heads, D) with each row's heads contiguous, got sizes ", x.sizes(), " strides ", x.strides());
-}
-
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor k,
                             at::Tensor v, const at::Tensor& pos, const at::Tensor& cos, const at::Tensor& sin,
                             double scale) {
   for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&q, &k_new, &v_new, &k, &v, &pos, &cos, &sin})
     TORCH_CHECK(x->device().is_cpu(), "decode_attention runs on the CPU");
-  check_heads(q, "q");
-  check_heads(k_new, "k_new");
-  check_heads(v_new, "v_new");
+  svdserve::check_heads(q, "q");
+  svdserve::check_heads(k_new, "k_new");
+  svdserve::check_heads(v_new, "v_new");
   TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous(),
               "the caches k and v must be contiguous (rows, Hkv, S, D), got ", k.sizes(), " and ", v.sizes());
   const at::ScalarType dt = q.scalar_type();
@@ -177,8 +171,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
                   k_new.size(2) == D && v_new.size(2) == D,
               "k_new and v_new must be (T, Hkv, D) = (", T, ", ", Hkv, ", ", D, "), got ", k_new.sizes(), " and ",
               v_new.sizes());
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * D && sin.numel() == T * D,
-              "cos and sin must be contiguous, T·D = ", T * D, " numbers each");
+  svdserve::check_cos_sin(cos, sin, T, D);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "query heads (", Hq, ") must be a multiple of KV heads (", Hkv, ")");
   const int64_t group = Hq / Hkv;
   TORCH_CHECK(D % kFloatLanes == 0 && D <= kMaxHeadDim && group * (D / kFloatLanes) <= kMaxVecs,

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <initializer_list>
 
+#include "heads.h"
 #include "parallel.h"
 #include "vec.h"
 
@@ -92,18 +93,13 @@ void run(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& co
   });
 }
 
-void check_heads(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), name,
-              " must be (T, heads, D) with each row's heads contiguous, got sizes ", x.sizes(), " strides ", x.strides());
-}
-
 void prefill_rotary(at::Tensor q, at::Tensor k, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
                     at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& rows, int64_t L) {
   for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&q, &k, &v, &cos, &sin, &k_cache, &v_cache, &rows})
     TORCH_CHECK(x->device().is_cpu(), "prefill_rotary runs on the CPU");
-  check_heads(q, "q");
-  check_heads(k, "k");
-  check_heads(v, "v");
+  svdserve::check_heads(q, "q");
+  svdserve::check_heads(k, "k");
+  svdserve::check_heads(v, "v");
   const at::ScalarType dt = q.scalar_type();
   for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&k, &v, &cos, &sin, &k_cache, &v_cache})
     TORCH_CHECK(x->scalar_type() == dt, "q, k, v, cos, sin and the caches must share one dtype");
@@ -115,8 +111,7 @@ void prefill_rotary(at::Tensor q, at::Tensor k, const at::Tensor& v, const at::T
                   v_cache.is_contiguous() && k_cache.size(1) == Hkv && k_cache.size(3) == D,
               "the caches must be contiguous (rows, ", Hkv, ", S, ", D, "), got ", k_cache.sizes(), " and ",
               v_cache.sizes());
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * D && sin.numel() == T * D,
-              "cos and sin must be contiguous, T·D = ", T * D, " numbers each");
+  svdserve::check_cos_sin(cos, sin, T, D);
   TORCH_CHECK(L >= 1 && T % L == 0 && L <= k_cache.size(2), "L must divide the ", T, " tokens and fit the cache's ",
               k_cache.size(2), " positions, got ", L);
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.size(0) == T / L && rows.is_contiguous(),
