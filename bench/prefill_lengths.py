@@ -110,7 +110,8 @@ def main() -> None:
         tp, tg = statistics.median(times["padded"]), statistics.median(times["planned"])
         paired = statistics.median(a / b for a, b in zip(times["padded"], times["planned"]))
         diff = float((outs["padded"] - outs["planned"]).abs().max())
-        computed_padded, computed_planned = max(lengths) * P, sum(max(lengths[i] for i in g) * len(g) for g in groups)
+        computed_padded = prefill_groups.computed_tokens(lengths, [list(range(P))])
+        computed_planned = prefill_groups.computed_tokens(lengths, groups)
         results[name] = {"lengths": lengths, "groups": groups, "real_tokens": real, "padded_tokens": computed_padded,
                          "planned_tokens": computed_planned, "padded_s": tp, "planned_s": tg,
                          "padded_tok_s": real / tp, "planned_tok_s": real / tg, "x_padded": tp / tg,

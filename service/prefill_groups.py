@@ -28,7 +28,7 @@ def plan(lengths: list[int], call_cost: int) -> list[list[int]]:
         raise ValueError(f"call_cost must be at least 0, got {call_cost}")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     n = len(order)
-    best = [0] + [0] * n  # best[j]: the cheapest cost of the j shortest prompts
+    best = [0] * (n + 1)  # best[j]: the cheapest cost of the j shortest prompts
     cut = [0] * (n + 1)  # where the last group of that split starts
     for j in range(1, n + 1):
         longest = lengths[order[j - 1]]
@@ -41,6 +41,11 @@ def plan(lengths: list[int], call_cost: int) -> list[list[int]]:
     return groups
 
 
+def computed_tokens(lengths: list[int], groups: list[list[int]]) -> int:
+    """Prompt tokens the calls `groups` compute, each padded to its longest prompt."""
+    return sum(max(lengths[i] for i in g) * len(g) for g in groups)
+
+
 def fits(lengths: list[int], call_cost: int, budget: int) -> bool:
     """Whether prefilling these prompts, split by `plan`, computes at most `budget` prompt tokens, padding included
     (the engine's admission budget per step). Padded into one call they are an upper bound and their sum a lower
@@ -49,4 +54,4 @@ def fits(lengths: list[int], call_cost: int, budget: int) -> bool:
         return True
     if sum(lengths) > budget:
         return False
-    return sum(max(lengths[i] for i in g) * len(g) for g in plan(lengths, call_cost)) <= budget
+    return computed_tokens(lengths, plan(lengths, call_cost)) <= budget
