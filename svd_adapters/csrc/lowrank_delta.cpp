@@ -14,10 +14,11 @@
 // vector loops read A and Bᵀ once, a few rows at a time, each row front to back. Prefill: bound by arithmetic, a
 // chunk of the row's tokens at a time: their t = A_i x by outer-product tiles from A_i transposed (`project_tile`)
 // into a float32 buffer with e = d ⊙ h beside it, then [t | e] · [B_iᵀ; U] added into y by tiles of tokens ×
-// columns held in registers, both operands packed per task (a few % of its arithmetic) so that the rows a tile
-// reads do not evict each other in L1. (This was two BLAS calls per task, a temporary and an add, ~15 ATen ops
-// each: twice the time on SmolLM2's shapes in float32, 2.7× in bfloat16, a row's products being too small for
-// BLAS to reach speed.) float64 (the tests' references) runs token by token as at decode.
+// columns held in registers (a tile of tokens through all of the member's columns), both operands packed per task
+// (a few % of its arithmetic) so that the rows a tile reads do not evict each other in L1. (This was two BLAS
+// calls per task, a temporary and an add, ~15 ATen ops each: twice the time on SmolLM2's shapes in float32, 2.7×
+// in bfloat16, a row's products being too small for BLAS to reach speed.) float64 (the tests' references) runs
+// token by token as at decode.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -186,11 +187,19 @@ int64_t d_length(const scalar_t* d, int64_t R) {
 
 // A's first kr rows transposed into At (n rows of krp floats, krp = kr rounded up to whole vectors, zeros past kr):
 // the layout project_tile reads, the kr weights of one input element side by side.
+// kBlock columns at a time, each of A's kr rows read a line at a time into the block's part of At (kBlock · krp
+// floats, in L1). Column by column (one number from each of kr rows n apart; for down's 1536, 6 KB apart, they share
+// L1 sets) it held ~20 % of a 64-token task's profile samples; ~10 % this way, most of it A arriving from memory.
 template <typename scalar_t>
 void pack_projection(const scalar_t* A, int64_t n, int64_t kr, int64_t krp, float* At) {
-  for (int64_t c = 0; c < n; ++c) {
-    for (int64_t j = 0; j < kr; ++j) At[c * krp + j] = static_cast<float>(A[j * n + c]);
-    for (int64_t j = kr; j < krp; ++j) At[c * krp + j] = 0;
+  constexpr int64_t kBlock = 16;
+  for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
+    const int64_t cn = std::min(kBlock, n - c0);
+    float* block = At + c0 * krp;
+    for (int64_t j = 0; j < kr; ++j)
+      for (int64_t c = 0; c < cn; ++c) block[c * krp + j] = static_cast<float>(A[j * n + c0 + c]);
+    for (int64_t c = 0; c < cn; ++c)
+      for (int64_t j = kr; j < krp; ++j) block[c * krp + j] = 0;
   }
 }
 
@@ -230,6 +239,10 @@ void project_block(const scalar_t* x, int64_t sx, const float* At, int64_t krp, 
   constexpr int TB = kProjTokens<NV_>;
   int64_t r = 0;
   for (; r + TB <= rows; r += TB) project_tile<TB, NV_>(x + r * sx, sx, At, krp, n, j0, width, t + r * ldt, ldt);
+  // The tokens left over (4 of a 64-token chunk at TB = 12) in tiles of 4 and 2: one token alone is a single chain
+  // of dependent FMAs per vector, latency-bound (one-token tiles took ~20 % of a 64-token projection).
+  for (; r + 4 <= rows; r += 4) project_tile<4, NV_>(x + r * sx, sx, At, krp, n, j0, width, t + r * ldt, ldt);
+  for (; r + 2 <= rows; r += 2) project_tile<2, NV_>(x + r * sx, sx, At, krp, n, j0, width, t + r * ldt, ldt);
   for (; r < rows; ++r) project_tile<1, NV_>(x + r * sx, sx, At, krp, n, j0, width, t + r * ldt, ldt);
 }
 
@@ -291,26 +304,29 @@ inline void expand_tile(const float* t, int64_t ldt, const float* tile, int64_t 
 }
 
 // y[r, :m] += [t | e][r] · [B; U] for rows r < rows: whole spans from the packed copy P, then the columns past the
-// last one from B and U as given.
+// last one from B and U as given. A tile of tokens goes through every span before the next: each token's row of y
+// is read front to back, a stream the hardware prefetchers follow, and P (≤ (K + R) · m floats) stays in L2.
+// (Span by span through all tokens read 256 bytes of each row, rows a page or more apart: gate/up's expansion ~25 %
+// slower from memory, bench/prefill_kernels.py.)
 template <typename scalar_t>
 void expand_tokens(const float* t, int64_t ldt, const float* P, const scalar_t* B, int64_t kr, const float* U,
                    int64_t ldu, int64_t re, int64_t m, int64_t rows, scalar_t* y, int64_t sy) {
   constexpr int64_t span = kSpan;
-  int64_t c = 0;
-  for (; c + span <= m; c += span) {
-    const float* tile = P + (c / span) * (kr + re) * span;
-    int64_t r = 0;
-    for (; r + kTokTile <= rows; r += kTokTile)
-      expand_tile<kTokTile>(t + r * ldt, ldt, tile, kr + re, y + r * sy, sy, c);
-    for (; r < rows; ++r) expand_tile<1>(t + r * ldt, ldt, tile, kr + re, y + r * sy, sy, c);
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* tr = t + r * ldt;
-    for (int64_t cc = c; cc < m; ++cc) {
-      float a = static_cast<float>(y[r * sy + cc]);
-      for (int64_t j = 0; j < kr; ++j) a += tr[j] * static_cast<float>(B[j * m + cc]);
-      for (int64_t j = 0; j < re; ++j) a += tr[kr + j] * U[j * ldu + cc];
-      y[r * sy + cc] = static_cast<scalar_t>(a);
+  const int64_t spans = m / span, tail = spans * span, rows_p = kr + re;
+  int64_t r = 0;
+  for (; r + kTokTile <= rows; r += kTokTile)
+    for (int64_t s = 0; s < spans; ++s)
+      expand_tile<kTokTile>(t + r * ldt, ldt, P + s * rows_p * span, rows_p, y + r * sy, sy, s * span);
+  for (; r < rows; ++r)
+    for (int64_t s = 0; s < spans; ++s)
+      expand_tile<1>(t + r * ldt, ldt, P + s * rows_p * span, rows_p, y + r * sy, sy, s * span);
+  for (int64_t q = 0; q < rows; ++q) {
+    const float* tq = t + q * ldt;
+    for (int64_t cc = tail; cc < m; ++cc) {
+      float a = static_cast<float>(y[q * sy + cc]);
+      for (int64_t j = 0; j < kr; ++j) a += tq[j] * static_cast<float>(B[j * m + cc]);
+      for (int64_t j = 0; j < re; ++j) a += tq[kr + j] * U[j * ldu + cc];
+      y[q * sy + cc] = static_cast<scalar_t>(a);
     }
   }
 }
