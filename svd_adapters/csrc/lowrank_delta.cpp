@@ -14,7 +14,7 @@
 // vector loops read A and Bᵀ once, a few rows at a time, each row front to back. Prefill: bound by arithmetic, a
 // chunk of the row's tokens at a time: their t = A_i x by outer-product tiles from A_i transposed (`project_tile`)
 // into a float32 buffer with e = d ⊙ h beside it, then [t | e] · [B_iᵀ; U] added into y by tiles of tokens ×
-// columns held in registers (a tile of tokens through all of the member's columns), both operands packed per task
+// columns held in registers (a block of tokens through all of the member's columns), both operands packed per task
 // (a few % of its arithmetic) so that the rows a tile reads do not evict each other in L1. (This was two BLAS
 // calls per task, a temporary and an add, ~15 ATen ops each: twice the time on SmolLM2's shapes in float32, 2.7×
 // in bfloat16, a row's products being too small for BLAS to reach speed.) float64 (the tests' references) runs
