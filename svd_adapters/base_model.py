@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,7 +96,13 @@ def ensure_default_model() -> Path:
     clean.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)  # atomic: a half-converted directory is never seen as ready
+    try:
+        os.replace(tmp, out)  # atomic: a half-converted directory is never seen as ready
+    except OSError:
+        # another process converted it meanwhile (renaming onto a full directory fails): keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
     return out
 
 
