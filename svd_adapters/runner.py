@@ -107,6 +107,7 @@ class BatchedRunner(nn.Module):
             block.silu = getattr(cfg, "hidden_act", None) in ("silu", "swish")  # the kernels can fuse this activation
             self.layers.append(block)
         self._slot_version = [0] * core_slots
+        self._lr_slot_version = [0] * lr_slots
         # Core slots whose adapter scales outputs and subtracts U_r σ_r V_rᵀ (OSoRA), read off the terms written
         # there, so no caller has to keep (and can get wrong) a list of its own.
         self.scaled_slots: set[int] = set()
@@ -155,6 +156,7 @@ class BatchedRunner(nn.Module):
     @torch.no_grad()
     def write_lr_slot(self, slot: int, terms: dict[str, LayerTerms]) -> None:
         """Put a SORSA / LoRA adapter in a low-rank slot."""
+        self._lr_slot_version[slot] += 1
         terms = self._on_device(terms)
         for pools in self.pools.values():
             pools.clear_lr(slot)
@@ -190,6 +192,12 @@ class BatchedRunner(nn.Module):
         """The step's slot mapping for rows reading these slots (0 = none)."""
         return SlotMapping.build(core_slots, lr_slots, self.scaled_slots, tokens_per_row, device=self.device,
                                  lr_sub_slots=self.lr_sub_slots)
+
+    def adapter_state(self, core_slot: int, lr_slot: int) -> tuple[int, int, int, int]:
+        """What a row reading these slots computes with: the slots and how many times each was written. Equal states
+        give the same keys and values for the same tokens (what a prefix cache may key on); rewriting a slot changes
+        its state, so nothing computed with its old adapter is taken for the new one."""
+        return core_slot, self._slot_version[core_slot], lr_slot, self._lr_slot_version[lr_slot]
 
     # ---- KV rows ----
     def move_row(self, src: int, dst: int, length: int) -> None:
@@ -258,26 +266,47 @@ class BatchedRunner(nn.Module):
     @torch.inference_mode()
     def prefill(
         self, prompts: list[list[int]], rows: list[int], core_slots: list[int], lr_slots: list[int],
-        all_logits: bool = False, keep_hidden: bool = False,
+        all_logits: bool = False, keep_hidden: bool = False, starts: list[int] | None = None,
     ) -> torch.Tensor:
         """Run new requests' prompts into KV rows `rows`; returns last-token logits (P, V) or all (P, L, V).
+
+        With `starts`, prompt i is the rest of a longer one whose first starts[i] tokens' keys and values are in
+        row rows[i] already (a cached prefix, `service/prefix_cache.py`): its tokens take positions from there.
 
         With `keep_hidden`, the final hidden states (P, L, H) stay in `last_hidden` until the next prefill, so
         the logits of chosen prompts' every position (`position_logits`) cost nothing for the others."""
         P, L = len(prompts), max(len(p) for p in prompts)
-        if L > self.max_seq_len:
-            raise ValueError(f"prompt of {L} tokens exceeds max_seq_len {self.max_seq_len}")
+        offset = starts is not None and any(starts)
+        if offset and (keep_hidden or all_logits):
+            raise ValueError("all_logits and keep_hidden need whole prompts (no starts)")
+        if max(len(p) + (starts[i] if offset else 0) for i, p in enumerate(prompts)) > self.max_seq_len:
+            raise ValueError(f"a prompt reaches past max_seq_len {self.max_seq_len}")
         ids = torch.full((P, L), self.cfg.pad_token_id or 0, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p)
         ids = ids.to(self.device)
         x = self.embed(ids.view(-1))
-        positions = torch.arange(L, device=self.device).repeat(P)
+        at = torch.tensor(starts if offset else [0] * P, device=self.device)
+        positions = (at[:, None] + torch.arange(L, device=self.device)).view(-1)
         cos, sin = self._cos_sin(x, positions)
         mp = self.mapping(core_slots, lr_slots, L)
         row_idx = torch.tensor(rows, device=self.device)
         rows_host = torch.tensor(rows, dtype=torch.long)
+        if offset:
+            lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+            attend = self._attend_after_prefix(row_idx, at, lengths, positions.view(P, L), cos, sin)
+        else:
+            attend = self._attend_from_start(row_idx, rows_host, P, L, cos, sin)
+        h = self._layers(x, mp, attend, self._gathered(mp, decode=False)).view(P, L, -1)
+        self.last_hidden = h if keep_hidden else None
+        if all_logits:
+            return self.lm_head(h)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return self.logits(h[torch.arange(P, device=self.device), last])
 
+    def _attend_from_start(self, row_idx: torch.Tensor, rows_host: torch.Tensor, P: int, L: int, cos: torch.Tensor,
+                           sin: torch.Tensor):
+        """A prefill's attention for prompts from position 0: each row's keys are its own tokens."""
         def attend(li, q, k, v):
             # (P·L, heads, D) → (P, heads, L, D); right padding means causal masking alone keeps pads unseen.
             if cpu_kernels.rotates(q, k, v, self.k_cache[li]):  # q, k rotated in place; the cache written in the same pass
@@ -291,13 +320,32 @@ class BatchedRunner(nn.Module):
             v = v.view(P, L, self.n_kv, self.head_dim).transpose(1, 2)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
             return o.transpose(1, 2).reshape(P * L, self.n_heads, self.head_dim)
+        return attend
 
-        h = self._layers(x, mp, attend, self._gathered(mp, decode=False)).view(P, L, -1)
-        self.last_hidden = h if keep_hidden else None
-        if all_logits:
-            return self.lm_head(h)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self.logits(h[torch.arange(P, device=self.device), last])
+    def _attend_after_prefix(self, row_idx: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                             positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """A prefill's attention for prompts whose first `starts[i]` tokens are in row i's cache already (a cached
+        prefix): the new tokens' keys and values go into the cache at their positions (pads write nothing: their
+        positions may lie past the cache), then each query attends to its row's keys up to its own position."""
+        P, L = positions.shape
+        S = min(int(starts.max()) + L, self.max_seq_len)
+        heads = torch.arange(self.n_kv, device=self.device)
+        real = (torch.arange(L, device=self.device)[None, :] < lengths[:, None])[:, None, :].expand(P, self.n_kv, L)
+        flat = ((row_idx[:, None, None] * self.n_kv + heads[None, :, None]) * self.max_seq_len
+                + positions[:, None, :])[real]
+        mask = (torch.arange(S, device=self.device)[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (P, 1, L, S)
+
+        def attend(li, q, k, v):
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            for cache, new in ((kc, k), (vc, v)):  # (P·L, kv, D) → (P, kv, L, D), the order of `flat`
+                cache.view(-1, self.head_dim).index_copy_(0, flat, new.view(P, L, self.n_kv, self.head_dim)
+                                                          .transpose(1, 2)[real])
+            q = q.view(P, L, self.n_heads, self.head_dim).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, kc[row_idx, :, :S], vc[row_idx, :, :S], attn_mask=mask,
+                                               enable_gqa=self.n_kv != self.n_heads)
+            return o.transpose(1, 2).reshape(P * L, self.n_heads, self.head_dim)
+        return attend
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, mp: SlotMapping, context: int | None = None) -> torch.Tensor:
