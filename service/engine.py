@@ -27,6 +27,7 @@ from adapters_store.base import AdapterStore, StoreUnavailable, VersionChanged
 from adapters_store.validate import AdapterValidationError, load_adapter
 from service import prefill_groups
 from service.adapter_cache import AdapterCache
+from service.prefix_cache import PrefixCache
 from service.detokenize import Detokenizer
 from service.structured import GrammarError, Grammars, Matcher
 from service.sampling import (MAX_LOGPROBS, RowSampling, SamplingParams, TokenHistory, TokenLogprob, logprobs_of,
@@ -115,6 +116,10 @@ class EngineConfig:
     dtype: str = "float32"  # weights, activations and adapter slots; bfloat16 halves the bytes a decode step reads
     request_timeout: float = 0.0  # seconds from arrival until a request is failed with RequestTimeout; 0 = none
     cuda_graphs: bool = True  # on a GPU, replay decode steps from captured graphs (svd_adapters/decode_graphs.py)
+    # prompt tokens whose keys and values the prefix cache keeps for later prompts that start alike, in blocks of
+    # prefix_block_tokens (service/prefix_cache.py); 0 turns it off
+    prefix_cache_tokens: int = 8192
+    prefix_block_tokens: int = 16
 
 
 @dataclass
@@ -127,6 +132,7 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when the request asked for them
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None first), when asked
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass
@@ -158,6 +164,7 @@ class _Request:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     core_slot: int = 0
     lr_slot: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     cancelled: bool = False
     finish_reason: str | None = None
     method: str = "base"  # its adapter's method once admitted (a metrics label; never the adapter id)
@@ -196,6 +203,11 @@ class Engine:
                                     max_seq_len=cfg.max_seq_len, core_slots=cfg.core_slots, lr_slots=cfg.lr_slots,
                                     cuda_graphs=cfg.cuda_graphs)
         self.cache = AdapterCache(cfg.core_slots, cfg.lr_slots)
+        self.prefix = (PrefixCache(self.runner, cfg.prefix_cache_tokens, cfg.prefix_block_tokens)
+                       if cfg.prefix_cache_tokens > 0 else None)
+        if self.prefix is not None:
+            log.info("prefix cache: %d blocks of %d tokens (%.0f MB)", self.prefix.blocks, self.prefix.block,
+                     self.prefix.nbytes / 2**20)
         self.prefill_call_tokens = (cfg.prefill_call_tokens if cfg.prefill_call_tokens is not None
                                     else prefill_groups.call_tokens(cfg.device))
         self.eos_ids = self._eos_ids()
@@ -343,6 +355,7 @@ class Engine:
             "cache_hits": self.cache.hits,
             "cache_misses": self.cache.misses,
             "cache_evictions": self.cache.evictions,
+            **(self.prefix.stats() if self.prefix is not None else {}),
             **self.counters,
         }
 
@@ -635,18 +648,37 @@ class Engine:
         source = [first.setdefault((r.core_slot, r.lr_slot, tuple(r.prompt)), len(first)) for r in reqs]
         unique = [source.index(j) for j in range(len(first))]  # each distinct prompt's first request
         scored = {source[i] for i, r in enumerate(reqs) if r.params.prompt_logprobs is not None}
+        states = [self.runner.adapter_state(reqs[i].core_slot, reqs[i].lr_slot) for i in unique]
+        # a cached prefix goes into the row first, and only the rest is computed (not for prompts scored whole)
+        starts = [0] * len(unique)
+        if self.prefix is not None:
+            looked = [j for j in range(len(unique)) if j not in scored]
+            found = self.prefix.load_many([(states[j], reqs[unique[j]].prompt, rows[unique[j]]) for j in looked])
+            for j, n in zip(looked, found):
+                starts[j] = n
         parts, position_logits = [], {}
-        # prompts of similar length together, so a long one does not pad every short one (service/prefill_groups.py)
-        groups = prefill_groups.plan([len(reqs[i].prompt) for i in unique], self.prefill_call_tokens)
+        # prompts of similar length together, so a long one does not pad every short one (service/prefill_groups.py);
+        # those continuing a cached prefix apart from those that start at 0 (which keep the faster attention)
+        groups = []
+        for cont in (False, True):
+            part = [j for j in range(len(unique)) if bool(starts[j]) == cont]
+            if part:
+                lengths = [len(reqs[unique[j]].prompt) - starts[j] for j in part]
+                groups += [[part[k] for k in g] for g in prefill_groups.plan(lengths, self.prefill_call_tokens)]
         for group in groups:
             picked = [unique[j] for j in group]
             parts.append(self.runner.prefill(
-                [reqs[i].prompt for i in picked], [rows[i] for i in picked], [reqs[i].core_slot for i in picked],
-                [reqs[i].lr_slot for i in picked], keep_hidden=any(j in scored for j in group),
+                [reqs[i].prompt[starts[j]:] for i, j in zip(picked, group)], [rows[i] for i in picked],
+                [reqs[i].core_slot for i in picked], [reqs[i].lr_slot for i in picked],
+                keep_hidden=any(j in scored for j in group), starts=[starts[j] for j in group],
             ))
             for g, j in enumerate(group):  # before the next call replaces the kept hidden states
                 if j in scored:
                     position_logits[j] = self.runner.position_logits(g, len(reqs[unique[j]].prompt))
+        if self.prefix is not None:  # before anything else is written into these rows
+            self.prefix.store_many([(st, reqs[i].prompt, rows[i]) for i, st in zip(unique, states)])
+        for i, req in enumerate(reqs):
+            req.cached_tokens = starts[source[i]]
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         order = [j for group in groups for j in group]  # logits' rows: the distinct prompts in group order
         if order != sorted(order):
@@ -721,7 +753,7 @@ class Engine:
         self.counters["finished"] += 1
         req.emit("done", GenerationResult(req.detok.text, reason, len(req.prompt), len(req.out), req.adapter_id, list(req.out),
                                           req.logprobs if req.params.logprobs is not None else None,
-                                          req.prompt_logprobs))
+                                          req.prompt_logprobs, req.cached_tokens))
         for obs in self.observers:
             obs.on_finish(reason, len(req.out), req.method)
 
@@ -730,6 +762,8 @@ class Engine:
         for req in self._active:
             if req.cancelled and req.finish_reason is None:
                 req.finish_reason = "cancelled"
+        if self.prefix is not None:  # a chat's next turn starts with this one's prompt and answer
+            self._keep_answers()
         i = 0
         while i < len(self._active):
             req = self._active[i]
@@ -744,6 +778,16 @@ class Engine:
                 self.runner.move_row(last, i, len(mover.prompt) + len(mover.out))
                 self._active[i] = mover
             self._active.pop()
+
+    def _keep_answers(self) -> None:
+        """Into the prefix cache, the generated tokens of rows about to leave, after their prompts: their keys and
+        values are in the row for every generated token but the last (never fed back), and a chat's next turn
+        repeats them. Not for rows that failed (an error may leave a row half-written)."""
+        done = [(i, r) for i, r in enumerate(self._active)
+                if r.finish_reason in ("stop", "length", "cancelled") and len(r.out) > 1]
+        if done:
+            self.prefix.store_many([(self.runner.adapter_state(r.core_slot, r.lr_slot), r.prompt + r.out[:-1], i)
+                                    for i, r in done])
 
     def _eos_ids(self) -> set[int]:
         ids = set()
