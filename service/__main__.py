@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=int, help="prompt + generated tokens per request (default 1024)")
     p.add_argument("--core-slots", type=int, help="device cache slots for OSoRA/LoRA-XS adapters (default 64)")
     p.add_argument("--lr-slots", type=int, help="device cache slots for SORSA/LoRA adapters (default 8)")
+    p.add_argument("--prefix-cache-tokens", type=int,
+                   help="prompt tokens whose keys and values are kept for later prompts that start alike, per adapter "
+                        "(default 8192; 0 = off)")
     p.add_argument("--max-waiting", type=int, help="queued requests before 429 (default 256)")
     p.add_argument("--max-upload-bytes", type=int, help="largest adapter file accepted (default 64 MiB)")
     p.add_argument("--max-request-bytes", type=int, help="largest other request body, e.g. /generate (default 1 MiB)")

@@ -12,6 +12,7 @@ Environment (all optional):
     SVDSERVE_CUDA_GRAPHS      1 | 0: replay GPU decode steps from CUDA graphs          (default 1)
     SVDSERVE_MAX_BATCH, SVDSERVE_MAX_RANK, SVDSERVE_MAX_SEQ_LEN, SVDSERVE_CORE_SLOTS, SVDSERVE_LR_SLOTS,
     SVDSERVE_MAX_WAITING, SVDSERVE_MAX_UPLOAD_BYTES, SVDSERVE_R_MAX, SVDSERVE_FACTORS_DIR
+    SVDSERVE_PREFIX_CACHE_TOKENS prompt tokens the prefix cache keeps; 0 = off               (default 8192)
     SVDSERVE_REQUEST_TIMEOUT  seconds a generation may take, queueing included; 0 = no limit (default 300)
     SVDSERVE_MAX_REQUEST_BYTES largest request body other than adapter uploads (default 1 MiB)
     SVDSERVE_SHUTDOWN_TIMEOUT seconds to drain in-flight requests on SIGTERM (default 30)
@@ -68,6 +69,7 @@ class Settings:
     core_slots: int = EngineConfig.core_slots
     lr_slots: int = EngineConfig.lr_slots
     max_waiting: int = EngineConfig.max_waiting
+    prefix_cache_tokens: int = EngineConfig.prefix_cache_tokens
     shutdown_timeout: float = 30.0
     request_timeout: float = 300.0  # 0 = no limit
     max_request_bytes: int = 1024 * 1024  # bodies of /generate and other JSON routes (uploads: max_upload_bytes)
@@ -101,8 +103,9 @@ class Settings:
         for name in ("request_timeout", "shutdown_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be ≥ 0 seconds, got {getattr(self, name)}")
-        if self.max_waiting < 0:
-            raise ValueError(f"max_waiting must be ≥ 0, got {self.max_waiting}")
+        for name in ("max_waiting", "prefix_cache_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         self.auth = str(self.auth).strip().lower()
         if self.auth not in AUTH_MODES:
             raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")

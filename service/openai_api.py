@@ -215,11 +215,13 @@ def _params(body: _Common, stops: list[str], max_tokens: int, logprobs: int | No
                               logprobs=logprobs, grammar=grammar, **body.sampling_controls())
 
 
-def _usage(results: list[eng.GenerationResult]) -> dict[str, int]:
-    """One prompt, n completions: the prompt counted once, as OpenAI counts it."""
+def _usage(results: list[eng.GenerationResult]) -> dict[str, Any]:
+    """One prompt, n completions: the prompt counted once, as OpenAI counts it; its tokens from the prefix cache
+    in prompt_tokens_details.cached_tokens, as OpenAI reports its own prompt caching."""
     prompt = results[0].prompt_tokens
     completion = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": results[0].cached_tokens}}
 
 
 def _data(obj: dict[str, Any]) -> bytes:

@@ -237,6 +237,8 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int = Field(0, description="prompt tokens taken from the prefix cache (an earlier prompt on the same "
+                                              "adapter started with them), not computed again")
 
 
 class TokenAlternative(BaseModel):
