@@ -40,7 +40,9 @@ def main() -> None:
     base = load_base(args.base)
     factors = load_or_compute(base.model, base.cache_dir)
     engine = Engine(base, factors, DiskStore(tempfile.mkdtemp()),
-                    EngineConfig(max_batch=args.n, max_rank=16, max_seq_len=512))
+                    # no prefix cache: the distinct prompts share their chat template's opening, and later rounds
+                    # would take it from there (bench/prefix_cache.py measures that)
+                    EngineConfig(max_batch=args.n, max_rank=16, max_seq_len=512, prefix_cache_tokens=0))
     engine.start()
     try:
         distinct = [engine.encode_prompt(QUESTION.format(place=p)) for p in PLACES[: args.n]]
