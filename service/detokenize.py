@@ -9,8 +9,11 @@ for the token that completes it.
 from __future__ import annotations
 
 # A UTF-8 character spans at most 4 byte-level tokens: past this many undecodable tokens the text is invalid,
-# not incomplete, and is emitted as it decodes (with U+FFFD) so the window cannot grow without bound.
+# not incomplete, and what of it can no longer change is emitted (with U+FFFD), so the window stays short.
 MAX_PENDING = 6
+# Tokens after a cut that settle the bytes before it: a sequence still open at the cut needs at most 3 more bytes
+# (every token here carries one or more), after which the decoder has completed or replaced it.
+SETTLING = 3
 
 
 class Detokenizer:
@@ -31,12 +34,31 @@ class Detokenizer:
         self.tokens.append(token)
         before = self._decode(self._prefix, self._read)
         after = self._decode(self._prefix, len(self.tokens))
-        if len(after) <= len(before) or (after.endswith("\ufffd") and len(self.tokens) - self._read < MAX_PENDING):
-            return "", False  # nothing new yet (a special token, or half a character)
-        self._prefix, self._read = self._read, len(self.tokens)
+        if len(after) <= len(before):
+            return "", False  # nothing new yet (a special token)
+        cut = len(self.tokens)
+        if after.endswith("\ufffd"):  # half a character, or invalid bytes
+            pending = cut - self._read
+            cut = self._settled(before, after) if pending >= MAX_PENDING else None
+            if cut is None and pending < 4 * MAX_PENDING:
+                return "", False
+            cut = cut or len(self.tokens)  # none settles that long: emitted as it decodes now
+            after = self._decode(self._prefix, cut)
+        self._prefix, self._read = self._read, cut
         if self._extend(after[len(before):]):
             return self._flush(len(self.text)), True
         return self._flush(len(self.text) - self.holdback), False
+
+    def _settled(self, before: str, after: str) -> int | None:
+        """The most pending tokens whose text no later token can change: a cut where the window's text splits
+        cleanly (decoding up to it gives a start of `after`) with SETTLING tokens after it. Where invalid bytes
+        are replaced with U+FFFD depends on the bytes that follow them (one for a truncated sequence, one per byte
+        otherwise), so emitting at any other point would differ from decoding the whole output."""
+        for k in range(len(self.tokens) - SETTLING, self._read, -1):
+            text = self._decode(self._prefix, k)
+            if len(text) > len(before) and after.startswith(text):
+                return k
+        return None
 
     def finish(self) -> str:
         """The rest of the text, tokens still pending included."""

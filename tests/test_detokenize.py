@@ -100,6 +100,19 @@ def test_random_tokens_decode_like_the_full_decode(name):
     assert "".join(deltas) == d.text == tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def test_runs_of_invalid_bytes_decode_like_the_full_decode():
+    """Long runs of bytes that are no UTF-8 (what an adapter pushed off course generates): where the replacement
+    characters go depends on the bytes after them, so text is emitted only once later tokens settle it — e.g.
+    eight such tokens ending in the two bytes of 'ܓ', which an early flush split into two U+FFFD."""
+    tokenizer = make_tokenizer("tiny")  # one token per byte
+    for seed in range(200):
+        rng = random.Random(seed)
+        ids = [rng.randrange(100, 260) if rng.random() < 0.7 else rng.randrange(len(tokenizer))
+               for _ in range(rng.randrange(5, 80))]
+        d, deltas, _ = run(tokenizer, ids)
+        assert "".join(deltas) == d.text == tokenizer.decode(ids, skip_special_tokens=True), f"seed {seed}"
+
+
 def test_each_token_decodes_a_short_window_not_the_whole_output(tokenizer):
     ids = tokenizer.encode(" ".join(TEXTS) * 60, add_special_tokens=False)[:2000]
     counting = CountingTokenizer(tokenizer)
