@@ -20,4 +20,6 @@ def test_load_with_correctness_small(tmp_path, tiny_factors_dir):
     assert r["answered_ok"] == 200 and r["mismatches"] == 0 and r["http_5xx"] == 0, summary
     assert r["retries_429"] > 0 and r["max_waiting_seen"] <= 4, summary  # backpressure really happened, bounded
     assert r["engine_after"]["cache_evictions"] > 0, summary  # slots were reused across tenants
+    # prompts repeated on an adapter took their prefix from the prefix cache, while slots were rewritten under it
+    assert r["engine_after"]["prefix_cache_hits"] > 0, summary
     assert r["faults_injected"]["client_disconnects"] == 8 and r["bad_uploads_accepted"] == 0, summary
