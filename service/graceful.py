@@ -64,9 +64,21 @@ class GracefulServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+# Seconds an idle keep-alive connection stays open. Longer than the idle expiry of the clients' and proxies'
+# connection pools in front of it (httpx's and so deploy/proxy's: 5 s; nginx: 60 s; cloud load balancers: 60 s),
+# so that they, not the server, close idle connections: a server closing one just as a client sends on it makes
+# that request fail without an answer (uvicorn's default, 5 s, races httpx's 5 s exactly so).
+KEEP_ALIVE_S = 75
+
+
+def server_config(app: Any, *, host: str, port: int, drain_timeout: float, **uvicorn_kwargs: Any) -> uvicorn.Config:
+    uvicorn_kwargs.setdefault("timeout_keep_alive", KEEP_ALIVE_S)
+    return uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=int(drain_timeout) + 5, **uvicorn_kwargs)
+
+
 def serve(app: Any, *, host: str, port: int, drain_timeout: float, **uvicorn_kwargs: Any) -> None:
     """Run `app` with uvicorn until SIGTERM/SIGINT, draining as described above."""
-    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=int(drain_timeout) + 5, **uvicorn_kwargs)
+    config = server_config(app, host=host, port=port, drain_timeout=drain_timeout, **uvicorn_kwargs)
     server = GracefulServer(config, app, drain_timeout)
     server.run()
 

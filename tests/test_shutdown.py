@@ -81,12 +81,10 @@ class GracefulThread(UvicornThread):
     """service.graceful.GracefulServer in a thread; `terminate()` does what its SIGTERM handler does."""
 
     def __init__(self, app, drain_timeout: float) -> None:
-        import uvicorn
-
-        from service.graceful import GracefulServer
+        from service.graceful import GracefulServer, server_config
 
         self.port, self.app = free_port(), app
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=10)
+        config = server_config(app, host="127.0.0.1", port=self.port, drain_timeout=5, log_level="warning")
         self.server = GracefulServer(config, app, drain_timeout)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -154,3 +152,32 @@ def test_engine_shutdown_fails_what_the_drain_leaves(tiny_base, tiny_factors, tm
     assert "0.05 s drain timeout" in str(results[0])
     stats = engine.stats()
     assert stats["failed_at_shutdown"] == 3 and stats["active"] == 0 and stats["waiting"] == 0
+
+
+def test_an_idle_keep_alive_connection_outlives_a_client_pools_expiry(tiny_base, tiny_factors, tmp_path):
+    """A connection left idle for longer than httpx's pool keeps it (5 s, what deploy/proxy reuses replicas'
+    connections within) still takes a request: the server must not be the side that closes idle connections,
+    or a request sent as it closes one fails with no answer (seen as ReadError in bench/load_correctness.py)."""
+    import http.client
+    import time
+
+    from service.app import create_app
+    from service.config import Settings
+
+    store = DiskStore(tmp_path / "store")
+    settings = Settings(base="tiny", store=str(store.root), device="cpu", max_batch=1, max_rank=8, max_seq_len=64,
+                        core_slots=2, lr_slots=2)
+    server = GracefulThread(create_app(settings, base=tiny_base, factors=tiny_factors, store=store), drain_timeout=1)
+    try:
+        with server:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            for pause in (0, 6.5):
+                time.sleep(pause)
+                conn.request("GET", "/health")
+                r = conn.getresponse()
+                assert r.status == 200 and r.getheader("connection", "").lower() != "close", (pause, r.status)
+                r.read()
+            conn.close()
+    finally:
+        store.close()
+
