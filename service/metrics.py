@@ -13,6 +13,8 @@ Metric names (all prefixed svdserve_):
     queue_depth{state}  (waiting / active, read at scrape time)   adapters_resident   adapter_loads_in_flight
     adapter_cache_hits_total{method}   adapter_cache_misses_total   adapter_cache_evictions_total{pool}
     adapter_load_seconds{method}   adapter_load_errors_total{reason}   store_errors_total{source,kind}
+    prefix_cache_hits_total   prefix_cache_misses_total  (prompts that did / did not continue a cached prefix)
+    prefix_cache_reused_tokens_total   prefix_cache_evictions_total   prefix_cache_blocks_used  (read at scrape time)
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
@@ -79,6 +81,19 @@ class _EngineState(Collector):
         yield depth
         yield resident
         yield loading
+        if "prefix_cache_hits" in stats:  # the prefix cache's own counts (absent when it is off)
+            for name, key, doc in (
+                ("prefix_cache_hits", "prefix_cache_hits", "Prompts that continued a cached prefix"),
+                ("prefix_cache_misses", "prefix_cache_misses", "Prompts looked up that found no cached prefix"),
+                ("prefix_cache_reused_tokens", "prefix_cached_tokens", "Prompt tokens whose keys and values came from the prefix cache"),
+                ("prefix_cache_evictions", "prefix_cache_evictions", "Prefix-cache blocks evicted to make room"),
+            ):
+                counter = CounterMetricFamily(PREFIX + name, doc)
+                counter.add_metric([], float(stats[key]))
+                yield counter
+            used = GaugeMetricFamily(PREFIX + "prefix_cache_blocks_used", "Prefix-cache blocks holding a cached prefix")
+            used.add_metric([], float(stats["prefix_cache_blocks_used"]))
+            yield used
 
 
 class Metrics:

@@ -121,6 +121,12 @@ async def test_requests_tokens_cache_and_latencies(serve, store, make_blob):
     assert d("svdserve_step_duration_seconds_sum", kind="decode") > 0
     assert val(after, "svdserve_adapters_resident") == 1
 
+    # prefix cache: the repeated prompt on the adapter continued the first one's cached blocks; the others found none
+    assert usages[0]["cached_tokens"] == 0 < usages[1]["cached_tokens"] and usages[2]["cached_tokens"] == 0
+    assert d("svdserve_prefix_cache_hits_total") == 1 and d("svdserve_prefix_cache_misses_total") == 2
+    assert d("svdserve_prefix_cache_reused_tokens_total") == usages[1]["cached_tokens"]
+    assert val(after, "svdserve_prefix_cache_blocks_used") > 0
+
     assert_no_ids_in_labels(after, SECRET_ID, "acme", "no-such-adapter", "nowhere")
 
 
