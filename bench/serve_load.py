@@ -1,6 +1,6 @@
 """The real server under concurrent clients on distinct adapters vs the same requests one at a time.
 
-Starts `python -m service` (disk store in a temp dir, auth off) on a free loopback port, uploads N adapters
+Starts `python -m service` (disk store in a temp dir, auth off, prefix cache off) on a free loopback port, uploads N adapters
 (OSoRA and LoRA-XS, rank 16), then measures in the same run:
 - cold vs warm time to first token (streamed /generate; cold = the adapter's first use, fetched from the store),
 - the same request list sent one at a time, and from C concurrent clients: tokens/s ratio, p50/p99 latency.
@@ -139,7 +139,10 @@ def main() -> None:
         log = open(Path(tmp) / "server.log", "w")
         server = subprocess.Popen(
             [sys.executable, "-m", "service", "--base", args.base, "--store", str(Path(tmp) / "adapters"),
-             "--port", str(port), "--auth", "off", "--max-batch", str(args.clients), "--dtype", args.dtype],
+             "--port", str(port), "--auth", "off", "--max-batch", str(args.clients), "--dtype", args.dtype,
+             # the phases send the same requests: with a prefix cache, a later phase would reuse an earlier one's
+             # prompts and look faster for that (bench/prefix_cache.py measures the cache)
+             "--prefix-cache-tokens", "0"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         try:
