@@ -575,7 +575,7 @@ class Engine:
         """Waiting requests whose adapter is resident, FIFO, up to the free rows and the prefill budget."""
         admitted: list[_Request] = []
         free_rows = self.config.max_batch - len(self._active)
-        lengths: list[int] = []  # the admitted prompts'
+        lengths: list[int] = []  # what the admitted prompts compute: past their cached prefixes
         with self._cond:
             for req in list(self._waiting):
                 if req.cancelled:
@@ -584,13 +584,14 @@ class Engine:
                     continue
                 if len(admitted) >= free_rows:
                     break
-                if admitted and not prefill_groups.fits(lengths + [len(req.prompt)], self.prefill_call_tokens,
-                                                        self.config.max_prefill_tokens):
-                    break
                 key = req.cache_key
                 if key is not None and "@" not in key and key not in self.cache.resident:
                     # version unknown (store unreachable at the API): any resident copy of this id serves
                     key = req.cache_key = next((k for k in reversed(self.cache.resident) if _key_id(k) == key), key)
+                computes = len(req.prompt) - self._cached_prefix(req, key)
+                if admitted and not prefill_groups.fits(lengths + [computes], self.prefill_call_tokens,
+                                                        self.config.max_prefill_tokens):
+                    break
                 if key is not None:
                     if key not in self.cache.resident:
                         if key not in self._loading and key not in self._ready:
@@ -611,8 +612,21 @@ class Engine:
                         req.lr_slot = res.slot
                 self._waiting.remove(req)
                 admitted.append(req)
-                lengths.append(len(req.prompt))
+                lengths.append(computes)
         return admitted
+
+    def _cached_prefix(self, req: _Request, key: str | None) -> int:
+        """Prompt tokens of `req` the prefix cache holds now (0 while its adapter is not resident, or for a prompt
+        that is scored whole): what admission leaves out of the step's prefill budget."""
+        if self.prefix is None or req.params.prompt_logprobs is not None:
+            return 0
+        if key is None:
+            return self.prefix.cached(self.runner.adapter_state(0, 0), req.prompt)
+        res = self.cache.resident.get(key)
+        if res is None:
+            return 0
+        core, lr = (res.slot, 0) if res.pool == "core" else (0, res.slot)
+        return self.prefix.cached(self.runner.adapter_state(core, lr), req.prompt)
 
     def _prefill(self, reqs: list[_Request]) -> None:
         t0 = time.perf_counter()

@@ -59,6 +59,11 @@ class PrefixCache:
         for key in reversed(keys):  # deepest first: the shorter prefixes end up most recently used
             self._entries.move_to_end(key)
 
+    def cached(self, state: tuple, tokens: list[int]) -> int:
+        """How many tokens `load` would copy now, without copying or refreshing anything (admission's estimate
+        of what a prompt will compute)."""
+        return len(self._chain(state, tokens, len(tokens) - 1)) * self.block
+
     def load(self, state: tuple, tokens: list[int], row: int) -> int:
         """Copy the longest cached prefix of `tokens` (leaving at least its last token to compute: the prefill
         needs it for the next token's logits) into KV row `row`; returns how many tokens that is."""

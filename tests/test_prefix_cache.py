@@ -3,6 +3,7 @@ still compute exactly what a whole prefill computes."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -191,3 +192,57 @@ def test_engine_reuses_a_shared_prefix_per_adapter_and_generates_as_alone(tiny_b
         assert "prefix_cache_hits" not in off.stats()
     finally:
         off.shutdown(drain=False)
+
+
+def test_admission_counts_only_what_a_prompt_computes_past_its_cached_prefix(tiny_base, tiny_factors, adapters,
+                                                                             tmp_path, monkeypatch):
+    """Four prompts that share a long cached system prompt arrive together with a step budget smaller than their
+    whole lengths: they are admitted in one step, since each computes only its own question."""
+    store = DiskStore(tmp_path / "store")
+    aid = next(iter(adapters))
+    blob = adapter_to_bytes(adapters[aid])
+    store.put(record_for(adapters[aid], blob, aid), blob)
+    eng = Engine(tiny_base, tiny_factors, store, EngineConfig(max_batch=8, max_rank=8, max_seq_len=400, core_slots=2,
+                                                              lr_slots=2, prefix_block_tokens=8))
+    system = "You answer arithmetic questions with one number and nothing else, as briefly as you can. " * 2
+    prompts = [eng.encode_prompt(messages=[{"role": "system", "content": system}, {"role": "user", "content": q}])
+               for q in ("what is 2 + 2?", "what is 3 + 5?", "what is 7 - 1?", "what is 9 + 9?", "and 1 + 1?")]
+    eng.start()
+    try:
+        asyncio.run(eng.generate(prompts[0], aid, SamplingParams(max_tokens=1)))  # caches the system prompt
+        (resident,) = eng.cache.resident.values()  # an OSoRA adapter: a core slot
+        state = eng.runner.adapter_state(resident.slot, 0)
+        cached = [eng.prefix.cached(state, p) for p in prompts[1:]]
+        assert min(cached) >= 160
+        eng.config.max_prefill_tokens = len(prompts[1]) + 3 * max(len(p) - c for p, c in zip(prompts[1:], cached))
+        assert eng.config.max_prefill_tokens < 2 * min(map(len, prompts[1:]))  # whole prompts: one per step
+        calls, gate = [], threading.Event()
+        real = eng.runner.prefill
+
+        def spy(ps, *a, **k):
+            calls.append(len(ps))
+            if len(calls) == 1:  # hold the first step until the others wait, so they are admitted in one step
+                gate.wait(10)
+            return real(ps, *a, **k)
+
+        monkeypatch.setattr(eng.runner, "prefill", spy)
+
+        async def run():
+            first = asyncio.ensure_future(eng.generate(prompts[0], None, SamplingParams(max_tokens=2)))
+            while not calls:
+                await asyncio.sleep(0.001)
+            rest = [asyncio.ensure_future(eng.generate(p, aid, SamplingParams(max_tokens=4))) for p in prompts[1:]]
+            for _ in range(5000):
+                if eng.stats()["waiting"] == len(rest):
+                    break
+                await asyncio.sleep(0.001)
+            gate.set()
+            return await asyncio.gather(first, *rest)
+
+        results = asyncio.run(run())[1:]
+        assert calls[1:] == [4]  # the four in one prefill call, after the first step's
+        for p, c, res in zip(prompts[1:], cached, results):
+            assert res.cached_tokens == c
+            assert res.token_ids == reference_greedy(tiny_base, tiny_factors, adapters[aid], p, 4, eng.eos_ids)
+    finally:
+        eng.shutdown(drain=False)
