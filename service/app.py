@@ -399,7 +399,8 @@ def create_app(
         grammar = await structured.grammar_for(engine.grammars, body.constraint())
         params = eng.SamplingParams(
             max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list(),
-            logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs, grammar=grammar, **body.sampling_controls(),
+            logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs, grammar=grammar,
+            prefix_scope=body.prefix_scope(caller.tenant), **body.sampling_controls(),
         )
         texts = logprob_shapes.token_texts(request)
         if body.stream:

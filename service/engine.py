@@ -620,13 +620,18 @@ class Engine:
         that is scored whole): what admission leaves out of the step's prefill budget."""
         if self.prefix is None or req.params.prompt_logprobs is not None:
             return 0
-        if key is None:
-            return self.prefix.cached(self.runner.adapter_state(0, 0), req.prompt)
-        res = self.cache.resident.get(key)
-        if res is None:
-            return 0
-        core, lr = (res.slot, 0) if res.pool == "core" else (0, res.slot)
-        return self.prefix.cached(self.runner.adapter_state(core, lr), req.prompt)
+        core = lr = 0
+        if key is not None:
+            res = self.cache.resident.get(key)
+            if res is None:
+                return 0
+            core, lr = (res.slot, 0) if res.pool == "core" else (0, res.slot)
+        return self.prefix.cached(self._prefix_key(req, core, lr), req.prompt)
+
+    def _prefix_key(self, req: _Request, core_slot: int, lr_slot: int) -> tuple:
+        """What the prefix cache keys a request's blocks by besides their tokens: the adapter state its row
+        computes with, and its scope (tenant and cache_salt: who may reuse them)."""
+        return (*self.runner.adapter_state(core_slot, lr_slot), req.params.prefix_scope)
 
     def _prefill(self, reqs: list[_Request]) -> None:
         t0 = time.perf_counter()
@@ -662,7 +667,7 @@ class Engine:
         source = [first.setdefault((r.core_slot, r.lr_slot, tuple(r.prompt)), len(first)) for r in reqs]
         unique = [source.index(j) for j in range(len(first))]  # each distinct prompt's first request
         scored = {source[i] for i, r in enumerate(reqs) if r.params.prompt_logprobs is not None}
-        states = [self.runner.adapter_state(reqs[i].core_slot, reqs[i].lr_slot) for i in unique]
+        states = [self._prefix_key(reqs[i], reqs[i].core_slot, reqs[i].lr_slot) for i in unique]
         # a cached prefix goes into the row first, and only the rest is computed (not for prompts scored whole)
         starts = [0] * len(unique)
         if self.prefix is not None:
@@ -800,7 +805,7 @@ class Engine:
         done = [(i, r) for i, r in enumerate(self._active)
                 if r.finish_reason in ("stop", "length", "cancelled") and len(r.out) > 1]
         if done:
-            self.prefix.store_many([(self.runner.adapter_state(r.core_slot, r.lr_slot), r.prompt + r.out[:-1], i)
+            self.prefix.store_many([(self._prefix_key(r, r.core_slot, r.lr_slot), r.prompt + r.out[:-1], i)
                                     for i, r in done])
 
     def _eos_ids(self) -> set[int]:

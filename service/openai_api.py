@@ -205,14 +205,16 @@ async def _adapter_of(request: Request, caller: Any, model: str) -> tuple[str | 
     return model, version
 
 
-def _params(body: _Common, stops: list[str], max_tokens: int, logprobs: int | None, grammar: str | None) -> eng.SamplingParams:
+def _params(body: _Common, stops: list[str], max_tokens: int, logprobs: int | None, grammar: str | None,
+            tenant: str | None) -> eng.SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
     if top_p == 0.0:  # nucleus of mass 0: the most likely token, i.e. greedy
         temperature, top_p = 0.0, 1.0
     seed = None if body.seed is None else body.seed % SEED_MODULUS
     return eng.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stops,
-                              logprobs=logprobs, grammar=grammar, **body.sampling_controls())
+                              logprobs=logprobs, grammar=grammar, prefix_scope=body.prefix_scope(tenant),
+                              **body.sampling_controls())
 
 
 def _usage(results: list[eng.GenerationResult]) -> dict[str, Any]:
@@ -356,7 +358,7 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
     max_tokens = max_tokens_for(caller, body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, explicit)
     prompt_ids = await run_in_threadpool(engine.encode_prompt, prompt, None, True)
     grammar = await structured.grammar_for(engine.grammars, body.constraint())
-    params = _params(body, stops, max_tokens, body.logprobs, grammar)
+    params = _params(body, stops, max_tokens, body.logprobs, grammar, caller.tenant)
     if body.echo and body.logprobs is not None:  # the echoed prompt's tokens are scored too
         params = replace(params, prompt_logprobs=body.logprobs)
     choices = _choices(params, body.n or 1)
@@ -412,7 +414,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
     else:
         max_tokens = max_tokens_for(caller, requested, explicit=True, param=param)
     grammar = await structured.grammar_for(engine.grammars, body.constraint())
-    params = _params(body, stops, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, grammar)
+    params = _params(body, stops, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, grammar, caller.tenant)
     choices = _choices(params, body.n or 1)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     fingerprint = request.app.state.factors.fingerprint

@@ -39,6 +39,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids cannot be chosen before this many tokens
     grammar: str | None = None  # a compiled structured-output constraint (service/structured.py); None = free text
     prompt_logprobs: int | None = None  # also each prompt token's log-probability given the tokens before it
+    prefix_scope: str | None = None  # only requests of the same scope share cached prompt prefixes (tenant, salt)
 
     @property
     def greedy(self) -> bool:

@@ -118,6 +118,11 @@ class SamplingControls(BaseModel):
         default=None, ge=0, description="EOS and stop_token_ids cannot end the generation before this many tokens"
     )
 
+    cache_salt: str | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="vLLM's: only requests with the same salt (and tenant) reuse each other's cached prompt prefixes",
+    )
+
     response_format: ResponseFormat | None = Field(
         default=None, description="OpenAI's: {type: json_object} or {type: json_schema, json_schema: {schema}}"
     )
@@ -164,6 +169,15 @@ class SamplingControls(BaseModel):
         if self.guided_choice is not None:
             return Constraint("choice", list(self.guided_choice), "guided_choice")
         return None
+
+    def prefix_scope(self, tenant: str | None) -> str | None:
+        """Who may reuse this request's cached prompt prefixes (SamplingParams.prefix_scope): its tenant's
+        requests with the same cache_salt. Across tenants, a prefix served from the cache would tell one tenant
+        (by usage.cached_tokens or a faster first token) what another sent; adapters are their owner's alone,
+        but the base model is everyone's."""
+        if tenant is None and self.cache_salt is None:
+            return None
+        return f"{tenant or ''}\x00{self.cache_salt or ''}"
 
     def sampling_controls(self) -> dict[str, Any]:
         """Keyword arguments for SamplingParams (defaults where unset)."""

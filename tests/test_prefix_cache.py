@@ -211,7 +211,7 @@ def test_admission_counts_only_what_a_prompt_computes_past_its_cached_prefix(tin
     try:
         asyncio.run(eng.generate(prompts[0], aid, SamplingParams(max_tokens=1)))  # caches the system prompt
         (resident,) = eng.cache.resident.values()  # an OSoRA adapter: a core slot
-        state = eng.runner.adapter_state(resident.slot, 0)
+        state = (*eng.runner.adapter_state(resident.slot, 0), None)  # and no scope (no tenant, no cache_salt)
         cached = [eng.prefix.cached(state, p) for p in prompts[1:]]
         assert min(cached) >= 160
         eng.config.max_prefill_tokens = len(prompts[1]) + 3 * max(len(p) - c for p, c in zip(prompts[1:], cached))

@@ -194,6 +194,35 @@ async def test_tenants_cannot_see_use_or_delete_each_others_adapters(serve, stor
 # --- key storage -------------------------------------------------------------------------------------------
 
 
+async def test_tenants_never_reuse_each_others_cached_prompts(serve, store, tiny_base):
+    """The base model is every tenant's: a prompt one tenant sent is cached for that tenant only (else its
+    usage.cached_tokens, or a faster first token, would tell another tenant what was asked), and within a tenant
+    cache_salt scopes it further, as vLLM's does."""
+    long_prompt = "You are the support assistant of a bakery. When do you open?"  # tiny: one token a byte
+
+    async def cached(key: str, api: str, **extra) -> int:
+        if api == "generate":
+            body = {"adapter_id": None, "prompt": long_prompt, "max_tokens": 2, **extra}
+            resp = await client.post("/generate", json=body, headers=bearer(key))
+            assert resp.status_code == 200, resp.text
+            return resp.json()["usage"]["cached_tokens"]
+        body = {"model": tiny_base.name, "prompt": long_prompt, "max_tokens": 2, **extra}
+        resp = await client.post("/v1/completions", json=body, headers=bearer(key))
+        assert resp.status_code == 200, resp.text
+        return resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    async with serve(store, auth="on", admin_key=ADMIN) as client:
+        a, b = await new_tenant(client, "tenant-a"), await new_tenant(client, "tenant-b")
+        for api in ("generate", "completions"):
+            assert await cached(a, api) == 0  # first time (the two APIs encode the prompt differently)
+            assert await cached(b, api) == 0  # the same prompt, another tenant: nothing of A's
+            assert await cached(a, api) > 0 and await cached(b, api) > 0  # each its own again
+            assert await cached(a, api, cache_salt="s1") == 0  # a salt: a scope of its own
+            assert await cached(a, api, cache_salt="s1") > 0
+            assert await cached(b, api, cache_salt="s1") == 0  # the same salt in another tenant: still not shared
+        err(await client.post("/generate", json={"prompt": "hi", "cache_salt": ""}, headers=bearer(a)), 422)
+
+
 async def test_keys_are_stored_hashed_on_disk(serve, store):
     async with serve(store, auth="on", admin_key=ADMIN) as client:
         key = await new_tenant(client, "acme")
