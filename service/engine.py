@@ -616,22 +616,31 @@ class Engine:
         return admitted
 
     def _cached_prefix(self, req: _Request, key: str | None) -> int:
-        """Prompt tokens of `req` the prefix cache holds now (0 while its adapter is not resident, or for a prompt
-        that is scored whole): what admission leaves out of the step's prefill budget."""
+        """Prompt tokens of `req` the prefix cache holds now (0 for a prompt that is scored whole): what admission
+        leaves out of the step's prefill budget."""
         if self.prefix is None or req.params.prompt_logprobs is not None:
             return 0
         core = lr = 0
-        if key is not None:
+        if key is not None and "@" not in key:  # keyed by its slot (below): only a resident copy has cached blocks
             res = self.cache.resident.get(key)
             if res is None:
                 return 0
             core, lr = (res.slot, 0) if res.pool == "core" else (0, res.slot)
-        return self.prefix.cached(self._prefix_key(req, core, lr), req.prompt)
+        return self.prefix.cached(self._prefix_key(req, core, lr, key), req.prompt)
 
-    def _prefix_key(self, req: _Request, core_slot: int, lr_slot: int) -> tuple:
-        """What the prefix cache keys a request's blocks by besides their tokens: the adapter state its row
-        computes with, and its scope (tenant and cache_salt: who may reuse them)."""
-        return (*self.runner.adapter_state(core_slot, lr_slot), req.params.prefix_scope)
+    def _prefix_key(self, req: _Request, core_slot: int, lr_slot: int, cache_key: str | None = None) -> tuple:
+        """What the prefix cache keys a request's blocks by besides their tokens: what its row computes with, and
+        its scope (tenant and cache_salt: who may reuse them). An adapter of known version (id@sha256) is its
+        content, the same in any slot, so its cached prefixes outlive its eviction and reload; one whose version
+        is unknown (the store was unreachable at the API) is its slot as written (`BatchedRunner.adapter_state`)."""
+        key = req.cache_key if cache_key is None else cache_key
+        if key is None:
+            what: tuple = ("base",)
+        elif "@" in key:
+            what = ("adapter", key)
+        else:
+            what = self.runner.adapter_state(core_slot, lr_slot)
+        return (*what, req.params.prefix_scope)
 
     def _prefill(self, reqs: list[_Request]) -> None:
         t0 = time.perf_counter()

@@ -246,3 +246,46 @@ def test_admission_counts_only_what_a_prompt_computes_past_its_cached_prefix(tin
             assert res.token_ids == reference_greedy(tiny_base, tiny_factors, adapters[aid], p, 4, eng.eos_ids)
     finally:
         eng.shutdown(drain=False)
+
+
+def test_an_adapters_cached_prefixes_outlive_its_eviction_and_not_its_replacement(tiny_base, tiny_factors, adapters,
+                                                                                 tmp_path):
+    """Keyed by the adapter's content (id@sha256, as the API asks for it), a prefix cached on an adapter serves it
+    again after the adapter was evicted and loaded back (its slot rewritten); a re-upload under the same id is
+    other weights, and reuses nothing. Greedy tokens equal the adapter's own merged reference throughout."""
+    from adapters_store.records import sha256_hex
+
+    store = DiskStore(tmp_path / "store")
+    aid, other = list(adapters)[:2]
+    blob = adapter_to_bytes(adapters[aid])
+    store.put(record_for(adapters[aid], blob, aid), blob)
+    eng = Engine(tiny_base, tiny_factors, store, EngineConfig(max_batch=2, max_rank=8, max_seq_len=200, core_slots=3,
+                                                              lr_slots=2, prefix_block_tokens=8))
+    prompt = eng.encode_prompt(messages=[{"role": "system", "content": "Answer in one short sentence."},
+                                         {"role": "user", "content": "what is 2 + 2?"}])
+    eng.start()
+    try:
+        def run(version):
+            return asyncio.run(eng.generate(prompt, aid, SamplingParams(max_tokens=6, logprobs=0), version))
+
+        want = reference_greedy(tiny_base, tiny_factors, adapters[aid], prompt, 6, eng.eos_ids)
+        first = run(sha256_hex(blob))
+        eng.evict(aid)
+        wait_until(lambda: not any(k.startswith(aid) for k in eng.cache.resident), 5, what="the eviction")
+        loads = eng.stats()["adapter_loads"]
+        again = run(sha256_hex(blob))
+        assert eng.stats()["adapter_loads"] == loads + 1  # really loaded back
+        assert first.cached_tokens == 0 and again.cached_tokens == (len(prompt) - 1) // 8 * 8
+        assert first.token_ids == again.token_ids == want
+        # and the same distributions at every step, from the cached keys and values as from its own
+        assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(first.logprobs, again.logprobs))
+        # the same id, other weights
+        new = adapters[other]
+        new_blob = adapter_to_bytes(new)
+        store.put(record_for(new, new_blob, aid), new_blob, overwrite=True)
+        replaced = run(sha256_hex(new_blob))
+        assert replaced.cached_tokens == 0
+        assert any(abs(a.logprob - b.logprob) > 1e-3 for a, b in zip(first.logprobs, replaced.logprobs))
+        assert replaced.token_ids == reference_greedy(tiny_base, tiny_factors, new, prompt, 6, eng.eos_ids)
+    finally:
+        eng.shutdown(drain=False)
