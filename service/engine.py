@@ -670,10 +670,12 @@ class Engine:
 
     def _run_prompts(self, reqs: list[_Request], rows: list[int]) -> torch.Tensor:
         """The requests' prompts into KV rows `rows`: each one's last-token logits (and its prompt logprobs where
-        asked). Identical prompts on the same adapter (an API request's n choices, a client's retries) run once; the
-        others copy that row's cache and logits, which are the same numbers."""
+        asked). Identical prompts on the same adapter and of the same prefix scope (an API request's n choices, a
+        client's retries) run once; the others copy that row's cache and logits, which are the same numbers. (Not
+        across scopes: a request would report, as its cached_tokens, a prefix that another tenant's cache held.)"""
         first: dict[tuple, int] = {}
-        source = [first.setdefault((r.core_slot, r.lr_slot, tuple(r.prompt)), len(first)) for r in reqs]
+        source = [first.setdefault((r.core_slot, r.lr_slot, r.params.prefix_scope, tuple(r.prompt)), len(first))
+                  for r in reqs]
         unique = [source.index(j) for j in range(len(first))]  # each distinct prompt's first request
         scored = {source[i] for i, r in enumerate(reqs) if r.params.prompt_logprobs is not None}
         states = [self._prefix_key(reqs[i], reqs[i].core_slot, reqs[i].lr_slot) for i in unique]

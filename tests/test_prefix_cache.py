@@ -289,3 +289,47 @@ def test_an_adapters_cached_prefixes_outlive_its_eviction_and_not_its_replacemen
         assert replaced.token_ids == reference_greedy(tiny_base, tiny_factors, new, prompt, 6, eng.eos_ids)
     finally:
         eng.shutdown(drain=False)
+
+
+def test_identical_prompts_of_two_scopes_in_one_step_keep_their_own_cache_counts(tiny_base, tiny_factors, tmp_path,
+                                                                                monkeypatch):
+    """Tenant a's prompt is cached; a and b send it again and are admitted in the same step. Identical prompts
+    of one scope share a prefill; across scopes they do not, so b reports nothing of a's cache (and still gets
+    the same tokens)."""
+    eng = Engine(tiny_base, tiny_factors, DiskStore(tmp_path / "store"),
+                 EngineConfig(max_batch=4, max_rank=8, max_seq_len=200, core_slots=2, lr_slots=2, prefix_block_tokens=8))
+    prompt = eng.encode_prompt("Tell me about the bakery opening hours, please.")
+    scoped = {t: SamplingParams(max_tokens=4, prefix_scope=f"{t}\x00") for t in ("a", "b")}
+    eng.start()
+    try:
+        assert asyncio.run(eng.generate(prompt, None, scoped["a"])).cached_tokens == 0
+        calls, gate = [], threading.Event()
+        real = eng.runner.prefill
+
+        def spy(ps, *a, **k):
+            calls.append(len(ps))
+            if len(calls) == 1:
+                gate.wait(10)
+            return real(ps, *a, **k)
+
+        monkeypatch.setattr(eng.runner, "prefill", spy)
+
+        async def run():
+            hold = asyncio.ensure_future(eng.generate(eng.encode_prompt("hold"), None, SamplingParams(max_tokens=1)))
+            while not calls:
+                await asyncio.sleep(0.001)
+            both = [asyncio.ensure_future(eng.generate(prompt, None, scoped[t])) for t in ("a", "a", "b")]
+            for _ in range(5000):
+                if eng.stats()["waiting"] == 3:
+                    break
+                await asyncio.sleep(0.001)
+            gate.set()
+            return await asyncio.gather(hold, *both)
+
+        _, a1, a2, b = asyncio.run(run())
+        assert a1.cached_tokens == a2.cached_tokens == (len(prompt) - 1) // 8 * 8 > 0
+        assert b.cached_tokens == 0
+        assert a1.token_ids == a2.token_ids == b.token_ids
+        assert eng.stats()["prefills_shared"] >= 1  # a's two shared one prefill; b had its own
+    finally:
+        eng.shutdown(drain=False)
