@@ -9,7 +9,7 @@ only in `prefix_cache_tokens` (8192 against 0), alternated request by request so
 alike. Both must pick the same first token and give the same answers (greedy); a difference is counted and fails
 the run.
 
-    python bench/prefix_cache.py [--base default] [--tenants 4] [--questions 6] [--turns 6]
+    python bench/prefix_cache.py [--base default] [--tenants 4] [--questions 6] [--turns 6] [--system-repeat N]
 
 Prints a markdown table and a last line of JSON.
 """
@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=6, help="requests per tenant in the system-prompt workload")
     ap.add_argument("--turns", type=int, default=6, help="turns per conversation in the chat workload")
     ap.add_argument("--answer-tokens", type=int, default=32, help="tokens of each chat answer (generated, untimed)")
+    ap.add_argument("--system-repeat", type=int, default=1,
+                    help="each system prompt this many times over (a long shared prefix: few-shot examples, documents)")
+    ap.add_argument("--workloads", default="system prompt,chat", help="comma-separated: system prompt, chat")
     args = ap.parse_args()
     base = load_base(args.base)
     factors = load_or_compute(base.model, base.cache_dir)
@@ -77,7 +80,7 @@ def main() -> None:
         out = []
         for q in range(args.questions):
             for t in range(args.tenants):
-                msgs = [{"role": "system", "content": SYSTEM.format(topic=TOPICS[t % len(TOPICS)])},
+                msgs = [{"role": "system", "content": " ".join([SYSTEM.format(topic=TOPICS[t % len(TOPICS)])] * args.system_repeat)},
                         {"role": "user", "content": QUESTIONS[q % len(QUESTIONS)]}]
                 out.append((ids[t], enc(messages=msgs), None))
         return out
@@ -100,7 +103,7 @@ def main() -> None:
         for aid in ids:  # load every adapter into both engines first: cold loads are not what this measures
             for e in engines.values():
                 asyncio.run(e.generate(enc("hello"), aid, SamplingParams(max_tokens=1)))
-        for name in ("system prompt", "chat"):
+        for name in [w.strip() for w in args.workloads.split(",")]:
             t = {"off": [], "on": []}
             cached, requests = [], []
             history = {c: [] for c in range(args.tenants)}
