@@ -106,6 +106,10 @@ class Settings:
         for name in ("max_waiting", "prefix_cache_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        block = EngineConfig.prefix_block_tokens
+        if 0 < self.prefix_cache_tokens < block:
+            raise ValueError(f"prefix_cache_tokens {self.prefix_cache_tokens} holds no {block}-token block; "
+                             f"give at least {block}, or 0 to turn the prefix cache off")
         self.auth = str(self.auth).strip().lower()
         if self.auth not in AUTH_MODES:
             raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")

@@ -532,6 +532,14 @@ def test_settings_from_env_and_overrides(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="max_rank"):
         Settings.from_env(max_rank=128, r_max=64)
 
+    monkeypatch.setenv("SVDSERVE_PREFIX_CACHE_TOKENS", "4096")
+    assert engine_config(Settings.from_env()).prefix_cache_tokens == 4096
+    for bad, why in (("-1", "must be ≥ 0"), ("8", "holds no 16-token block")):
+        monkeypatch.setenv("SVDSERVE_PREFIX_CACHE_TOKENS", bad)
+        with pytest.raises(ValueError, match=why):
+            Settings.from_env()
+    monkeypatch.delenv("SVDSERVE_PREFIX_CACHE_TOKENS")
+
     assert Settings.from_env().cuda_graphs is True
     monkeypatch.setenv("SVDSERVE_CUDA_GRAPHS", "0")
     assert Settings.from_env().cuda_graphs is False
