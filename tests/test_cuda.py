@@ -91,3 +91,33 @@ def test_gpu_engine_greedy_matches_solo_reference(gpu_base, tiny_base, tiny_fact
                                max_new[i], eng.eos_ids)
         assert res.token_ids == ref, f"request {i} ({ids[i]}) differs from its solo reference"
     assert len(eng.runner.graphs.graphs) > 1  # the engine decoded through graphs, in several buckets
+
+
+def test_gpu_prefix_cache_continues_prompts_as_computed_whole(gpu_base, tiny_base, tiny_factors, adapters, tmp_path):
+    """The prefix path on the GPU (cache blocks copied on the device, the rest prefilled with a masked attention
+    over the row, then CUDA-graph decode): each adapter's repeated and extended prompts take their prefix from
+    the cache and still generate their solo reference."""
+    store = DiskStore(tmp_path / "store")
+    for aid, a in adapters.items():
+        blob = adapter_to_bytes(a)
+        store.put(record_for(a, blob, aid), blob)
+    eng = Engine(gpu_base, tiny_factors, store, EngineConfig(max_batch=4, max_rank=8, max_seq_len=200, core_slots=4,
+                                                             lr_slots=3, device="cuda", prefix_block_tokens=8))
+    eng.start()
+    try:
+        system = "Answer in one short sentence, and be kind."
+        ids = list(adapters) + [None]
+        for aid in ids:
+            first = eng.encode_prompt(messages=[{"role": "system", "content": system},
+                                                {"role": "user", "content": "what is 2 + 2?"}])
+            res = [asyncio.run(eng.generate(first, aid, SamplingParams(max_tokens=8)))]
+            follow = first + res[0].token_ids[:-1] + eng.encode_prompt("and 3 + 3?", raw=True)
+            for prompt in (first, follow):
+                res.append(asyncio.run(eng.generate(prompt, aid, SamplingParams(max_tokens=8))))
+            assert res[0].cached_tokens == 0 and res[1].cached_tokens > 0 and res[2].cached_tokens > 0, aid
+            adapter = adapters[aid] if aid else None
+            want = reference_greedy(tiny_base, tiny_factors, adapter, first, 8, eng.eos_ids)
+            assert res[0].token_ids == res[1].token_ids == want, aid
+            assert res[2].token_ids == reference_greedy(tiny_base, tiny_factors, adapter, follow, 8, eng.eos_ids), aid
+    finally:
+        eng.shutdown(drain=False)
