@@ -69,5 +69,7 @@ step mixed_bf16 90 python3 bench/mixed_batch.py --base $BASE --dtype bfloat16 --
 step profile_fp32 60 python3 bench/decode_profile.py --base $BASE
 step mixed_fp32_eager 90 python3 bench/mixed_batch.py --base $BASE --prefill-reps 3 --decode-reps 6 --no-peft --no-cuda-graphs
 step adapter_load 60 python3 bench/adapter_load.py --base $BASE --n 20
+# time to first token with the prefix cache against without it (cached blocks copied on the device)
+step prefix_cache 90 python3 bench/prefix_cache.py --base $BASE --questions 3 --turns 3
 # a prefill call's fixed cost on the GPU (its first lines) against service/prefill_groups.py's default of 2048 tokens
 step prefill_lengths 90 python3 bench/prefill_lengths.py --base $BASE --reps 3

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -58,6 +60,7 @@ def main() -> None:
     ap.add_argument("--answer-tokens", type=int, default=32, help="tokens of each chat answer (generated, untimed)")
     ap.add_argument("--system-repeat", type=int, default=1,
                     help="each system prompt this many times over (a long shared prefix: few-shot examples, documents)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workloads", default="system prompt,chat", help="comma-separated: system prompt, chat")
     args = ap.parse_args()
     base = load_base(args.base)
@@ -69,7 +72,8 @@ def main() -> None:
         blob = adapter_to_bytes(a)
         store.put(record_for(a, blob, f"tenant-{i}"), blob)
         ids.append(f"tenant-{i}")
-    cfg = dict(max_batch=4, max_rank=16, max_seq_len=1024, core_slots=2 * args.tenants + 1, lr_slots=1)
+    cfg = dict(max_batch=4, max_rank=16, max_seq_len=1024, core_slots=2 * args.tenants + 1, lr_slots=1,
+               device=args.device)
     engines = {"off": Engine(base, factors, store, EngineConfig(**cfg, prefix_cache_tokens=0)),
                "on": Engine(base, factors, store, EngineConfig(**cfg, prefix_cache_tokens=8192))}
     for e in engines.values():
