@@ -374,6 +374,11 @@ class Engine:
             raise EngineShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty")
+        vocab = self.base.model.config.vocab_size
+        if not all(0 <= t < vocab for t in prompt_ids):  # token prompts come from clients (/v1/completions)
+            bad = next(t for t in prompt_ids if not 0 <= t < vocab)
+            raise InvalidRequest(f"the prompt names token id {bad}, outside this model's vocabulary of {vocab} tokens "
+                                 f"(ids 0..{vocab - 1})")
         if len(prompt_ids) >= self.config.max_seq_len:
             raise InvalidRequest(
                 f"the prompt is {len(prompt_ids)} tokens, over this server's context limit of {self.config.max_seq_len} "

@@ -80,8 +80,13 @@ class _Common(SamplingControls):
         return out
 
 
+MAX_COMPLETION_CHOICES = 128  # prompts × n in one /v1/completions request
+
+
 class CompletionRequest(_Common):
-    prompt: str | list[str] = Field(description="the text, tokenized as is (no chat template)")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="the text, tokenized as is (no chat template); or several texts, or token ids (one list or "
+                    "several), as OpenAI and vLLM take them: each prompt gets n choices, indexed prompt × n + choice")
     echo: bool | None = None
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token (0–20)")
     best_of: int | None = None
@@ -89,8 +94,12 @@ class CompletionRequest(_Common):
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            out.append(("prompt", f"prompt must be a string or a list of exactly one string, got a list of {len(self.prompt)}"))
+        prompts = self.prompts()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            out.append(("prompt", "prompt must be a non-empty string or token list, or a non-empty list of them"))
+        elif len(prompts) * (self.n or 1) > MAX_COMPLETION_CHOICES:
+            out.append(("prompt", f"{len(prompts)} prompts × n={self.n or 1} choices is over this server's "
+                                  f"{MAX_COMPLETION_CHOICES} choices per request; split the request"))
         if self.echo and self.stream and self.logprobs is not None:
             out.append(("echo", "echo with logprobs is answered whole, not streamed; drop stream or logprobs"))
         if self.best_of not in (None, 1):
@@ -98,6 +107,15 @@ class CompletionRequest(_Common):
         if self.suffix:
             out.append(("suffix", "suffix (insertion) is not supported"))
         return out
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts asked for: texts, or token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(t, int) for t in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
 
 
 class TextPart(BaseModel):
@@ -217,13 +235,14 @@ def _params(body: _Common, stops: list[str], max_tokens: int, logprobs: int | No
                               **body.sampling_controls())
 
 
-def _usage(results: list[eng.GenerationResult]) -> dict[str, Any]:
-    """One prompt, n completions: the prompt counted once, as OpenAI counts it; its tokens from the prefix cache
-    in prompt_tokens_details.cached_tokens, as OpenAI reports its own prompt caching."""
-    prompt = results[0].prompt_tokens
+def _usage(results: list[eng.GenerationResult], n: int | None = None) -> dict[str, Any]:
+    """Prompts of n completions each (in that order): each prompt counted once, as OpenAI counts it; their tokens
+    from the prefix cache in prompt_tokens_details.cached_tokens, as OpenAI reports its own prompt caching."""
+    firsts = results[:: n or len(results)] if results else []
+    prompt = sum(r.prompt_tokens for r in firsts)
     completion = sum(r.completion_tokens for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": results[0].cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in firsts)}}
 
 
 def _data(obj: dict[str, Any]) -> bytes:
@@ -257,11 +276,12 @@ async def _cancel(tasks: list[asyncio.Future]) -> None:
     await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def _run(request: Request, engine: eng.Engine, prompt_ids: list[int], adapter_id: str | None,
-               choices: list[eng.SamplingParams], version: str | None = None) -> list[eng.GenerationResult] | None:
+async def _run(request: Request, engine: eng.Engine, works: list[tuple[list[int], eng.SamplingParams]],
+               adapter_id: str | None, version: str | None = None) -> list[eng.GenerationResult] | None:
+    """Every (prompt ids, parameters) pair generated together; None if the client went away."""
     from service.app import _unless_disconnected  # service.app includes this router: import when first used
 
-    works = [engine.generate(prompt_ids, adapter_id, p, version) for p in choices]
+    works = [engine.generate(ids, adapter_id, p, version) for ids, p in works]
     return await _unless_disconnected(request, _all(works))
 
 
@@ -351,29 +371,36 @@ CLIENT_CLOSED_REQUEST = 499
 async def completions(request: Request, body: CompletionRequest, caller: TenantCaller) -> Any:
     engine, _, auth = _the(request)
     stops = _check(body)
-    auth.charge_choices(caller, body.n or 1)
+    prompts = body.prompts()
+    n = body.n or 1
+    auth.charge_choices(caller, n * len(prompts))
     adapter_id, version = await _adapter_of(request, caller, body.model)
-    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     explicit = body.max_tokens is not None
     max_tokens = max_tokens_for(caller, body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, explicit)
-    prompt_ids = await run_in_threadpool(engine.encode_prompt, prompt, None, True)
+    encoded = [await run_in_threadpool(engine.encode_prompt, p, None, True) if isinstance(p, str) else p for p in prompts]
     grammar = await structured.grammar_for(engine.grammars, body.constraint())
     params = _params(body, stops, max_tokens, body.logprobs, grammar, caller.tenant)
     if body.echo and body.logprobs is not None:  # the echoed prompt's tokens are scored too
         params = replace(params, prompt_logprobs=body.logprobs)
-    choices = _choices(params, body.n or 1)
+    # choice i = prompt i // n, its (i % n)-th choice, as OpenAI and vLLM index them
+    works = [(ids, p) for ids in encoded for p in _choices(params, n)]
+    prompt_ids = [ids for ids, _ in works]
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     fingerprint = request.app.state.factors.fingerprint
     texts = logprob_shapes.token_texts(request)
-    echoed = prompt if body.echo else ""
-    offsets = [len(echoed)] * len(choices)  # where each choice's next streamed tokens start in its text
+    if body.echo:
+        shown = [p if isinstance(p, str) else await run_in_threadpool(engine.tokenizer.decode, p) for p in prompts]
+        echoed = [shown[i // n] for i in range(len(works))]
+    else:
+        echoed = [""] * len(works)
+    offsets = [len(e) for e in echoed]  # where each choice's next streamed tokens start in its text
 
     def choice(i: int, text: str, finish: str | None, entries: list[eng.TokenLogprob] | None = None,
                prompt_entries: list[eng.TokenLogprob | None] | None = None) -> dict[str, Any]:
         lp = None
         if entries is not None and body.logprobs is not None:
             if prompt_entries is not None:  # echo: the prompt's tokens first, from the text's start
-                lp = logprob_shapes.completion(entries, texts, 0, prompt_ids, prompt_entries)
+                lp = logprob_shapes.completion(entries, texts, 0, prompt_ids[i], prompt_entries)
             else:
                 lp = logprob_shapes.completion(entries, texts, offsets[i])
                 offsets[i] += sum(len(t) for t in lp["tokens"])
@@ -385,19 +412,19 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        streams = [engine.stream(prompt_ids, adapter_id, p, version) for p in choices]
-        opening = [envelope([choice(i, echoed, None)]) for i in range(len(choices))] if body.echo else []
+        streams = [engine.stream(ids, adapter_id, p, version) for ids, p in works]
+        opening = [envelope([choice(i, echoed[i], None)]) for i in range(len(works))] if body.echo else []
         return await _sse(
             streams, opening,
             lambda i, d: envelope([choice(i, d.text, None, d.logprobs)]),
             lambda i, result: envelope([choice(i, "", result.finish_reason)]),
-            lambda results: [envelope([], usage=_usage(results))] if include_usage else [],
+            lambda results: [envelope([], usage=_usage(results, n))] if include_usage else [],
         )
-    results = await _run(request, engine, prompt_ids, adapter_id, choices, version)
+    results = await _run(request, engine, works, adapter_id, version)
     if results is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return envelope([choice(i, echoed + r.text, r.finish_reason, r.logprobs, r.prompt_logprobs)
-                     for i, r in enumerate(results)], usage=_usage(results))
+    return envelope([choice(i, echoed[i] + r.text, r.finish_reason, r.logprobs, r.prompt_logprobs)
+                     for i, r in enumerate(results)], usage=_usage(results, n))
 
 
 @router.post("/chat/completions", summary="OpenAI-compatible chat completion (the base model's chat template)")
@@ -442,7 +469,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
             lambda i, result: delta(i, {}, result.finish_reason),
             lambda results: [envelope("chat.completion.chunk", [], usage=_usage(results))] if include_usage else [],
         )
-    results = await _run(request, engine, prompt_ids, adapter_id, choices, version)
+    results = await _run(request, engine, [(prompt_ids, p) for p in choices], adapter_id, version)
     if results is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     out = [{"index": i, "message": {"role": "assistant", "content": r.text, "refusal": None},

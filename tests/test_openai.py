@@ -253,6 +253,35 @@ def test_n_choices_each_seeded_with_seed_plus_index_streamed_or_not(client, live
     assert streamed == {0: greedy.choices[0].text, 1: greedy.choices[1].text}
 
 
+def test_several_prompts_and_token_prompts_in_one_completion_request(client, live):
+    """OpenAI's and vLLM's batched /v1/completions: a list of prompts (texts or token ids), n choices each,
+    choice i = prompt i // n; each choice is what that prompt alone gives, usage counts every prompt once."""
+    prompts = ["Hello there", "Once upon a time", "1, 2, 3,"]
+    kw = dict(model="strong", max_tokens=6, temperature=0)
+    alone = [client.completions.create(prompt=p, **kw) for p in prompts]
+    many = client.completions.create(prompt=prompts, n=2, **kw)
+    assert [c.index for c in many.choices] == list(range(6))
+    assert [c.text for c in many.choices] == [a.choices[0].text for a in alone for _ in range(2)]
+    assert many.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert many.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+    # token ids instead of text (the tiny tokenizer: one token a byte, see tiny_tokenizer), one list or several
+    tok = tiny_tokenizer()
+    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    assert client.completions.create(prompt=ids[0], **kw).choices[0].text == alone[0].choices[0].text
+    by_ids = client.completions.create(prompt=ids[1:], echo=True, **kw)
+    assert [c.text for c in by_ids.choices] == [p + a.choices[0].text for p, a in zip(prompts[1:], alone[1:])]
+    with openai.OpenAI(base_url=live.url + "/v1", api_key=live.keys["acme"], max_retries=0, timeout=60) as lenient:
+        streamed, usage = {}, None
+        for chunk in lenient.completions.create(prompt=prompts[:2], stream=True, stream_options={"include_usage": True}, **kw):
+            for c in chunk.choices:
+                streamed[c.index] = streamed.get(c.index, "") + c.text
+            usage = chunk.usage or usage
+    assert streamed == {0: alone[0].choices[0].text, 1: alone[1].choices[0].text}
+    assert usage.prompt_tokens == alone[0].usage.prompt_tokens + alone[1].usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="outside this model's vocabulary"):
+        client.completions.create(prompt=[5, 1 << 20], **kw)
+
+
 def test_structured_output_response_format_and_vllm_guided_params(client, live):
     schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green"]}, "sure": {"type": "boolean"}},
               "required": ["colour", "sure"], "additionalProperties": False}
@@ -396,8 +425,8 @@ def test_bad_parameters_are_bad_request(client, live, kwargs, param):
 
 
 def test_completion_specific_bad_parameters(client, live):
-    for kwargs in ({"prompt": ["a", "b"]}, {"echo": True, "stream": True, "logprobs": 1}, {"logprobs": 21},
-                   {"prompt": "x" * 600}):
+    for kwargs in ({"prompt": []}, {"prompt": [[]]}, {"prompt": ["a"] * 65, "n": 2}, {"prompt": [5, 1 << 20]},
+                   {"echo": True, "stream": True, "logprobs": 1}, {"logprobs": 21}, {"prompt": "x" * 600}):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model=live.base_name, **{"prompt": PROMPT, "max_tokens": 4, **kwargs})
     with pytest.raises(openai.BadRequestError):
