@@ -374,11 +374,7 @@ class Engine:
             raise EngineShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty")
-        vocab = self.base.model.config.vocab_size
-        if not all(0 <= t < vocab for t in prompt_ids):  # token prompts come from clients (/v1/completions)
-            bad = next(t for t in prompt_ids if not 0 <= t < vocab)
-            raise InvalidRequest(f"the prompt names token id {bad}, outside this model's vocabulary of {vocab} tokens "
-                                 f"(ids 0..{vocab - 1})")
+        self._check_token_ids("the prompt", prompt_ids)  # token prompts come from clients (/v1/completions)
         if len(prompt_ids) >= self.config.max_seq_len:
             raise InvalidRequest(
                 f"the prompt is {len(prompt_ids)} tokens, over this server's context limit of {self.config.max_seq_len} "
@@ -416,14 +412,18 @@ class Engine:
             self._cond.notify()
         return req
 
-    def _check_sampling(self, params: SamplingParams) -> None:
+    def _check_token_ids(self, name: str, ids) -> None:
+        """InvalidRequest naming the lowest of `ids` outside the model's vocabulary, if any."""
         vocab = self.base.model.config.vocab_size
+        bad = sorted(t for t in ids if not 0 <= t < vocab)
+        if bad:
+            raise InvalidRequest(
+                f"{name} names token id {bad[0]}, outside this model's vocabulary of {vocab} tokens (ids 0..{vocab - 1})"
+            )
+
+    def _check_sampling(self, params: SamplingParams) -> None:
         for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
-            bad = sorted(t for t in ids if not 0 <= t < vocab)
-            if bad:
-                raise InvalidRequest(
-                    f"{name} names token id {bad[0]}, outside this model's vocabulary of {vocab} tokens (ids 0..{vocab - 1})"
-                )
+            self._check_token_ids(name, ids)
         if not 0 <= params.min_tokens <= params.max_tokens:
             raise InvalidRequest(f"min_tokens must be between 0 and max_tokens ({params.max_tokens}), got {params.min_tokens}")
         if params.top_k < 0 or not 0.0 < params.top_p <= 1.0 or not 0.0 <= params.min_p <= 1.0 or params.repetition_penalty <= 0:
@@ -593,7 +593,7 @@ class Engine:
                 if key is not None and "@" not in key and key not in self.cache.resident:
                     # version unknown (store unreachable at the API): any resident copy of this id serves
                     key = req.cache_key = next((k for k in reversed(self.cache.resident) if _key_id(k) == key), key)
-                computes = len(req.prompt) - self._cached_prefix(req, key)
+                computes = len(req.prompt) - self._cached_prefix(req)
                 if admitted and not prefill_groups.fits(lengths + [computes], self.prefill_call_tokens,
                                                         self.config.max_prefill_tokens):
                     break
@@ -620,25 +620,26 @@ class Engine:
                 lengths.append(computes)
         return admitted
 
-    def _cached_prefix(self, req: _Request, key: str | None) -> int:
+    def _cached_prefix(self, req: _Request) -> int:
         """Prompt tokens of `req` the prefix cache holds now (0 for a prompt that is scored whole): what admission
         leaves out of the step's prefill budget."""
         if self.prefix is None or req.params.prompt_logprobs is not None:
             return 0
         core = lr = 0
+        key = req.cache_key
         if key is not None and "@" not in key:  # keyed by its slot (below): only a resident copy has cached blocks
             res = self.cache.resident.get(key)
             if res is None:
                 return 0
             core, lr = (res.slot, 0) if res.pool == "core" else (0, res.slot)
-        return self.prefix.cached(self._prefix_key(req, core, lr, key), req.prompt)
+        return self.prefix.cached(self._prefix_key(req, core, lr), req.prompt)
 
-    def _prefix_key(self, req: _Request, core_slot: int, lr_slot: int, cache_key: str | None = None) -> tuple:
+    def _prefix_key(self, req: _Request, core_slot: int, lr_slot: int) -> tuple:
         """What the prefix cache keys a request's blocks by besides their tokens: what its row computes with, and
         its scope (tenant and cache_salt: who may reuse them). An adapter of known version (id@sha256) is its
         content, the same in any slot, so its cached prefixes outlive its eviction and reload; one whose version
         is unknown (the store was unreachable at the API) is its slot as written (`BatchedRunner.adapter_state`)."""
-        key = req.cache_key if cache_key is None else cache_key
+        key = req.cache_key
         if key is None:
             what: tuple = ("base",)
         elif "@" in key:

@@ -7,9 +7,10 @@ CPU, where a prompt token costs ~1 ms of a small model's prefill, the first toke
 first 288 are cached comes several times sooner).
 
 Prompts are cut into blocks of `block_tokens`; a block's entry is keyed by its parent block's entry, a state the
-engine gives (the adapter state, `BatchedRunner.adapter_state`: slot and how many times it was written, so a
-replaced adapter never reuses its old keys; and the request's scope, so one tenant never reuses, and so learns
-of, another's prompts) and the block's tokens, compared exactly (no hash collisions). The blocks' keys and values
+engine gives (what the row computes with — the adapter's stored version, or its slot as written when the version
+is unknown, so a replaced adapter never reuses its old keys — and the request's scope, so one tenant never
+reuses, and so learns of, another's prompts; `Engine._prefix_key`) and the block's tokens, compared exactly (no
+hash collisions). The blocks' keys and values
 live in a fixed pool per layer on the model's device, `capacity_tokens` in all; a full pool evicts the least
 recently used block. A lookup refreshes a matched chain deepest block first, so a prefix outlives the blocks
 that extend it. Used by the engine thread only (no locking).
