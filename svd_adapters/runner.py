@@ -286,8 +286,11 @@ class BatchedRunner(nn.Module):
             ids[i, : len(p)] = torch.tensor(p)
         ids = ids.to(self.device)
         x = self.embed(ids.view(-1))
-        at = torch.tensor(starts if offset else [0] * P, device=self.device)
-        positions = (at[:, None] + torch.arange(L, device=self.device)).view(-1)
+        if offset:
+            at = torch.tensor(starts, device=self.device)
+            positions = (at[:, None] + torch.arange(L, device=self.device)).view(-1)
+        else:  # from position 0: no host-to-device copy of the starts
+            positions = torch.arange(L, device=self.device).repeat(P)
         cos, sin = self._cos_sin(x, positions)
         mp = self.mapping(core_slots, lr_slots, L)
         row_idx = torch.tensor(rows, device=self.device)
