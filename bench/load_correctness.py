@@ -189,6 +189,8 @@ class Server:
         self.thread = None
         opts = dict(max_batch=args.max_batch, max_waiting=args.max_waiting, core_slots=args.core_slots,
                     lr_slots=args.lr_slots, max_rank=8, max_seq_len=512)
+        if args.host_cache_mb is not None:
+            opts["host_cache_mb"] = args.host_cache_mb
         if mode == "process":
             cmd = [sys.executable, "-m", "service", "--base", base_spec, "--store", str(store_dir), "--host", "127.0.0.1",
                    "--port", str(self.port), "--factors-dir", str(factors_dir), "--device", "cpu", "--auth", "off"]
@@ -432,7 +434,7 @@ def run(*, base_spec: str = "tiny", n_requests: int = 1000, n_adapters: int = 10
         max_tokens: int = 16, prompts_per_adapter: int = 3, max_batch: int = 32, max_waiting: int = 16,
         core_slots: int = 32, lr_slots: int = 8, base_share: float = 0.05, stream_share: float = 0.2,
         disconnects: int = 50, n_bad_uploads: int = 100, server: str = "process", seed: int = 0,
-        factors_dir: Path | None = None, scale: float | None = None, log=print) -> dict:
+        factors_dir: Path | None = None, scale: float | None = None, host_cache_mb: int | None = None, log=print) -> dict:
     """The whole benchmark; returns the result dict (see the JSON line)."""
     t_setup = time.perf_counter()
     import logging
@@ -480,6 +482,7 @@ def run(*, base_spec: str = "tiny", n_requests: int = 1000, n_adapters: int = 10
 
     args = Args()
     args.max_batch, args.max_waiting, args.core_slots, args.lr_slots = max_batch, max_waiting, core_slots, lr_slots
+    args.host_cache_mb = host_cache_mb
     srv = Server(server, base_spec, tmp / "store", factors_dir, args, base=base, factors=factors)
     tally = Tally()
     try:
@@ -557,7 +560,8 @@ def run(*, base_spec: str = "tiny", n_requests: int = 1000, n_adapters: int = 10
         "max_active_seen": tally.max_active_seen,
         "engine_after": {k: engine.get(k) for k in ("requests", "finished", "cache_evictions", "adapter_loads",
                                                      "rejected_queue_full", "timed_out", "active", "waiting",
-                                                     "prefix_cache_hits", "prefix_cached_tokens")},
+                                                     "prefix_cache_hits", "prefix_cached_tokens", "host_cache_hits")},
+        "host_cache_mb": host_cache_mb,
         "server_rss_mib": {"start": rss_start and round(rss_start, 1), "end": rss_end and round(rss_end, 1)},
         "references": {"count": len(refs), "seconds": round(ref_s, 1), "distinct_answers_per_prompt": distinct,
                        "adapter_answers_differing_from_base": f"{differs_from_base}/{with_base}",
@@ -585,7 +589,10 @@ def print_table(r: dict) -> None:
         ("streamed requests among them", r["streamed"]),
         ("faults: clients hanging up mid-stream", r["faults_injected"]["client_disconnects"]),
         ("bad uploads tried / accepted", f"{r['faults_injected']['bad_uploads']} / {r['bad_uploads_accepted']}"),
-        ("adapter loads / evictions", f"{r['engine_after']['adapter_loads']} / {r['engine_after']['cache_evictions']}"),
+        ("adapter loads from the store / evictions", f"{r['engine_after']['adapter_loads']} / {r['engine_after']['cache_evictions']}"),
+        ("evicted adapters placed again from host memory"
+         + (f" (--host-cache-mb {r['host_cache_mb']})" if r["host_cache_mb"] is not None else ""),
+         r["engine_after"]["host_cache_hits"]),
         ("prompts continuing a cached prefix (tokens reused)",
          f"{r['engine_after']['prefix_cache_hits']} ({r['engine_after']['prefix_cached_tokens']})"),
         ("throughput", f"{r['throughput_req_s']} req/s, {r['throughput_tok_s']} tok/s"),
@@ -614,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-waiting", type=int, default=16, help="small on purpose: some requests get 429 and retry")
     ap.add_argument("--core-slots", type=int, default=32)
     ap.add_argument("--lr-slots", type=int, default=8)
+    ap.add_argument("--host-cache-mb", type=int, default=None, help="the server's host-memory adapter tier (default: its own)")
     ap.add_argument("--disconnects", type=int, default=50)
     ap.add_argument("--bad-uploads", type=int, default=100)
     ap.add_argument("--server", choices=("process", "thread"), default="process")
@@ -627,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     r = run(base_spec=a.base, n_requests=a.requests, n_adapters=a.adapters, clients=a.clients, max_tokens=a.max_tokens,
             max_batch=a.max_batch, max_waiting=a.max_waiting, core_slots=a.core_slots, lr_slots=a.lr_slots,
             disconnects=a.disconnects, n_bad_uploads=a.bad_uploads, server=a.server, seed=a.seed, scale=a.scale,
+            host_cache_mb=a.host_cache_mb,
             log=lambda m: print(m, file=sys.stderr, flush=True))
     r["total_s"] = round(time.perf_counter() - t0, 1)
     r["client_max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -74,6 +74,7 @@ def engine_config(settings: Settings) -> eng.EngineConfig:
         lr_slots=settings.lr_slots,
         max_waiting=settings.max_waiting,
         prefix_cache_tokens=settings.prefix_cache_tokens,
+        host_cache_bytes=settings.host_cache_mb << 20,
         device=resolve_device(settings.device),
         dtype=settings.dtype,
         cuda_graphs=settings.cuda_graphs,

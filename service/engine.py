@@ -27,6 +27,7 @@ from adapters_store.base import AdapterStore, StoreUnavailable, VersionChanged
 from adapters_store.validate import AdapterValidationError, load_adapter
 from service import prefill_groups
 from service.adapter_cache import AdapterCache
+from service.host_tier import HostTier
 from service.prefix_cache import PrefixCache
 from service.detokenize import Detokenizer
 from service.structured import GrammarError, Grammars, Matcher
@@ -120,6 +121,9 @@ class EngineConfig:
     # prefix_block_tokens (service/prefix_cache.py); 0 turns it off
     prefix_cache_tokens: int = 8192
     prefix_block_tokens: int = 16
+    # bytes of validated adapters kept in host memory after their device slot is reused, so they come back without
+    # the store and the validation (service/host_tier.py); 0 turns it off
+    host_cache_bytes: int = 1 << 30
 
 
 @dataclass
@@ -203,6 +207,7 @@ class Engine:
                                     max_seq_len=cfg.max_seq_len, core_slots=cfg.core_slots, lr_slots=cfg.lr_slots,
                                     cuda_graphs=cfg.cuda_graphs)
         self.cache = AdapterCache(cfg.core_slots, cfg.lr_slots)
+        self.host_tier = HostTier(cfg.host_cache_bytes)
         self.prefix = (PrefixCache(self.runner, cfg.prefix_cache_tokens, cfg.prefix_block_tokens)
                        if cfg.prefix_cache_tokens > 0 else None)
         if self.prefix is not None:
@@ -355,6 +360,7 @@ class Engine:
             "cache_hits": self.cache.hits,
             "cache_misses": self.cache.misses,
             "cache_evictions": self.cache.evictions,
+            **{f"host_cache_{k}": v for k, v in self.host_tier.stats().items()},
             **(self.prefix.stats() if self.prefix is not None else {}),
             **self.counters,
         }
@@ -501,7 +507,8 @@ class Engine:
         while self._commands:
             with self._cond:
                 verb, adapter_id = self._commands.popleft()
-            if verb == "evict":  # every cached version of the adapter
+            if verb == "evict":  # every cached version of the adapter, in both tiers
+                self.host_tier.drop(adapter_id)
                 for key in [k for k in list(self.cache.resident) + list(self._ready) if _key_id(k) == adapter_id]:
                     self._ready.pop(key, None)
                     res = self.cache.get(key)
@@ -553,6 +560,7 @@ class Engine:
             self.load_latencies.append(seconds)
             for obs in self.observers:
                 obs.on_adapter_load(method, seconds)
+            self.host_tier.put(key, method, terms)
             self._ready[key] = (method, terms)
         for key, (method, terms) in list(self._ready.items()):
             if not self.cache.can_place(method):
@@ -591,8 +599,10 @@ class Engine:
                     break
                 key = req.cache_key
                 if key is not None and "@" not in key and key not in self.cache.resident:
-                    # version unknown (store unreachable at the API): any resident copy of this id serves
-                    key = req.cache_key = next((k for k in reversed(self.cache.resident) if _key_id(k) == key), key)
+                    # version unknown (store unreachable at the API): any resident copy of this id serves, else the
+                    # host tier's newest
+                    key = req.cache_key = next((k for k in reversed(self.cache.resident) if _key_id(k) == key),
+                                               None) or self.host_tier.newest(key) or key
                 computes = len(req.prompt) - self._cached_prefix(req)
                 if admitted and not prefill_groups.fits(lengths + [computes], self.prefill_call_tokens,
                                                         self.config.max_prefill_tokens):
@@ -603,6 +613,8 @@ class Engine:
                             self.cache.misses += 1
                             for obs in self.observers:
                                 obs.on_cache_miss()
+                            if self._from_host_tier(key):
+                                continue  # placed at the next step's _place_loaded
                             fut = self._loader.submit(self._load, key)
                             fut.add_done_callback(lambda _: self._notify())  # wake the engine: the adapter is ready
                             self._loading[key] = fut
@@ -619,6 +631,16 @@ class Engine:
                 admitted.append(req)
                 lengths.append(computes)
         return admitted
+
+    def _from_host_tier(self, key: str) -> bool:
+        """Queue an adapter the host tier holds for placing, as if a loader had just loaded it."""
+        if "@" not in key:
+            return False
+        entry = self.host_tier.get(key)
+        if entry is None:
+            return False
+        self._ready[key] = (entry.method, entry.terms)
+        return True
 
     def _cached_prefix(self, req: _Request) -> int:
         """Prompt tokens of `req` the prefix cache holds now (0 for a prompt that is scored whole): what admission

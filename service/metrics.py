@@ -15,6 +15,8 @@ Metric names (all prefixed svdserve_):
     adapter_load_seconds{method}   adapter_load_errors_total{reason}   store_errors_total{source,kind}
     prefix_cache_hits_total   prefix_cache_misses_total  (prompts that did / did not continue a cached prefix)
     prefix_cache_reused_tokens_total   prefix_cache_evictions_total   prefix_cache_blocks_used  (read at scrape time)
+    adapter_host_cache_hits_total   adapter_host_cache_misses_total   adapter_host_cache_evictions_total
+    adapter_host_cache_bytes   adapter_host_cache_entries  (the host-memory tier; read at scrape time)
 """
 from __future__ import annotations
 
@@ -94,6 +96,22 @@ class _EngineState(Collector):
             used = GaugeMetricFamily(PREFIX + "prefix_cache_blocks_used", "Prefix-cache blocks holding a cached prefix")
             used.add_metric([], float(stats["prefix_cache_blocks_used"]))
             yield used
+        if "host_cache_hits" in stats:  # the host-memory adapter tier (service/host_tier.py)
+            for name, key, doc in (
+                ("adapter_host_cache_hits", "host_cache_hits", "Evicted adapters placed again from host memory"),
+                ("adapter_host_cache_misses", "host_cache_misses", "Adapter loads the host tier could not serve (fetched from the store)"),
+                ("adapter_host_cache_evictions", "host_cache_evictions", "Adapters dropped from host memory to make room"),
+            ):
+                counter = CounterMetricFamily(PREFIX + name, doc)
+                counter.add_metric([], float(stats[key]))
+                yield counter
+            for name, key, doc in (
+                ("adapter_host_cache_bytes", "host_cache_used_bytes", "Bytes of adapter terms held in host memory"),
+                ("adapter_host_cache_entries", "host_cache_entries", "Adapters held in host memory"),
+            ):
+                gauge = GaugeMetricFamily(PREFIX + name, doc)
+                gauge.add_metric([], float(stats[key]))
+                yield gauge
 
 
 class Metrics:

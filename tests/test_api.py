@@ -539,6 +539,13 @@ def test_settings_from_env_and_overrides(monkeypatch, tmp_path):
         with pytest.raises(ValueError, match=why):
             Settings.from_env()
     monkeypatch.delenv("SVDSERVE_PREFIX_CACHE_TOKENS")
+    assert engine_config(Settings.from_env()).host_cache_bytes == 1 << 30
+    monkeypatch.setenv("SVDSERVE_HOST_CACHE_MB", "64")
+    assert engine_config(Settings.from_env()).host_cache_bytes == 64 << 20
+    monkeypatch.setenv("SVDSERVE_HOST_CACHE_MB", "-1")
+    with pytest.raises(ValueError, match="host_cache_mb must be ≥ 0"):
+        Settings.from_env()
+    monkeypatch.delenv("SVDSERVE_HOST_CACHE_MB")
 
     assert Settings.from_env().cuda_graphs is True
     monkeypatch.setenv("SVDSERVE_CUDA_GRAPHS", "0")

@@ -22,4 +22,6 @@ def test_load_with_correctness_small(tmp_path, tiny_factors_dir):
     assert r["engine_after"]["cache_evictions"] > 0, summary  # slots were reused across tenants
     # prompts repeated on an adapter took their prefix from the prefix cache, while slots were rewritten under it
     assert r["engine_after"]["prefix_cache_hits"] > 0, summary
+    # evicted adapters came back from host memory (no store fetch) and their answers still matched
+    assert r["engine_after"]["host_cache_hits"] > 0, summary
     assert r["faults_injected"]["client_disconnects"] == 8 and r["bad_uploads_accepted"] == 0, summary

@@ -136,11 +136,15 @@ async def test_evictions_are_counted_by_pool(serve, store, make_blob):
         before = await scrape(client)
         await upload(client, make_blob("lora", rank=4, seed=1), "lora-one")
         await upload(client, make_blob("lora", rank=4, seed=2), "lora-two")
-        for adapter_id in ("lora-one", "lora-two"):
+        for adapter_id in ("lora-one", "lora-two", "lora-one"):
             assert (await gen(client, adapter_id, max_tokens=2)).status_code == 200
         after = await settled(client)
-    assert delta(after, before, "svdserve_adapter_cache_evictions_total", pool="lr") == 1
+    assert delta(after, before, "svdserve_adapter_cache_evictions_total", pool="lr") == 2
+    # the third request's adapter came back from host memory: no third load from the store
     assert delta(after, before, "svdserve_adapter_load_seconds_count", method="lora") == 2
+    assert delta(after, before, "svdserve_adapter_host_cache_hits_total") == 1
+    assert delta(after, before, "svdserve_adapter_host_cache_misses_total") == 2
+    assert val(after, "svdserve_adapter_host_cache_entries") == 2 and val(after, "svdserve_adapter_host_cache_bytes") > 0
     assert_no_ids_in_labels(after, "lora-one", "lora-two")
 
 
