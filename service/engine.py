@@ -562,18 +562,25 @@ class Engine:
                 obs.on_adapter_load(method, seconds)
             self.host_tier.put(key, method, terms)
             self._ready[key] = (method, terms)
-        for key, (method, terms) in list(self._ready.items()):
-            if not self.cache.can_place(method):
-                continue  # every slot of its pool is busy: it waits for a running request to finish
-            res, evicted = self.cache.place(key, method)
-            if evicted is not None:
-                for obs in self.observers:
-                    obs.on_eviction(res.pool)
-            if res.pool == "core":
-                self.runner.write_core_slot(res.slot, terms)
-            else:
-                self.runner.write_lr_slot(res.slot, terms)
-            del self._ready[key]
+        for key in list(self._ready):
+            self._place_ready(key)
+
+    def _place_ready(self, key: str) -> bool:
+        """Write a loaded adapter into a slot of its pool (a free one, else the least recently used idle one);
+        False while every slot of that pool is in use by running requests (it waits in _ready)."""
+        method, terms = self._ready[key]
+        if not self.cache.can_place(method):
+            return False
+        res, evicted = self.cache.place(key, method)
+        if evicted is not None:
+            for obs in self.observers:
+                obs.on_eviction(res.pool)
+        if res.pool == "core":
+            self.runner.write_core_slot(res.slot, terms)
+        else:
+            self.runner.write_lr_slot(res.slot, terms)
+        del self._ready[key]
+        return True
 
     def _fail_waiting(self, key: str, err: Exception) -> None:
         with self._cond:
@@ -613,12 +620,14 @@ class Engine:
                             self.cache.misses += 1
                             for obs in self.observers:
                                 obs.on_cache_miss()
-                            if self._from_host_tier(key):
-                                continue  # placed at the next step's _place_loaded
-                            fut = self._loader.submit(self._load, key)
-                            fut.add_done_callback(lambda _: self._notify())  # wake the engine: the adapter is ready
-                            self._loading[key] = fut
-                        continue  # waits for its own adapter only
+                            if not self._from_host_tier(key):
+                                fut = self._loader.submit(self._load, key)
+                                fut.add_done_callback(lambda _: self._notify())  # wake the engine: it is ready
+                                self._loading[key] = fut
+                        # from host memory it is placed now, in this step (requests admitted before hold their
+                        # slots, so the eviction cannot take theirs); from the store it waits for its own adapter only
+                        if key not in self._ready or not self._place_ready(key):
+                            continue
                     res = self.cache.acquire(key)
                     req.method = res.method
                     for obs in self.observers:
@@ -633,7 +642,7 @@ class Engine:
         return admitted
 
     def _from_host_tier(self, key: str) -> bool:
-        """Queue an adapter the host tier holds for placing, as if a loader had just loaded it."""
+        """Queue an adapter the host tier holds for placing (_ready), as if a loader had just loaded it."""
         if "@" not in key:
             return False
         entry = self.host_tier.get(key)

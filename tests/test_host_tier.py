@@ -180,3 +180,29 @@ def test_low_rank_adapters_come_back_from_host_memory_too(tiny_base, tiny_factor
         assert torch.is_tensor(eng.host_tier.get(f"lora@{keys['lora']}").terms["q_proj"].terms.A)
     finally:
         eng.shutdown(drain=False)
+
+
+def test_an_adapter_in_host_memory_is_admitted_in_the_step_that_finds_it(tiny_base, tiny_factors, two_adapters):
+    """No round trip through a loader thread or a later step: admission places it and admits its request at once,
+    and never evicts the slot of a request admitted before it in the same step."""
+    store, made = two_adapters
+    eng = Engine(tiny_base, tiny_factors, store, EngineConfig(max_batch=4, max_rank=8, max_seq_len=64, core_slots=2,
+                                                              lr_slots=2, prefix_cache_tokens=0))
+    try:
+        for aid in ("a", "b"):
+            adapter, sha = made[aid]
+            eng.host_tier.put(f"{aid}@{sha}", adapter.method, adapter.terms(tiny_factors))
+        prompt = eng.encode_prompt("Hi", raw=True)
+        eng.accepting = True  # takes requests; no engine thread: this test runs admission itself
+
+        async def admit():
+            reqs = [eng._submit(prompt, aid, SamplingParams(max_tokens=2), made[aid][1]) for aid in ("a", "b")]
+            return reqs, eng._admit()
+
+        (ra, rb), admitted = asyncio.run(admit())
+        assert admitted == [ra] and ra.core_slot == 1  # placed from host memory and admitted in this very step
+        # b needs the one core slot a holds (and a's request runs): b waits, in host memory's ready queue
+        assert list(eng._waiting) == [rb] and f"b@{made['b'][1]}" in eng._ready
+        assert store.fetched == [] and not eng._loading and eng.stats()["host_cache_hits"] == 2
+    finally:
+        eng.shutdown(drain=False)

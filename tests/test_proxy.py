@@ -233,17 +233,92 @@ def test_same_adapter_same_replica_on_every_route_and_ids_spread(fakes):
         assert r.json()["order"][0] == (a.url if served[IDS[0]] == "a" else b.url)
 
 
-def test_requests_without_an_adapter_go_round_robin(fakes):
+def test_requests_without_an_adapter_or_a_prompt_go_round_robin(fakes):
     a, b = fakes
     with proxied([a.url, b.url], spread_ids=["SmolLM2-135M-Instruct"]) as (client, _):
         for call in (
             lambda: client.get("/adapters"),
             lambda: client.get("/health"),
             lambda: client.get("/v1/models"),
-            lambda: client.post("/generate", json={"adapter_id": None, "prompt": "base model"}),
+            lambda: client.post("/generate", json={"adapter_id": None, "messages": []}),
             lambda: client.post("/v1/chat/completions", json={"model": "SmolLM2-135M-Instruct", "messages": []}),
         ):
             assert {call().json()["served_by"] for _ in range(2)} == {"a", "b"}
+
+
+def test_prefix_routing_key_is_what_the_prefix_cache_can_reuse():
+    key = proxy_mod.prefix_routing_key
+    system = "You are a support bot for ACME. " * 12  # over PREFIX_ROUTE_CHARS
+    chat = lambda *turns: json.dumps({"model": "base", "messages": [{"role": "system", "content": system}, *turns]}).encode()  # noqa: E731
+    alice = [(b"authorization", b"Bearer sk-alice")]
+    first = key(chat({"role": "user", "content": "hi"}), alice)
+    assert first.startswith("prefix:") and "sk-alice" not in first
+    # a chat's next turn, and another user question after the same system prompt: the same key
+    assert key(chat({"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                    {"role": "user", "content": "more"}), alice) == first
+    assert key(chat({"role": "user", "content": "something else"}), alice) == first
+    # another tenant, or another cache_salt: a prefix cache would not share it, so neither does the route
+    assert key(chat({"role": "user", "content": "hi"}), [(b"authorization", b"Bearer sk-bob")]) != first
+    assert key(chat({"role": "user", "content": "hi"}), [(b"x-api-key", b"sk-alice")]) != first
+    salted = json.loads(chat({"role": "user", "content": "hi"}))
+    salted["cache_salt"] = "s1"
+    assert key(json.dumps(salted).encode(), alice) != first
+    # prompts: their first PREFIX_ROUTE_CHARS characters; a batch by its first prompt; token ids too
+    n = proxy_mod.PREFIX_ROUTE_CHARS
+    p = lambda prompt: json.dumps({"adapter_id": None, "prompt": prompt}).encode()  # noqa: E731
+    assert key(p("x" * n + "tail one"), []) == key(p("x" * n + "tail two"), []) != key(p("y" + "x" * n), [])
+    assert key(p(["x" * n, "other"]), []) == key(p("x" * n), [])
+    assert key(p([[1, 2, 3], [4]]), []) == key(p([1, 2, 3]), []) != key(p([1, 2, 4]), [])
+    for body in (b"not json", b"[1]", p(""), p(None), json.dumps({"messages": []}).encode(), p([])):
+        assert key(body, alice) is None
+
+
+def test_base_model_requests_follow_their_prompt_prefix(fakes):
+    """The same system prompt from the same tenant lands on one replica on every route (its prefix-cache hits),
+    while different prompts spread over both."""
+    a, b = fakes
+    with proxied([a.url, b.url], spread_ids=["SmolLM2-135M-Instruct"]) as (client, _):
+        served = {}
+        for i in range(16):
+            system = f"System prompt number {i}: answer briefly."
+            auth = {"Authorization": f"Bearer tenant-{i % 3}"}
+            msgs = [{"role": "system", "content": system}, {"role": "user", "content": "q"}]
+            where = {client.post("/v1/chat/completions", headers=auth,
+                                 json={"model": "SmolLM2-135M-Instruct", "messages": msgs + extra}).json()["served_by"]
+                     for extra in ([], [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}])}
+            where |= {client.post("/generate", headers=auth, json={"adapter_id": None, "messages": msgs}).json()["served_by"],
+                      client.post("/generate", headers=auth, json={"adapter_id": None, "prompt": system}).json()["served_by"]}
+            assert len(where) == 1, (i, where)
+            served[i] = where.pop()
+        assert set(served.values()) == {"a", "b"}
+
+
+def test_bounded_load_passes_over_a_busy_owner(fakes):
+    """Consistent hashing with bounded loads: with two streams of one adapter still running on its owner, the
+    owner holds 2 of 2 requests in flight, over ⌈1.25 · 3 / 2⌉ = 2, so the third goes to the other replica; once
+    they finish, the owner takes the adapter again. With the load factor 0 the hash alone decides."""
+    a, b = fakes
+    adapter_id = IDS[5]
+    owner, other = (a, b) if owner_name(fakes, adapter_id) == "a" else (b, a)
+    for factor, third in ((1.25, other), (0, owner)):
+        owner.reset()
+        other.reset()
+        with proxied([a.url, b.url], load_factor=factor) as (client, app):
+            with client.stream("POST", "/generate", json={"adapter_id": adapter_id, "stream": True}) as s1, \
+                    client.stream("POST", "/generate", json={"adapter_id": adapter_id, "stream": True}) as s2:
+                c1, c2 = s1.iter_raw(), s2.iter_raw()  # kept: a dropped iterator closes its response
+                assert b'"one"' in next(c1) and b'"one"' in next(c2)
+                assert s1.headers["x-svdserve-upstream"] == s2.headers["x-svdserve-upstream"] == owner.url
+                health = {u["url"]: u["in_flight"] for u in client.get("/proxy/health").json()["upstreams"]}
+                assert health == {owner.url: 2, other.url: 0}
+                r = client.post("/generate", json={"adapter_id": adapter_id, "prompt": "hi"})
+                assert r.json()["served_by"] == third.name
+                owner.release.set()
+                assert b"event: done" in b"".join(c1) and b"event: done" in b"".join(c2)
+            assert app.router.in_flight == {a.url: 0, b.url: 0}  # every finished request released its replica
+            assert client.post("/generate", json={"adapter_id": adapter_id, "prompt": "hi"}).json()["served_by"] == owner.name
+    with pytest.raises(ValueError, match="must be ≥ 1"):
+        proxy_mod.Router(["http://a:1"], load_factor=0.5)
 
 
 def test_streaming_passes_through_event_by_event(fakes):

@@ -8,8 +8,14 @@ Routing
     /v1/chat/completions), or the path (/adapters/{id}...). The replica is chosen by rendezvous (highest random
     weight) hashing of (upstream URL, adapter id): every proxy instance agrees without shared state, and adding or
     removing a replica moves only the adapters that replica gains or loses.
-  * Requests without an adapter id (uploads, lists, /v1/models, /health, base-model generations, ids listed in
-    SVDSERVE_PROXY_SPREAD_IDS) go round-robin.
+  * Base-model generations (adapter_id null, or a `model` listed in SVDSERVE_PROXY_SPREAD_IDS, e.g. the base
+    model's name) are keyed by what a replica's prefix cache can reuse for them: the caller's credentials (cached
+    prefixes are per tenant), the request's cache_salt and the prompt's first 256 characters (or the first chat
+    message's), so a shared system prompt and a chat's next turn find their cached keys and values.
+  * Bounded load (SVDSERVE_PROXY_LOAD_FACTOR, 1.25): a replica already holding more than that factor times its
+    share of this proxy's requests in flight is passed over for the next in order, so one hot adapter or system
+    prompt cannot pile onto one replica while another idles (consistent hashing with bounded loads).
+  * Other requests without an adapter id (uploads, lists, /v1/models, /health) go round-robin.
   * If the chosen replica cannot be connected to, or answers 503 not_ready / shutting_down (the request was refused,
     not run), the next replica in the same order is tried; replicas are stateless and share one Redis store. A
     replica that refused a connection is tried last for a few seconds (SVDSERVE_PROXY_COOLDOWN).
@@ -21,7 +27,8 @@ Routing
 Other environment (all optional): SVDSERVE_PROXY_HOST (127.0.0.1), SVDSERVE_PROXY_PORT (8080),
 SVDSERVE_PROXY_CONNECT_TIMEOUT (2 s), SVDSERVE_PROXY_READ_TIMEOUT (600 s between bytes; 0 = none),
 SVDSERVE_PROXY_COOLDOWN (5 s), SVDSERVE_PROXY_MAX_BODY (bodies read for routing, default 16 MiB),
-SVDSERVE_PROXY_SPREAD_IDS (comma-separated ids to spread round-robin, e.g. the base model's name).
+SVDSERVE_PROXY_SPREAD_IDS (comma-separated ids that mean the base model, e.g. its name),
+SVDSERVE_PROXY_LOAD_FACTOR (1.25; 0 = route by hash alone).
 Own endpoints: GET /proxy/health, GET /proxy/route/{adapter_id}. Needs only httpx and uvicorn (no torch).
 """
 from __future__ import annotations
@@ -32,6 +39,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -45,6 +53,10 @@ log = logging.getLogger("svdserve.proxy")
 
 # POST routes whose JSON body names the adapter, and the field that does.
 BODY_KEY_ROUTES = {"/generate": "adapter_id", "/v1/completions": "model", "/v1/chat/completions": "model"}
+# Characters of a base-model prompt that key its route: a system prompt or few-shot preamble is shared within them.
+PREFIX_ROUTE_CHARS = 256
+# Headers that identify the caller (its tenant): prefix caches are per tenant, so they are part of a prefix's key.
+CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
 # 503 codes that mean "refused before any work": safe to send the same request to the next replica.
 RETRYABLE_503_CODES = {"not_ready", "shutting_down"}
 # Per-connection headers (RFC 9110 §7.6.1) are not forwarded; content-length is set again where the body changes.
@@ -79,6 +91,36 @@ def body_routing_key(body: bytes, field: str) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def prefix_routing_key(body: bytes, headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The route key of a base-model generation: a digest of the caller's credentials, its cache_salt and the
+    prompt's first PREFIX_ROUTE_CHARS characters (the first chat message's for chats: the system prompt), or None
+    when the body has no prompt to key by. Credentials are hashed, never kept or logged."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
+        prompt = prompt[0]  # a batch of prompts (/v1/completions): its first
+    messages = data.get("messages")
+    if prompt is None and isinstance(messages, list) and messages and isinstance(messages[0], dict):
+        prompt = messages[0].get("content")
+    if isinstance(prompt, list) and prompt:  # token ids, or OpenAI's content parts
+        prompt = json.dumps(prompt, separators=(",", ":"))
+    if not isinstance(prompt, str) or not prompt:
+        return None
+    salt = data.get("cache_salt")
+    h = hashlib.blake2b(digest_size=16)
+    for name in CREDENTIAL_HEADERS:
+        for k, v in headers:
+            if k.lower() == name:
+                h.update(name + b"\0" + v + b"\0")
+    h.update(f"{salt if isinstance(salt, str) else ''}\0{prompt[:PREFIX_ROUTE_CHARS]}".encode())
+    return "prefix:" + h.hexdigest()
+
+
 def path_routing_key(path: str) -> str | None:
     """`/adapters/{id}` and anything below it → id. (ASGI paths are already percent-decoded; ids hold no '/'.)"""
     parts = path.split("/")
@@ -88,9 +130,11 @@ def path_routing_key(path: str) -> str | None:
 
 
 class Router:
-    """Candidate order per request: HRW order for a key, round-robin without one; recently failed ones last."""
+    """Candidate order per request: HRW order for a key, round-robin without one; replicas over the load bound
+    next; recently failed ones last."""
 
-    def __init__(self, upstreams: list[str], cooldown_s: float = 5.0, spread_ids: Iterable[str] = ()) -> None:
+    def __init__(self, upstreams: list[str], cooldown_s: float = 5.0, spread_ids: Iterable[str] = (),
+                 load_factor: float = 1.25) -> None:
         cleaned = [u.strip().rstrip("/") for u in upstreams if u.strip()]
         if not cleaned:
             raise ValueError("no upstreams configured (SVDSERVE_UPSTREAMS or --upstreams)")
@@ -100,14 +144,24 @@ class Router:
             url = httpx.URL(u)
             if url.scheme not in ("http", "https") or not url.host:
                 raise ValueError(f"upstream {u!r} is not an http(s)://host[:port] URL")
+        if load_factor != 0 and load_factor < 1:
+            raise ValueError(f"load factor {load_factor} must be ≥ 1 (1.25: a replica takes up to 25 % over its "
+                             "share of requests in flight), or 0 to route by hash alone")
         self.upstreams = cleaned
         self.cooldown_s = cooldown_s
         self.spread_ids = {s for s in spread_ids if s}
+        self.load_factor = load_factor
+        self.in_flight = {u: 0 for u in cleaned}  # requests this proxy has sent to each replica and not finished
         self._down_until = {u: 0.0 for u in cleaned}
         self._rr = itertools.count()
 
     def key_for(self, key: str | None) -> str | None:
         return None if key in self.spread_ids else key
+
+    def load_bound(self) -> int:
+        """Requests in flight a replica may hold and still be chosen first: ⌈factor · (in flight + 1) / replicas⌉."""
+        total = sum(self.in_flight.values())
+        return math.ceil(self.load_factor * (total + 1) / len(self.upstreams))
 
     def candidates(self, key: str | None) -> list[str]:
         if key is not None:
@@ -115,6 +169,9 @@ class Router:
         else:
             i = next(self._rr) % len(self.upstreams)
             order = self.upstreams[i:] + self.upstreams[:i]
+        if self.load_factor:  # stable: the key's own order among the replicas under the bound, then the others'
+            bound = self.load_bound()
+            order = [u for u in order if self.in_flight[u] < bound] + [u for u in order if self.in_flight[u] >= bound]
         now = time.monotonic()
         return [u for u in order if self._down_until[u] <= now] + [u for u in order if self._down_until[u] > now]
 
@@ -126,7 +183,8 @@ class Router:
 
     def state(self) -> list[dict[str, Any]]:
         now = time.monotonic()
-        return [{"url": u, "cooling_down_s": round(max(0.0, self._down_until[u] - now), 3)} for u in self.upstreams]
+        return [{"url": u, "cooling_down_s": round(max(0.0, self._down_until[u] - now), 3), "in_flight": self.in_flight[u]}
+                for u in self.upstreams]
 
 
 # --- the ASGI app ---------------------------------------------------------------------------------------------
@@ -222,9 +280,10 @@ class Proxy:
         cooldown_s: float = 5.0,
         max_body_bytes: int = 16 << 20,
         spread_ids: Iterable[str] = (),
+        load_factor: float = 1.25,
         client: httpx.AsyncClient | None = None,
     ) -> None:
-        self.router = Router(upstreams, cooldown_s=cooldown_s, spread_ids=spread_ids)
+        self.router = Router(upstreams, cooldown_s=cooldown_s, spread_ids=spread_ids, load_factor=load_factor)
         self.max_body_bytes = max_body_bytes
         self.timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=60.0, pool=30.0)
         self._client = client
@@ -303,13 +362,14 @@ class Proxy:
                 return
             req_headers = [(k, v) for k, v in req_headers if k != b"content-length"]  # httpx sets it from the bytes
             if method == "POST" and route in BODY_KEY_ROUTES:
-                key = body_routing_key(body, BODY_KEY_ROUTES[route])
+                key = self.router.key_for(body_routing_key(body, BODY_KEY_ROUTES[route]))
+                if key is None:  # the base model: keyed by what its prefix cache can reuse
+                    key = prefix_routing_key(body, req_headers)
             watch.start()
         else:
             body = _StreamedBody(receive, on_complete=watch.start)
         if key is None:
-            key = path_routing_key(path)
-        key = self.router.key_for(key)
+            key = self.router.key_for(path_routing_key(path))
 
         client_addr = scope.get("client")
         forwarded_for = [v for k, v in req_headers if k == b"x-forwarded-for"]
@@ -341,39 +401,43 @@ class Proxy:
             if isinstance(body, _StreamedBody) and body.started:
                 break  # a streamed body cannot be sent twice
             last = i == len(candidates) - 1
-            request = self.client.build_request(method, upstream + target.decode("latin-1"), headers=headers, content=body)
+            self.router.in_flight[upstream] += 1  # until its answer is through (streams included)
             try:
-                response = await self.client.send(request, stream=True)
-            except _ClientGone:
-                return
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                self.router.mark_down(upstream)
-                failures.append(f"{upstream}: {type(exc).__name__} {exc}".strip())
-                log.warning("%s %s: cannot connect to %s (%s); trying the next replica", method, path, upstream, exc)
-                continue
-            except httpx.TimeoutException as exc:
-                await _send_whole(send, *_error(504, "upstream_timeout", f"{upstream} did not answer in time ({type(exc).__name__})"))
-                return
-            except httpx.HTTPError as exc:
-                await _send_whole(send, *_error(502, "upstream_error", f"{upstream}: {type(exc).__name__} {exc}".strip()))
-                return
-            try:
-                prefetched = None
-                if response.status_code == 503:
-                    prefetched = b"".join([chunk async for chunk in response.aiter_raw()])  # errors are small
-                    code = _error_code(response, prefetched)
-                    replayable = not (isinstance(body, _StreamedBody) and body.started)
-                    if code in RETRYABLE_503_CODES and replayable and not last:
-                        failures.append(f"{upstream}: 503 {code}")
-                        log.warning("%s %s: %s answered 503 %s; trying the next replica", method, path, upstream, code)
-                        continue
-                self.router.mark_up(upstream)
-                if method == "DELETE" and key is not None and path_routing_key(path) and 200 <= response.status_code < 300:
-                    await self._evict_elsewhere(upstream, target, headers)
-                await self._forward(response, upstream, send, prefetched)
-                return
+                request = self.client.build_request(method, upstream + target.decode("latin-1"), headers=headers, content=body)
+                try:
+                    response = await self.client.send(request, stream=True)
+                except _ClientGone:
+                    return
+                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                    self.router.mark_down(upstream)
+                    failures.append(f"{upstream}: {type(exc).__name__} {exc}".strip())
+                    log.warning("%s %s: cannot connect to %s (%s); trying the next replica", method, path, upstream, exc)
+                    continue
+                except httpx.TimeoutException as exc:
+                    await _send_whole(send, *_error(504, "upstream_timeout", f"{upstream} did not answer in time ({type(exc).__name__})"))
+                    return
+                except httpx.HTTPError as exc:
+                    await _send_whole(send, *_error(502, "upstream_error", f"{upstream}: {type(exc).__name__} {exc}".strip()))
+                    return
+                try:
+                    prefetched = None
+                    if response.status_code == 503:
+                        prefetched = b"".join([chunk async for chunk in response.aiter_raw()])  # errors are small
+                        code = _error_code(response, prefetched)
+                        replayable = not (isinstance(body, _StreamedBody) and body.started)
+                        if code in RETRYABLE_503_CODES and replayable and not last:
+                            failures.append(f"{upstream}: 503 {code}")
+                            log.warning("%s %s: %s answered 503 %s; trying the next replica", method, path, upstream, code)
+                            continue
+                    self.router.mark_up(upstream)
+                    if method == "DELETE" and key is not None and path_routing_key(path) and 200 <= response.status_code < 300:
+                        await self._evict_elsewhere(upstream, target, headers)
+                    await self._forward(response, upstream, send, prefetched)
+                    return
+                finally:
+                    await response.aclose()
             finally:
-                await response.aclose()
+                self.router.in_flight[upstream] -= 1
         message = "no svdserve replica could take the request: " + "; ".join(failures or ["request body already sent"])
         await _send_whole(send, *_error(502, "upstream_unavailable", message, [(b"retry-after", b"1")]))
 
@@ -441,7 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cooldown", type=float, default=_env_float("SVDSERVE_PROXY_COOLDOWN", 5.0))
     p.add_argument("--max-body", type=int, default=int(os.environ.get("SVDSERVE_PROXY_MAX_BODY", str(16 << 20))))
     p.add_argument("--spread-ids", default=os.environ.get("SVDSERVE_PROXY_SPREAD_IDS", ""),
-                   help="comma-separated ids routed round-robin, not by hash (e.g. the base model's name)")
+                   help="comma-separated ids that mean the base model (e.g. its name): routed by prompt prefix, not id")
+    p.add_argument("--load-factor", type=float, default=_env_float("SVDSERVE_PROXY_LOAD_FACTOR", 1.25),
+                   help="a replica over this factor times its share of requests in flight is passed over (0: off)")
     p.add_argument("--log-level", default=os.environ.get("SVDSERVE_LOG_LEVEL", "info"))
     return p
 
@@ -458,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             cooldown_s=args.cooldown,
             max_body_bytes=args.max_body,
             spread_ids=args.spread_ids.split(","),
+            load_factor=args.load_factor,
         )
     except ValueError as exc:
         log.error("%s", exc)
