@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host-cache-mb", type=int,
                    help="MiB of validated adapters kept in host memory once evicted from their device slot, so they "
                         "return without the store (default 1024; 0 = off)")
+    p.add_argument("--prefill-chunk-tokens", type=int,
+                   help="a longer prompt arriving while others decode is prefilled this many tokens per step, between "
+                        "their decode steps (default 512; 0 = whole prompts)")
     p.add_argument("--max-waiting", type=int, help="queued requests before 429 (default 256)")
     p.add_argument("--max-upload-bytes", type=int, help="largest adapter file accepted (default 64 MiB)")
     p.add_argument("--max-request-bytes", type=int, help="largest other request body, e.g. /generate (default 1 MiB)")

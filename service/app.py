@@ -75,6 +75,7 @@ def engine_config(settings: Settings) -> eng.EngineConfig:
         max_waiting=settings.max_waiting,
         prefix_cache_tokens=settings.prefix_cache_tokens,
         host_cache_bytes=settings.host_cache_mb << 20,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
         device=resolve_device(settings.device),
         dtype=settings.dtype,
         cuda_graphs=settings.cuda_graphs,

@@ -124,6 +124,9 @@ class EngineConfig:
     # bytes of validated adapters kept in host memory after their device slot is reused, so they come back without
     # the store and the validation (service/host_tier.py); 0 turns it off
     host_cache_bytes: int = 1 << 30
+    # a prompt computing more tokens than this while other rows decode is prefilled this many tokens per step,
+    # between their decode steps, so they are not stalled for its whole prefill (chunked prefill); 0 turns it off
+    prefill_chunk_tokens: int = 512
 
 
 @dataclass
@@ -169,6 +172,8 @@ class _Request:
     core_slot: int = 0
     lr_slot: int = 0
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    done: int = 0  # prompt tokens in its row already while it is prefilled in chunks (Engine._partial)
+    looked_up: bool = False  # a chunked prompt's cached prefix was looked for
     cancelled: bool = False
     finish_reason: str | None = None
     method: str = "base"  # its adapter's method once admitted (a metrics label; never the adapter id)
@@ -222,6 +227,8 @@ class Engine:
         self._waiting: deque[_Request] = deque()
         self._commands: deque[tuple[str, str]] = deque()  # (verb, adapter_id) from other threads
         self._active: list[_Request] = []  # row i of the KV cache belongs to _active[i]
+        # a long prompt being prefilled in chunks between decode steps, in the last KV row (_advance_partial)
+        self._partial: _Request | None = None
         self._loading: dict[str, Future] = {}
         self._ready: dict[str, tuple[str, dict]] = {}  # loaded but not yet placed: id → (method, terms)
         # Loaders run torch on one core, and the engine thread on the cores this one has (svd_adapters/threads.py:
@@ -254,7 +261,7 @@ class Engine:
 
     def idle(self) -> bool:
         """Nothing waiting and nothing running."""
-        return not self._waiting and not self._active
+        return not self._waiting and not self._active and self._partial is None
 
     def shutdown(self, drain: bool = True, timeout: float = 30.0) -> None:
         """Stop accepting; with drain, let admitted and waiting requests finish (up to timeout).
@@ -280,10 +287,12 @@ class Engine:
 
     def _fail_all(self, err: EngineError) -> None:
         with self._cond:
-            left = [r for r in list(self._waiting) + list(self._active) if r.finish_reason is None]
+            partial = [self._partial] if self._partial is not None else []
+            left = [r for r in list(self._waiting) + list(self._active) + partial if r.finish_reason is None]
             self._waiting.clear()
             if self._thread is None or not self._thread.is_alive():
                 self._active.clear()  # rows of a stopped engine; never touched while a step might still run
+                self._partial = None
         for r in left:
             r.finish_reason = "error"
             r.emit("error", err)
@@ -354,6 +363,7 @@ class Engine:
     def stats(self) -> dict:
         return {
             "active": len(self._active),
+            "prefilling_in_chunks": int(self._partial is not None),
             "waiting": len(self._waiting),
             "loading": len(self._loading),
             "adapters_cached": len(self.cache.resident),
@@ -454,6 +464,8 @@ class Engine:
                     self._retire()
                 self._place_loaded()
                 admitted = self._admit()
+                # a chunked prompt's next chunk; its last one joins this step's other new prompts
+                admitted += self._advance_partial(len(self._active) + len(admitted))
                 if admitted:
                     self._prefill(admitted)
                     self._retire()  # a request can end at its first token (EOS, stop string, max_tokens 1)
@@ -462,11 +474,12 @@ class Engine:
                 self._retire()
             except Exception as exc:  # a bug must fail the requests in flight, not kill the engine silently
                 log.exception("engine step failed")
-                for req in self._active:
+                for req in self._active + ([self._partial] if self._partial is not None else []):
                     self._finish(req, error=EngineError(f"internal error: {exc}"))
+                self._drop_partial()
                 self._retire()
             with self._cond:
-                if self._running and not self._active and not self._has_admissible():
+                if self._running and not self._active and self._partial is None and not self._has_admissible():
                     self._cond.wait(timeout=0.05)
 
     def _has_admissible(self) -> bool:
@@ -493,7 +506,8 @@ class Engine:
                 f"this server's request timeout of {limit:g} s; the server is overloaded or the adapter store is slow. "
                 "Retry later"
             ))
-        running = [r for r in self._active if r.finish_reason is None and not r.cancelled and now - r.arrived > limit]
+        rows = self._active + ([self._partial] if self._partial is not None else [])
+        running = [r for r in rows if r.finish_reason is None and not r.cancelled and now - r.arrived > limit]
         for r in running:
             self._finish(r, error=RequestTimeout(
                 f"the request ran past this server's request timeout of {limit:g} s after {len(r.out)} generated tokens "
@@ -592,9 +606,12 @@ class Engine:
             r.emit("error", err)
 
     def _admit(self) -> list[_Request]:
-        """Waiting requests whose adapter is resident, FIFO, up to the free rows and the prefill budget."""
+        """Waiting requests whose adapter is resident, FIFO, up to the free rows and the prefill budget. A prompt
+        that would compute more than prefill_chunk_tokens while rows decode becomes the chunked one (`_partial`,
+        one at a time) instead: it takes the last row and is prefilled by `_advance_partial`."""
         admitted: list[_Request] = []
-        free_rows = self.config.max_batch - len(self._active)
+        free_rows = self.config.max_batch - len(self._active) - (self._partial is not None)
+        chunk = self.config.prefill_chunk_tokens
         lengths: list[int] = []  # what the admitted prompts compute: past their cached prefixes
         with self._cond:
             for req in list(self._waiting):
@@ -611,8 +628,11 @@ class Engine:
                     key = req.cache_key = next((k for k in reversed(self.cache.resident) if _key_id(k) == key),
                                                None) or self.host_tier.newest(key) or key
                 computes = len(req.prompt) - self._cached_prefix(req)
-                if admitted and not prefill_groups.fits(lengths + [computes], self.prefill_call_tokens,
-                                                        self.config.max_prefill_tokens):
+                chunked = 0 < chunk < computes and bool(self._active) and req.params.prompt_logprobs is None
+                if chunked and self._partial is not None:
+                    continue  # one chunked prompt at a time; shorter ones behind it go on being admitted
+                if not chunked and admitted and not prefill_groups.fits(lengths + [computes], self.prefill_call_tokens,
+                                                                        self.config.max_prefill_tokens):
                     break
                 if key is not None:
                     if key not in self.cache.resident:
@@ -637,9 +657,50 @@ class Engine:
                     else:
                         req.lr_slot = res.slot
                 self._waiting.remove(req)
-                admitted.append(req)
-                lengths.append(computes)
+                if chunked:
+                    self._partial = req
+                    free_rows -= 1
+                else:
+                    admitted.append(req)
+                    lengths.append(computes)
         return admitted
+
+    def _advance_partial(self, first_free_row: int) -> list[_Request]:
+        """Prefill the chunked prompt's next chunk into the last row; its last chunk is left to this step's
+        prefill of new prompts (returned, its row moved to `first_free_row`), which samples its first token and
+        makes it a decoding row. With no row decoding there is nothing to interleave with: the rest goes at once."""
+        req = self._partial
+        if req is None:
+            return []
+        if req.cancelled or req.finish_reason is not None:  # cancelled, timed out or failed while prefilling
+            req.finish_reason = req.finish_reason or "cancelled"
+            self._drop_partial()
+            return []
+        row = self.config.max_batch - 1
+        if not req.looked_up:
+            req.looked_up = True
+            if self.prefix is not None:
+                state = self._prefix_key(req, req.core_slot, req.lr_slot)
+                req.done = req.cached_tokens = self.prefix.load_many([(state, req.prompt, row)])[0]
+        chunk = self.config.prefill_chunk_tokens
+        if self._active and len(req.prompt) - req.done > chunk:
+            t0 = time.perf_counter()
+            self.runner.prefill([req.prompt[req.done : req.done + chunk]], [row], [req.core_slot], [req.lr_slot],
+                                starts=[req.done])
+            req.done += chunk
+            for obs in self.observers:
+                obs.on_step("prefill_chunk", time.perf_counter() - t0, 1)
+            return []
+        if req.done and first_free_row != row:
+            self.runner.move_row(row, first_free_row, req.done)
+        self._partial = None
+        return [req]
+
+    def _drop_partial(self) -> None:
+        """Forget the chunked prompt (it ended before its last chunk); its adapter slot is free again."""
+        req, self._partial = self._partial, None
+        if req is not None and req.adapter_id is not None:
+            self.cache.release(req.cache_key)
 
     def _from_host_tier(self, key: str) -> bool:
         """Queue an adapter the host tier holds for placing (_ready), as if a loader had just loaded it."""
@@ -711,15 +772,16 @@ class Engine:
         client's retries) run once; the others copy that row's cache and logits, which are the same numbers. (Not
         across scopes: a request would report, as its cached_tokens, a prefix that another tenant's cache held.)"""
         first: dict[tuple, int] = {}
-        source = [first.setdefault((r.core_slot, r.lr_slot, r.params.prefix_scope, tuple(r.prompt)), len(first))
-                  for r in reqs]
+        # (a chunked prompt's row holds its own progress: never shared)
+        source = [first.setdefault((r.core_slot, r.lr_slot, r.params.prefix_scope, tuple(r.prompt), r.done and r.id),
+                                   len(first)) for r in reqs]
         unique = [source.index(j) for j in range(len(first))]  # each distinct prompt's first request
         scored = {source[i] for i, r in enumerate(reqs) if r.params.prompt_logprobs is not None}
         states = [self._prefix_key(reqs[i], reqs[i].core_slot, reqs[i].lr_slot) for i in unique]
         # a cached prefix goes into the row first, and only the rest is computed (not for prompts scored whole)
-        starts = [0] * len(unique)
+        starts = [reqs[i].done for i in unique]  # a chunked prompt's last chunk continues its earlier ones
         if self.prefix is not None:
-            looked = [j for j in range(len(unique)) if j not in scored]
+            looked = [j for j in range(len(unique)) if j not in scored and not starts[j]]
             found = self.prefix.load_many([(states[j], reqs[unique[j]].prompt, rows[unique[j]]) for j in looked])
             for j, n in zip(looked, found):
                 starts[j] = n
@@ -745,7 +807,8 @@ class Engine:
         if self.prefix is not None:  # before anything else is written into these rows
             self.prefix.store_many([(st, reqs[i].prompt, rows[i]) for i, st in zip(unique, states)])
         for i, req in enumerate(reqs):
-            req.cached_tokens = starts[source[i]]
+            if not req.done:  # (a chunked prompt's were counted at its first chunk)
+                req.cached_tokens = starts[source[i]]
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         order = [j for group in groups for j in group]  # logits' rows: the distinct prompts in group order
         if order != sorted(order):

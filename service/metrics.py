@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 PREFIX = "svdserve_"
 ADAPTER_METHODS = ("osora", "loraxs", "sorsa", "lora")
 METHOD_LABELS = (*ADAPTER_METHODS, "base")  # "base": a request without an adapter
-STEP_KINDS = ("prefill", "decode")
+STEP_KINDS = ("prefill", "prefill_chunk", "decode")
 LOAD_ERROR_REASONS = ("not_found", "store_unavailable", "store_error", "invalid", "other")
 UNMATCHED = "unmatched"  # requests that match no route (404 probes): one label value, not one per path
 

@@ -546,6 +546,9 @@ def test_settings_from_env_and_overrides(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="host_cache_mb must be ≥ 0"):
         Settings.from_env()
     monkeypatch.delenv("SVDSERVE_HOST_CACHE_MB")
+    assert engine_config(Settings.from_env(prefill_chunk_tokens=64)).prefill_chunk_tokens == 64
+    with pytest.raises(ValueError, match="prefill_chunk_tokens must be ≥ 0"):
+        Settings.from_env(prefill_chunk_tokens=-1)
 
     assert Settings.from_env().cuda_graphs is True
     monkeypatch.setenv("SVDSERVE_CUDA_GRAPHS", "0")
