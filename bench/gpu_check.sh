@@ -71,5 +71,7 @@ step mixed_fp32_eager 90 python3 bench/mixed_batch.py --base $BASE --prefill-rep
 step adapter_load 60 python3 bench/adapter_load.py --base $BASE --n 20
 # time to first token with the prefix cache against without it (cached blocks copied on the device)
 step prefix_cache 90 python3 bench/prefix_cache.py --base $BASE --questions 3 --turns 3
+# decoding rows' longest stall while a long prompt arrives, chunked (512, 2048) against whole
+step chunked_prefill 90 python3 bench/chunked_prefill.py --base $BASE --prompt-tokens 4096 --chunks 0,512,2048 --rounds 2
 # a prefill call's fixed cost on the GPU (its first lines) against service/prefill_groups.py's default of 2048 tokens
 step prefill_lengths 90 python3 bench/prefill_lengths.py --base $BASE --reps 3

@@ -121,3 +121,31 @@ def test_gpu_prefix_cache_continues_prompts_as_computed_whole(gpu_base, tiny_bas
             assert res[2].token_ids == reference_greedy(tiny_base, tiny_factors, adapter, follow, 8, eng.eos_ids), aid
     finally:
         eng.shutdown(drain=False)
+
+
+def test_gpu_chunked_prefill_beside_graph_decode_steps(gpu_base, tiny_base, tiny_factors, adapters, tmp_path):
+    """A long prompt prefilled in chunks in the last row while three rows decode from CUDA graphs: their bucket of
+    four rows pads into that row (a padded row writes only the last cache position, which no prompt reaches), and
+    every request still generates its solo reference."""
+    from test_chunked_prefill import long_prompt_during_decode, tokens
+
+    store, versions = DiskStore(tmp_path / "store"), {}
+    for aid, a in adapters.items():
+        blob = adapter_to_bytes(a)
+        record = record_for(a, blob, aid)
+        store.put(record, blob)
+        versions[aid] = record.sha256
+    eng = Engine(gpu_base, tiny_factors, store, EngineConfig(max_batch=4, max_rank=8, max_seq_len=160, core_slots=8,
+                                                             lr_slots=4, device="cuda", prefill_chunk_tokens=16))
+    eng.start()
+    ids = list(adapters)
+    try:
+        running = [(tokens(9, 1), ids[0]), (tokens(12, 2), None), (tokens(7, 3), ids[2])]
+        prompt = tokens(75, 4)
+        long, tails = asyncio.run(long_prompt_during_decode(eng, versions, running, prompt, ids[3]))
+        assert eng.stats()["prefilling_in_chunks"] == 0
+    finally:
+        eng.shutdown(drain=False)
+    assert long.token_ids == reference_greedy(tiny_base, tiny_factors, adapters[ids[3]], prompt, 6, eng.eos_ids)
+    for (p, aid), tail in zip(running, tails):
+        assert tail.token_ids == reference_greedy(tiny_base, tiny_factors, adapters.get(aid), p, 40, set())
