@@ -191,6 +191,8 @@ class Server:
                     lr_slots=args.lr_slots, max_rank=8, max_seq_len=512)
         if args.host_cache_mb is not None:
             opts["host_cache_mb"] = args.host_cache_mb
+        if args.prefill_chunk_tokens is not None:
+            opts["prefill_chunk_tokens"] = args.prefill_chunk_tokens
         if mode == "process":
             cmd = [sys.executable, "-m", "service", "--base", base_spec, "--store", str(store_dir), "--host", "127.0.0.1",
                    "--port", str(self.port), "--factors-dir", str(factors_dir), "--device", "cpu", "--auth", "off"]
@@ -434,7 +436,8 @@ def run(*, base_spec: str = "tiny", n_requests: int = 1000, n_adapters: int = 10
         max_tokens: int = 16, prompts_per_adapter: int = 3, max_batch: int = 32, max_waiting: int = 16,
         core_slots: int = 32, lr_slots: int = 8, base_share: float = 0.05, stream_share: float = 0.2,
         disconnects: int = 50, n_bad_uploads: int = 100, server: str = "process", seed: int = 0,
-        factors_dir: Path | None = None, scale: float | None = None, host_cache_mb: int | None = None, log=print) -> dict:
+        factors_dir: Path | None = None, scale: float | None = None, host_cache_mb: int | None = None,
+        prefill_chunk_tokens: int | None = None, log=print) -> dict:
     """The whole benchmark; returns the result dict (see the JSON line)."""
     t_setup = time.perf_counter()
     import logging
@@ -483,6 +486,7 @@ def run(*, base_spec: str = "tiny", n_requests: int = 1000, n_adapters: int = 10
     args = Args()
     args.max_batch, args.max_waiting, args.core_slots, args.lr_slots = max_batch, max_waiting, core_slots, lr_slots
     args.host_cache_mb = host_cache_mb
+    args.prefill_chunk_tokens = prefill_chunk_tokens
     srv = Server(server, base_spec, tmp / "store", factors_dir, args, base=base, factors=factors)
     tally = Tally()
     try:
@@ -560,7 +564,8 @@ def run(*, base_spec: str = "tiny", n_requests: int = 1000, n_adapters: int = 10
         "max_active_seen": tally.max_active_seen,
         "engine_after": {k: engine.get(k) for k in ("requests", "finished", "cache_evictions", "adapter_loads",
                                                      "rejected_queue_full", "timed_out", "active", "waiting",
-                                                     "prefix_cache_hits", "prefix_cached_tokens", "host_cache_hits")},
+                                                     "prefix_cache_hits", "prefix_cached_tokens", "host_cache_hits",
+                                                     "prefill_chunks")},
         "host_cache_mb": host_cache_mb,
         "server_rss_mib": {"start": rss_start and round(rss_start, 1), "end": rss_end and round(rss_end, 1)},
         "references": {"count": len(refs), "seconds": round(ref_s, 1), "distinct_answers_per_prompt": distinct,
@@ -595,6 +600,7 @@ def print_table(r: dict) -> None:
          r["engine_after"]["host_cache_hits"]),
         ("prompts continuing a cached prefix (tokens reused)",
          f"{r['engine_after']['prefix_cache_hits']} ({r['engine_after']['prefix_cached_tokens']})"),
+        ("prompt chunks prefilled between decode steps (chunked prefill)", r["engine_after"]["prefill_chunks"]),
         ("throughput", f"{r['throughput_req_s']} req/s, {r['throughput_tok_s']} tok/s"),
         ("latency p50 / p99 (retries included)", f"{r['latency_p50_s']} s / {r['latency_p99_s']} s"),
         ("server RSS start → end", f"{r['server_rss_mib']['start']} → {r['server_rss_mib']['end']} MiB"),
@@ -622,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--core-slots", type=int, default=32)
     ap.add_argument("--lr-slots", type=int, default=8)
     ap.add_argument("--host-cache-mb", type=int, default=None, help="the server's host-memory adapter tier (default: its own)")
+    ap.add_argument("--prefill-chunk-tokens", type=int, default=None,
+                    help="the server's chunked prefill (default: its own, 512; small values chunk these short prompts)")
     ap.add_argument("--disconnects", type=int, default=50)
     ap.add_argument("--bad-uploads", type=int, default=100)
     ap.add_argument("--server", choices=("process", "thread"), default="process")
@@ -635,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     r = run(base_spec=a.base, n_requests=a.requests, n_adapters=a.adapters, clients=a.clients, max_tokens=a.max_tokens,
             max_batch=a.max_batch, max_waiting=a.max_waiting, core_slots=a.core_slots, lr_slots=a.lr_slots,
             disconnects=a.disconnects, n_bad_uploads=a.bad_uploads, server=a.server, seed=a.seed, scale=a.scale,
-            host_cache_mb=a.host_cache_mb,
+            host_cache_mb=a.host_cache_mb, prefill_chunk_tokens=a.prefill_chunk_tokens,
             log=lambda m: print(m, file=sys.stderr, flush=True))
     r["total_s"] = round(time.perf_counter() - t0, 1)
     r["client_max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -241,7 +241,7 @@ class Engine:
         self.accepting = False
         self.counters = {"requests": 0, "finished": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0,
                          "adapter_loads": 0, "adapter_load_errors": 0, "rejected_queue_full": 0, "timed_out": 0,
-                         "failed_at_shutdown": 0, "prefills_shared": 0}
+                         "failed_at_shutdown": 0, "prefills_shared": 0, "prefill_chunks": 0}
         self._finished_at: deque[float] = deque(maxlen=256)  # monotonic finish times, for Retry-After estimates
         self.load_latencies: deque[float] = deque(maxlen=1000)
         self.step_latencies: deque[float] = deque(maxlen=1000)
@@ -688,6 +688,7 @@ class Engine:
             self.runner.prefill([req.prompt[req.done : req.done + chunk]], [row], [req.core_slot], [req.lr_slot],
                                 starts=[req.done])
             req.done += chunk
+            self.counters["prefill_chunks"] += 1
             for obs in self.observers:
                 obs.on_step("prefill_chunk", time.perf_counter() - t0, 1)
             return []
