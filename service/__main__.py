@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk-tokens", type=int,
                    help="a longer prompt arriving while others decode is prefilled this many tokens per step, between "
                         "their decode steps (default 512; 0 = whole prompts)")
+    p.add_argument("--fair-share", action=argparse.BooleanOptionalAction,
+                   help="admit waiting requests from the tenant holding the fewest batch rows first (default on; "
+                        "--no-fair-share: first come, first served across tenants)")
     p.add_argument("--max-waiting", type=int, help="queued requests before 429 (default 256)")
     p.add_argument("--max-upload-bytes", type=int, help="largest adapter file accepted (default 64 MiB)")
     p.add_argument("--max-request-bytes", type=int, help="largest other request body, e.g. /generate (default 1 MiB)")

@@ -76,6 +76,7 @@ def engine_config(settings: Settings) -> eng.EngineConfig:
         prefix_cache_tokens=settings.prefix_cache_tokens,
         host_cache_bytes=settings.host_cache_mb << 20,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        fair_share=settings.fair_share,
         device=resolve_device(settings.device),
         dtype=settings.dtype,
         cuda_graphs=settings.cuda_graphs,
@@ -402,7 +403,7 @@ def create_app(
         params = eng.SamplingParams(
             max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list(),
             logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs, grammar=grammar,
-            prefix_scope=body.prefix_scope(caller.tenant), **body.sampling_controls(),
+            prefix_scope=body.prefix_scope(caller.tenant), tenant=caller.tenant, **body.sampling_controls(),
         )
         texts = logprob_shapes.token_texts(request)
         if body.stream:

@@ -15,6 +15,7 @@ Environment (all optional):
     SVDSERVE_PREFIX_CACHE_TOKENS prompt tokens the prefix cache keeps; 0 = off               (default 8192)
     SVDSERVE_HOST_CACHE_MB    MiB of evicted adapters kept in host memory; 0 = off      (default 1024)
     SVDSERVE_PREFILL_CHUNK_TOKENS a long prompt's tokens prefilled per step while others decode; 0 = off (512)
+    SVDSERVE_FAIR_SHARE       1 | 0: admit from the tenant holding the fewest batch rows first (default 1)
     SVDSERVE_REQUEST_TIMEOUT  seconds a generation may take, queueing included; 0 = no limit (default 300)
     SVDSERVE_MAX_REQUEST_BYTES largest request body other than adapter uploads (default 1 MiB)
     SVDSERVE_SHUTDOWN_TIMEOUT seconds to drain in-flight requests on SIGTERM (default 30)
@@ -74,6 +75,7 @@ class Settings:
     prefix_cache_tokens: int = EngineConfig.prefix_cache_tokens
     host_cache_mb: int = EngineConfig.host_cache_bytes >> 20
     prefill_chunk_tokens: int = EngineConfig.prefill_chunk_tokens
+    fair_share: bool = EngineConfig.fair_share
     shutdown_timeout: float = 30.0
     request_timeout: float = 300.0  # 0 = no limit
     max_request_bytes: int = 1024 * 1024  # bodies of /generate and other JSON routes (uploads: max_upload_bytes)

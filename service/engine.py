@@ -12,6 +12,7 @@ The asyncio side talks to the engine through `generate` / `stream`; events come 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import random
 import threading
@@ -127,6 +128,9 @@ class EngineConfig:
     # a prompt computing more tokens than this while other rows decode is prefilled this many tokens per step,
     # between their decode steps, so they are not stalled for its whole prefill (chunked prefill); 0 turns it off
     prefill_chunk_tokens: int = 512
+    # admission takes waiting requests from the tenant holding the fewest batch rows first (FIFO within a tenant),
+    # so one tenant's backlog does not hold back every other tenant's requests; False: FIFO across all
+    fair_share: bool = True
 
 
 @dataclass
@@ -614,7 +618,7 @@ class Engine:
         chunk = self.config.prefill_chunk_tokens
         lengths: list[int] = []  # what the admitted prompts compute: past their cached prefixes
         with self._cond:
-            for req in list(self._waiting):
+            for req in self._admission_order() if free_rows > 0 else list(self._waiting):
                 if req.cancelled:
                     self._waiting.remove(req)
                     req.finish_reason = "cancelled"
@@ -664,6 +668,32 @@ class Engine:
                     admitted.append(req)
                     lengths.append(computes)
         return admitted
+
+    def _admission_order(self) -> list[_Request]:
+        """The waiting requests in the order admission tries them: FIFO, or with fair_share the tenant holding the
+        fewest rows (running, chunked, and taken earlier in this order) first, ties to the earliest arrival: a
+        tenant that queued a hundred requests gets one row in turn with a tenant that queued one."""
+        if not self.config.fair_share:
+            return list(self._waiting)
+        queues: dict[str | None, deque[_Request]] = {}
+        for req in self._waiting:
+            queues.setdefault(req.params.tenant, deque()).append(req)
+        if len(queues) < 2:
+            return list(self._waiting)
+        held: dict[str | None, int] = {t: 0 for t in queues}
+        for req in self._active + ([self._partial] if self._partial is not None else []):
+            if req.params.tenant in held:
+                held[req.params.tenant] += 1
+        heap = [(held[t], q[0].id, t) for t, q in queues.items()]  # ids grow with arrival
+        heapq.heapify(heap)
+        order: list[_Request] = []
+        while heap:
+            rows, _, t = heapq.heappop(heap)
+            q = queues[t]
+            order.append(q.popleft())
+            if q:
+                heapq.heappush(heap, (rows + 1, q[0].id, t))
+        return order
 
     def _advance_partial(self, first_free_row: int) -> list[_Request]:
         """Prefill the chunked prompt's next chunk into the last row; its last chunk is left to this step's

@@ -232,7 +232,7 @@ def _params(body: _Common, stops: list[str], max_tokens: int, logprobs: int | No
     seed = None if body.seed is None else body.seed % SEED_MODULUS
     return eng.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stops,
                               logprobs=logprobs, grammar=grammar, prefix_scope=body.prefix_scope(tenant),
-                              **body.sampling_controls())
+                              tenant=tenant, **body.sampling_controls())
 
 
 def _usage(results: list[eng.GenerationResult], n: int | None = None) -> dict[str, Any]:

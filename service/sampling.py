@@ -40,6 +40,7 @@ class SamplingParams:
     grammar: str | None = None  # a compiled structured-output constraint (service/structured.py); None = free text
     prompt_logprobs: int | None = None  # also each prompt token's log-probability given the tokens before it
     prefix_scope: str | None = None  # only requests of the same scope share cached prompt prefixes (tenant, salt)
+    tenant: str | None = None  # who asked: admission shares the batch's rows fairly between tenants
 
     @property
     def greedy(self) -> bool:

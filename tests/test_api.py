@@ -547,6 +547,10 @@ def test_settings_from_env_and_overrides(monkeypatch, tmp_path):
         Settings.from_env()
     monkeypatch.delenv("SVDSERVE_HOST_CACHE_MB")
     assert engine_config(Settings.from_env(prefill_chunk_tokens=64)).prefill_chunk_tokens == 64
+    assert engine_config(Settings.from_env()).fair_share is True
+    monkeypatch.setenv("SVDSERVE_FAIR_SHARE", "0")
+    assert engine_config(Settings.from_env()).fair_share is False
+    monkeypatch.delenv("SVDSERVE_FAIR_SHARE")
     with pytest.raises(ValueError, match="prefill_chunk_tokens must be ≥ 0"):
         Settings.from_env(prefill_chunk_tokens=-1)
 
