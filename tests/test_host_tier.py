@@ -128,8 +128,8 @@ def test_delete_and_reupload_never_serve_old_terms_from_host_memory(tiny_base, t
         assert store.fetched[-1] == "a" and new != old
         # deleted: the engine forgets every version of it in both tiers
         eng.evict("a")
-        wait_until(lambda: eng.host_tier.newest("a") is None, 5, what="the host tier to drop a")
-        assert "a" not in {k.partition("@")[0] for k in eng.cache.resident}
+        wait_until(lambda: eng.host_tier.newest("a") is None
+                   and "a" not in {k.partition("@")[0] for k in eng.cache.resident}, 5, what="both tiers to drop a")
     finally:
         eng.shutdown(drain=False)
 
