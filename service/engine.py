@@ -420,7 +420,7 @@ class Engine:
         with self._cond:
             if not self.accepting:  # checked again under the lock: shutdown() may have begun meanwhile
                 raise EngineShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
-            if len(self._waiting) >= self.config.max_waiting:
+            if len(self._waiting) >= self.config.max_waiting and not self._make_room_for(params.tenant):
                 self.counters["rejected_queue_full"] += 1
                 wait = self.retry_after()
                 raise QueueFull(
@@ -431,6 +431,31 @@ class Engine:
             self.counters["requests"] += 1
             self._cond.notify()
         return req
+
+    def _make_room_for(self, tenant: str | None) -> bool:
+        """With fair_share, a full queue takes a request from a tenant that waits with fewer requests than another
+        (by two or more) by refusing that other tenant's newest waiting request instead (429 queue_full, as it
+        would have been had it come later): one tenant's backlog cannot fill the queue against all the others.
+        Called under the lock; True when a place was freed."""
+        if not self.config.fair_share:
+            return False
+        counts: dict[str | None, int] = {}
+        for r in self._waiting:
+            counts[r.params.tenant] = counts.get(r.params.tenant, 0) + 1
+        heaviest = max(counts, key=counts.__getitem__, default=None)
+        if heaviest is None or heaviest == tenant or counts[heaviest] < counts.get(tenant, 0) + 2:
+            return False
+        victim = next(r for r in reversed(self._waiting) if r.params.tenant == heaviest)
+        self._waiting.remove(victim)
+        self.counters["rejected_queue_full"] += 1
+        wait = self.retry_after()
+        victim.finish_reason = "error"
+        victim.emit("error", QueueFull(
+            f"the queue is full and this tenant's requests hold the largest share of it ({counts[heaviest]} of "
+            f"{self.config.max_waiting}); this one, its newest, made room for another tenant's. Retry in {wait:.0f} s",
+            retry_after=wait,
+        ))
+        return True
 
     def _check_token_ids(self, name: str, ids) -> None:
         """InvalidRequest naming the lowest of `ids` outside the model's vocabulary, if any."""

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from adapters_store.disk import DiskStore
-from service.engine import Engine, EngineConfig, SamplingParams
+from service.engine import Engine, EngineConfig, QueueFull, SamplingParams
 
 
 def engine(tiny_base, tiny_factors, tmp_path, **cfg) -> Engine:
@@ -91,3 +91,44 @@ def test_the_other_tenant_is_answered_while_the_backlog_runs(tiny_base, tiny_fac
             assert done_before_bolt <= 2, finished  # at most the two acme requests that held the rows
         else:
             assert done_before_bolt >= 6, finished
+
+
+@pytest.mark.parametrize("fair", [True, False], ids=["fair-share", "fifo"])
+def test_a_full_queue_makes_room_for_another_tenant_by_refusing_the_heaviest_tenants_newest(
+        tiny_base, tiny_factors, tmp_path, fair):
+    eng = engine(tiny_base, tiny_factors, tmp_path, max_batch=2, max_waiting=4, fair_share=fair)
+    prompt = eng.encode_prompt("Hi", raw=True)
+    params = lambda tenant: SamplingParams(max_tokens=2, tenant=tenant)  # noqa: E731
+
+    async def scenario():
+        acme = [asyncio.ensure_future(eng.generate(prompt, None, params("acme"))) for _ in range(4)]
+        await asyncio.sleep(0)  # all four queued: the queue is full
+        with pytest.raises(QueueFull, match="already waiting"):  # acme's own fifth: refused as before
+            await eng.generate(prompt, None, params("acme"))
+        bolt = []
+        for _ in range(3):
+            try:
+                bolt.append(eng._submit(prompt, None, params("bolt")))
+            except QueueFull:
+                bolt.append(None)
+        await asyncio.sleep(0.01)  # refused waiters hear about it
+        refused = [t for t in acme if t.done()]
+        if fair:
+            # bolt's first two take the places of acme's two newest (acme 4 against bolt 0, then 3 against 1);
+            # its third is refused (2 against 2: even)
+            assert bolt[0] is not None and bolt[1] is not None and bolt[2] is None
+            assert refused == acme[2:]
+            for t in refused:
+                with pytest.raises(QueueFull, match="largest share"):  # the API answers it 429 queue_full
+                    t.result()
+            assert [r.params.tenant for r in eng._waiting] == ["acme", "acme", "bolt", "bolt"]
+        else:
+            assert bolt == [None, None, None] and not refused
+        assert eng.counters["rejected_queue_full"] == (1 + 2 + 1 if fair else 1 + 3)
+        for t in acme:
+            t.cancel()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        eng.shutdown(drain=False)
