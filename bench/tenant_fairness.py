@@ -10,6 +10,10 @@ next free row, since chat holds fewer rows than bulk. Measured over a fixed wind
 no end-of-backlog tail favours either). Both settings run on one engine, alternated round by round.
 
     python bench/tenant_fairness.py [--base default] [--rows 8] [--bulk-clients 24] [--seconds 20] [--rounds 2]
+    python bench/tenant_fairness.py --bulk-clients 40 --max-waiting 16     # bulk also fills the queue
+
+With --max-waiting under bulk's clients the queue is full all the time: FIFO refuses chat's requests (429
+queue_full), while fair share lets each take the place of bulk's newest waiting request; refusals are counted.
 
 Prints a markdown table and a last line of JSON.
 """
@@ -34,7 +38,7 @@ from adapters_store.disk import DiskStore  # noqa: E402
 from adapters_store.format import adapter_to_bytes  # noqa: E402
 from adapters_store.records import record_for  # noqa: E402
 from mixed_batch import random_adapter  # noqa: E402
-from service.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from service.engine import Engine, EngineConfig, QueueFull, SamplingParams  # noqa: E402
 from svd_adapters.base_model import load_base  # noqa: E402
 from svd_adapters.factors import load_or_compute  # noqa: E402
 
@@ -49,17 +53,23 @@ async def one_round(eng: Engine, versions: dict[str, str], args) -> dict:
         while time.perf_counter() < stop_at:
             aid = ids[(i + n) % len(ids)]
             prompt = eng.encode_prompt(f"Write a long report on topic number {i}-{n}.")
-            await eng.generate(prompt, aid, SamplingParams(max_tokens=args.tokens, ignore_eos=True, tenant="bulk"),
-                               versions[aid])
+            try:
+                await eng.generate(prompt, aid, SamplingParams(max_tokens=args.tokens, ignore_eos=True, tenant="bulk"),
+                                   versions[aid])
+            except QueueFull as exc:  # as a client would: wait as told, then send it again
+                await asyncio.sleep(min(exc.retry_after or 1.0, 1.0))
             n += 1
 
     async def chat(i: int) -> float:
         await asyncio.sleep(args.warmup + args.gap * i)  # once the backlog stands
         prompt = eng.encode_prompt(f"Quick question {i}: what is {i} + {i}?")
         start, first = time.perf_counter(), float("nan")
-        async for _ in eng.stream(prompt, None, SamplingParams(max_tokens=4, ignore_eos=True, tenant="chat")):
-            if first != first:  # the first item: the first token's text (or the result); the rest is read too
-                first = time.perf_counter() - start
+        try:
+            async for _ in eng.stream(prompt, None, SamplingParams(max_tokens=4, ignore_eos=True, tenant="chat")):
+                if first != first:  # the first item: the first token's text (or the result); the rest is read too
+                    first = time.perf_counter() - start
+        except QueueFull:
+            return None  # refused: 429
         return first
 
     async def window() -> dict:
@@ -75,7 +85,8 @@ async def one_round(eng: Engine, versions: dict[str, str], args) -> dict:
     ttfts = await asyncio.gather(*(chat(i) for i in range(n_chat)))
     counts = await counted
     await asyncio.gather(*clients)
-    return {"chat_ttft": list(ttfts), "tok_s": counts["completion_tokens"] / (args.seconds - args.warmup),
+    return {"chat_ttft": [t for t in ttfts if t is not None], "chat_refused": sum(t is None for t in ttfts),
+            "chat_sent": len(ttfts), "tok_s": counts["completion_tokens"] / (args.seconds - args.warmup),
             "rows_per_decode_step": counts["completion_tokens"] / max(1, counts["steps"]),
             "prefill_calls": counts["prefill_calls"], "decode_steps": counts["steps"]}
 
@@ -90,6 +101,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=4.0, help="seconds before chat starts and tokens are counted")
     ap.add_argument("--gap", type=float, default=1.5, help="seconds between chat's requests")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-waiting", type=int, default=None,
+                    help="the engine's queue (default: room for every client; fewer than bulk's clients fills it)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     base = load_base(args.base)
@@ -103,7 +116,7 @@ def main() -> None:
         store.put(record, blob)
         versions[record.adapter_id] = record.sha256
     eng = Engine(base, factors, store, EngineConfig(max_batch=args.rows, max_rank=16, max_seq_len=256, core_slots=8,
-                                                    lr_slots=1, device=args.device, max_waiting=args.bulk_clients + 64,
+                                                    lr_slots=1, device=args.device, max_waiting=args.max_waiting or args.bulk_clients + 64,
                                                     prefix_cache_tokens=0))
     real_prefill = eng.runner.prefill
 
@@ -122,7 +135,8 @@ def main() -> None:
                 eng.config.fair_share = fair
                 res = asyncio.run(one_round(eng, versions, args))
                 runs[name].append(res)
-                print(f"round {r} {name}: chat TTFT {[round(t, 2) for t in res['chat_ttft']]} s, "
+                print(f"round {r} {name}: chat TTFT {[round(t, 2) for t in res['chat_ttft']]} s, refused "
+                      f"{res['chat_refused']}/{res['chat_sent']}, "
                       f"{res['tok_s']:.1f} tok/s, {res['decode_steps']} decode steps of {res['rows_per_decode_step']:.2f} "
                       f"rows, {res['prefill_calls']} prefill calls", file=sys.stderr, flush=True)
     finally:
@@ -131,7 +145,9 @@ def main() -> None:
     rows = {}
     for name, rs in runs.items():
         ttfts = [t for r in rs for t in r["chat_ttft"]]
-        rows[name] = {"chat_ttft_p50_s": statistics.median(ttfts), "chat_ttft_max_s": max(ttfts),
+        rows[name] = {"chat_ttft_p50_s": statistics.median(ttfts) if ttfts else float("nan"),
+                      "chat_ttft_max_s": max(ttfts, default=float("nan")),
+                      "chat_refused": f"{sum(r['chat_refused'] for r in rs)}/{sum(r['chat_sent'] for r in rs)}",
                       "tok_s": statistics.median(r["tok_s"] for r in rs),
                       "rows_per_decode_step": statistics.median(r["rows_per_decode_step"] for r in rs),
                       "prefill_calls": statistics.median(r["prefill_calls"] for r in rs)}
@@ -142,11 +158,11 @@ def main() -> None:
     print(f"\nTenant fairness: {base.name}, {args.rows} rows; tenant bulk keeps {args.bulk_clients} requests in flight "
           f"(max_tokens {args.tokens}), tenant chat sends one (max_tokens 4) every {args.gap} s; {args.seconds:g} s "
           f"rounds, the first {args.warmup:g} s uncounted; device {args.device}, {args.rounds} rounds\n")
-    print("| admission | chat TTFT p50 s | × faster than FIFO | chat TTFT max s | tokens/s (all) | × FIFO | rows per "
-          "decode step | prefill calls |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| admission | chat refused (429) | chat TTFT p50 s | × faster than FIFO | chat TTFT max s | tokens/s (all) | "
+          "× FIFO | rows per decode step | prefill calls |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| {name} | {r['chat_ttft_p50_s']:.2f} | {r['chat_ttft_faster']:.2f} | {r['chat_ttft_max_s']:.2f} | "
+        print(f"| {name} | {r['chat_refused']} | {r['chat_ttft_p50_s']:.2f} | {r['chat_ttft_faster']:.2f} | {r['chat_ttft_max_s']:.2f} | "
               f"{r['tok_s']:.1f} | {r['tok_s_ratio']:.2f} | {r['rows_per_decode_step']:.2f} | {r['prefill_calls']:.0f} |")
     print(json.dumps({"bench": "tenant_fairness", "base": base.name, "rows": args.rows, "bulk_clients": args.bulk_clients,
                       "seconds": args.seconds, "rounds": args.rounds, "device": args.device, "results": rows}))
