@@ -635,7 +635,8 @@ class Engine:
             r.emit("error", err)
 
     def _admit(self) -> list[_Request]:
-        """Waiting requests whose adapter is resident, FIFO, up to the free rows and the prefill budget. A prompt
+        """Waiting requests whose adapter is resident, in `_admission_order` (fair share across tenants, FIFO within
+        one), up to the free rows and the prefill budget. A prompt
         that would compute more than prefill_chunk_tokens while rows decode becomes the chunked one (`_partial`,
         one at a time) instead: it takes the last row and is prefilled by `_advance_partial`."""
         admitted: list[_Request] = []
