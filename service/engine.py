@@ -394,7 +394,7 @@ class Engine:
             raise EngineShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty")
-        self._check_token_ids("the prompt", prompt_ids)  # token prompts come from clients (/v1/completions)
+        self.check_token_ids("the prompt", prompt_ids)  # token prompts come from clients (/v1/completions)
         if len(prompt_ids) >= self.config.max_seq_len:
             raise InvalidRequest(
                 f"the prompt is {len(prompt_ids)} tokens, over this server's context limit of {self.config.max_seq_len} "
@@ -457,7 +457,7 @@ class Engine:
         ))
         return True
 
-    def _check_token_ids(self, name: str, ids) -> None:
+    def check_token_ids(self, name: str, ids) -> None:
         """InvalidRequest naming the lowest of `ids` outside the model's vocabulary, if any."""
         vocab = self.base.model.config.vocab_size
         bad = sorted(t for t in ids if not 0 <= t < vocab)
@@ -468,7 +468,7 @@ class Engine:
 
     def _check_sampling(self, params: SamplingParams) -> None:
         for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
-            self._check_token_ids(name, ids)
+            self.check_token_ids(name, ids)
         if not 0 <= params.min_tokens <= params.max_tokens:
             raise InvalidRequest(f"min_tokens must be between 0 and max_tokens ({params.max_tokens}), got {params.min_tokens}")
         if params.top_k < 0 or not 0.0 < params.top_p <= 1.0 or not 0.0 <= params.min_p <= 1.0 or params.repetition_penalty <= 0:

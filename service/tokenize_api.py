@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from service.auth import TenantCaller
-from service.errors import ApiError, not_ready
+from service.errors import not_ready
 from service.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
 router = APIRouter(tags=["generation"])
@@ -33,10 +33,6 @@ async def tokenize(request: Request, body: TokenizeRequest, caller: TenantCaller
 @router.post("/detokenize", response_model=DetokenizeResponse, summary="The text of token ids")
 async def detokenize(request: Request, body: DetokenizeRequest, caller: TenantCaller) -> DetokenizeResponse:
     engine = _engine(request)
-    vocab = engine.base.model.config.vocab_size
-    bad = [t for t in body.tokens if not 0 <= t < vocab]
-    if bad:
-        raise ApiError(400, "invalid_request",
-                       f"token id {bad[0]} is outside this model's vocabulary of {vocab} tokens (ids 0..{vocab - 1})")
+    engine.check_token_ids("the tokens", body.tokens)  # InvalidRequest: 400 invalid_request, as for prompts
     text = await run_in_threadpool(engine.tokenizer.decode, body.tokens)
     return DetokenizeResponse(prompt=text)
