@@ -84,34 +84,33 @@ class _EngineState(Collector):
         yield resident
         yield loading
         if "prefix_cache_hits" in stats:  # the prefix cache's own counts (absent when it is off)
-            for name, key, doc in (
+            yield from _from_stats(stats, CounterMetricFamily, (
                 ("prefix_cache_hits", "prefix_cache_hits", "Prompts that continued a cached prefix"),
                 ("prefix_cache_misses", "prefix_cache_misses", "Prompts looked up that found no cached prefix"),
                 ("prefix_cache_reused_tokens", "prefix_cached_tokens", "Prompt tokens whose keys and values came from the prefix cache"),
                 ("prefix_cache_evictions", "prefix_cache_evictions", "Prefix-cache blocks evicted to make room"),
-            ):
-                counter = CounterMetricFamily(PREFIX + name, doc)
-                counter.add_metric([], float(stats[key]))
-                yield counter
-            used = GaugeMetricFamily(PREFIX + "prefix_cache_blocks_used", "Prefix-cache blocks holding a cached prefix")
-            used.add_metric([], float(stats["prefix_cache_blocks_used"]))
-            yield used
+            ))
+            yield from _from_stats(stats, GaugeMetricFamily, (
+                ("prefix_cache_blocks_used", "prefix_cache_blocks_used", "Prefix-cache blocks holding a cached prefix"),
+            ))
         if "host_cache_hits" in stats:  # the host-memory adapter tier (service/host_tier.py)
-            for name, key, doc in (
+            yield from _from_stats(stats, CounterMetricFamily, (
                 ("adapter_host_cache_hits", "host_cache_hits", "Evicted adapters placed again from host memory"),
                 ("adapter_host_cache_misses", "host_cache_misses", "Adapter loads the host tier could not serve (fetched from the store)"),
                 ("adapter_host_cache_evictions", "host_cache_evictions", "Adapters dropped from host memory to make room"),
-            ):
-                counter = CounterMetricFamily(PREFIX + name, doc)
-                counter.add_metric([], float(stats[key]))
-                yield counter
-            for name, key, doc in (
+            ))
+            yield from _from_stats(stats, GaugeMetricFamily, (
                 ("adapter_host_cache_bytes", "host_cache_used_bytes", "Bytes of adapter terms held in host memory"),
                 ("adapter_host_cache_entries", "host_cache_entries", "Adapters held in host memory"),
-            ):
-                gauge = GaugeMetricFamily(PREFIX + name, doc)
-                gauge.add_metric([], float(stats[key]))
-                yield gauge
+            ))
+
+
+def _from_stats(stats: dict[str, Any], family, rows):
+    """One unlabelled metric of `family` per (name, key in the engine's stats, doc) row."""
+    for name, key, doc in rows:
+        metric = family(PREFIX + name, doc)
+        metric.add_metric([], float(stats[key]))
+        yield metric
 
 
 class Metrics:
