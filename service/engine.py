@@ -291,8 +291,7 @@ class Engine:
 
     def _fail_all(self, err: EngineError) -> None:
         with self._cond:
-            partial = [self._partial] if self._partial is not None else []
-            left = [r for r in list(self._waiting) + list(self._active) + partial if r.finish_reason is None]
+            left = [r for r in list(self._waiting) + self._in_rows() if r.finish_reason is None]
             self._waiting.clear()
             if self._thread is None or not self._thread.is_alive():
                 self._active.clear()  # rows of a stopped engine; never touched while a step might still run
@@ -503,7 +502,7 @@ class Engine:
                 self._retire()
             except Exception as exc:  # a bug must fail the requests in flight, not kill the engine silently
                 log.exception("engine step failed")
-                for req in self._active + ([self._partial] if self._partial is not None else []):
+                for req in self._in_rows():
                     self._finish(req, error=EngineError(f"internal error: {exc}"))
                 self._drop_partial()
                 self._retire()
@@ -535,8 +534,7 @@ class Engine:
                 f"this server's request timeout of {limit:g} s; the server is overloaded or the adapter store is slow. "
                 "Retry later"
             ))
-        rows = self._active + ([self._partial] if self._partial is not None else [])
-        running = [r for r in rows if r.finish_reason is None and not r.cancelled and now - r.arrived > limit]
+        running = [r for r in self._in_rows() if r.finish_reason is None and not r.cancelled and now - r.arrived > limit]
         for r in running:
             self._finish(r, error=RequestTimeout(
                 f"the request ran past this server's request timeout of {limit:g} s after {len(r.out)} generated tokens "
@@ -707,7 +705,7 @@ class Engine:
         if len(queues) < 2:
             return list(self._waiting)
         held: dict[str | None, int] = {t: 0 for t in queues}
-        for req in self._active + ([self._partial] if self._partial is not None else []):
+        for req in self._in_rows():
             if req.params.tenant in held:
                 held[req.params.tenant] += 1
         heap = [(held[t], q[0].id, t) for t, q in queues.items()]  # ids grow with arrival
@@ -752,6 +750,10 @@ class Engine:
             self.runner.move_row(row, first_free_row, req.done)
         self._partial = None
         return [req]
+
+    def _in_rows(self) -> list[_Request]:
+        """Every request holding a KV row: the decoding ones and the one being prefilled in chunks."""
+        return self._active + ([self._partial] if self._partial is not None else [])
 
     def _drop_partial(self) -> None:
         """Forget the chunked prompt (it ended before its last chunk); its adapter slot is free again."""
