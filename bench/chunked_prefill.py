@@ -21,7 +21,6 @@ import asyncio
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,10 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from adapters_store.disk import DiskStore  # noqa: E402
-from adapters_store.format import adapter_to_bytes  # noqa: E402
-from adapters_store.records import record_for  # noqa: E402
-from mixed_batch import random_adapter  # noqa: E402
+from mixed_batch import stored_adapters  # noqa: E402
 from service.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from svd_adapters.base_model import load_base  # noqa: E402
 from svd_adapters.factors import load_or_compute  # noqa: E402
@@ -84,15 +80,8 @@ def main() -> None:
     chunks = [int(c) for c in args.chunks.split(",")]
     base = load_base(args.base)
     factors = load_or_compute(base.model, base.cache_dir)
-    store = DiskStore(tempfile.mkdtemp(prefix="svdserve-chunks-"))
-    ids, versions = [], {}
-    for i in range(4):
-        a = random_adapter(("osora", "loraxs")[i % 2], 16, factors, base.name, seed=700 + i)
-        blob = adapter_to_bytes(a)
-        record = record_for(a, blob, f"tenant-{i}")
-        store.put(record, blob)
-        ids.append(record.adapter_id)
-        versions[record.adapter_id] = record.sha256
+    store, versions = stored_adapters(base, factors, 4, "tenant-", seed=700)
+    ids = list(versions)
     eng = Engine(base, factors, store, EngineConfig(max_batch=max(32, args.rows + 2), max_rank=16,
                                                     max_seq_len=args.prompt_tokens + 1100, core_slots=8, lr_slots=1,
                                                     device=args.device, prefix_cache_tokens=0))

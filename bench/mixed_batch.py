@@ -19,6 +19,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adapters_store.disk import DiskStore  # noqa: E402
+from adapters_store.format import adapter_to_bytes  # noqa: E402
+from adapters_store.records import record_for  # noqa: E402
 from svd_adapters import cpu_kernels, gpu_kernels  # noqa: E402
 from svd_adapters.adapter import Adapter  # noqa: E402
 from svd_adapters.adapter import random_adapter as make_random_adapter  # noqa: E402
@@ -41,6 +45,20 @@ BENCH_NOISE = {"osora": 0.02, "loraxs": 0.05, "sorsa": 0.01, "lora": 0.01}
 
 def random_adapter(method: str, rank: int, factors, name: str, seed: int) -> Adapter:
     return make_random_adapter(method, rank, factors, name, seed=seed, scale=BENCH_NOISE)
+
+
+def stored_adapters(base, factors, n: int, id_prefix: str, seed: int) -> tuple[DiskStore, dict[str, str]]:
+    """A new temp disk store holding n OSoRA / LoRA-XS r16 adapters (alternating, seeds seed + i) named
+    {id_prefix}{i}, as the engine benchmarks serve them: (the store, adapter id → its sha256 version)."""
+    store = DiskStore(tempfile.mkdtemp(prefix="svdserve-bench-"))
+    versions = {}
+    for i in range(n):
+        a = random_adapter(("osora", "loraxs")[i % 2], 16, factors, base.name, seed=seed + i)
+        blob = adapter_to_bytes(a)
+        record = record_for(a, blob, f"{id_prefix}{i}")
+        store.put(record, blob)
+        versions[record.adapter_id] = record.sha256
+    return store, versions
 
 
 CLOCK = time.perf_counter

@@ -20,7 +20,6 @@ import asyncio
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,10 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from adapters_store.disk import DiskStore  # noqa: E402
-from adapters_store.format import adapter_to_bytes  # noqa: E402
-from adapters_store.records import record_for  # noqa: E402
-from mixed_batch import random_adapter  # noqa: E402
+from mixed_batch import stored_adapters  # noqa: E402
 from service.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from svd_adapters.base_model import load_base  # noqa: E402
 from svd_adapters.factors import load_or_compute  # noqa: E402
@@ -65,13 +61,9 @@ def main() -> None:
     args = ap.parse_args()
     base = load_base(args.base)
     factors = load_or_compute(base.model, base.cache_dir)
-    store = DiskStore(tempfile.mkdtemp(prefix="svdserve-prefix-"))
-    ids = []
-    for i in range(2 * args.tenants):  # the first tenants' for one workload, the others' for the other
-        a = random_adapter(("osora", "loraxs")[i % 2], 16, factors, base.name, seed=500 + i)
-        blob = adapter_to_bytes(a)
-        store.put(record_for(a, blob, f"tenant-{i}"), blob)
-        ids.append(f"tenant-{i}")
+    # the first tenants' adapters for one workload, the others' for the other
+    store, versions = stored_adapters(base, factors, 2 * args.tenants, "tenant-", seed=500)
+    ids = list(versions)
     cfg = dict(max_batch=4, max_rank=16, max_seq_len=1024, core_slots=2 * args.tenants + 1, lr_slots=1,
                device=args.device)
     engines = {"off": Engine(base, factors, store, EngineConfig(**cfg, prefix_cache_tokens=0)),

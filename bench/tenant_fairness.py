@@ -24,7 +24,6 @@ import asyncio
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,10 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from adapters_store.disk import DiskStore  # noqa: E402
-from adapters_store.format import adapter_to_bytes  # noqa: E402
-from adapters_store.records import record_for  # noqa: E402
-from mixed_batch import random_adapter  # noqa: E402
+from mixed_batch import stored_adapters  # noqa: E402
 from service.engine import Engine, EngineConfig, QueueFull, SamplingParams  # noqa: E402
 from svd_adapters.base_model import load_base  # noqa: E402
 from svd_adapters.factors import load_or_compute  # noqa: E402
@@ -107,14 +103,7 @@ def main() -> None:
     args = ap.parse_args()
     base = load_base(args.base)
     factors = load_or_compute(base.model, base.cache_dir)
-    store = DiskStore(tempfile.mkdtemp(prefix="svdserve-fair-"))
-    versions = {}
-    for i in range(4):
-        a = random_adapter(("osora", "loraxs")[i % 2], 16, factors, base.name, seed=900 + i)
-        blob = adapter_to_bytes(a)
-        record = record_for(a, blob, f"bulk-{i}")
-        store.put(record, blob)
-        versions[record.adapter_id] = record.sha256
+    store, versions = stored_adapters(base, factors, 4, "bulk-", seed=900)
     eng = Engine(base, factors, store, EngineConfig(max_batch=args.rows, max_rank=16, max_seq_len=256, core_slots=8,
                                                     lr_slots=1, device=args.device, max_waiting=args.max_waiting or args.bulk_clients + 64,
                                                     prefix_cache_tokens=0))
