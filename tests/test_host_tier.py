@@ -8,28 +8,25 @@ import pytest
 import torch
 
 from _reliability import wait_until
-from adapters_store.base import StoreUnavailable
-from adapters_store.disk import DiskStore
 from adapters_store.format import adapter_to_bytes
 from adapters_store.records import record_for
 from service.engine import Engine, EngineConfig, SamplingParams
 from service.host_tier import HostTier, terms_bytes
 from svd_adapters.adapter import random_adapter
+from test_metrics import FlakyStore
 
 
-class CountingStore(DiskStore):
-    """A disk store that counts blob fetches and can be taken down."""
+class CountingStore(FlakyStore):
+    """A disk store that can be taken down (`down`) and counts the blob fetches it answers."""
 
     def __init__(self, root):
         super().__init__(root)
         self.fetched: list[str] = []
-        self.down = False
 
     def get_blob(self, adapter_id, expect_sha256=None):
-        if self.down:
-            raise StoreUnavailable("the test took the store down")
+        blob = super().get_blob(adapter_id, expect_sha256)  # raises StoreUnavailable while down
         self.fetched.append(adapter_id)
-        return super().get_blob(adapter_id, expect_sha256=expect_sha256)
+        return blob
 
 
 @pytest.fixture
