@@ -281,8 +281,8 @@ async def _run(request: Request, engine: eng.Engine, works: list[tuple[list[int]
     """Every (prompt ids, parameters) pair generated together; None if the client went away."""
     from service.app import _unless_disconnected  # service.app includes this router: import when first used
 
-    works = [engine.generate(ids, adapter_id, p, version) for ids, p in works]
-    return await _unless_disconnected(request, _all(works))
+    generations = [engine.generate(ids, adapter_id, p, version) for ids, p in works]
+    return await _unless_disconnected(request, _all(generations))
 
 
 async def _merged(streams: list[AsyncIterator[Any]], firsts: list[Any]) -> AsyncIterator[tuple[int, Any]]:
