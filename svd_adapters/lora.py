@@ -24,6 +24,15 @@ def init_params(U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, genera
     return {"A": A, "B": torch.zeros(U_r.shape[0], r)}
 
 
+def reference_params(p: dict[str, torch.Tensor], U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+    """A = B = 0: a merge takes both factors themselves as each adapter's change (as LoRAX merges LoRAs)."""
+    return {k: torch.zeros_like(v) for k, v in p.items()}
+
+
+ALPHA_SCALED = "B"  # ΔW = (α/r)·B·A: a merge folds α/r into B so adapters of different α combine
+
+
 def terms(p: dict[str, torch.Tensor], U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, alpha: float) -> DeltaTerms:
     r = p["A"].shape[-2]
     return DeltaTerms(rank=0, A=p["A"], B=p["B"] * (alpha / r))

@@ -21,6 +21,15 @@ def init_params(U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, genera
     return {"R": torch.randn(r, r, generator=generator) * INIT_STD}
 
 
+def reference_params(p: dict[str, torch.Tensor], U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+    """R = 0, where ΔW = 0 (the init's ~1e-5 noise left out): what a merge measures each adapter's change from."""
+    return {"R": torch.zeros_like(p["R"])}
+
+
+ALPHA_SCALED = "R"  # ΔW is linear in (α/r)·R: a merge folds α/r into R so adapters of different α combine
+
+
 def terms(p: dict[str, torch.Tensor], U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, alpha: float) -> DeltaTerms:
     r = S_r.shape[-1]
     return DeltaTerms(rank=r, C=(alpha / r) * p["R"] * S_r[..., None, :])

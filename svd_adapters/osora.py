@@ -19,5 +19,14 @@ def init_params(U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, genera
     return {"O": torch.ones(U_r.shape[0]), "S": S_r.clone()}
 
 
+def reference_params(p: dict[str, torch.Tensor], U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+    """The parameters where ΔW = 0 (the init): what a merge measures each adapter's change from."""
+    return init_params(U_r, S_r, Vh_r)
+
+
+ALPHA_SCALED = None  # no parameter is scaled by α/r
+
+
 def terms(p: dict[str, torch.Tensor], U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, alpha: float) -> DeltaTerms:
     return DeltaTerms(rank=S_r.shape[-1], C=torch.diag_embed(p["S"]), o=p["O"], d=-S_r, diagonal=True)

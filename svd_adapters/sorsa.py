@@ -24,6 +24,15 @@ def init_params(U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, genera
     return {"U": U_r.clone(), "S": S_r.clone(), "V": Vh_r.T.contiguous()}
 
 
+def reference_params(p: dict[str, torch.Tensor], U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+    """The parameters where ΔW = 0 (the init): what a merge measures each adapter's change from."""
+    return init_params(U_r, S_r, Vh_r)
+
+
+ALPHA_SCALED = None  # no parameter is scaled by α/r
+
+
 def terms(p: dict[str, torch.Tensor], U_r: torch.Tensor, S_r: torch.Tensor, Vh_r: torch.Tensor, alpha: float) -> DeltaTerms:
     return DeltaTerms(rank=S_r.shape[-1], A=p["V"].transpose(-1, -2), B=p["U"] * p["S"][..., None, :], d=-S_r)
 
