@@ -1,16 +1,14 @@
 """Device adapter cache: which adapter sits in which pool slot, with LRU eviction and pinning.
 
 Two pools (see svd_adapters.batched_linear): "core" slots for OSoRA / LoRA-XS and "lr" slots for
-SORSA / LoRA. Slot 0 of each is the zero adapter and never handed out. Only the engine thread touches
-this object, so it needs no lock.
+SORSA / LoRA (a merge goes where its terms fit: `svd_adapters.adapter.slot_pool`). Slot 0 of each is the zero
+adapter and never handed out. Only the engine thread touches this object, so it needs no lock.
 """
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-
-from svd_adapters.methods import pool_of
 
 
 @dataclass
@@ -52,13 +50,11 @@ class AdapterCache:
         if res is not None and res.refcount > 0:
             res.refcount -= 1
 
-    def can_place(self, method: str) -> bool:
-        pool = pool_of(method)
+    def can_place(self, pool: str) -> bool:
         return bool(self.free[pool]) or any(self._evictable(r, pool) for r in self.resident.values())
 
-    def place(self, adapter_id: str, method: str) -> tuple[Resident, str | None]:
-        """Assign a slot (free, else the least recently used unreferenced one). Returns (entry, evicted id)."""
-        pool = pool_of(method)
+    def place(self, adapter_id: str, method: str, pool: str) -> tuple[Resident, str | None]:
+        """Assign a slot of `pool` (free, else the least recently used unreferenced one). Returns (entry, evicted id)."""
         evicted = None
         if self.free[pool]:
             slot = self.free[pool].pop()

@@ -32,9 +32,10 @@ from service import metrics as svc_metrics
 from service import engine as eng
 from service import logprobs as logprob_shapes
 from service import openai_api, structured, tokenize_api
-from service.auth import AuthMiddleware, TenantCaller, admin_router, build_auth, max_tokens_for
+from service.auth import AuthMiddleware, Caller, TenantCaller, admin_router, build_auth, max_tokens_for
 from service.config import Settings, resolve_device
 from service.errors import ApiError, engine_error_body, error_response_for, not_ready, register_error_handlers, shutting_down
+from service.merges import MergeSpec
 from service.schemas import (
     AdapterCreated,
     AdapterInfo,
@@ -43,12 +44,14 @@ from service.schemas import (
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
+    MergedAdapters,
     StoreHealth,
     Usage,
 )
 from svd_adapters.base_model import BaseModel, load_base
 from svd_adapters.factors import BaseFactors, load_or_compute
 from svd_adapters.log import get_logger
+from svd_adapters.merge import check_mergeable
 
 log = get_logger(__name__)
 
@@ -234,6 +237,16 @@ def create_app(
             raise not_ready()
         return s
 
+    def merge_spec(request: Request, caller: Caller, merged: MergedAdapters) -> MergeSpec:
+        """What a request's merged_adapters resolve to: its sources' versions pinned (404 for one the caller
+        cannot use), checked servable here (400 saying why not) before anything is fetched."""
+        records = request.app.state.auth.usable_records(the_store(request), caller, merged.ids, "merged_adapters")
+        try:
+            check_mergeable([r.method for r in records], [r.rank for r in records], merged.options(), settings.max_rank)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_merge", f"merged_adapters: {exc}") from None
+        return MergeSpec(tuple((r.adapter_id, r.sha256) for r in records), merged.resolved_weights(), merged.options())
+
     def known_id(adapter_id: str) -> str:
         try:
             return validate_id(adapter_id)
@@ -390,9 +403,12 @@ def create_app(
                 422, "validation_error", f"max_tokens: must be ≤ {settings.max_seq_len} (this server's max_seq_len)"
             )
         body.max_tokens = max_tokens_for(caller, body.max_tokens, explicit="max_tokens" in body.model_fields_set)
+        target: str | MergeSpec | None = body.adapter_id
         allowed, version = (True, None) if body.adapter_id is None else await run_in_threadpool(
             request.app.state.auth.usable_version, the_store(request), caller, body.adapter_id
         )
+        if body.merged_adapters is not None:
+            target = await run_in_threadpool(merge_spec, request, caller, body.merged_adapters)
         if not allowed:  # another tenant's adapter answers exactly like a nonexistent one
             raise ApiError(
                 404, "adapter_not_found",
@@ -406,12 +422,13 @@ def create_app(
             prefix_scope=body.prefix_scope(caller.tenant), tenant=caller.tenant, **body.sampling_controls(),
         )
         texts = logprob_shapes.token_texts(request)
+        result_id = target.label if isinstance(target, MergeSpec) else target
         if body.stream:
-            return await _stream_response(engine.stream(prompt_ids, body.adapter_id, params, version), body.adapter_id, texts)
-        result = await _unless_disconnected(request, engine.generate(prompt_ids, body.adapter_id, params, version))
+            return await _stream_response(engine.stream(prompt_ids, target, params, version), result_id, texts)
+        result = await _unless_disconnected(request, engine.generate(prompt_ids, target, params, version))
         if result is None:  # the client went away; its batch row is already freed
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return _response_of(result, body.adapter_id, texts)
+        return _response_of(result, result_id, texts)
 
     # --- health ----------------------------------------------------------------------------------------------
 

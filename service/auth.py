@@ -276,6 +276,23 @@ class Auth:
                 ) from exc
             return owner == caller.tenant, None
 
+    def usable_records(self, store: AdapterStore, caller: Caller, adapter_ids: list[str], what: str) -> list[AdapterRecord]:
+        """The records of adapters `caller` may generate with, one per id (a merge's sources: their versions and
+        methods are needed up front, so the store must be reachable); 404 naming the first that is missing or
+        foreign, 503 adapter_unavailable when the store is down."""
+        records = []
+        for adapter_id in adapter_ids:
+            try:
+                record = self.owned_record(store, caller, adapter_id)
+            except StoreUnavailable as exc:
+                raise AdapterStoreUnreachable(
+                    f"{what} cannot be resolved: the adapter store is unreachable ({exc}); retry shortly") from exc
+            if record is None:
+                raise ApiError(404, "adapter_not_found", f"adapter {adapter_id!r} in {what} not found; upload it with "
+                               "POST /adapters or list them with GET /adapters")
+            records.append(record)
+        return records
+
     def put_for(self, store: AdapterStore, caller: Caller, record: AdapterRecord, blob: bytes) -> None:
         """Store an upload for its tenant, within the tenant's adapter quota (checked and written under one
         per-tenant lock in this process; replicas uploading for one tenant at once may overshoot by one each)."""

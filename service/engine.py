@@ -29,12 +29,14 @@ from adapters_store.validate import AdapterValidationError, load_adapter
 from service import prefill_groups
 from service.adapter_cache import AdapterCache
 from service.host_tier import HostTier
+from service.merges import MergeSpec, key_id, key_sources
 from service.prefix_cache import PrefixCache
 from service.detokenize import Detokenizer
 from service.structured import GrammarError, Grammars, Matcher
 from service.sampling import (MAX_LOGPROBS, RowSampling, SamplingParams, TokenHistory, TokenLogprob, logprobs_of,
                               prompt_logprobs_of, sample_batch)
-from svd_adapters.adapter import Adapter
+from svd_adapters import merge as merging
+from svd_adapters.adapter import Adapter, slot_pool
 from svd_adapters.base_model import BaseModel
 from svd_adapters.factors import BaseFactors
 from svd_adapters.log import get_logger
@@ -48,11 +50,6 @@ __all__ = [
     "AdapterNotFound",
     "AdapterUnavailable", "QueueFull", "EngineShuttingDown", "InvalidRequest", "RequestTimeout",
 ]
-
-
-def _key_id(cache_key: str) -> str:
-    """The adapter id of a device-cache key (`id` or `id@sha256`; ids never contain '@')."""
-    return cache_key.partition("@")[0]
 
 
 class EngineError(Exception):
@@ -181,6 +178,7 @@ class _Request:
     cancelled: bool = False
     finish_reason: str | None = None
     method: str = "base"  # its adapter's method once admitted (a metrics label; never the adapter id)
+    merge: MergeSpec | None = None  # the adapters its adapter is merged from (cache_key is the merge's)
 
     def sampling(self, ending: set[int], vocab: int) -> RowSampling:
         """This step's sampling; `ending`: the engine's EOS ids, banned with stop_token_ids before min_tokens."""
@@ -324,7 +322,7 @@ class Engine:
                 f"(max_rank {R}); retrain with --rank {limit} or lower, or start the server with --max-rank {adapter.rank}"
             )
 
-    async def generate(self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams,
+    async def generate(self, prompt_ids: list[int], adapter_id: str | MergeSpec | None, params: SamplingParams,
                        version: str | None = None) -> GenerationResult:
         result = None
         async for item in self.stream(prompt_ids, adapter_id, params, version):
@@ -333,9 +331,10 @@ class Engine:
         assert result is not None
         return result
 
-    async def stream(self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams,
+    async def stream(self, prompt_ids: list[int], adapter_id: str | MergeSpec | None, params: SamplingParams,
                      version: str | None = None) -> AsyncIterator[TextDelta | GenerationResult]:
-        """Text deltas as they are generated, then the final GenerationResult."""
+        """Text deltas as they are generated, then the final GenerationResult. `adapter_id`: an adapter (of known
+        `version`, its sha256, when the caller looked it up), a merge of adapters, or None for the base model."""
         req = self._submit(prompt_ids, adapter_id, params, version)
         try:
             while True:
@@ -388,7 +387,8 @@ class Engine:
         return min(30.0, max(1.0, len(self._waiting) / rate))
 
     # ---------- submission ----------
-    def _submit(self, prompt_ids: list[int], adapter_id: str | None, params: SamplingParams, version: str | None = None) -> _Request:
+    def _submit(self, prompt_ids: list[int], adapter_id: str | MergeSpec | None, params: SamplingParams,
+                version: str | None = None) -> _Request:
         if not self.accepting:
             raise EngineShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
         if not prompt_ids:
@@ -410,11 +410,15 @@ class Engine:
         gen = None
         if params.temperature > 0:
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        merge = adapter_id if isinstance(adapter_id, MergeSpec) else None
+        if merge is not None:
+            adapter_id, key = merge.label, merge.cache_key
+        else:
+            key = None if adapter_id is None else (adapter_id if version is None else f"{adapter_id}@{version}")
         req = _Request(
-            id=next(self._ids), prompt=list(prompt_ids), adapter_id=adapter_id, params=params,
-            cache_key=None if adapter_id is None else (adapter_id if version is None else f"{adapter_id}@{version}"),
+            id=next(self._ids), prompt=list(prompt_ids), adapter_id=adapter_id, params=params, cache_key=key,
             detok=Detokenizer(self.tokenizer, params.stop), loop=asyncio.get_running_loop(),
-            queue=asyncio.Queue(), generator=gen,
+            queue=asyncio.Queue(), generator=gen, merge=merge,
         )
         with self._cond:
             if not self.accepting:  # checked again under the lock: shutdown() may have begun meanwhile
@@ -550,7 +554,7 @@ class Engine:
                 verb, adapter_id = self._commands.popleft()
             if verb == "evict":  # every cached version of the adapter, in both tiers
                 self.host_tier.drop(adapter_id)
-                for key in [k for k in list(self.cache.resident) + list(self._ready) if _key_id(k) == adapter_id]:
+                for key in [k for k in list(self.cache.resident) + list(self._ready) if adapter_id in key_sources(k)]:
                     self._ready.pop(key, None)
                     res = self.cache.get(key)
                     if res is not None and not self.cache.remove(key):  # still in use: retry after running requests release it
@@ -558,13 +562,22 @@ class Engine:
                             self._commands.append((verb, adapter_id))
                         return
             elif verb in ("pin", "unpin"):
-                for key in [k for k in self.cache.resident if _key_id(k) == adapter_id]:
+                for key in [k for k in self.cache.resident if key_id(k) == adapter_id]:
                     self.cache.pin(key, verb == "pin")
 
-    def _load(self, key: str) -> tuple[str, dict, float]:
-        """Loader thread: fetch, validate, and turn into slot terms (all CPU work off the engine thread)."""
+    def _load(self, key: str, merge: MergeSpec | None = None) -> tuple[str, dict, float]:
+        """Loader thread: fetch, validate, and turn into slot terms (all CPU work off the engine thread); a merge's
+        sources merged."""
         t0 = time.perf_counter()
+        if merge is not None:
+            method, terms = self._merged(merge)
+            return method, terms, time.perf_counter() - t0
         adapter_id, _, version = key.partition("@")
+        adapter = self._fetch(adapter_id, version)
+        return adapter.method, adapter.terms(self.factors), time.perf_counter() - t0
+
+    def _fetch(self, adapter_id: str, version: str | None) -> Adapter:
+        """Loader thread: an adapter from the store, checked against its version, validated, servable here."""
         try:
             # the store checks the blob against its record's sha256, and the record's against the version wanted
             blob = self.store.get_blob(adapter_id, expect_sha256=version or None)
@@ -581,7 +594,35 @@ class Engine:
             self.check_servable(adapter)
         except (AdapterValidationError, ValueError) as exc:
             raise AdapterUnavailable(f"stored adapter {adapter_id!r} cannot be served: {exc}") from exc
-        return adapter.method, adapter.terms(self.factors), time.perf_counter() - t0
+        return adapter
+
+    def _merged(self, spec: MergeSpec) -> tuple[str, dict]:
+        """Loader thread: a merge's (method, slot terms). A linear merge works on its sources' slot terms, so
+        sources the host tier holds need no store round trip (and fetched ones are kept there); ties / dare work on
+        their parameters, fetched from the store."""
+        try:
+            if spec.options.strategy == "linear":
+                merged = merging.linear([self._source_terms(*source) for source in spec.sources], spec.weights,
+                                        self.factors)
+                cap = 2 * self.config.max_rank
+                if merged.lowrank_rows > cap:
+                    raise ValueError(f"it needs {merged.lowrank_rows} low-rank rows, over this server's {cap}")
+            else:
+                merged = merging.merge([self._fetch(*source) for source in spec.sources], spec.weights, spec.options,
+                                       self.factors, self.config.max_rank, seed=spec.seed)
+        except ValueError as exc:
+            raise AdapterUnavailable(f"the merge {spec.label} cannot be served: {exc}") from exc
+        return merged.method, merged.terms
+
+    def _source_terms(self, adapter_id: str, version: str) -> tuple[str, dict]:
+        key = f"{adapter_id}@{version}"
+        entry = self.host_tier.get(key)
+        if entry is not None:
+            return entry.method, entry.terms
+        adapter = self._fetch(adapter_id, version)
+        terms = adapter.terms(self.factors)
+        self.host_tier.put(key, adapter.method, terms)
+        return adapter.method, terms
 
     def _place_loaded(self) -> None:
         for key, fut in list(self._loading.items()):
@@ -594,7 +635,7 @@ class Engine:
                 self.counters["adapter_load_errors"] += 1
                 for obs in self.observers:
                     obs.on_adapter_load_error(exc)
-                err = exc if isinstance(exc, EngineError) else EngineError(f"loading adapter {_key_id(key)!r} failed: {exc}")
+                err = exc if isinstance(exc, EngineError) else EngineError(f"loading adapter {key_id(key)!r} failed: {exc}")
                 self._fail_waiting(key, err)
                 continue
             self.counters["adapter_loads"] += 1
@@ -610,9 +651,10 @@ class Engine:
         """Write a loaded adapter into a slot of its pool (a free one, else the least recently used idle one);
         False while every slot of that pool is in use by running requests (it waits in _ready)."""
         method, terms = self._ready[key]
-        if not self.cache.can_place(method):
+        pool = slot_pool(terms)
+        if not self.cache.can_place(pool):
             return False
-        res, evicted = self.cache.place(key, method)
+        res, evicted = self.cache.place(key, method, pool)
         if evicted is not None:
             for obs in self.observers:
                 obs.on_eviction(res.pool)
@@ -653,7 +695,7 @@ class Engine:
                 if key is not None and "@" not in key and key not in self.cache.resident:
                     # version unknown (store unreachable at the API): any resident copy of this id serves, else the
                     # host tier's newest
-                    key = req.cache_key = next((k for k in reversed(self.cache.resident) if _key_id(k) == key),
+                    key = req.cache_key = next((k for k in reversed(self.cache.resident) if key_id(k) == key),
                                                None) or self.host_tier.newest(key) or key
                 computes = len(req.prompt) - self._cached_prefix(req)
                 chunked = 0 < chunk < computes and bool(self._active) and req.params.prompt_logprobs is None
@@ -669,7 +711,7 @@ class Engine:
                             for obs in self.observers:
                                 obs.on_cache_miss()
                             if not self._from_host_tier(key):
-                                fut = self._loader.submit(self._load, key)
+                                fut = self._loader.submit(self._load, key, req.merge)
                                 fut.add_done_callback(lambda _: self._notify())  # wake the engine: it is ready
                                 self._loading[key] = fut
                         # from host memory it is placed now, in this step (requests admitted before hold their

@@ -16,6 +16,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from service.merges import key_sources
 from svd_adapters.adapter import LayerTerms
 
 _FIELDS = ("C", "o", "d", "A", "B")
@@ -81,9 +82,10 @@ class HostTier:
             return True
 
     def drop(self, adapter_id: str) -> int:
-        """Forget every version of an adapter (deleted upstream); returns how many entries went."""
+        """Forget every version of an adapter (deleted upstream), and every merge of it; returns how many entries
+        went."""
         with self._lock:
-            keys = [k for k in self._entries if k.partition("@")[0] == adapter_id]
+            keys = [k for k in self._entries if adapter_id in key_sources(k)]
             for k in keys:
                 self.used -= self._entries.pop(k).nbytes
             return len(keys)

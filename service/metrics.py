@@ -4,7 +4,7 @@
 few dict lookups and a locked add), a pure-ASGI middleware counts HTTP requests, and a wrapper around the
 StoreError handler counts store failures the API answers. Labels are bounded sets only: endpoint (the route
 template, never the raw path), HTTP method, status class, adapter method (osora / loraxs / sorsa / lora /
-base), step kind, pool, reasons. Never a tenant or an adapter id: their number is unbounded.
+merged / base), step kind, pool, reasons. Never a tenant or an adapter id: their number is unbounded.
 
 Metric names (all prefixed svdserve_):
     http_requests_total{endpoint,http_method,status}      http_request_duration_seconds{endpoint}
@@ -32,12 +32,13 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters_store.base import StoreError, StoreUnavailable
+from svd_adapters.merge import MERGED
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
 PREFIX = "svdserve_"
-ADAPTER_METHODS = ("osora", "loraxs", "sorsa", "lora")
+ADAPTER_METHODS = ("osora", "loraxs", "sorsa", "lora", MERGED)  # MERGED: a merge that is no one method's adapter
 METHOD_LABELS = (*ADAPTER_METHODS, "base")  # "base": a request without an adapter
 STEP_KINDS = ("prefill", "prefill_chunk", "decode")
 LOAD_ERROR_REASONS = ("not_found", "store_unavailable", "store_error", "invalid", "other")

@@ -1,12 +1,15 @@
 """Request and response bodies of the HTTP API (pydantic 2). Every 4xx/5xx body is an ErrorResponse."""
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from adapters_store.base import validate_id
 from adapters_store.records import ID_PATTERN, AdapterRecord
 from service.structured import Constraint
+from svd_adapters.merge import MAX_SOURCES, SIGN_METHODS, STRATEGIES, MergeOptions
 
 # Hard ceilings independent of the server's settings; the engine enforces prompt + max_tokens ≤ max_seq_len.
 MAX_TOKENS_CEILING = 1 << 16
@@ -194,6 +197,51 @@ class SamplingControls(BaseModel):
         }
 
 
+class MergedAdapters(BaseModel):
+    """Several of the caller's adapters merged into one for this request (LoRAX's merged_adapters). The merge is
+    cached like an adapter: the same ids, weights and strategy reuse it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(min_length=1, max_length=MAX_SOURCES, description="the adapters to merge, each once")
+    weights: list[float] | None = Field(
+        default=None, description="one weight per adapter (default 1 each; negative subtracts an adapter's change)"
+    )
+    merge_strategy: Literal[STRATEGIES] = Field(  # type: ignore[valid-type]
+        default="linear",
+        description="linear: exactly Σ wᵢ ΔWᵢ, any methods and ranks; ties / dare_linear / dare_ties: entry by entry "
+        "on each adapter's parameter change (all adapters one method at one rank)",
+    )
+    density: float = Field(default=1.0, gt=0.0, le=1.0, description="ties / dare: the fraction of each change kept")
+    majority_sign_method: Literal[SIGN_METHODS] = Field(  # type: ignore[valid-type]
+        default="total", description="ties / dare_ties: elect each entry's sign by its summed change or by count"
+    )
+
+    @field_validator("ids")
+    @classmethod
+    def _check_ids(cls, v: list[str]) -> list[str]:
+        for adapter_id in v:
+            validate_id(adapter_id)
+        if len(set(v)) != len(v):
+            raise ValueError("list each adapter once (its weight scales it)")
+        return v
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> "MergedAdapters":
+        if self.weights is not None:
+            if len(self.weights) != len(self.ids):
+                raise ValueError(f"weights: {len(self.weights)} given for {len(self.ids)} ids; give one per adapter")
+            if any(not math.isfinite(w) or abs(w) > 100.0 for w in self.weights):
+                raise ValueError("weights must be finite numbers in [-100, 100]")
+        return self
+
+    def resolved_weights(self) -> tuple[float, ...]:
+        return tuple(self.weights) if self.weights is not None else (1.0,) * len(self.ids)
+
+    def options(self) -> MergeOptions:
+        return MergeOptions(self.merge_strategy, self.density, self.majority_sign_method)
+
+
 class GenerateRequest(PromptInput, SamplingControls):
     model_config = ConfigDict(
         extra="forbid",
@@ -207,6 +255,9 @@ class GenerateRequest(PromptInput, SamplingControls):
 
     adapter_id: str | None = Field(
         default=None, pattern=ID_PATTERN, description="an uploaded adapter's id; null serves the base model"
+    )
+    merged_adapters: MergedAdapters | None = Field(
+        default=None, description="instead of adapter_id: several adapters merged into one for this request"
     )
     max_tokens: int = Field(default=64, ge=1, le=MAX_TOKENS_CEILING, description="most tokens to generate")
     temperature: float = Field(default=0.0, ge=0.0, le=100.0, description="0 = greedy")
@@ -246,6 +297,12 @@ class GenerateRequest(PromptInput, SamplingControls):
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    @model_validator(mode="after")
+    def _one_adapter(self) -> "GenerateRequest":
+        if self.adapter_id is not None and self.merged_adapters is not None:
+            raise ValueError("give adapter_id or merged_adapters, not both")
+        return self
+
 
 class Usage(BaseModel):
     prompt_tokens: int
@@ -267,7 +324,7 @@ class TokenLogprobInfo(TokenAlternative):
 
 class GenerateResponse(BaseModel):
     text: str
-    adapter_id: str | None
+    adapter_id: str | None = Field(description="the adapter used; merge:<id>,<id>,… for merged_adapters; null: the base")
     finish_reason: Literal["stop", "length"]
     usage: Usage
     logprobs: list[TokenLogprobInfo] | None = Field(

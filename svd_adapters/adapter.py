@@ -63,6 +63,12 @@ class LayerTerms:
     terms: DeltaTerms  # every tensor has a leading dim over `layers`
 
 
+def slot_pool(terms: dict[str, LayerTerms]) -> str:
+    """The slot pool serving these terms: "lr" when they carry low-rank factors (SORSA, LoRA, most merges), else
+    "core" (OSoRA, LoRA-XS, a merge of LoRA-XS adapters)."""
+    return "lr" if any(lt.terms.A is not None for lt in terms.values()) else "core"
+
+
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 

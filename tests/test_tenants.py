@@ -479,3 +479,18 @@ async def test_redis_key_store_is_hashed_and_shared_by_replicas(serve, redis_pre
     finally:
         a_store.close()
         b_store.close()
+
+
+async def test_a_tenant_merges_only_its_own_adapters(serve, store, make_blob):
+    async with serve(store, auth="on", admin_key=ADMIN) as client:
+        acme, globex = await new_tenant(client, "acme"), await new_tenant(client, "globex")
+        assert (await upload(client, acme, make_blob("osora", 2, seed=1), "mine")).status_code == 201
+        assert (await upload(client, globex, make_blob("osora", 2, seed=2), "theirs")).status_code == 201
+        ok = await client.post("/generate", headers=bearer(acme), json={
+            "prompt": "x", "max_tokens": 2, "merged_adapters": {"ids": ["mine"], "weights": [0.5]}})
+        assert ok.status_code == 200, ok.text
+        # another tenant's adapter in a merge answers exactly like a nonexistent one
+        for ids in (["mine", "theirs"], ["mine", "nobody"]):
+            resp = await client.post("/generate", headers=bearer(acme), json={
+                "prompt": "x", "max_tokens": 2, "merged_adapters": {"ids": ids}})
+            assert err(resp, 404, "adapter_not_found")["message"].startswith(f"adapter {ids[1]!r} in merged_adapters not found")
