@@ -157,3 +157,30 @@ async def test_reupload_never_serves_the_old_weights_on_another_replica(serve, p
     finally:
         a_store.close()
         b_store.close()
+
+
+async def test_a_merge_follows_its_sources_across_replicas(serve, prefix, make_blob):
+    """Replica B serves (and caches) a merge of 'x' and 'y'; 'x' is re-uploaded with other weights through
+    replica A. A merge is keyed by its sources' versions, so B's next request merges the new 'x', as A does."""
+    a_store, b_store = RedisStore(REDIS_URL, prefix=prefix), RedisStore(REDIS_URL, prefix=prefix)
+    body = {"prompt": PROMPT, "max_tokens": 6, "logprobs": 0,
+            "merged_adapters": {"ids": ["x", "y"], "weights": [1.0, 0.5]}}
+
+    def scored(resp) -> list[float]:
+        assert resp.status_code == 200, resp.text
+        return [e["logprob"] for e in resp.json()["logprobs"]]
+
+    try:
+        async with serve(a_store) as a, serve(b_store) as b:
+            assert (await upload(a, make_blob("osora", rank=4, seed=1, scale=0.5), "x")).status_code == 201
+            assert (await upload(a, make_blob("lora", rank=4, seed=2), "y")).status_code == 201
+            old_on_b = scored(await b.post("/generate", json=body))
+            assert (await a.delete("/adapters/x")).status_code == 204
+            assert (await upload(a, make_blob("osora", rank=4, seed=3, scale=0.5), "x")).status_code == 201
+            new_on_a = scored(await a.post("/generate", json=body))
+            new_on_b = scored(await b.post("/generate", json=body))
+            assert new_on_a != old_on_b
+            assert max(abs(p - q) for p, q in zip(new_on_a, new_on_b)) <= 1e-4 and len(new_on_a) == len(new_on_b)
+    finally:
+        a_store.close()
+        b_store.close()

@@ -78,3 +78,53 @@ def test_real_model_prefix_cache_answers_as_without_it(tmp_path):
     finally:
         for e in engines:
             e.shutdown(drain=False)
+
+
+@pytest.mark.real_model
+def test_real_model_merged_adapters_generate_what_the_merged_weights_generate(tmp_path):
+    """A linear merge of an OSoRA, a LoRA-XS and a SORSA adapter, and a TIES merge of two OSoRA adapters, on the
+    real model, in one batch with a plain adapter: each generates the tokens, with the probabilities, of its
+    reference weights."""
+    from service.merges import MergeSpec
+    from svd_adapters import merge as merging
+    from svd_adapters.inject import merge_into
+    from test_merged_adapters import greedy, weighted_model
+
+    base = load_base("default")
+    factors = load_or_compute(base.model, base.cache_dir)
+    # moved as much as a trained adapter moves these weights (the tiny model's default noise would swamp this model)
+    noise = {"osora": 0.02, "loraxs": 0.05, "sorsa": 0.01}
+    adapters = {aid: random_adapter(m, 8, factors, base.name, seed=40 + i, scale=noise)
+                for i, (aid, m) in enumerate((("os", "osora"), ("lx", "loraxs"), ("so", "sorsa"), ("os2", "osora")))}
+    store = DiskStore(tmp_path / "store")
+    versions = {}
+    for aid, a in adapters.items():
+        blob = adapter_to_bytes(a)
+        record = record_for(a, blob, aid)
+        store.put(record, blob)
+        versions[aid] = record.sha256
+    linear = MergeSpec(tuple((i, versions[i]) for i in ("os", "lx", "so")), (0.7, 1.0, 0.5), merging.MergeOptions())
+    ties = MergeSpec(tuple((i, versions[i]) for i in ("os", "os2")), (1.0, 1.0), merging.MergeOptions("ties", 0.5))
+    engine = Engine(base, factors, store, EngineConfig(max_batch=4, max_rank=16, max_seq_len=256, core_slots=4,
+                                                       lr_slots=3))
+    engine.start()
+    try:
+        prompt = engine.encode_prompt("Write one sentence about the sea.")
+
+        async def run():
+            p = SamplingParams(max_tokens=8, logprobs=0)
+            return await asyncio.gather(engine.generate(prompt, linear, p), engine.generate(prompt, ties, p),
+                                        engine.generate(prompt, "lx", p, versions["lx"]))
+
+        results = asyncio.run(run())
+    finally:
+        engine.shutdown(drain=False)
+    ties_adapter = merging.parameter_merge([adapters["os"], adapters["os2"]], ties.weights, ties.options, factors)
+    ties_model = weighted_model(base, factors, [])
+    merge_into(ties_model, ties_adapter, factors)
+    refs = [weighted_model(base, factors, [(adapters["os"], 0.7), (adapters["lx"], 1.0), (adapters["so"], 0.5)]),
+            ties_model, weighted_model(base, factors, [(adapters["lx"], 1.0)])]
+    for res, ref in zip(results, refs):
+        tokens, logprobs = greedy(ref, prompt, 8, engine.eos_ids)
+        assert res.token_ids == tokens
+        assert max(abs(lp.logprob - want) for lp, want in zip(res.logprobs, logprobs)) <= 1e-4
