@@ -31,8 +31,8 @@ from svd_adapters.threads import in_fresh_thread, single_core
 from service import metrics as svc_metrics
 from service import engine as eng
 from service import logprobs as logprob_shapes
-from service import openai_api, structured, tokenize_api
-from service.auth import AuthMiddleware, Caller, TenantCaller, admin_router, build_auth, max_tokens_for
+from service import merge_requests, openai_api, structured, tokenize_api
+from service.auth import AuthMiddleware, TenantCaller, admin_router, build_auth, max_tokens_for
 from service.config import Settings, resolve_device
 from service.errors import ApiError, engine_error_body, error_response_for, not_ready, register_error_handlers, shutting_down
 from service.merges import MergeSpec
@@ -44,14 +44,12 @@ from service.schemas import (
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
-    MergedAdapters,
     StoreHealth,
     Usage,
 )
 from svd_adapters.base_model import BaseModel, load_base
 from svd_adapters.factors import BaseFactors, load_or_compute
 from svd_adapters.log import get_logger
-from svd_adapters.merge import check_mergeable
 
 log = get_logger(__name__)
 
@@ -237,16 +235,6 @@ def create_app(
             raise not_ready()
         return s
 
-    def merge_spec(request: Request, caller: Caller, merged: MergedAdapters) -> MergeSpec:
-        """What a request's merged_adapters resolve to: its sources' versions pinned (404 for one the caller
-        cannot use), checked servable here (400 saying why not) before anything is fetched."""
-        records = request.app.state.auth.usable_records(the_store(request), caller, merged.ids, "merged_adapters")
-        try:
-            check_mergeable([r.method for r in records], [r.rank for r in records], merged.options(), settings.max_rank)
-        except ValueError as exc:
-            raise ApiError(400, "invalid_merge", f"merged_adapters: {exc}") from None
-        return MergeSpec(tuple((r.adapter_id, r.sha256) for r in records), merged.resolved_weights(), merged.options())
-
     def known_id(adapter_id: str) -> str:
         try:
             return validate_id(adapter_id)
@@ -408,7 +396,7 @@ def create_app(
             request.app.state.auth.usable_version, the_store(request), caller, body.adapter_id
         )
         if body.merged_adapters is not None:
-            target = await run_in_threadpool(merge_spec, request, caller, body.merged_adapters)
+            target = await merge_requests.resolve(request, caller, body.merged_adapters, settings.max_rank)
         if not allowed:  # another tenant's adapter answers exactly like a nonexistent one
             raise ApiError(
                 404, "adapter_not_found",

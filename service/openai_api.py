@@ -13,7 +13,8 @@ alternatives, with echo the prompt's tokens scored too — what evaluation harne
 logprobs + top_logprobs), echo, n (each choice its own batch row; choice i seeded with seed + i), stream
 (server-sent events, `data: [DONE]` at the end) with stream_options.include_usage. Parameters this server cannot
 honour (best_of > 1, suffix, tools, …) are refused with 400 instead of being silently ignored; `user`,
-`metadata`, `store` are accepted and ignored.
+`metadata`, `store` are accepted and ignored. svdserve's extra `merged_adapters` (as on POST /generate, with
+`model` = the base model's name) serves a merge of the caller's adapters.
 """
 from __future__ import annotations
 
@@ -35,9 +36,10 @@ from service import engine as eng
 from service.auth import Auth, TenantCaller, app_auth, max_tokens_for
 from service.errors import ApiError, engine_error_status, not_ready, openai_error_body, shutting_down
 from service import logprobs as logprob_shapes
-from service import structured
+from service import merge_requests, structured
+from service.merges import MergeSpec
 from service.sampling import MAX_LOGPROBS
-from service.schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, SamplingControls
+from service.schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MergedAdapters, SamplingControls
 from svd_adapters.log import get_logger
 
 log = get_logger(__name__)
@@ -73,6 +75,9 @@ class _Common(SamplingControls):
     user: str | None = None  # accepted, ignored
     metadata: dict[str, Any] | None = None  # accepted, ignored
     store: bool | None = None  # accepted, ignored
+    merged_adapters: MergedAdapters | None = Field(
+        default=None, description="svdserve's extra (as LoRAX's): with model = the base model's name, these adapters "
+        "merged into one for this request")
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(param, why) for each parameter set to a value this server cannot honour."""
@@ -212,8 +217,16 @@ def _the(request: Request) -> tuple[eng.Engine, AdapterStore, Auth]:
     return st.engine, st.store, app_auth(request)
 
 
-async def _adapter_of(request: Request, caller: Any, model: str) -> tuple[str | None, str | None]:
-    """(None, None) for the base model, else (the caller's adapter id, its stored version); 404 otherwise."""
+async def _adapter_of(request: Request, caller: Any, body: _Common) -> tuple[str | MergeSpec | None, str | None]:
+    """(None, None) for the base model, else (the caller's adapter id, its stored version); 404 otherwise; a
+    merge of the caller's adapters for merged_adapters."""
+    model = body.model
+    if body.merged_adapters is not None:
+        if model != request.app.state.base.name:
+            raise _bad("model", "with merged_adapters, model is the base model's name "
+                       f"({request.app.state.base.name!r}); the adapters to merge go in merged_adapters.ids")
+        engine, _, _ = _the(request)
+        return await merge_requests.resolve(request, caller, body.merged_adapters, engine.config.max_rank), None
     _, store, auth = _the(request)
     if model == request.app.state.base.name:
         return None, None
@@ -374,7 +387,7 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
     prompts = body.prompts()
     n = body.n or 1
     auth.charge_choices(caller, n * len(prompts))
-    adapter_id, version = await _adapter_of(request, caller, body.model)
+    adapter_id, version = await _adapter_of(request, caller, body)
     explicit = body.max_tokens is not None
     max_tokens = max_tokens_for(caller, body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, explicit)
     encoded = [await run_in_threadpool(engine.encode_prompt, p, None, True) if isinstance(p, str) else p for p in prompts]
@@ -432,7 +445,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
     engine, _, auth = _the(request)
     stops = _check(body)
     auth.charge_choices(caller, body.n or 1)
-    adapter_id, version = await _adapter_of(request, caller, body.model)
+    adapter_id, version = await _adapter_of(request, caller, body)
     prompt_ids = await run_in_threadpool(engine.encode_prompt, None, body.chat(), False)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"

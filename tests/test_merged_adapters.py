@@ -245,6 +245,20 @@ async def test_generate_with_merged_adapters_over_http(serve, store, make_blob):
         await error({"ids": ["a"], "density": 0}, 422, "validation_error", "density")
         await error({"ids": ["a"], "merge_strategy": "slerp"}, 422, "validation_error")
         await error({"ids": ["a"]}, 422, "validation_error", "not both", adapter_id="b")
+        # the OpenAI routes take it as an extra, with model = the base model's name
+        base = client.app.state.base.name
+        chat = {"model": base, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0,
+                "merged_adapters": {"ids": ["a", "b"], "weights": [0.5, 1.5]}}
+        r = await client.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == same.json()["text"]  # the same merge, greedy
+        r = await client.post("/v1/completions", json={"model": base, "prompt": "hi", "max_tokens": 2,
+                                                        "merged_adapters": {"ids": ["a"]}})
+        assert r.status_code == 200, r.text
+        r = await client.post("/v1/chat/completions", json={**chat, "model": "a"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+        r = await client.post("/v1/chat/completions", json={**chat, "merged_adapters": {"ids": ["a", "zz"]}})
+        assert r.status_code == 404 and "'zz' in merged_adapters" in r.json()["error"]["message"], r.text
         # a deleted source: its merges answer 404 like the source itself
         assert (await client.delete("/adapters/b")).status_code == 204
         await error({"ids": ["a", "b"], "weights": [0.5, 1.5]}, 404, "adapter_not_found", "'b' in merged_adapters")
