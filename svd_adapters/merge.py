@@ -185,17 +185,20 @@ def parameter_merge(adapters: Sequence[Adapter], weights: Sequence[float], optio
     method, rank = get_method(first.method), first.rank
     gen = torch.Generator().manual_seed(seed)
     w = torch.tensor([float(x) for x in weights])
+    kinds: dict[str, list[str]] = {}
+    for name in sorted({n for a in adapters for n in a.params}, key=layer_index):
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append(name)
     params: dict[str, dict[str, torch.Tensor]] = {}
-    for name in sorted({n for a in adapters for n in a.params}):
-        some = next(a.params[name] for a in adapters if name in a.params)
-        ref = method.reference_params(some, *factors.modules[name].top(rank))
-        params[name] = {
-            key: ref[key] + combine(
-                torch.stack([_folded(a, name, key, method.ALPHA_SCALED) - ref[key] if name in a.params
-                             else torch.zeros_like(ref[key]) for a in adapters]),
-                w, options, gen)
-            for key in ref
-        }
+    for names in kinds.values():  # every layer of a module kind at once: a few ops per kind, not per module
+        refs = [method.reference_params(next(a.params[n] for a in adapters if n in a.params),
+                                        *factors.modules[n].top(rank)) for n in names]
+        for key in refs[0]:
+            ref = torch.stack([r[key] for r in refs])
+            changes = torch.stack([torch.stack([_folded(a, n, key, method.ALPHA_SCALED) if n in a.params else r[key]
+                                                for n, r in zip(names, refs)]) for a in adapters]) - ref
+            merged = ref + combine(changes, w, options, gen, per_layer=True)
+            for n, value in zip(names, merged):
+                params.setdefault(n, {})[key] = value
     targets = tuple(sorted({t for a in adapters for t in a.target_modules}))
     return Adapter(method=first.method, rank=rank, alpha=float(rank), base_model=first.base_model,
                    base_fingerprint=first.base_fingerprint, target_modules=targets, params=params)
@@ -208,28 +211,30 @@ def _folded(adapter: Adapter, name: str, key: str, alpha_scaled: str | None) -> 
 
 
 def combine(changes: torch.Tensor, weights: torch.Tensor, options: MergeOptions,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """The merged change of one parameter tensor from the sources' changes stacked on dim 0 (ties / dare)."""
+            generator: torch.Generator | None = None, per_layer: bool = False) -> torch.Tensor:
+    """The merged change of one parameter tensor from the sources' changes stacked on dim 0 (ties / dare); with
+    per_layer, dim 1 stacks that tensor of several layers (each trimmed on its own)."""
     w = weights.view(-1, *([1] * (changes.dim() - 1)))
     if options.strategy in ("dare_linear", "dare_ties"):
         changes = _random_prune(changes, options.density, generator)
         if options.strategy == "dare_linear":
             return (w * changes).sum(0)
     else:
-        changes = _magnitude_prune(changes, options.density)
+        changes = _magnitude_prune(changes, options.density, 2 if per_layer else 1)
     elected = _majority_sign(changes, options.majority_sign_method)
     agree = (torch.sign(changes) == elected) & (changes != 0)
     return (w * changes * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
-def _magnitude_prune(changes: torch.Tensor, density: float) -> torch.Tensor:
-    """Each source's change with all but its round(density · size) largest-magnitude entries zeroed."""
-    flat = changes.reshape(changes.shape[0], -1)
-    keep = max(1, round(density * flat.shape[1]))
-    if keep >= flat.shape[1]:
+def _magnitude_prune(changes: torch.Tensor, density: float, lead: int = 1) -> torch.Tensor:
+    """Each change (over the dims after the first `lead`) with all but its round(density · size) largest-magnitude
+    entries zeroed."""
+    flat = changes.reshape(*changes.shape[:lead], -1)
+    keep = max(1, round(density * flat.shape[-1]))
+    if keep >= flat.shape[-1]:
         return changes
-    top = flat.abs().topk(keep, dim=1).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True)
+    top = flat.abs().topk(keep, dim=-1).indices
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, top, True)
     return (flat * mask).view_as(changes)
 
 

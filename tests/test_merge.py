@@ -170,3 +170,19 @@ def test_parameter_merge_folds_alpha(tiny_base, tiny_factors):
         p["B"] = p["B"] / 4
     merged = merge([a, b], [1.0, 1.0], MergeOptions("ties"), tiny_factors, MAX_RANK)
     _assert_weighted_sum(merged.terms, [a], [1.0], tiny_factors)
+
+
+def test_parameter_merge_trims_each_module_on_its_own(tiny_base, tiny_factors):
+    """TIES over every layer of a kind at once equals TIES module by module (each tensor keeps its own top entries)."""
+    from svd_adapters.merge import parameter_merge
+    from svd_adapters.osora import reference_params
+
+    adapters = [random_adapter("osora", 4, tiny_factors, tiny_base.name, seed=20 + i) for i in range(3)]
+    w = torch.tensor([1.0, 0.5, 2.0])
+    opts = MergeOptions("ties", density=0.3, majority_sign_method="frequency")
+    merged = parameter_merge(adapters, w.tolist(), opts, tiny_factors)
+    for name in adapters[0].params:
+        ref = reference_params(adapters[0].params[name], *tiny_factors.modules[name].top(4))
+        for key in ("O", "S"):
+            changes = torch.stack([a.params[name][key] - ref[key] for a in adapters])
+            assert torch.allclose(merged.params[name][key], ref[key] + combine(changes, w, opts), atol=1e-6), (name, key)
