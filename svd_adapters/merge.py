@@ -22,6 +22,7 @@ LoRA-XS and LoRA fold their α/r into R and B before a parameter merge, so adapt
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -183,25 +184,31 @@ def parameter_merge(adapters: Sequence[Adapter], weights: Sequence[float], optio
     """One adapter of the sources' method and rank whose parameters are the reference plus the merged changes."""
     first = adapters[0]
     method, rank = get_method(first.method), first.rank
-    gen = torch.Generator().manual_seed(seed)
     w = torch.tensor([float(x) for x in weights])
     kinds: dict[str, list[str]] = {}
-    for name in sorted({n for a in adapters for n in a.params}, key=layer_index):
+    for name in sorted({n for a in adapters for n in a.params}, key=lambda n: (layer_index(n), n)):
         kinds.setdefault(name.rsplit(".", 1)[-1], []).append(name)
     params: dict[str, dict[str, torch.Tensor]] = {}
-    for names in kinds.values():  # every layer of a module kind at once: a few ops per kind, not per module
+    for kind, names in kinds.items():  # every layer of a module kind at once: a few ops per kind, not per module
         refs = [method.reference_params(next(a.params[n] for a in adapters if n in a.params),
                                         *factors.modules[n].top(rank)) for n in names]
         for key in refs[0]:
             ref = torch.stack([r[key] for r in refs])
             changes = torch.stack([torch.stack([_folded(a, n, key, method.ALPHA_SCALED) if n in a.params else r[key]
                                                 for n, r in zip(names, refs)]) for a in adapters]) - ref
+            # DARE's drop for this tensor from the seed and its name alone: the same on every replica, whatever order
+            # the modules come in
+            gen = torch.Generator().manual_seed(_tensor_seed(seed, kind, key))
             merged = ref + combine(changes, w, options, gen, per_layer=True)
             for n, value in zip(names, merged):
                 params.setdefault(n, {})[key] = value
     targets = tuple(sorted({t for a in adapters for t in a.target_modules}))
     return Adapter(method=first.method, rank=rank, alpha=float(rank), base_model=first.base_model,
                    base_fingerprint=first.base_fingerprint, target_modules=targets, params=params)
+
+
+def _tensor_seed(seed: int, kind: str, key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{kind}:{key}".encode()).digest()[:8], "little") >> 1
 
 
 def _folded(adapter: Adapter, name: str, key: str, alpha_scaled: str | None) -> torch.Tensor:

@@ -186,3 +186,25 @@ def test_parameter_merge_trims_each_module_on_its_own(tiny_base, tiny_factors):
         for key in ("O", "S"):
             changes = torch.stack([a.params[name][key] - ref[key] for a in adapters])
             assert torch.allclose(merged.params[name][key], ref[key] + combine(changes, w, opts), atol=1e-6), (name, key)
+
+
+def test_dare_drops_by_each_tensors_name_not_by_what_else_is_merged(tiny_base, tiny_factors):
+    """Replicas must build the same merge: each tensor's DARE drop depends on the seed and its own name only, not on
+    the other modules or the order they were read in (a set's order changes with PYTHONHASHSEED)."""
+    from dataclasses import replace
+
+    from svd_adapters.merge import parameter_merge
+
+    adapters = [random_adapter("sorsa", 2, tiny_factors, tiny_base.name, seed=30 + i) for i in range(2)]
+    opts = MergeOptions("dare_ties", density=0.5)
+    full = parameter_merge(adapters, [1.0, 1.0], opts, tiny_factors, seed=9)
+    for kind in ("q_proj", "down_proj"):  # two kinds: at most one of them could be first in any fixed order
+        only = [replace(a, params={n: p for n, p in reversed(list(a.params.items())) if n.endswith(kind)})
+                for a in adapters]
+        part = parameter_merge(only, [1.0, 1.0], opts, tiny_factors, seed=9)
+        assert part.params and set(part.params) == {n for n in full.params if n.endswith(kind)}
+        for name, p in part.params.items():
+            for key, value in p.items():
+                assert torch.equal(value, full.params[name][key]), (name, key)
+    other_seed = parameter_merge(adapters, [1.0, 1.0], opts, tiny_factors, seed=10)
+    assert any(not torch.equal(v, other_seed.params[n][k]) for n, p in full.params.items() for k, v in p.items())
