@@ -293,6 +293,31 @@ def test_base_model_requests_follow_their_prompt_prefix(fakes):
         assert set(served.values()) == {"a", "b"}
 
 
+def test_merge_requests_follow_their_merge(fakes):
+    """Every request for one merge (any prompt, /generate or /v1 with the base model's name) reaches one replica —
+    the one holding it merged — while different merges spread over both."""
+    a, b = fakes
+    key = proxy_mod.merge_routing_key
+    merged = {"ids": ["x", "y"], "weights": [1.0, 0.5]}
+    k = key(json.dumps({"prompt": "a", "merged_adapters": merged}).encode())
+    assert k.startswith("merge:")
+    assert key(json.dumps({"merged_adapters": dict(reversed(merged.items())), "prompt": "b"}).encode()) == k
+    assert key(json.dumps({"merged_adapters": {**merged, "weights": [1.0, 0.6]}}).encode()) != k
+    for body in (b"not json", b"[1]", b'{"merged_adapters": null}', b'{"merged_adapters": {"ids": []}}'):
+        assert key(body) is None
+    with proxied([a.url, b.url], spread_ids=["SmolLM2-135M-Instruct"]) as (client, _):
+        served = {}
+        for i in range(16):
+            m = {"ids": [f"ad-{i}", "shared"], "merge_strategy": "linear"}
+            where = {client.post("/generate", json={"prompt": f"p{j}", "merged_adapters": m}).json()["served_by"]
+                     for j in range(3)}
+            where.add(client.post("/v1/chat/completions", json={"model": "SmolLM2-135M-Instruct", "messages": [],
+                                                                "merged_adapters": m}).json()["served_by"])
+            assert len(where) == 1, (i, where)
+            served[i] = where.pop()
+        assert set(served.values()) == {"a", "b"}
+
+
 def test_bounded_load_passes_over_a_busy_owner(fakes):
     """Consistent hashing with bounded loads: with two streams of one adapter still running on its owner, the
     owner holds 2 of 2 requests in flight, over ⌈1.25 · 3 / 2⌉ = 2, so the third goes to the other replica; once

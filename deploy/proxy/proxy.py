@@ -8,6 +8,8 @@ Routing
     /v1/chat/completions), or the path (/adapters/{id}...). The replica is chosen by rendezvous (highest random
     weight) hashing of (upstream URL, adapter id): every proxy instance agrees without shared state, and adding or
     removing a replica moves only the adapters that replica gains or loses.
+  * A request for a merge of adapters (`merged_adapters`) is keyed by the merge (its ids, weights and strategy), so
+    the requests for one merge reach the replica that has it merged and cached.
   * Base-model generations (adapter_id null, or a `model` listed in SVDSERVE_PROXY_SPREAD_IDS, e.g. the base
     model's name) are keyed by what a replica's prefix cache can reuse for them: the caller's credentials (cached
     prefixes are per tenant), the request's cache_salt and the prompt's first 256 characters (or the first chat
@@ -119,6 +121,19 @@ def prefix_routing_key(body: bytes, headers: list[tuple[bytes, bytes]]) -> str |
                 h.update(name + b"\0" + v + b"\0")
     h.update(f"{salt if isinstance(salt, str) else ''}\0{prompt[:PREFIX_ROUTE_CHARS]}".encode())
     return "prefix:" + h.hexdigest()
+
+
+def merge_routing_key(body: bytes) -> str | None:
+    """The route key of a request for a merge of adapters: a digest of its `merged_adapters` (ids, weights,
+    strategy: what decides the merged weights), or None when the body asks for none."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    merged = data.get("merged_adapters") if isinstance(data, dict) else None
+    if not isinstance(merged, dict) or not merged.get("ids"):
+        return None
+    return "merge:" + hashlib.blake2b(json.dumps(merged, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
 def path_routing_key(path: str) -> str | None:
@@ -362,7 +377,7 @@ class Proxy:
                 return
             req_headers = [(k, v) for k, v in req_headers if k != b"content-length"]  # httpx sets it from the bytes
             if method == "POST" and route in BODY_KEY_ROUTES:
-                key = self.router.key_for(body_routing_key(body, BODY_KEY_ROUTES[route]))
+                key = merge_routing_key(body) or self.router.key_for(body_routing_key(body, BODY_KEY_ROUTES[route]))
                 if key is None:  # the base model: keyed by what its prefix cache can reuse
                     key = prefix_routing_key(body, req_headers)
             watch.start()
