@@ -249,6 +249,8 @@ class GenerateRequest(PromptInput, SamplingControls):
             "examples": [
                 {"adapter_id": "ad-0123456789ab", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32},
                 {"adapter_id": None, "prompt": "The capital of France is", "max_tokens": 8},
+                {"merged_adapters": {"ids": ["ad-0123456789ab", "ad-ba9876543210"], "weights": [1.0, 0.5]},
+                 "prompt": "Summarise our refund policy.", "max_tokens": 64},
             ]
         },
     )
