@@ -423,7 +423,7 @@ class Engine:
         with self._cond:
             if not self.accepting:  # checked again under the lock: shutdown() may have begun meanwhile
                 raise EngineShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
-            if len(self._waiting) >= self.config.max_waiting and not self._make_room_for(params.tenant):
+            if len(self._waiting) >= self.config.max_waiting and not self._make_room_for(params):
                 self.counters["rejected_queue_full"] += 1
                 wait = self.retry_after()
                 raise QueueFull(
@@ -435,29 +435,36 @@ class Engine:
             self._cond.notify()
         return req
 
-    def _make_room_for(self, tenant: str | None) -> bool:
-        """With fair_share, a full queue takes a request from a tenant that waits with fewer requests than another
-        (by two or more) by refusing that other tenant's newest waiting request instead (429 queue_full, as it
-        would have been had it come later): one tenant's backlog cannot fill the queue against all the others.
-        Called under the lock; True when a place was freed."""
-        if not self.config.fair_share:
+    def _make_room_for(self, params: SamplingParams) -> bool:
+        """A full queue takes a request by refusing a waiting one instead (429 queue_full, as it would have been had
+        it come later): the newest of the lowest priority (highest value) when that is lower than the new one's;
+        else, with fair_share, when the new request's tenant waits with fewer requests of its priority than
+        another (by two or more), that other tenant's newest: one tenant's backlog cannot fill the queue against
+        all the others. Called under the lock; True when a place was freed."""
+        worst = max((r.params.priority for r in self._waiting), default=params.priority)
+        if worst > params.priority:
+            victim = next(r for r in reversed(self._waiting) if r.params.priority == worst)
+            why = (f"the queue is full ({self.config.max_waiting} waiting) and this request, the newest of the lowest "
+                   f"priority ({worst}), made room for one of priority {params.priority}")
+        elif self.config.fair_share:
+            counts: dict[str | None, int] = {}
+            for r in self._waiting:
+                if r.params.priority == params.priority:
+                    counts[r.params.tenant] = counts.get(r.params.tenant, 0) + 1
+            heaviest = max(counts, key=counts.__getitem__, default=None)
+            if heaviest is None or heaviest == params.tenant or counts[heaviest] < counts.get(params.tenant, 0) + 2:
+                return False
+            victim = next(r for r in reversed(self._waiting)
+                          if r.params.tenant == heaviest and r.params.priority == params.priority)
+            why = (f"the queue is full and this tenant's requests hold the largest share of it ({counts[heaviest]} of "
+                   f"{self.config.max_waiting}); this one, its newest, made room for another tenant's")
+        else:
             return False
-        counts: dict[str | None, int] = {}
-        for r in self._waiting:
-            counts[r.params.tenant] = counts.get(r.params.tenant, 0) + 1
-        heaviest = max(counts, key=counts.__getitem__, default=None)
-        if heaviest is None or heaviest == tenant or counts[heaviest] < counts.get(tenant, 0) + 2:
-            return False
-        victim = next(r for r in reversed(self._waiting) if r.params.tenant == heaviest)
         self._waiting.remove(victim)
         self.counters["rejected_queue_full"] += 1
         wait = self.retry_after()
         victim.finish_reason = "error"
-        victim.emit("error", QueueFull(
-            f"the queue is full and this tenant's requests hold the largest share of it ({counts[heaviest]} of "
-            f"{self.config.max_waiting}); this one, its newest, made room for another tenant's. Retry in {wait:.0f} s",
-            retry_after=wait,
-        ))
+        victim.emit("error", QueueFull(f"{why}. Retry in {wait:.0f} s", retry_after=wait))
         return True
 
     def check_token_ids(self, name: str, ids) -> None:
@@ -736,27 +743,35 @@ class Engine:
         return admitted
 
     def _admission_order(self) -> list[_Request]:
-        """The waiting requests in the order admission tries them: FIFO, or with fair_share the tenant holding the
-        fewest rows (running, chunked, and taken earlier in this order) first, ties to the earliest arrival: a
-        tenant that queued a hundred requests gets one row in turn with a tenant that queued one."""
-        if not self.config.fair_share:
-            return list(self._waiting)
-        queues: dict[str | None, deque[_Request]] = {}
+        """The waiting requests in the order admission tries them: lower priority values first; within one
+        priority FIFO, or with fair_share the tenant holding the fewest rows (running, chunked, and taken earlier
+        in this order) first, ties to the earliest arrival: a tenant that queued a hundred requests gets one row in
+        turn with a tenant that queued one."""
+        levels: dict[int, list[_Request]] = {}
         for req in self._waiting:
-            queues.setdefault(req.params.tenant, deque()).append(req)
-        if len(queues) < 2:
-            return list(self._waiting)
-        held: dict[str | None, int] = {t: 0 for t in queues}
+            levels.setdefault(req.params.priority, []).append(req)
+        if not self.config.fair_share:
+            return [r for p in sorted(levels) for r in levels[p]]
+        held: dict[str | None, int] = {}
         for req in self._in_rows():
-            if req.params.tenant in held:
-                held[req.params.tenant] += 1
-        heap = [(held[t], q[0].id, t) for t, q in queues.items()]  # ids grow with arrival
+            held[req.params.tenant] = held.get(req.params.tenant, 0) + 1
+        return [r for p in sorted(levels) for r in self._fair_order(levels[p], held)]
+
+    @staticmethod
+    def _fair_order(reqs: list[_Request], held: dict[str | None, int]) -> list[_Request]:
+        """`reqs` (in arrival order) with the tenant holding the fewest rows first, one at a time; `held` counts
+        each tenant's rows and is updated as if every request were taken."""
+        queues: dict[str | None, deque[_Request]] = {}
+        for req in reqs:
+            queues.setdefault(req.params.tenant, deque()).append(req)
+        heap = [(held.get(t, 0), q[0].id, t) for t, q in queues.items()]  # ids grow with arrival
         heapq.heapify(heap)
         order: list[_Request] = []
         while heap:
             rows, _, t = heapq.heappop(heap)
             q = queues[t]
             order.append(q.popleft())
+            held[t] = rows + 1
             if q:
                 heapq.heappush(heap, (rows + 1, q[0].id, t))
         return order

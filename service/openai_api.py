@@ -7,7 +7,7 @@ api_key=<tenant key>); errors come in OpenAI's error shape with OpenAI's statuse
 Supported: prompt (a string, or a list of one string; tokenized as is, no chat template), messages (chat
 template applied; text content parts are joined), max_tokens / max_completion_tokens, temperature (default 1,
 as OpenAI's), top_p, seed, stop, presence_penalty, frequency_penalty, logit_bias, vLLM's top_k, min_p,
-repetition_penalty, stop_token_ids, ignore_eos and min_tokens, response_format (json_object, json_schema) and
+repetition_penalty, stop_token_ids, ignore_eos, min_tokens and priority, response_format (json_object, json_schema) and
 vLLM's guided_json / guided_regex / guided_choice (service/structured.py), logprobs (completions: 0–20
 alternatives, with echo the prompt's tokens scored too — what evaluation harnesses ask for a likelihood; chat:
 logprobs + top_logprobs), echo, n (each choice its own batch row; choice i seeded with seed + i), stream

@@ -41,6 +41,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # also each prompt token's log-probability given the tokens before it
     prefix_scope: str | None = None  # only requests of the same scope share cached prompt prefixes (tenant, salt)
     tenant: str | None = None  # who asked: admission shares the batch's rows fairly between tenants
+    priority: int = 0  # admission order: lower first (vLLM's convention); fair share within one priority
 
     @property
     def greedy(self) -> bool:

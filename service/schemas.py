@@ -15,6 +15,7 @@ from svd_adapters.merge import MAX_SOURCES, SIGN_METHODS, STRATEGIES, MergeOptio
 MAX_TOKENS_CEILING = 1 << 16
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 256
+MAX_PRIORITY = 1 << 31
 
 
 class ErrorDetail(BaseModel):
@@ -97,6 +98,12 @@ class SamplingControls(BaseModel):
     min_tokens as vLLM takes them)."""
 
     top_k: int | None = Field(default=None, ge=-1, description="sample among the k most likely tokens; 0 or -1 = off")
+    priority: int | None = Field(
+        default=None, ge=-MAX_PRIORITY, le=MAX_PRIORITY,
+        description="admission order, as vLLM's: lower first (default 0); waiting requests of a lower value are "
+        "admitted before any of a higher one, and a full queue refuses the highest value's newest request first. "
+        "Running requests are never preempted",
+    )
     min_p: float | None = Field(
         default=None, ge=0.0, le=1.0, description="drop tokens below min_p × the most likely token's probability"
     )
@@ -194,6 +201,7 @@ class SamplingControls(BaseModel):
             "stop_token_ids": list(self.stop_token_ids or []),
             "ignore_eos": bool(self.ignore_eos),
             "min_tokens": self.min_tokens or 0,
+            "priority": self.priority or 0,
         }
 
 

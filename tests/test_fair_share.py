@@ -1,4 +1,5 @@
-"""Fair admission across tenants: one tenant's backlog does not hold back another tenant's requests."""
+"""Fair admission across tenants: one tenant's backlog does not hold back another tenant's requests; and request
+priorities (vLLM's: lower first) ahead of it."""
 from __future__ import annotations
 
 import asyncio
@@ -126,6 +127,61 @@ def test_a_full_queue_makes_room_for_another_tenant_by_refusing_the_heaviest_ten
             assert bolt == [None, None, None] and not refused
         assert eng.counters["rejected_queue_full"] == (1 + 2 + 1 if fair else 1 + 3)
         for t in acme:
+            t.cancel()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        eng.shutdown(drain=False)
+
+
+@pytest.mark.parametrize("fair", [True, False], ids=["fair-share", "fifo"])
+def test_lower_priority_values_are_admitted_first_fair_share_within_one(tiny_base, tiny_factors, tmp_path, fair):
+    eng = engine(tiny_base, tiny_factors, tmp_path, max_batch=8, fair_share=fair)
+    prompt = eng.encode_prompt("Hi", raw=True)
+
+    def submit(tenant: str, priority: int):
+        return eng._submit(prompt, None, SamplingParams(max_tokens=2, tenant=tenant, priority=priority))
+
+    async def scenario():
+        a0, a1, a2 = (submit("acme", 0) for _ in range(3))
+        late = submit("core", 5)
+        b0 = submit("bolt", 0)
+        u0, u1 = submit("acme", -1), submit("bolt", -1)
+        return (a0, a1, a2, late, b0, u0, u1), eng._admission_order()
+
+    try:
+        (a0, a1, a2, late, b0, u0, u1), order = asyncio.run(scenario())
+        if fair:  # -1 first (one per tenant), then the 0s one per tenant in turn (a0, b0, acme's rest), then 5
+            assert order == [u0, u1, a0, b0, a1, a2, late]
+        else:  # by priority, then arrival
+            assert order == [u0, u1, a0, a1, a2, b0, late]
+    finally:
+        eng.shutdown(drain=False)
+
+
+def test_a_full_queue_refuses_the_lowest_prioritys_newest_first(tiny_base, tiny_factors, tmp_path):
+    eng = engine(tiny_base, tiny_factors, tmp_path, max_batch=2, max_waiting=3)
+    prompt = eng.encode_prompt("Hi", raw=True)
+    params = lambda priority: SamplingParams(max_tokens=2, tenant="acme", priority=priority)  # noqa: E731
+
+    async def scenario():
+        queued = [asyncio.ensure_future(eng.generate(prompt, None, params(p))) for p in (0, 2, 2)]
+        await asyncio.sleep(0)  # the queue is full
+        with pytest.raises(QueueFull, match="already waiting"):  # no better than the worst waiting: refused itself
+            await eng.generate(prompt, None, params(2))
+        urgent = eng._submit(prompt, None, params(1))  # better than 2: the newest 2 makes room
+        await asyncio.sleep(0.01)
+        assert [t.done() for t in queued] == [False, False, True]
+        with pytest.raises(QueueFull, match=r"newest of the lowest priority \(2\), made room for one of priority 1"):
+            queued[2].result()
+        top = eng._submit(prompt, None, params(-5))  # the remaining 2 goes next
+        await asyncio.sleep(0.01)
+        assert [t.done() for t in queued] == [False, True, True]
+        assert list(eng._waiting) == [eng._waiting[0], urgent, top] and eng._waiting[0].params.priority == 0
+        with pytest.raises(QueueFull):  # 0, 1, -5 waiting: nothing worse than a 1 to make room
+            eng._submit(prompt, None, params(1))
+        for t in queued:
             t.cancel()
 
     try:

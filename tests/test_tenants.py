@@ -223,22 +223,26 @@ async def test_tenants_never_reuse_each_others_cached_prompts(serve, store, tiny
         err(await client.post("/generate", json={"prompt": "hi", "cache_salt": ""}, headers=bearer(a)), 422)
 
 
-async def test_every_generation_carries_its_tenant_to_the_engines_fair_admission(serve, store, tiny_base):
+async def test_every_generation_carries_its_tenant_and_priority_to_the_engines_admission(serve, store, tiny_base):
     """Admission shares rows between tenants (Engine._admission_order): each route must tell the engine who asked."""
     async with serve(store, auth="on", admin_key=ADMIN) as client:
         a, b = await new_tenant(client, "tenant-a"), await new_tenant(client, "tenant-b")
         engine = client.app.state.engine
-        seen: list[str | None] = []
+        seen: list[tuple[str | None, int]] = []
         real = engine._submit
-        engine._submit = lambda ids, aid, params, version=None: (seen.append(params.tenant), real(ids, aid, params, version))[1]
-        for key in (a, b):
+        engine._submit = lambda ids, aid, params, version=None: (seen.append((params.tenant, params.priority)),
+                                                                 real(ids, aid, params, version))[1]
+        for key, priority in ((a, None), (b, -3)):
+            extra = {} if priority is None else {"priority": priority}
             for path, body in (("/generate", {"prompt": "hi", "max_tokens": 2}),
                                ("/v1/completions", {"model": tiny_base.name, "prompt": "hi", "max_tokens": 2}),
                                ("/v1/chat/completions", {"model": tiny_base.name, "max_tokens": 2,
                                                          "messages": [{"role": "user", "content": "hi"}]})):
-                resp = await client.post(path, json=body, headers=bearer(key))
+                resp = await client.post(path, json={**body, **extra}, headers=bearer(key))
                 assert resp.status_code == 200, resp.text
-        assert seen == ["tenant-a"] * 3 + ["tenant-b"] * 3
+        assert seen == [("tenant-a", 0)] * 3 + [("tenant-b", -3)] * 3  # and its priority (vLLM's extra), default 0
+        resp = await client.post("/generate", json={"prompt": "hi", "priority": 1 << 40}, headers=bearer(a))
+        assert resp.status_code == 422 and "priority" in resp.text
 
 
 async def test_keys_are_stored_hashed_on_disk(serve, store):
