@@ -7,7 +7,9 @@ last is answered), while tenant "chat" sends a short request every --gap seconds
 of chat's requests waits behind the bulk requests queued before it; with fair share (the default) it takes the
 next free row, since chat holds fewer rows than bulk. Measured over a fixed window: chat's time to first token
 (p50 / max) and the tokens/s the engine generated in all (what fairness must not cost: the same steady load, so
-no end-of-backlog tail favours either). Both settings run on one engine, alternated round by round.
+no end-of-backlog tail favours either). A third setting sends chat's requests as bulk's tenant, so fair share
+cannot tell them apart, with vLLM's `priority` -1 (bulk's are 0): admitted before any of bulk's waiting requests.
+The settings run on one engine, alternated round by round.
 
     python bench/tenant_fairness.py [--base default] [--rows 8] [--bulk-clients 24] [--seconds 20] [--rounds 2]
     python bench/tenant_fairness.py --bulk-clients 40 --max-waiting 16     # bulk also fills the queue
@@ -61,7 +63,8 @@ async def one_round(eng: Engine, versions: dict[str, str], args) -> dict:
         prompt = eng.encode_prompt(f"Quick question {i}: what is {i} + {i}?")
         start, first = time.perf_counter(), float("nan")
         try:
-            async for _ in eng.stream(prompt, None, SamplingParams(max_tokens=4, ignore_eos=True, tenant="chat")):
+            async for _ in eng.stream(prompt, None, SamplingParams(max_tokens=4, ignore_eos=True, tenant=args.chat_tenant,
+                                                                   priority=args.chat_priority)):
                 if first != first:  # the first item: the first token's text (or the result); the rest is read too
                     first = time.perf_counter() - start
         except QueueFull:
@@ -115,14 +118,18 @@ def main() -> None:
 
     eng.runner.prefill = counted_prefill
     eng.start()
-    settings = {"FIFO": False, "fair share": True}
+    # name → (fair share, chat's tenant, chat's priority)
+    settings = {"FIFO": (False, "chat", 0), "fair share": (True, "chat", 0),
+                "one tenant, chat priority -1": (True, "bulk", -1)}
     runs: dict[str, list[dict]] = {k: [] for k in settings}
     try:
-        asyncio.run(one_round(eng, versions, argparse.Namespace(**{**vars(args), "seconds": 3.0, "warmup": 1.0})))
+        asyncio.run(one_round(eng, versions, argparse.Namespace(**{**vars(args), "seconds": 3.0, "warmup": 1.0,
+                                                                     "chat_tenant": "chat", "chat_priority": 0})))
         for r in range(args.rounds):
-            for name, fair in settings.items():
+            for name, (fair, tenant, priority) in settings.items():
                 eng.config.fair_share = fair
-                res = asyncio.run(one_round(eng, versions, args))
+                res = asyncio.run(one_round(eng, versions, argparse.Namespace(
+                    **{**vars(args), "chat_tenant": tenant, "chat_priority": priority})))
                 runs[name].append(res)
                 print(f"round {r} {name}: chat TTFT {[round(t, 2) for t in res['chat_ttft']]} s, refused "
                       f"{res['chat_refused']}/{res['chat_sent']}, "
