@@ -180,6 +180,12 @@ class _Request:
     method: str = "base"  # its adapter's method once admitted (a metrics label; never the adapter id)
     merge: MergeSpec | None = None  # the adapters its adapter is merged from (cache_key is the merge's)
 
+    @property
+    def context(self) -> list[int]:
+        """The tokens whose keys and values its row holds before its next step: its prompt, and once it has
+        generated (a preempted request resuming) every generated token but the last, which that step feeds."""
+        return self.prompt + self.out[:-1] if self.out else self.prompt
+
     def sampling(self, ending: set[int], vocab: int) -> RowSampling:
         """This step's sampling; `ending`: the engine's EOS ids, banned with stop_token_ids before min_tokens."""
         banned, allowed = (), None
@@ -243,7 +249,8 @@ class Engine:
         self.accepting = False
         self.counters = {"requests": 0, "finished": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0,
                          "adapter_loads": 0, "adapter_load_errors": 0, "rejected_queue_full": 0, "timed_out": 0,
-                         "failed_at_shutdown": 0, "prefills_shared": 0, "prefill_chunks": 0}
+                         "failed_at_shutdown": 0, "prefills_shared": 0, "prefill_chunks": 0, "preempted": 0,
+                         "resumed": 0}
         self._finished_at: deque[float] = deque(maxlen=256)  # monotonic finish times, for Retry-After estimates
         self.load_latencies: deque[float] = deque(maxlen=1000)
         self.step_latencies: deque[float] = deque(maxlen=1000)
@@ -502,9 +509,14 @@ class Engine:
                 if self._expire():
                     self._retire()
                 self._place_loaded()
+                self._preempt()
                 admitted = self._admit()
                 # a chunked prompt's next chunk; its last one joins this step's other new prompts
                 admitted += self._advance_partial(len(self._active) + len(admitted))
+                resumed = [r for r in admitted if r.out]  # preempted ones: first, in their rows' order
+                if resumed:
+                    self._resume(resumed)
+                    admitted = [r for r in admitted if not r.out]
                 if admitted:
                     self._prefill(admitted)
                     self._retire()  # a request can end at its first token (EOS, stop string, max_tokens 1)
@@ -704,27 +716,17 @@ class Engine:
                     # host tier's newest
                     key = req.cache_key = next((k for k in reversed(self.cache.resident) if key_id(k) == key),
                                                None) or self.host_tier.newest(key) or key
-                computes = len(req.prompt) - self._cached_prefix(req)
-                chunked = 0 < chunk < computes and bool(self._active) and req.params.prompt_logprobs is None
+                computes = len(req.context) - self._cached_prefix(req)
+                chunked = (0 < chunk < computes and bool(self._active) and req.params.prompt_logprobs is None
+                           and not req.out)
                 if chunked and self._partial is not None:
                     continue  # one chunked prompt at a time; shorter ones behind it go on being admitted
                 if not chunked and admitted and not prefill_groups.fits(lengths + [computes], self.prefill_call_tokens,
                                                                         self.config.max_prefill_tokens):
                     break
                 if key is not None:
-                    if key not in self.cache.resident:
-                        if key not in self._loading and key not in self._ready:
-                            self.cache.misses += 1
-                            for obs in self.observers:
-                                obs.on_cache_miss()
-                            if not self._from_host_tier(key):
-                                fut = self._loader.submit(self._load, key, req.merge)
-                                fut.add_done_callback(lambda _: self._notify())  # wake the engine: it is ready
-                                self._loading[key] = fut
-                        # from host memory it is placed now, in this step (requests admitted before hold their
-                        # slots, so the eviction cannot take theirs); from the store it waits for its own adapter only
-                        if key not in self._ready or not self._place_ready(key):
-                            continue
+                    if not self._adapter_ready(req):
+                        continue
                     res = self.cache.acquire(key)
                     req.method = res.method
                     for obs in self.observers:
@@ -741,6 +743,70 @@ class Engine:
                     admitted.append(req)
                     lengths.append(computes)
         return admitted
+
+    def _adapter_ready(self, req: _Request) -> bool:
+        """Whether the waiting request's adapter is in a slot, starting its load if it is nowhere yet: from host
+        memory it is placed now, in this step (requests admitted before hold their slots, so the eviction cannot
+        take theirs); from the store it waits for its own adapter only."""
+        key = req.cache_key
+        if key in self.cache.resident:
+            return True
+        if key not in self._loading and key not in self._ready:
+            self.cache.misses += 1
+            for obs in self.observers:
+                obs.on_cache_miss()
+            if not self._from_host_tier(key):
+                fut = self._loader.submit(self._load, key, req.merge)
+                fut.add_done_callback(lambda _: self._notify())  # wake the engine: it is ready
+                self._loading[key] = fut
+        return key in self._ready and self._place_ready(key)
+
+    def _preempt(self) -> None:
+        """With every row taken, a waiting request of a lower priority value than a running one takes that one's
+        row (vLLM's preemption by recomputation): the running request of the highest value (its newest) goes back
+        to the queue keeping what it generated, its keys and values into the prefix cache where one is on, and is
+        resumed when a row is free for it (`_resume`), its stream paused meanwhile. Only for waiting requests
+        whose adapter is in a slot (a cold one's load is started, and it preempts once loaded); equal priorities
+        never preempt."""
+        free = self.config.max_batch - len(self._active) - (self._partial is not None)
+        if free > 0 or not self._waiting or not self._active:
+            return
+        running = max(r.params.priority for r in self._active)
+        with self._cond:
+            urgent = sorted((r for r in self._waiting if r.params.priority < running and not r.cancelled),
+                            key=lambda r: (r.params.priority, r.id))
+            ready = [r for r in urgent if r.cache_key is None or self._adapter_ready(r)]
+        victims = sorted((r for r in self._active if r.finish_reason is None and not r.cancelled),
+                         key=lambda r: (-r.params.priority, -r.id))
+        for want, victim in zip(ready, victims):
+            if victim.params.priority <= want.params.priority:
+                break
+            self._preempt_row(victim)
+
+    def _preempt_row(self, req: _Request) -> None:
+        if self.prefix is not None and len(req.context) >= self.prefix.block:
+            self.prefix.store(self._prefix_key(req, req.core_slot, req.lr_slot), req.context, self._active.index(req))
+        self._drop_row(self._active.index(req))
+        req.core_slot = req.lr_slot = 0
+        with self._cond:
+            self._waiting.appendleft(req)
+        self.counters["preempted"] += 1
+
+    def _resume(self, reqs: list[_Request]) -> None:
+        """Preempted requests back into rows: their context (prompt and generated tokens but the last) recomputed
+        into the row, past what the prefix cache holds of it; nothing is sampled — their next decode step feeds
+        their last token, as it would have without the pause."""
+        start = len(self._active)
+        self._active.extend(reqs)  # first: if this fails, the step's error handler fails them and frees their slots
+        rows = list(range(start, start + len(reqs)))
+        work = [(self._prefix_key(r, r.core_slot, r.lr_slot), r.context, row) for r, row in zip(reqs, rows)]
+        starts = self.prefix.load_many(work) if self.prefix is not None else [0] * len(reqs)
+        todo = [i for i, (_, ctx, _) in enumerate(work) if starts[i] < len(ctx)]
+        if todo:
+            self.runner.prefill([work[i][1][starts[i]:] for i in todo], [rows[i] for i in todo],
+                                [reqs[i].core_slot for i in todo], [reqs[i].lr_slot for i in todo],
+                                starts=[starts[i] for i in todo])
+        self.counters["resumed"] += len(reqs)
 
     def _admission_order(self) -> list[_Request]:
         """The waiting requests in the order admission tries them: lower priority values first; within one
@@ -840,7 +906,7 @@ class Engine:
             if res is None:
                 return 0
             core, lr = (res.slot, 0) if res.pool == "core" else (0, res.slot)
-        return self.prefix.cached(self._prefix_key(req, core, lr), req.prompt)
+        return self.prefix.cached(self._prefix_key(req, core, lr), req.context)
 
     def _prefix_key(self, req: _Request, core_slot: int, lr_slot: int) -> tuple:
         """What the prefix cache keys a request's blocks by besides their tokens: what its row computes with, and
@@ -1012,18 +1078,22 @@ class Engine:
             self._keep_answers()
         i = 0
         while i < len(self._active):
-            req = self._active[i]
-            if req.finish_reason is None:
+            if self._active[i].finish_reason is None:
                 i += 1
-                continue
-            if req.adapter_id is not None:
-                self.cache.release(req.cache_key)
-            last = len(self._active) - 1
-            if i != last:
-                mover = self._active[last]
-                self.runner.move_row(last, i, len(mover.prompt) + len(mover.out))
-                self._active[i] = mover
-            self._active.pop()
+            else:
+                self._drop_row(i)
+
+    def _drop_row(self, i: int) -> None:
+        """Take the request in row i out of the batch (its adapter slot released), the last row moved into its place."""
+        req = self._active[i]
+        if req.adapter_id is not None:
+            self.cache.release(req.cache_key)
+        last = len(self._active) - 1
+        if i != last:
+            mover = self._active[last]
+            self.runner.move_row(last, i, len(mover.prompt) + len(mover.out))
+            self._active[i] = mover
+        self._active.pop()
 
     def _keep_answers(self) -> None:
         """Into the prefix cache, the generated tokens of rows about to leave, after their prompts: their keys and

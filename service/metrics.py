@@ -17,6 +17,7 @@ Metric names (all prefixed svdserve_):
     prefix_cache_reused_tokens_total   prefix_cache_evictions_total   prefix_cache_blocks_used  (read at scrape time)
     adapter_host_cache_hits_total   adapter_host_cache_misses_total   adapter_host_cache_evictions_total
     adapter_host_cache_bytes   adapter_host_cache_entries  (the host-memory tier; read at scrape time)
+    preemptions_total   resumptions_total  (preemption by request priority; read at scrape time)
 """
 from __future__ import annotations
 
@@ -84,6 +85,11 @@ class _EngineState(Collector):
         yield depth
         yield resident
         yield loading
+        if "preempted" in stats:  # preemption by priority (Engine._preempt)
+            yield from _from_stats(stats, CounterMetricFamily, (
+                ("preemptions", "preempted", "Running requests put back in the queue for a waiting request of a lower priority value"),
+                ("resumptions", "resumed", "Preempted requests back in a row, their keys and values recomputed or reloaded"),
+            ))
         if "prefix_cache_hits" in stats:  # the prefix cache's own counts (absent when it is off)
             yield from _from_stats(stats, CounterMetricFamily, (
                 ("prefix_cache_hits", "prefix_cache_hits", "Prompts that continued a cached prefix"),

@@ -101,8 +101,8 @@ class SamplingControls(BaseModel):
     priority: int | None = Field(
         default=None, ge=-MAX_PRIORITY, le=MAX_PRIORITY,
         description="admission order, as vLLM's: lower first (default 0); waiting requests of a lower value are "
-        "admitted before any of a higher one, and a full queue refuses the highest value's newest request first. "
-        "Running requests are never preempted",
+        "admitted before any of a higher one, a full queue refuses the highest value's newest request first, and "
+        "with every row taken a running request of a higher value is preempted (it resumes later, its output unchanged)",
     )
     min_p: float | None = Field(
         default=None, ge=0.0, le=1.0, description="drop tokens below min_p × the most likely token's probability"
