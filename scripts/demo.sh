@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (disk store, SmolLM2-135M-Instruct):
 #   set up → convert the default model and compute its SVD factors (once) → train a demo OSoRA adapter
-#   (once) → start the service → upload the adapter → generate with and without it → keep serving.
+#   (once) → start the service → upload the adapter → generate without it, with it, and with it merged at half
+#   strength → keep serving.
 # Re-running skips what is already built. Ctrl-C stops the server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,12 +39,14 @@ fi
 PROMPT=$(python -c "from training.tasks import make_task; print(make_task('$TASK').test[0].messages[0][1])" 2>/dev/null \
   || echo "Review: I think the staff was rude and the food was poor.
 Sentiment?")
-for ADAPTER_ID in null "\"demo-$TASK\""; do
-  echo "== POST /generate adapter_id=$ADAPTER_ID"
-  python - "$PORT" "$ADAPTER_ID" "$PROMPT" <<'PY'
+# the base model, the adapter, and the adapter merged at half strength (a request-time merge: ΔW / 2)
+for TARGET in '{"adapter_id": null}' "{\"adapter_id\": \"demo-$TASK\"}" \
+              "{\"merged_adapters\": {\"ids\": [\"demo-$TASK\"], \"weights\": [0.5]}}"; do
+  echo "== POST /generate $TARGET"
+  python - "$PORT" "$TARGET" "$PROMPT" <<'PY'
 import json, sys, urllib.request
-port, adapter_id, prompt = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-body = json.dumps({"adapter_id": adapter_id, "prompt": prompt, "max_tokens": 24}).encode()
+port, target, prompt = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+body = json.dumps({**target, "prompt": prompt, "max_tokens": 24}).encode()
 req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", body, {"Content-Type": "application/json"})
 print(json.dumps(json.load(urllib.request.urlopen(req)), indent=2))
 PY

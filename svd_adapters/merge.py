@@ -101,6 +101,57 @@ def merge(adapters: Sequence[Adapter], weights: Sequence[float], options: MergeO
     return Merged(adapter.method, adapter.terms(factors), 0 if adapter.method in CORE_METHODS else adapter.rank)
 
 
+def merged_adapter(adapters: Sequence[Adapter], weights: Sequence[float], options: MergeOptions,
+                   factors: BaseFactors, seed: int = 0) -> Adapter:
+    """The merge as one adapter (a file to upload; `python -m training combine`): ties / dare → an adapter of the
+    sources' method and rank; linear → for LoRA-XS adapters of one rank their summed cores (ΔW is linear in R), for
+    any other mix a plain LoRA carrying ΔW = Σ wᵢ ΔWᵢ exactly: its rank is the merge's low-rank rows plus its
+    d-term's (U_r diag(d) over V_rᵀ), the most of any module kind, the others zero-padded."""
+    if len(weights) != len(adapters):
+        raise ValueError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    if options.strategy != "linear":
+        check_mergeable([a.method for a in adapters], [a.rank for a in adapters], options, max_rank=1 << 30)
+        return parameter_merge(adapters, weights, options, factors, seed)
+    first = adapters[0]
+    if all(a.method == "loraxs" and a.rank == first.rank for a in adapters):
+        names = sorted({n for a in adapters for n in a.params})
+        params = {n: {"R": sum(w * _folded(a, n, "R", "R") for a, w in zip(adapters, weights) if n in a.params)}
+                  for n in names}
+        return _like(first, "loraxs", first.rank, adapters, params)
+    merged = linear([(a.method, a.terms(factors)) for a in adapters], weights, factors)
+    blocks: dict[str, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
+    for kind, lt in merged.terms.items():
+        t, layers = lt.terms, lt.layers
+        A = t.A if t.A is not None else None
+        B = t.B if t.B is not None else None
+        if t.C is not None:  # all LoRA-XS of several ranks: U_r C over V_rᵀ
+            names = tuple(_module_names(factors, kind)[li] for li in layers)
+            U, _, Vh = factors.stacked(names, t.rank)
+            A, B = Vh, U @ t.C
+        if t.d is not None:  # the frozen subtractions: U_r diag(d) over V_rᵀ
+            names = tuple(_module_names(factors, kind)[li] for li in layers)
+            U, _, Vh = factors.stacked(names, t.rank)
+            A, B = torch.cat([A, Vh], dim=-2), torch.cat([B, U * t.d[:, None, :]], dim=-1)
+        blocks[kind] = (layers, A, B)
+    rank = max(A.shape[-2] for _, A, _ in blocks.values())
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for kind, (layers, A, B) in blocks.items():
+        pad = rank - A.shape[-2]
+        A = torch.nn.functional.pad(A, (0, 0, 0, pad))
+        B = torch.nn.functional.pad(B, (0, pad))
+        for j, li in enumerate(layers):
+            params[_module_names(factors, kind)[li]] = {"A": A[j].contiguous(), "B": B[j].contiguous()}
+    return _like(first, "lora", rank, adapters, params)
+
+
+def _like(first: Adapter, method: str, rank: int, adapters: Sequence[Adapter],
+          params: dict[str, dict[str, torch.Tensor]]) -> Adapter:
+    """A merged adapter on the sources' base, covering every module any of them adapts (α = r: scale 1)."""
+    targets = tuple(sorted({t for a in adapters for t in a.target_modules}))
+    return Adapter(method=method, rank=rank, alpha=float(rank), base_model=first.base_model,
+                   base_fingerprint=first.base_fingerprint, target_modules=targets, params=params)
+
+
 # ---------- linear: ΔW = Σ wᵢ ΔWᵢ, on slot terms ----------
 
 def linear(sources: Sequence[tuple[str, dict[str, LayerTerms]]], weights: Sequence[float],
@@ -202,9 +253,7 @@ def parameter_merge(adapters: Sequence[Adapter], weights: Sequence[float], optio
             merged = ref + combine(changes, w, options, gen, per_layer=True)
             for n, value in zip(names, merged):
                 params.setdefault(n, {})[key] = value
-    targets = tuple(sorted({t for a in adapters for t in a.target_modules}))
-    return Adapter(method=first.method, rank=rank, alpha=float(rank), base_model=first.base_model,
-                   base_fingerprint=first.base_fingerprint, target_modules=targets, params=params)
+    return _like(first, first.method, rank, adapters, params)
 
 
 def _tensor_seed(seed: int, kind: str, key: str) -> int:

@@ -78,3 +78,49 @@ def test_merge_exports_a_plain_hf_model_with_the_adapter_folded_in(tmp_path, cap
         moved = (merged(ids).logits - tiny_base.model(ids).logits).abs().max().item()
     assert diff <= 1e-4
     assert moved > 1e-3  # the export really carries the adapter
+
+
+def test_combine_writes_the_merge_as_one_adapter_file(tmp_path, capsys, monkeypatch, tiny_base, tiny_factors):
+    """`combine`: a linear merge of mixed methods is a LoRA file carrying Σ wᵢ ΔWᵢ exactly; of LoRA-XS adapters of
+    one rank, a LoRA-XS file; a TIES merge, an adapter of its sources' method. Each loads as an upload does."""
+    from adapters_store.validate import load_adapter
+    from svd_adapters.adapter import random_adapter
+    from svd_adapters.merge import MergeOptions, parameter_merge
+    from test_merge import _assert_weighted_sum
+
+    monkeypatch.setenv("SVDSERVE_HOME", str(tmp_path / "home"))
+    made = {name: random_adapter(m, r, tiny_factors, tiny_base.name, seed=60 + i)
+            for i, (name, m, r) in enumerate((("os", "osora", 4), ("so", "sorsa", 2), ("lo", "lora", 4),
+                                               ("lx1", "loraxs", 4), ("lx2", "loraxs", 4), ("os2", "osora", 4)))}
+    for name, a in made.items():
+        save_adapter(a, str(tmp_path / f"{name}.safetensors"))
+
+    def combine(names, *extra):
+        out = tmp_path / f"{'-'.join(names)}{len(extra)}.safetensors"
+        argv = ["combine", "--base", "tiny", "--out", str(out), *extra]
+        for n in names:
+            argv += ["--adapter", str(tmp_path / f"{n}.safetensors")]
+        code = main(argv)
+        return code, (load_adapter(out.read_bytes(), tiny_factors, tiny_base.name) if code == 0 else None)
+
+    code, mixed = combine(["os", "so", "lo"], "--weights", "0.5", "1.0", "-0.7")
+    assert code == 0 and mixed.method == "lora" and mixed.rank == 4 + 2 + 4 + 4  # rows + the d-term's
+    _assert_weighted_sum(mixed.terms(tiny_factors), [made["os"], made["so"], made["lo"]], [0.5, 1.0, -0.7], tiny_factors)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rank"] == 14
+
+    code, cores = combine(["lx1", "lx2"], "--weights", "1.0", "0.25")
+    assert code == 0 and cores.method == "loraxs" and cores.rank == 4
+    _assert_weighted_sum(cores.terms(tiny_factors), [made["lx1"], made["lx2"]], [1.0, 0.25], tiny_factors)
+
+    code, ties = combine(["os", "os2"], "--strategy", "ties", "--density", "0.5")
+    want = parameter_merge([made["os"], made["os2"]], [1.0, 1.0], MergeOptions("ties", 0.5), tiny_factors)
+    assert code == 0 and ties.method == "osora" and ties.rank == 4
+    for name, p in want.params.items():
+        for k, v in p.items():
+            assert torch.allclose(ties.params[name][k], v, atol=1e-6)
+    capsys.readouterr()
+
+    assert combine(["os", "lx1"], "--strategy", "ties")[0] == 2
+    assert "one method at one rank" in capsys.readouterr().err
+    assert combine(["os", "lx1"], "--weights", "1.0")[0] == 2
+    assert "one per adapter" in capsys.readouterr().err

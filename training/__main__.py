@@ -1,4 +1,4 @@
-"""`python -m training {train,eval,tasks,merge}`: the trainer CLI. Progress and logs go to stderr; for `train`
+"""`python -m training {train,eval,tasks,merge,combine}`: the trainer CLI. Progress and logs go to stderr; for `train`
 and `eval` the last line of stdout is one JSON object, so scripts can `tail -n1 | jq`."""
 from __future__ import annotations
 
@@ -114,6 +114,16 @@ def cmd_merge(args: argparse.Namespace) -> dict:
     return {"adapter": str(args.adapter), "base": args.base, "out": str(out)}
 
 
+def cmd_combine(args: argparse.Namespace) -> dict:
+    from svd_adapters.merge import MergeOptions
+    from training.combine import combine_files
+
+    if args.weights is not None and len(args.weights) != len(args.adapter):
+        raise ValueError(f"{len(args.weights)} --weights for {len(args.adapter)} --adapter files; give one per adapter")
+    options = MergeOptions(args.strategy, args.density, args.majority_sign_method)
+    return combine_files(args.adapter, args.weights, options, args.base, args.out, seed=args.seed)
+
+
 def cmd_eval(args: argparse.Namespace) -> dict:
     from adapters_store.validate import load_adapter
 
@@ -195,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--base", default="default", help="'default', 'tiny', or an HF model dir (the adapter's base)")
     mg.add_argument("--out", type=Path, required=True, help="directory to write (config, safetensors, tokenizer)")
 
+    cb = sub.add_parser("combine", help="merge several adapters into one adapter file (what merged_adapters serves)")
+    cb.add_argument("--adapter", type=Path, action="append", required=True,
+                    help="an adapter file (.safetensors); give --adapter once per adapter")
+    cb.add_argument("--weights", type=float, nargs="+", default=None, help="one per adapter (default 1 each)")
+    cb.add_argument("--strategy", default="linear", choices=["linear", "ties", "dare_linear", "dare_ties"],
+                    help="linear: exactly Σ wᵢ ΔWᵢ, any methods and ranks (a LoRA file unless all are LoRA-XS of one "
+                    "rank); ties / dare_*: entry by entry on the parameters, one method at one rank")
+    cb.add_argument("--density", type=float, default=1.0, help="ties / dare: the fraction of each change kept")
+    cb.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"])
+    cb.add_argument("--seed", type=int, default=None, help="DARE's drop seed (default: from the input files)")
+    cb.add_argument("--base", default="default", help="'default', 'tiny', or an HF model dir (the adapters' base)")
+    cb.add_argument("--out", type=Path, required=True, help="adapter file to write (.safetensors)")
+
     ev = sub.add_parser("eval", help="exact match of an adapter (or 'none') on held-out data")
     ev.add_argument("--adapter", required=True, help="adapter file, or 'none' for the base model")
     _add_source(ev, eval_data=False)
@@ -220,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tasks":
             cmd_tasks(args)
             return 0
-        out = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge}[args.command](args)
+        out = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "combine": cmd_combine}[args.command](args)
     except (DataError, FileNotFoundError, ValueError, UploadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
