@@ -14,11 +14,15 @@ Strategies:
   change's `density` largest entries, elects a sign per entry (`total`: of the summed changes, `frequency`: of
   the most entries) and averages the weighted changes that agree with it; DARE (Yu et al. 2023) keeps each entry
   with probability `density` and rescales by 1/density, then sums (dare_linear) or elects and averages as TIES
-  (dare_ties). The drop is seeded by the caller (a digest of the merge), so every replica builds the same adapter.
+  (dare_ties). Each tensor's drop is seeded by the caller's seed (a digest of the merge) and the tensor's name, so
+  every replica builds the same adapter whatever order it reads the modules in.
   These are not linear in ΔW (OSoRA's and SORSA's ΔW are products of their parameters).
 
 LoRA-XS and LoRA fold their α/r into R and B before a parameter merge, so adapters trained with different α combine
 (the merged adapter has α = r).
+
+`merge` gives slot terms (what the engine serves); `merged_adapter` gives the same merge as one adapter file's
+contents (`python -m training combine`).
 """
 from __future__ import annotations
 
