@@ -407,7 +407,8 @@ def create_app(
         params = eng.SamplingParams(
             max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list(),
             logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs, grammar=grammar,
-            prefix_scope=body.prefix_scope(caller.tenant), tenant=caller.tenant, **body.sampling_controls(),
+            prefix_scope=body.prefix_scope(caller.tenant), tenant=caller.tenant,
+            tenant_weight=caller.limits.weight or 1.0, **body.sampling_controls(),
         )
         texts = logprob_shapes.token_texts(request)
         result_id = target.label if isinstance(target, MergeSpec) else target

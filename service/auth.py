@@ -12,7 +12,7 @@ Authentication happens in `AuthMiddleware`, before the request body is read (an 
 refused without reading 64 MiB); routes get the result through the `current_caller` dependency.
 Another tenant's adapter answers exactly like a nonexistent one (404, same message). Admin endpoints:
 
-    POST   /admin/tenants                {tenant, max_adapters?, requests_per_minute?, burst?, max_tokens?}
+    POST   /admin/tenants                {tenant, max_adapters?, requests_per_minute?, burst?, max_tokens?, weight?}
     GET    /admin/tenants                tenants with limits, key ids, adapter counts
     PATCH  /admin/tenants/{tenant}       change limits (null clears one)
     POST   /admin/tenants/{tenant}/keys  a new key, shown once: {"key": "sk-svd-…", "key_id", …}

@@ -445,9 +445,9 @@ class Engine:
     def _make_room_for(self, params: SamplingParams) -> bool:
         """A full queue takes a request by refusing a waiting one instead (429 queue_full, as it would have been had
         it come later): the newest of the lowest priority (highest value) when that is lower than the new one's;
-        else, with fair_share, when the new request's tenant waits with fewer requests of its priority than
-        another (by two or more), that other tenant's newest: one tenant's backlog cannot fill the queue against
-        all the others. Called under the lock; True when a place was freed."""
+        else, with fair_share, when another tenant waits with more requests of the new one's priority for its
+        weight (by two or more, at equal weights), that tenant's newest: one tenant's backlog cannot fill the queue
+        against all the others. Called under the lock; True when a place was freed."""
         worst = max((r.params.priority for r in self._waiting), default=params.priority)
         if worst > params.priority:
             victim = next(r for r in reversed(self._waiting) if r.params.priority == worst)
@@ -455,11 +455,16 @@ class Engine:
                    f"priority ({worst}), made room for one of priority {params.priority}")
         elif self.config.fair_share:
             counts: dict[str | None, int] = {}
+            weight = {params.tenant: params.tenant_weight}
             for r in self._waiting:
                 if r.params.priority == params.priority:
                     counts[r.params.tenant] = counts.get(r.params.tenant, 0) + 1
-            heaviest = max(counts, key=counts.__getitem__, default=None)
-            if heaviest is None or heaviest == params.tenant or counts[heaviest] < counts.get(params.tenant, 0) + 2:
+                    weight.setdefault(r.params.tenant, r.params.tenant_weight)
+            heaviest = max(counts, key=lambda t: counts[t] / weight[t], default=None)
+            # only while the heaviest, one request lighter, still holds as large a share for its weight as the
+            # newcomer's tenant one request heavier (equal weights: two or more requests more)
+            if (heaviest is None or heaviest == params.tenant or (counts[heaviest] - 1) / weight[heaviest]
+                    < (counts.get(params.tenant, 0) + 1) / weight[params.tenant]):
                 return False
             victim = next(r for r in reversed(self._waiting)
                           if r.params.tenant == heaviest and r.params.priority == params.priority)
@@ -825,21 +830,22 @@ class Engine:
 
     @staticmethod
     def _fair_order(reqs: list[_Request], held: dict[str | None, int]) -> list[_Request]:
-        """`reqs` (in arrival order) with the tenant holding the fewest rows first, one at a time; `held` counts
-        each tenant's rows and is updated as if every request were taken."""
+        """`reqs` (in arrival order) with the tenant holding the fewest rows for its weight (rows / tenant_weight)
+        first, one at a time; `held` counts each tenant's rows and is updated as if every request were taken."""
         queues: dict[str | None, deque[_Request]] = {}
         for req in reqs:
             queues.setdefault(req.params.tenant, deque()).append(req)
-        heap = [(held.get(t, 0), q[0].id, t) for t, q in queues.items()]  # ids grow with arrival
+        weight = {t: q[0].params.tenant_weight for t, q in queues.items()}
+        heap = [(held.get(t, 0) / weight[t], q[0].id, t) for t, q in queues.items()]  # ids grow with arrival
         heapq.heapify(heap)
         order: list[_Request] = []
         while heap:
-            rows, _, t = heapq.heappop(heap)
+            _, _, t = heapq.heappop(heap)
             q = queues[t]
             order.append(q.popleft())
-            held[t] = rows + 1
+            held[t] = held.get(t, 0) + 1
             if q:
-                heapq.heappush(heap, (rows + 1, q[0].id, t))
+                heapq.heappush(heap, (held[t] / weight[t], q[0].id, t))
         return order
 
     def _advance_partial(self, first_free_row: int) -> list[_Request]:

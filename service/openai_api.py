@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adapters_store import AdapterStore
 from service import engine as eng
-from service.auth import Auth, TenantCaller, app_auth, max_tokens_for
+from service.auth import Auth, Caller, TenantCaller, app_auth, max_tokens_for
 from service.errors import ApiError, engine_error_status, not_ready, openai_error_body, shutting_down
 from service import logprobs as logprob_shapes
 from service import merge_requests, structured
@@ -237,15 +237,16 @@ async def _adapter_of(request: Request, caller: Any, body: _Common) -> tuple[str
 
 
 def _params(body: _Common, stops: list[str], max_tokens: int, logprobs: int | None, grammar: str | None,
-            tenant: str | None) -> eng.SamplingParams:
+            caller: Caller) -> eng.SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
     if top_p == 0.0:  # nucleus of mass 0: the most likely token, i.e. greedy
         temperature, top_p = 0.0, 1.0
     seed = None if body.seed is None else body.seed % SEED_MODULUS
     return eng.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stops,
-                              logprobs=logprobs, grammar=grammar, prefix_scope=body.prefix_scope(tenant),
-                              tenant=tenant, **body.sampling_controls())
+                              logprobs=logprobs, grammar=grammar, prefix_scope=body.prefix_scope(caller.tenant),
+                              tenant=caller.tenant, tenant_weight=caller.limits.weight or 1.0,
+                              **body.sampling_controls())
 
 
 def _usage(results: list[eng.GenerationResult], n: int | None = None) -> dict[str, Any]:
@@ -392,7 +393,7 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
     max_tokens = max_tokens_for(caller, body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, explicit)
     encoded = [await run_in_threadpool(engine.encode_prompt, p, None, True) if isinstance(p, str) else p for p in prompts]
     grammar = await structured.grammar_for(engine.grammars, body.constraint())
-    params = _params(body, stops, max_tokens, body.logprobs, grammar, caller.tenant)
+    params = _params(body, stops, max_tokens, body.logprobs, grammar, caller)
     if body.echo and body.logprobs is not None:  # the echoed prompt's tokens are scored too
         params = replace(params, prompt_logprobs=body.logprobs)
     # choice i = prompt i // n, its (i % n)-th choice, as OpenAI and vLLM index them
@@ -454,7 +455,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
     else:
         max_tokens = max_tokens_for(caller, requested, explicit=True, param=param)
     grammar = await structured.grammar_for(engine.grammars, body.constraint())
-    params = _params(body, stops, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, grammar, caller.tenant)
+    params = _params(body, stops, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, grammar, caller)
     choices = _choices(params, body.n or 1)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     fingerprint = request.app.state.factors.fingerprint

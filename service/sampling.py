@@ -42,6 +42,7 @@ class SamplingParams:
     prefix_scope: str | None = None  # only requests of the same scope share cached prompt prefixes (tenant, salt)
     tenant: str | None = None  # who asked: admission shares the batch's rows fairly between tenants
     priority: int = 0  # admission order: lower first (vLLM's convention); fair share within one priority
+    tenant_weight: float = 1.0  # the tenant's share of rows under fair share, relative to other tenants'
 
     @property
     def greedy(self) -> bool:

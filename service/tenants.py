@@ -61,6 +61,11 @@ class TenantLimits(BaseModel):
     )
     burst: int | None = Field(default=None, ge=1, description="bucket size: requests allowed at once (default: requests_per_minute)")
     max_tokens: int | None = Field(default=None, ge=1, description="largest max_tokens of one generation request")
+    weight: float | None = Field(
+        default=None, gt=0, le=1000,
+        description="this tenant's share of the batch's rows under fair admission, relative to others' (default 1: "
+        "a tenant of weight 2 is admitted twice as many rows as one of weight 1 while both wait)",
+    )
 
 
 class Tenant(TenantLimits):

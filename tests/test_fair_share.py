@@ -188,3 +188,30 @@ def test_a_full_queue_refuses_the_lowest_prioritys_newest_first(tiny_base, tiny_
         asyncio.run(scenario())
     finally:
         eng.shutdown(drain=False)
+
+
+def test_a_tenants_weight_is_its_share_of_the_rows_and_of_the_queue(tiny_base, tiny_factors, tmp_path):
+    eng = engine(tiny_base, tiny_factors, tmp_path, max_batch=8, max_waiting=9)
+    prompt = eng.encode_prompt("Hi", raw=True)
+
+    def submit(tenant: str, weight: float):
+        return eng._submit(prompt, None, SamplingParams(max_tokens=2, tenant=tenant, tenant_weight=weight))
+
+    async def scenario():
+        gold = [submit("gold", 2.0) for _ in range(6)]
+        free = [submit("free", 1.0) for _ in range(3)]
+        order = eng._admission_order()
+        # the queue is full (9): free, holding 3 for weight 1, may not take gold's place (gold 6 - 1 = 5 for weight
+        # 2 is 2.5 < free's 3 + 1 = 4); a third tenant with none waiting may (2.5 ≥ 1)
+        with pytest.raises(QueueFull):
+            submit("free", 1.0)
+        newcomer = submit("new", 1.0)
+        return gold, free, order, newcomer
+
+    try:
+        gold, free, order, newcomer = asyncio.run(scenario())
+        # gold, of weight 2, gets two rows for each of free's: its rows / 2 against free's rows / 1
+        assert [("g" if r in gold else "f") for r in order] == list("gfggfggfg")
+        assert gold[-1] not in eng._waiting and newcomer in eng._waiting  # gold's newest made room
+    finally:
+        eng.shutdown(drain=False)

@@ -131,6 +131,12 @@ async def test_admin_api_needs_the_admin_key(serve, store):
         err(await client.patch("/admin/tenants/nobody", json={}, headers=ADMIN_H), 404, "tenant_not_found")
         patched = await client.patch("/admin/tenants/acme", json={"max_tokens": None, "max_adapters": 7}, headers=ADMIN_H)
         assert patched.status_code == 200 and (patched.json()["max_tokens"], patched.json()["max_adapters"]) == (None, 7)
+        assert patched.json()["weight"] is None  # fair share's default weight, 1
+        weighted = await client.patch("/admin/tenants/acme", json={"weight": 2.5}, headers=ADMIN_H)
+        assert weighted.status_code == 200 and weighted.json()["weight"] == 2.5 and weighted.json()["max_adapters"] == 7
+        err(await client.patch("/admin/tenants/acme", json={"weight": 0}, headers=ADMIN_H), 422)
+        listed = (await client.get("/admin/tenants", headers=ADMIN_H)).json()["tenants"][0]
+        assert listed["weight"] == 2.5  # stored
 
         # a second key works alongside the first; revoking one leaves the other
         second = (await client.post("/admin/tenants/acme/keys", headers=ADMIN_H)).json()
@@ -223,15 +229,15 @@ async def test_tenants_never_reuse_each_others_cached_prompts(serve, store, tiny
         err(await client.post("/generate", json={"prompt": "hi", "cache_salt": ""}, headers=bearer(a)), 422)
 
 
-async def test_every_generation_carries_its_tenant_and_priority_to_the_engines_admission(serve, store, tiny_base):
+async def test_every_generation_carries_its_tenant_weight_and_priority_to_the_engines_admission(serve, store, tiny_base):
     """Admission shares rows between tenants (Engine._admission_order): each route must tell the engine who asked."""
     async with serve(store, auth="on", admin_key=ADMIN) as client:
-        a, b = await new_tenant(client, "tenant-a"), await new_tenant(client, "tenant-b")
+        a, b = await new_tenant(client, "tenant-a"), await new_tenant(client, "tenant-b", weight=3)
         engine = client.app.state.engine
-        seen: list[tuple[str | None, int]] = []
+        seen: list[tuple[str | None, int, float]] = []
         real = engine._submit
-        engine._submit = lambda ids, aid, params, version=None: (seen.append((params.tenant, params.priority)),
-                                                                 real(ids, aid, params, version))[1]
+        engine._submit = lambda ids, aid, params, version=None: (
+            seen.append((params.tenant, params.priority, params.tenant_weight)), real(ids, aid, params, version))[1]
         for key, priority in ((a, None), (b, -3)):
             extra = {} if priority is None else {"priority": priority}
             for path, body in (("/generate", {"prompt": "hi", "max_tokens": 2}),
@@ -240,7 +246,8 @@ async def test_every_generation_carries_its_tenant_and_priority_to_the_engines_a
                                                          "messages": [{"role": "user", "content": "hi"}]})):
                 resp = await client.post(path, json={**body, **extra}, headers=bearer(key))
                 assert resp.status_code == 200, resp.text
-        assert seen == [("tenant-a", 0)] * 3 + [("tenant-b", -3)] * 3  # and its priority (vLLM's extra), default 0
+        # and its weight (the tenant's, default 1) and the request's priority (vLLM's extra, default 0)
+        assert seen == [("tenant-a", 0, 1.0)] * 3 + [("tenant-b", -3, 3.0)] * 3
         resp = await client.post("/generate", json={"prompt": "hi", "priority": 1 << 40}, headers=bearer(a))
         assert resp.status_code == 422 and "priority" in resp.text
 
