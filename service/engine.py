@@ -705,7 +705,6 @@ class Engine:
         one at a time) instead: it takes the last row and is prefilled by `_advance_partial`."""
         admitted: list[_Request] = []
         free_rows = self.config.max_batch - len(self._active) - (self._partial is not None)
-        chunk = self.config.prefill_chunk_tokens
         lengths: list[int] = []  # what the admitted prompts compute: past their cached prefixes
         with self._cond:
             for req in self._admission_order() if free_rows > 0 else list(self._waiting):
@@ -722,8 +721,7 @@ class Engine:
                     key = req.cache_key = next((k for k in reversed(self.cache.resident) if key_id(k) == key),
                                                None) or self.host_tier.newest(key) or key
                 computes = len(req.context) - self._cached_prefix(req)
-                chunked = (0 < chunk < computes and bool(self._active) and req.params.prompt_logprobs is None
-                           and not req.out)
+                chunked = self._chunked(req, computes)
                 if chunked and self._partial is not None:
                     continue  # one chunked prompt at a time; shorter ones behind it go on being admitted
                 if not chunked and admitted and not prefill_groups.fits(lengths + [computes], self.prefill_call_tokens,
@@ -749,6 +747,11 @@ class Engine:
                     lengths.append(computes)
         return admitted
 
+    def _chunked(self, req: _Request, computes: int) -> bool:
+        """Whether admission makes `req`, computing this many prompt tokens, the chunked prompt (`_partial`)."""
+        chunk = self.config.prefill_chunk_tokens
+        return 0 < chunk < computes and bool(self._active) and req.params.prompt_logprobs is None and not req.out
+
     def _adapter_ready(self, req: _Request) -> bool:
         """Whether the waiting request's adapter is in a slot, starting its load if it is nowhere yet: from host
         memory it is placed now, in this step (requests admitted before hold their slots, so the eviction cannot
@@ -767,26 +770,55 @@ class Engine:
         return key in self._ready and self._place_ready(key)
 
     def _preempt(self) -> None:
-        """With every row taken, a waiting request of a lower priority value than a running one takes that one's
-        row (vLLM's preemption by recomputation): the running request of the highest value (its newest) goes back
-        to the queue keeping what it generated, its keys and values into the prefix cache where one is on, and is
-        resumed when a row is free for it (`_resume`), its stream paused meanwhile. Only for waiting requests
-        whose adapter is in a slot (a cold one's load is started, and it preempts once loaded); equal priorities
-        never preempt."""
-        free = self.config.max_batch - len(self._active) - (self._partial is not None)
-        if free > 0 or not self._waiting or not self._active:
+        """A waiting request of a lower priority value than a running one takes that one's place (vLLM's
+        preemption by recomputation) when it has none: with every row taken, the running request of the highest
+        value (its newest) goes back to the queue keeping what it generated, its keys and values into the prefix
+        cache where one is on, and is resumed when a row is free for it (`_resume`), its stream paused meanwhile;
+        and when the waiting request's adapter is loaded but every slot of its pool is held by running requests,
+        the worst of those holding a slot alone is preempted so that slot can take it. A cold adapter's load is
+        started first (it preempts once loaded). Equal priorities never preempt."""
+        if not self._waiting or not self._active:
             return
         running = max(r.params.priority for r in self._active)
         with self._cond:
             urgent = sorted((r for r in self._waiting if r.params.priority < running and not r.cancelled),
                             key=lambda r: (r.params.priority, r.id))
-            ready = [r for r in urgent if r.cache_key is None or self._adapter_ready(r)]
-        victims = sorted((r for r in self._active if r.finish_reason is None and not r.cancelled),
-                         key=lambda r: (-r.params.priority, -r.id))
-        for want, victim in zip(ready, victims):
-            if victim.params.priority <= want.params.priority:
+        free = self.config.max_batch - len(self._active) - (self._partial is not None)
+        for want in urgent:
+            if self._partial is not None and self._chunked(want, len(want.context) - self._cached_prefix(want)):
+                continue  # admission would leave it waiting for the chunked prompt: a preemption would be wasted
+            victims = sorted((r for r in self._active if r.finish_reason is None and not r.cancelled
+                              and r.params.priority > want.params.priority), key=lambda r: (-r.params.priority, -r.id))
+            with self._cond:
+                ready = want.cache_key is None or self._adapter_ready(want)
+            if not ready:
+                holder = self._slot_holder(want, victims)
+                if holder is None:
+                    continue  # still loading, or no slot a preemption could free: it waits
+                self._preempt_row(holder)
+                free += 1
+                with self._cond:
+                    if not self._adapter_ready(want):
+                        continue
+            if free > 0:
+                free -= 1  # a row is free for it
+            elif victims:
+                self._preempt_row(victims[0])  # its row goes to `want` at this step's admission
+            else:
                 break
-            self._preempt_row(victim)
+
+    def _slot_holder(self, want: _Request, victims: list[_Request]) -> _Request | None:
+        """The first of `victims` (worst first) whose preemption frees a slot of the pool `want`'s loaded adapter
+        needs: it holds one that no other running request reads (nor is pinned)."""
+        loaded = self._ready.get(want.cache_key)
+        if loaded is None:
+            return None
+        pool = slot_pool(loaded[1])
+        for v in victims:
+            res = self.cache.resident.get(v.cache_key) if v.cache_key is not None else None
+            if res is not None and res.pool == pool and res.refcount == 1 and not res.pinned:
+                return v
+        return None
 
     def _preempt_row(self, req: _Request) -> None:
         if self.prefix is not None and len(req.context) >= self.prefix.block:

@@ -117,3 +117,36 @@ def test_equal_priorities_never_preempt(tiny_base, tiny_factors, adapters, tmp_p
     finally:
         eng.shutdown(drain=False)
     assert eng.counters["preempted"] == 0 and all(finished_first) and late.completion_tokens == 3
+
+
+def test_a_lower_value_whose_adapters_pool_is_full_preempts_the_slots_holder(tiny_base, tiny_factors, adapters,
+                                                                             tmp_path):
+    """One low-rank slot (lr_slots 2), held by a running priority-5 LoRA request, and rows to spare: a priority-0
+    request on another LoRA adapter cannot be placed, so the holder is preempted, the slot takes the new adapter,
+    and the holder resumes once it is done (its adapter back from host memory) with its unpaused tokens."""
+    more = dict(adapters, lo2=random_adapter("lora", 8, tiny_factors, tiny_base.name, seed=899))
+    eng, versions, _ = new_engine(tiny_base, tiny_factors, more, tmp_path, max_batch=4, lr_slots=2,
+                                  prefix_cache_tokens=0)
+    holder = (tokens(20, 4), "lo", SamplingParams(max_tokens=40, ignore_eos=True, priority=5))
+    base_row = (tokens(20, 5), None, SamplingParams(max_tokens=40, ignore_eos=True, priority=5))
+    urgent = (tokens(10, 6), "lo2", SamplingParams(max_tokens=5, ignore_eos=True, priority=0))
+
+    async def scenario():
+        streams = [eng.stream(p, a, sp, versions.get(a)) for p, a, sp in (holder, base_row)]
+        for s in streams:
+            await s.__anext__()
+        tails = [asyncio.ensure_future(collect(s)) for s in streams]
+        done = await eng.generate(urgent[0], urgent[1], urgent[2], versions["lo2"])
+        return [t.done() for t in tails], [await t for t in tails], done
+
+    try:
+        finished_first, tails, done = asyncio.run(scenario())
+        preempted = eng.counters["preempted"]
+        alone = run_alone(eng, versions, *holder)
+        urgent_alone = run_alone(eng, versions, *urgent)
+        base_alone = run_alone(eng, versions, *base_row)
+    finally:
+        eng.shutdown(drain=False)
+    assert preempted == 1 and not any(finished_first)  # only the slot's holder went back; the base row ran on
+    assert done.token_ids == urgent_alone.token_ids
+    assert tails[0][1].token_ids == alone.token_ids and tails[1][1].token_ids == base_alone.token_ids
