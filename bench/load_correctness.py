@@ -3,8 +3,9 @@
 A real server (`python -m service` in a subprocess, or uvicorn in a thread) on a free 127.0.0.1 port, disk
 store in a temp dir, auth off. N adapters (OSoRA, LoRA-XS, SORSA, LoRA; ranks 1–8, LoRA up to 16) are
 uploaded, then C concurrent clients (httpx.AsyncClient) send R greedy requests over them (plus some for the
-base model; some streamed). Every answer is compared with that adapter's solo reference, computed here with
-the adapter merged into a copy of the HF model (`svd_adapters.inject.merge_into`), one prompt at a time:
+base model, and some for request-time merges of two of them — linear, and TIES where two share a method and rank;
+some streamed). Every answer is compared with that adapter's (or merge's) solo reference, computed here with the
+adapter (the merge's weighted deltas) merged into a copy of the HF model (`svd_adapters.inject`), one prompt at a time:
 any difference is a mismatch (cross-tenant leakage shows up as one). The queue is kept small (max_waiting),
 so some requests are refused with 429 + Retry-After; clients honour Retry-After and retry. Faults are mixed in
 while the load runs: clients that hang up mid-stream, and malformed uploads (each must get a 4xx).
@@ -43,7 +44,8 @@ from adapters_store.format import adapter_to_bytes  # noqa: E402
 from svd_adapters.adapter import Adapter, new_adapter  # noqa: E402
 from svd_adapters.base_model import BaseModel, load_base  # noqa: E402
 from svd_adapters.factors import BaseFactors, load_or_compute  # noqa: E402
-from svd_adapters.inject import merge_into  # noqa: E402
+from svd_adapters.inject import merge_into, merge_weighted_into  # noqa: E402
+from svd_adapters.merge import MergeOptions, lowrank_rows, parameter_merge  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?", "Name a primary colour.", "Give me a word that rhymes with cat.",
@@ -130,13 +132,23 @@ class Reference:
 
 
 def references(base: BaseModel, factors: BaseFactors, adapters: dict[str, Adapter | None],
-               prompts_of: dict[str | None, list[int]], max_tokens: int) -> dict[tuple[str | None, int], Reference]:
-    """Each (adapter, prompt) alone through the HF model with that adapter merged into its weights."""
+               prompts_of: dict[str | None, list[int]], max_tokens: int,
+               merges: dict[str, dict] | None = None) -> dict[tuple[str | None, int], Reference]:
+    """Each (adapter, prompt) alone through the HF model with that adapter merged into its weights; for a merge
+    (`merges`: label → its merged_adapters body), its sources' weighted deltas (linear) or their TIES merge."""
     eos = eos_ids(base)
     refs = {}
     for adapter_id, prompt_idx in prompts_of.items():
         model = copy.deepcopy(base.model)
-        if adapter_id is not None:
+        if merges and adapter_id in merges:
+            spec = merges[adapter_id]
+            sources = [adapters[i] for i in spec["ids"]]
+            if spec["merge_strategy"] == "linear":
+                merge_weighted_into(model, list(zip(sources, spec["weights"])), factors)
+            else:
+                merge_into(model, parameter_merge(sources, spec["weights"], MergeOptions(spec["merge_strategy"]),
+                                                  factors), factors)
+        elif adapter_id is not None:
             merge_into(model, adapters[adapter_id], factors)
         model.eval()
         for p in prompt_idx:
@@ -146,6 +158,28 @@ def references(base: BaseModel, factors: BaseFactors, adapters: dict[str, Adapte
             refs[(adapter_id, p)] = Reference(text, len(out), "length" if len(out) == max_tokens else "stop", len(ids), out, gaps)
         del model
     return refs
+
+
+SERVER_MAX_RANK = 8  # the server's --max-rank: the adapters' ranks are 1–8 (LoRA up to 16 = 2 × 8)
+
+
+def pick_merges(adapters: dict[str, Adapter], n: int, rng: random.Random) -> dict[str, dict]:
+    """n request-time merges of two adapters each (label → merged_adapters body): TIES for a pair of one method at
+    one rank where there is one, else linear, within a low-rank slot's rows (2 × the server's max_rank)."""
+    ids, out = list(adapters), {}
+    pairs = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
+    rng.shuffle(pairs)
+    same = [p for p in pairs if (adapters[p[0]].method, adapters[p[0]].rank) == (adapters[p[1]].method, adapters[p[1]].rank)]
+    for a, b in same[:1] + pairs:
+        if len(out) >= n:
+            break
+        tie = (a, b) in same[:1]
+        rows = lowrank_rows([adapters[a].method, adapters[b].method], [adapters[a].rank, adapters[b].rank])
+        if not tie and rows > 2 * SERVER_MAX_RANK:
+            continue
+        out.setdefault(f"merge:{a},{b}", {"ids": [a, b], "weights": [1.0, 0.5] if tie else [0.6, 0.8],
+                                          "merge_strategy": "ties" if tie else "linear"})
+    return out
 
 
 # --- malformed uploads mixed into the load --------------------------------------------------------------
@@ -188,7 +222,7 @@ class Server:
         self.proc = None
         self.thread = None
         opts = dict(max_batch=args.max_batch, max_waiting=args.max_waiting, core_slots=args.core_slots,
-                    lr_slots=args.lr_slots, max_rank=8, max_seq_len=512)
+                    lr_slots=args.lr_slots, max_rank=SERVER_MAX_RANK, max_seq_len=512)
         if args.host_cache_mb is not None:
             opts["host_cache_mb"] = args.host_cache_mb
         if args.prefill_chunk_tokens is not None:
@@ -295,7 +329,8 @@ class Tally:
 
 
 async def _one(client: httpx.AsyncClient, job: dict, refs, tally: Tally, tokenizer) -> None:
-    body = {"adapter_id": job["adapter"], "prompt": PROMPTS[job["prompt"]], "max_tokens": job["max_tokens"]}
+    target = {"merged_adapters": job["merge"]} if job.get("merge") else {"adapter_id": job["adapter"]}
+    body = {**target, "prompt": PROMPTS[job["prompt"]], "max_tokens": job["max_tokens"]}
     t0 = time.perf_counter()
     while True:
         resp_json: dict = {}
@@ -437,7 +472,7 @@ def run(*, base_spec: str = "tiny", n_requests: int = 1000, n_adapters: int = 10
         core_slots: int = 32, lr_slots: int = 8, base_share: float = 0.05, stream_share: float = 0.2,
         disconnects: int = 50, n_bad_uploads: int = 100, server: str = "process", seed: int = 0,
         factors_dir: Path | None = None, scale: float | None = None, host_cache_mb: int | None = None,
-        prefill_chunk_tokens: int | None = None, log=print) -> dict:
+        prefill_chunk_tokens: int | None = None, merges: int = 0, merge_share: float = 0.1, log=print) -> dict:
     """The whole benchmark; returns the result dict (see the JSON line)."""
     t_setup = time.perf_counter()
     import logging
@@ -455,17 +490,24 @@ def run(*, base_spec: str = "tiny", n_requests: int = 1000, n_adapters: int = 10
     rng = random.Random(seed)
     prompts_of: dict[str | None, list[int]] = {a: rng.sample(range(len(PROMPTS)), prompts_per_adapter) for a in ids}
     prompts_of[None] = list(range(len(PROMPTS)))
+    merge_specs = pick_merges(adapters, merges, rng)
+    for label, spec in merge_specs.items():
+        prompts_of[label] = prompts_of[spec["ids"][0]]
+    labels = list(merge_specs)
     jobs = []
     for i in range(n_requests):
-        adapter = None if rng.random() < base_share else ids[i % n_adapters]
+        r = rng.random()
+        adapter = None if r < base_share else (labels[i % len(labels)] if r < base_share + merge_share and labels
+                                                else ids[i % n_adapters])
         jobs.append({"adapter": adapter, "prompt": rng.choice(prompts_of[adapter]), "max_tokens": max_tokens,
-                     "stream": rng.random() < stream_share})
+                     "stream": rng.random() < stream_share, "merge": merge_specs.get(adapter)})
     used = {}
     for job in jobs:
         used.setdefault(job["adapter"], set()).add(job["prompt"])
     log(f"computing {sum(len(v) for v in used.values())} solo references (merged weights) ...")
     t_ref = time.perf_counter()
-    refs = references(base, factors, {**adapters, None: None}, {a: sorted(p) for a, p in used.items()}, max_tokens)
+    refs = references(base, factors, {**adapters, None: None}, {a: sorted(p) for a, p in used.items()}, max_tokens,
+                      merge_specs)
     ref_s = time.perf_counter() - t_ref
     # not vacuous: adapters really change the answers (how many distinct answers each prompt has)
     distinct = {p: len({refs[k].text for k in refs if k[1] == p}) for p in range(len(PROMPTS))}
@@ -524,6 +566,7 @@ def run(*, base_spec: str = "tiny", n_requests: int = 1000, n_adapters: int = 10
         "zero_5xx": n5xx == 0,
         "no_client_errors": not tally.errors,
         "every_request_answered_correctly": tally.ok == n_requests,
+        "every_merge_asked": all(any(j["adapter"] == label for j in jobs) for label in merge_specs),
         "queue_bounded": tally.max_waiting_seen <= max_waiting,
         "bad_uploads_all_refused": not tally.bad_uploads_accepted and sum(tally.bad_uploads_refused.values()) == n_bad_uploads,
         "store_holds_exactly_the_good_adapters": stored == set(ids),
@@ -535,6 +578,8 @@ def run(*, base_spec: str = "tiny", n_requests: int = 1000, n_adapters: int = 10
         "server": server,
         "requests": n_requests,
         "adapters": n_adapters,
+        "merges": {label: spec["merge_strategy"] for label, spec in merge_specs.items()},
+        "merged_requests": sum(1 for j in jobs if j.get("merge")),
         "methods": {m: sum(1 for a in adapters.values() if a.method == m) for m in METHODS},
         "clients": clients,
         "max_tokens": max_tokens,
@@ -592,6 +637,8 @@ def print_table(r: dict) -> None:
         ("most requests waiting at once (max_waiting)", f"{r['max_waiting_seen']} ({r['max_waiting']})"),
         ("most rows running at once (max_batch)", f"{r['max_active_seen']} ({r['max_batch']})"),
         ("streamed requests among them", r["streamed"]),
+        ("requests for request-time merges (merges: strategies)",
+         f"{r['merged_requests']} ({len(r['merges'])}: {', '.join(sorted(set(r['merges'].values()))) or '—'})"),
         ("faults: clients hanging up mid-stream", r["faults_injected"]["client_disconnects"]),
         ("bad uploads tried / accepted", f"{r['faults_injected']['bad_uploads']} / {r['bad_uploads_accepted']}"),
         ("adapter loads from the store / evictions", f"{r['engine_after']['adapter_loads']} / {r['engine_after']['cache_evictions']}"),
@@ -630,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-cache-mb", type=int, default=None, help="the server's host-memory adapter tier (default: its own)")
     ap.add_argument("--prefill-chunk-tokens", type=int, default=None,
                     help="the server's chunked prefill (default: its own, 512; small values chunk these short prompts)")
+    ap.add_argument("--merges", type=int, default=8, help="request-time merges of two adapters each mixed into the load")
+    ap.add_argument("--merge-share", type=float, default=0.1, help="the share of requests asking for one of them")
     ap.add_argument("--disconnects", type=int, default=50)
     ap.add_argument("--bad-uploads", type=int, default=100)
     ap.add_argument("--server", choices=("process", "thread"), default="process")
@@ -643,8 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     r = run(base_spec=a.base, n_requests=a.requests, n_adapters=a.adapters, clients=a.clients, max_tokens=a.max_tokens,
             max_batch=a.max_batch, max_waiting=a.max_waiting, core_slots=a.core_slots, lr_slots=a.lr_slots,
             disconnects=a.disconnects, n_bad_uploads=a.bad_uploads, server=a.server, seed=a.seed, scale=a.scale,
-            host_cache_mb=a.host_cache_mb, prefill_chunk_tokens=a.prefill_chunk_tokens,
-            log=lambda m: print(m, file=sys.stderr, flush=True))
+            host_cache_mb=a.host_cache_mb, prefill_chunk_tokens=a.prefill_chunk_tokens, merges=a.merges,
+            merge_share=a.merge_share, log=lambda m: print(m, file=sys.stderr, flush=True))
     r["total_s"] = round(time.perf_counter() - t0, 1)
     r["client_max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print_table(r)

@@ -7,7 +7,7 @@ from torch import nn
 from svd_adapters.adapter import Adapter
 from svd_adapters.factors import BaseFactors, ModuleFactors
 from svd_adapters.methods import module_terms
-from svd_adapters.terms import delta_forward
+from svd_adapters.terms import delta_forward, delta_weight
 
 
 class AdaptedLinear(nn.Module):
@@ -67,3 +67,18 @@ def merge_into(model: nn.Module, adapter: Adapter, factors: BaseFactors) -> None
     for name, params in adapter.params.items():
         lin = model.get_submodule(name)
         lin.weight.copy_(merged_weight(lin.weight, adapter.method, params, factors.modules[name], adapter.rank, adapter.alpha))
+
+
+@torch.no_grad()
+def merge_weighted_into(model: nn.Module, parts: list[tuple[Adapter, float]], factors: BaseFactors) -> None:
+    """Fold several adapters, each scaled, into the model's weights in place (W ← W + Σ wᵢ ΔWᵢ, summed in float64
+    and cast once): the reference for a linear merge."""
+    names = {n for a, _ in parts for n in a.params}
+    for name in names:
+        lin = model.get_submodule(name)
+        f = factors.modules[name]
+        total = lin.weight.double()
+        for a, w in parts:
+            if name in a.params:
+                total = total + w * delta_weight(module_terms(a.method, a.params[name], f, a.rank, a.alpha), f.U, f.Vh)
+        lin.weight.copy_(total.to(lin.weight.dtype))

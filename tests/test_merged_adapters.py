@@ -17,9 +17,7 @@ from service.engine import AdapterUnavailable, Engine, EngineConfig, SamplingPar
 from service.merges import MergeSpec, key_sources
 from svd_adapters import merge as merging
 from svd_adapters.adapter import random_adapter
-from svd_adapters.inject import merge_into
-from svd_adapters.methods import module_terms
-from svd_adapters.terms import delta_weight
+from svd_adapters.inject import merge_into, merge_weighted_into
 from test_metrics import FlakyStore
 
 SOURCES = {"os8": ("osora", 8), "os8b": ("osora", 8), "os4": ("osora", 4), "lx4": ("loraxs", 4),
@@ -47,15 +45,9 @@ def spec_of(versions, ids, weights, strategy="linear", **kw) -> MergeSpec:
 
 
 def weighted_model(base, factors, parts):
-    """The base with W + Σ wᵢ ΔWᵢ (summed in float64, cast once): a linear merge's reference."""
+    """The base with W + Σ wᵢ ΔWᵢ: a linear merge's reference."""
     model = copy.deepcopy(base.model)
-    with torch.no_grad():
-        for name, lin in model.named_modules():
-            dws = [w * delta_weight(module_terms(a.method, a.params[name], factors.modules[name], a.rank, a.alpha),
-                                    factors.modules[name].U, factors.modules[name].Vh)
-                   for a, w in parts if name in a.params]
-            if dws:
-                lin.weight.copy_((lin.weight.double() + sum(dws)).to(lin.weight.dtype))
+    merge_weighted_into(model, parts, factors)
     return model
 
 
