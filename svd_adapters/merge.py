@@ -126,15 +126,12 @@ def merged_adapter(adapters: Sequence[Adapter], weights: Sequence[float], option
     blocks: dict[str, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
     for kind, lt in merged.terms.items():
         t, layers = lt.terms, lt.layers
-        A = t.A if t.A is not None else None
-        B = t.B if t.B is not None else None
+        A, B = t.A, t.B
+        if t.C is not None or t.d is not None:
+            U, _, Vh = factors.stacked(tuple(_module_names(factors, kind)[li] for li in layers), t.rank)
         if t.C is not None:  # all LoRA-XS of several ranks: U_r C over V_rᵀ
-            names = tuple(_module_names(factors, kind)[li] for li in layers)
-            U, _, Vh = factors.stacked(names, t.rank)
             A, B = Vh, U @ t.C
         if t.d is not None:  # the frozen subtractions: U_r diag(d) over V_rᵀ
-            names = tuple(_module_names(factors, kind)[li] for li in layers)
-            U, _, Vh = factors.stacked(names, t.rank)
             A, B = torch.cat([A, Vh], dim=-2), torch.cat([B, U * t.d[:, None, :]], dim=-1)
         blocks[kind] = (layers, A, B)
     rank = max(A.shape[-2] for _, A, _ in blocks.values())
