@@ -1,6 +1,7 @@
 """The HTTP API: `create_app(settings)` builds the FastAPI app; its lifespan starts and stops the engine.
 
-Endpoints: POST/GET /adapters, GET/DELETE /adapters/{id}, POST /generate, GET /health; docs at /docs.
+Endpoints: POST/GET /adapters, GET/DELETE /adapters/{id}, PUT/DELETE /adapters/{id}/pin, POST /generate, GET /health;
+docs at /docs.
 OpenAI-compatible /v1/... (service/openai_api.py); tenants, API keys and /admin/... (service/auth.py).
 Everything blocking (store I/O, upload validation, tokenization, model loading) runs in a worker thread,
 never on the event loop. Every error answers {"error": {"code", "message"}} (see service/errors.py).
@@ -44,12 +45,14 @@ from service.schemas import (
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
+    PinState,
     StoreHealth,
     Usage,
 )
 from svd_adapters.base_model import BaseModel, load_base
 from svd_adapters.factors import BaseFactors, load_or_compute
 from svd_adapters.log import get_logger
+from svd_adapters.methods import pool_of
 
 log = get_logger(__name__)
 
@@ -373,6 +376,28 @@ def create_app(
             raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id!r}")
         log.info("deleted adapter %s", adapter_id)
         return Response(status_code=204)
+
+    @app.put("/adapters/{adapter_id}/pin", response_model=PinState, responses=_errors(404, 409, 503), tags=["adapters"],
+             summary="Keep an adapter loaded on this replica (never evicted)")
+    async def pin_adapter(request: Request, adapter_id: str, caller: TenantCaller) -> PinState:
+        """Loads the adapter into a device slot now, if it is not there, and exempts it from LRU eviction on this
+        replica until unpinned or deleted: its requests never wait for a cold load. At most half of a slot pool
+        can be pinned (409 pin_limit beyond)."""
+        return await set_pin(request, adapter_id, caller, True)
+
+    @app.delete("/adapters/{adapter_id}/pin", response_model=PinState, responses=_errors(404, 503), tags=["adapters"],
+                summary="Let a pinned adapter be evicted again")
+    async def unpin_adapter(request: Request, adapter_id: str, caller: TenantCaller) -> PinState:
+        return await set_pin(request, adapter_id, caller, False)
+
+    async def set_pin(request: Request, adapter_id: str, caller: Any, pinned: bool) -> PinState:
+        engine = running_engine(request)
+        record = await run_in_threadpool(request.app.state.auth.owned_record, the_store(request), caller, known_id(adapter_id))
+        if record is None:
+            raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id!r}")
+        engine.pin(adapter_id, record.sha256, pool_of(record.method), pinned)
+        log.info("%s adapter %s", "pinned" if pinned else "unpinned", adapter_id)
+        return PinState(adapter_id=adapter_id, pinned=pinned)
 
     # --- generation ------------------------------------------------------------------------------------------
 

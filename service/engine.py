@@ -48,7 +48,7 @@ log = get_logger(__name__)
 __all__ = [
     "Engine", "EngineConfig", "SamplingParams", "GenerationResult", "TextDelta", "TokenLogprob", "EngineError",
     "AdapterNotFound",
-    "AdapterUnavailable", "QueueFull", "EngineShuttingDown", "InvalidRequest", "RequestTimeout",
+    "AdapterUnavailable", "QueueFull", "EngineShuttingDown", "InvalidRequest", "RequestTimeout", "PinLimit",
 ]
 
 
@@ -78,6 +78,10 @@ class EngineShuttingDown(EngineError):
 
 class InvalidRequest(EngineError):
     status = 400
+
+
+class PinLimit(EngineError):
+    status = 409
 
 
 class RequestTimeout(EngineError):
@@ -239,6 +243,7 @@ class Engine:
         self._partial: _Request | None = None
         self._loading: dict[str, Future] = {}
         self._ready: dict[str, tuple[str, dict]] = {}  # loaded but not yet placed: id → (method, terms)
+        self._pins: dict[str, tuple[str, str]] = {}  # adapter id → (its pinned cache key, its pool); under _cond
         # Loaders run torch on one core, and the engine thread on the cores this one has (svd_adapters/threads.py:
         # a second thread computing on several cores would slow every decode step's parallel regions).
         self._loader = ThreadPoolExecutor(max_workers=cfg.loader_threads, thread_name_prefix="adapter-loader",
@@ -359,13 +364,28 @@ class Engine:
                 self._notify()
 
     def evict(self, adapter_id: str) -> None:
-        """Drop an adapter from the device cache (after a delete); running requests finish first."""
+        """Drop an adapter from the device cache (after a delete), and its pin; running requests finish first."""
         with self._cond:
+            self._pins.pop(adapter_id, None)
             self._commands.append(("evict", adapter_id))
             self._cond.notify()
 
-    def pin(self, adapter_id: str, pinned: bool = True) -> None:
+    def pin(self, adapter_id: str, version: str, pool: str, pinned: bool = True) -> None:
+        """Keep the adapter of this version in a device slot — loaded now if it is not resident — and out of LRU
+        eviction, or (pinned False) let it go again. At most half of a pool's slots are pinned, so pins never starve
+        the LRU: PinLimit beyond. `pool`: the adapter's ("core" or "lr", from its method)."""
         with self._cond:
+            if pinned and adapter_id not in self._pins:
+                held = sum(1 for _, p in self._pins.values() if p == pool)
+                limit = self.cache.capacity[pool] // 2
+                if held >= limit:
+                    raise PinLimit(
+                        f"{held} adapters already hold pinned {pool} slots on this replica, its limit ({limit}: half of "
+                        f"its {self.cache.capacity[pool]} {pool} slots); unpin one (DELETE /adapters/{{id}}/pin) first")
+            if pinned:
+                self._pins[adapter_id] = (f"{adapter_id}@{version}", pool)
+            else:
+                self._pins.pop(adapter_id, None)
             self._commands.append(("pin" if pinned else "unpin", adapter_id))
             self._cond.notify()
 
@@ -376,6 +396,7 @@ class Engine:
             "waiting": len(self._waiting),
             "loading": len(self._loading),
             "adapters_cached": len(self.cache.resident),
+            "adapters_pinned": len(self._pins),
             "cache_hits": self.cache.hits,
             "cache_misses": self.cache.misses,
             "cache_evictions": self.cache.evictions,
@@ -586,8 +607,12 @@ class Engine:
                             self._commands.append((verb, adapter_id))
                         return
             elif verb in ("pin", "unpin"):
+                with self._cond:
+                    wanted = self._pins.get(adapter_id, (None, None))[0]
                 for key in [k for k in self.cache.resident if key_id(k) == adapter_id]:
-                    self.cache.pin(key, verb == "pin")
+                    self.cache.pin(key, key == wanted)
+                if wanted is not None and wanted not in self.cache.resident:
+                    self._start_load(wanted)  # pinned once placed (_place_ready)
 
     def _load(self, key: str, merge: MergeSpec | None = None) -> tuple[str, dict, float]:
         """Loader thread: fetch, validate, and turn into slot terms (all CPU work off the engine thread); a merge's
@@ -679,6 +704,9 @@ class Engine:
         if not self.cache.can_place(pool):
             return False
         res, evicted = self.cache.place(key, method, pool)
+        with self._cond:
+            if self._pins.get(key_id(key), (None,))[0] == key:
+                self.cache.pin(key)
         if evicted is not None:
             for obs in self.observers:
                 obs.on_eviction(res.pool)
@@ -759,15 +787,21 @@ class Engine:
         key = req.cache_key
         if key in self.cache.resident:
             return True
-        if key not in self._loading and key not in self._ready:
-            self.cache.misses += 1
-            for obs in self.observers:
-                obs.on_cache_miss()
-            if not self._from_host_tier(key):
-                fut = self._loader.submit(self._load, key, req.merge)
-                fut.add_done_callback(lambda _: self._notify())  # wake the engine: it is ready
-                self._loading[key] = fut
+        self._start_load(key, req.merge)
         return key in self._ready and self._place_ready(key)
+
+    def _start_load(self, key: str, merge: MergeSpec | None = None) -> None:
+        """An adapter that is nowhere yet (not loading, not loaded): from host memory into _ready now, else a
+        loader thread fetches it from the store."""
+        if key in self._loading or key in self._ready:
+            return
+        self.cache.misses += 1
+        for obs in self.observers:
+            obs.on_cache_miss()
+        if not self._from_host_tier(key):
+            fut = self._loader.submit(self._load, key, merge)
+            fut.add_done_callback(lambda _: self._notify())  # wake the engine: it is ready
+            self._loading[key] = fut
 
     def _preempt(self) -> None:
         """A waiting request of a lower priority value than a running one takes that one's place (vLLM's

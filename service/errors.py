@@ -41,6 +41,7 @@ ENGINE_ERRORS: dict[type[Exception], tuple[int, str]] = {
     eng.EngineShuttingDown: (503, "shutting_down"),
     eng.InvalidRequest: (400, "invalid_request"),
     eng.RequestTimeout: (504, "request_timeout"),
+    eng.PinLimit: (409, "pin_limit"),
     eng.EngineError: (500, "engine_error"),
 }
 

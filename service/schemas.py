@@ -381,6 +381,11 @@ class AdapterCreated(BaseModel):
     size_bytes: int
 
 
+class PinState(BaseModel):
+    adapter_id: str
+    pinned: bool = Field(description="kept in a device slot of this replica, never evicted (loaded now if it was not)")
+
+
 class AdapterInfo(BaseModel):
     adapter_id: str
     method: str
