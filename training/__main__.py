@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from svd_adapters.log import get_logger
+from svd_adapters.merge import SIGN_METHODS, STRATEGIES
 from svd_adapters.methods import METHODS
 from training.data import DataError, Example, load_jsonl, split_holdout
 from training.plots import loss_curve_path, save_loss_curve
@@ -209,11 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--adapter", type=Path, action="append", required=True,
                     help="an adapter file (.safetensors); give --adapter once per adapter")
     cb.add_argument("--weights", type=float, nargs="+", default=None, help="one per adapter (default 1 each)")
-    cb.add_argument("--strategy", default="linear", choices=["linear", "ties", "dare_linear", "dare_ties"],
+    cb.add_argument("--strategy", default="linear", choices=STRATEGIES,
                     help="linear: exactly Σ wᵢ ΔWᵢ, any methods and ranks (a LoRA file unless all are LoRA-XS of one "
                     "rank); ties / dare_*: entry by entry on the parameters, one method at one rank")
     cb.add_argument("--density", type=float, default=1.0, help="ties / dare: the fraction of each change kept")
-    cb.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"])
+    cb.add_argument("--majority-sign-method", default="total", choices=SIGN_METHODS)
     cb.add_argument("--seed", type=int, default=None, help="DARE's drop seed (default: from the input files)")
     cb.add_argument("--base", default="default", help="'default', 'tiny', or an HF model dir (the adapters' base)")
     cb.add_argument("--out", type=Path, required=True, help="adapter file to write (.safetensors)")
