@@ -10,7 +10,8 @@ Metric names (all prefixed svdserve_):
     http_requests_total{endpoint,http_method,status}      http_request_duration_seconds{endpoint}
     prompt_tokens_total{method}   completion_tokens_total{method}   generations_total{method,reason}
     batch_size{kind}   step_duration_seconds{kind}   time_to_first_token_seconds{method}
-    queue_depth{state}  (waiting / active, read at scrape time)   adapters_resident   adapter_loads_in_flight
+    queue_depth{state}  (waiting / active, read at scrape time)   adapters_resident   adapters_pinned
+    adapter_loads_in_flight
     adapter_cache_hits_total{method}   adapter_cache_misses_total   adapter_cache_evictions_total{pool}
     adapter_load_seconds{method}   adapter_load_errors_total{reason}   store_errors_total{source,kind}
     prefix_cache_hits_total   prefix_cache_misses_total  (prompts that did / did not continue a cached prefix)
@@ -70,6 +71,7 @@ class _EngineState(Collector):
     def collect(self):
         depth = GaugeMetricFamily(PREFIX + "queue_depth", "Requests in the engine: waiting for admission or running in the batch", labels=["state"])
         resident = GaugeMetricFamily(PREFIX + "adapters_resident", "Adapters resident in the device cache")
+        pinned = GaugeMetricFamily(PREFIX + "adapters_pinned", "Adapters pinned in the device cache (never evicted)")
         loading = GaugeMetricFamily(PREFIX + "adapter_loads_in_flight", "Adapters being fetched and validated")
         engine = self.metrics.engine
         stats: dict[str, Any] = {}
@@ -81,9 +83,11 @@ class _EngineState(Collector):
         for state in ("waiting", "active"):
             depth.add_metric([state], float(stats.get(state, 0) or 0))
         resident.add_metric([], float(stats.get("adapters_cached", 0) or 0))
+        pinned.add_metric([], float(stats.get("adapters_pinned", 0) or 0))
         loading.add_metric([], float(stats.get("loading", 0) or 0))
         yield depth
         yield resident
+        yield pinned
         yield loading
         if "preempted" in stats:  # preemption by priority (Engine._preempt)
             yield from _from_stats(stats, CounterMetricFamily, (

@@ -41,6 +41,7 @@ async def test_a_pinned_adapter_is_loaded_at_once_and_survives_lru_traffic(serve
         assert r.status_code == 200 and client.app.state.engine.counters["adapter_loads"] >= loads
         health = (await client.get("/health")).json()
         assert health["engine"]["adapters_pinned"] == 1
+        assert "svdserve_adapters_pinned 1.0" in (await client.get("/metrics")).text
 
         # half of the 4 core slots: a second pin fits, a third is refused
         assert (await client.put("/adapters/a1/pin")).status_code == 200
