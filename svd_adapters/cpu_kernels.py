@@ -106,13 +106,21 @@ def kernels_root() -> Path:
     return Path(env) if env else svdserve_home() / "kernels"
 
 
+def kernel_build_dir(cap: str) -> Path:
+    """The build directory of this CPU capability's kernels for this checkout and Python environment: the build
+    commands name the sources' and torch's paths, so two checkouts (a clean-clone CI run, a benchmark's worktree)
+    sharing one directory rebuilt every kernel each time the other had run (~50 s a start)."""
+    where = hashlib.sha256(f"{_SOURCES[0].parent.resolve()}\0{Path(torch.__file__).parent.resolve()}".encode())
+    return kernels_root() / f"svdserve_kernels_{cap.lower()}-{where.hexdigest()[:10]}"
+
+
 def _build() -> bool:
     from torch.utils import cpp_extension
 
     _use_pip_ninja()
     cap = torch.backends.cpu.get_cpu_capability()
     name = f"svdserve_kernels_{cap.lower()}"
-    build_dir = kernels_root() / name
+    build_dir = kernel_build_dir(cap)
     build_dir.mkdir(parents=True, exist_ok=True)
     # torch rebuilds when a source file changes; a header's digest in the flags makes a header change count too.
     headers = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:16]

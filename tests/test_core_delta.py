@@ -113,6 +113,12 @@ def test_kernels_cache_follows_its_env_var_else_the_home(tmp_path, monkeypatch):
     assert cpu_kernels.kernels_root() == tmp_path / "home" / "kernels"
     monkeypatch.setenv("SVDSERVE_KERNELS_DIR", str(tmp_path / "shared"))
     assert cpu_kernels.kernels_root() == tmp_path / "shared"
+    # one build directory per checkout (sources) and torch installation: another checkout gets its own
+    here = cpu_kernels.kernel_build_dir("AVX512")
+    assert here.parent == tmp_path / "shared" and here.name.startswith("svdserve_kernels_avx512-")
+    assert cpu_kernels.kernel_build_dir("AVX512") == here != cpu_kernels.kernel_build_dir("AVX2")
+    monkeypatch.setattr(cpu_kernels, "_SOURCES", [tmp_path / "elsewhere" / "csrc" / "skinny_linear.cpp"])
+    assert cpu_kernels.kernel_build_dir("AVX512") != here
 
 
 def test_prefill_calibration_keeps_each_groups_fastest_plan(monkeypatch):
