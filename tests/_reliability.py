@@ -1,4 +1,5 @@
-"""Helpers for the reliability tests (issue #5): free ports, a private redis-server, real HTTP servers.
+"""Helpers for the reliability tests (issue #5): free ports, a private redis-server, real HTTP servers; and storing
+adapters for the engine tests.
 
 Everything here talks to 127.0.0.1 only, and every process it starts is stopped by the test that started it.
 """
@@ -59,6 +60,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def put_adapters(store, adapters) -> dict[str, str]:
+    """Store each adapter (id → Adapter) as an upload would; returns id → its version (the blob's sha256), which
+    the engine's cache keys take."""
+    from adapters_store.format import adapter_to_bytes
+    from adapters_store.records import record_for
+
+    versions = {}
+    for aid, a in adapters.items():
+        blob = adapter_to_bytes(a)
+        record = record_for(a, blob, aid)
+        store.put(record, blob)
+        versions[aid] = record.sha256
+    return versions
 
 
 def stored_files(store) -> list[str]:

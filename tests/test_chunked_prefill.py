@@ -8,10 +8,8 @@ import time
 import pytest
 import torch
 
-from _reliability import wait_until
+from _reliability import put_adapters, wait_until
 from adapters_store.disk import DiskStore
-from adapters_store.format import adapter_to_bytes
-from adapters_store.records import record_for
 from service.engine import Engine, EngineConfig, SamplingParams
 from svd_adapters.adapter import random_adapter
 from test_engine import reference_greedy
@@ -28,13 +26,7 @@ def adapters(tiny_base, tiny_factors):
 @pytest.fixture
 def stored(adapters, tmp_path):
     store = DiskStore(tmp_path / "store")
-    versions = {}
-    for aid, a in adapters.items():
-        blob = adapter_to_bytes(a)
-        record = record_for(a, blob, aid)
-        store.put(record, blob)
-        versions[aid] = record.sha256
-    return store, versions
+    return store, put_adapters(store, adapters)
 
 
 def tokens(n: int, seed: int) -> list[int]:

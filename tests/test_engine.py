@@ -10,10 +10,8 @@ import threading
 import pytest
 import torch
 
-from _reliability import wait_until
+from _reliability import put_adapters, wait_until
 from adapters_store.disk import DiskStore
-from adapters_store.format import adapter_to_bytes
-from adapters_store.records import record_for
 from service.engine import AdapterNotFound, AdapterUnavailable, Engine, EngineConfig, EngineError, InvalidRequest, SamplingParams, TextDelta
 from svd_adapters import cpu_kernels
 from svd_adapters.adapter import Adapter, random_adapter
@@ -195,9 +193,7 @@ def test_prefill_fuses_the_gated_activation_and_still_matches_merged_reference(t
 @pytest.fixture()
 def engine(tiny_base, tiny_factors, adapters, tmp_path):
     store = DiskStore(tmp_path / "store")
-    for aid, a in adapters.items():
-        blob = adapter_to_bytes(a)
-        store.put(record_for(a, blob, aid), blob)
+    put_adapters(store, adapters)
     eng = Engine(tiny_base, tiny_factors, store, EngineConfig(max_batch=6, max_rank=8, max_seq_len=160, core_slots=4, lr_slots=3))
     eng.start()
     yield eng

@@ -9,10 +9,8 @@ import copy
 import pytest
 import torch
 
-from _reliability import wait_until
+from _reliability import put_adapters, wait_until
 from adapters_store.disk import DiskStore
-from adapters_store.format import adapter_to_bytes
-from adapters_store.records import record_for
 from service.engine import AdapterUnavailable, Engine, EngineConfig, SamplingParams
 from service.merges import MergeSpec, key_sources
 from svd_adapters import merge as merging
@@ -28,16 +26,6 @@ SOURCES = {"os8": ("osora", 8), "os8b": ("osora", 8), "os4": ("osora", 4), "lx4"
 def adapters(tiny_base, tiny_factors):
     return {aid: random_adapter(m, r, tiny_factors, tiny_base.name, seed=700 + i)
             for i, (aid, (m, r)) in enumerate(SOURCES.items())}
-
-
-def stored_in(store, adapters) -> dict[str, str]:
-    versions = {}
-    for aid, a in adapters.items():
-        blob = adapter_to_bytes(a)
-        record = record_for(a, blob, aid)
-        store.put(record, blob)
-        versions[aid] = record.sha256
-    return versions
 
 
 def spec_of(versions, ids, weights, strategy="linear", **kw) -> MergeSpec:
@@ -79,7 +67,7 @@ def test_merged_requests_generate_what_the_merged_weights_generate(tiny_base, ti
     ranks (a core slot), a TIES and a DARE-TIES merge of OSoRA adapters, a plain adapter and a base row; each
     generates the tokens its reference weights generate, the requests arriving at different steps."""
     store = DiskStore(tmp_path / "store")
-    versions = stored_in(store, adapters)
+    versions = put_adapters(store, adapters)
     eng = make_engine(tiny_base, tiny_factors, store)
     mixed = spec_of(versions, ["os8", "lx4", "so6"], [0.6, 1.0, -0.5])
     cores = spec_of(versions, ["lx4", "lx8"], [1.0, 0.5])
@@ -129,7 +117,7 @@ def test_merged_requests_generate_what_the_merged_weights_generate(tiny_base, ti
 
 def test_a_merge_is_cached_and_reuses_its_sources_from_host_memory(tiny_base, tiny_factors, adapters, tmp_path):
     store = FlakyStore(tmp_path / "store")
-    versions = stored_in(store, adapters)
+    versions = put_adapters(store, adapters)
     eng = make_engine(tiny_base, tiny_factors, store)
     fetched: list[str] = []
     real_get = store.get_blob
@@ -159,7 +147,7 @@ def test_a_merge_is_cached_and_reuses_its_sources_from_host_memory(tiny_base, ti
 
 def test_deleting_a_source_drops_its_merges_from_both_tiers(tiny_base, tiny_factors, adapters, tmp_path):
     store = DiskStore(tmp_path / "store")
-    versions = stored_in(store, adapters)
+    versions = put_adapters(store, adapters)
     eng = make_engine(tiny_base, tiny_factors, store)
     prompt = eng.encode_prompt("drop me")
     p = SamplingParams(max_tokens=2)

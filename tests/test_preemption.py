@@ -7,9 +7,8 @@ import asyncio
 
 import pytest
 
+from _reliability import put_adapters
 from adapters_store.disk import DiskStore
-from adapters_store.format import adapter_to_bytes
-from adapters_store.records import record_for
 from service.engine import Engine, EngineConfig, SamplingParams, TextDelta
 from service.metrics import Metrics
 from svd_adapters.adapter import random_adapter
@@ -24,12 +23,7 @@ def adapters(tiny_base, tiny_factors):
 
 def new_engine(tiny_base, tiny_factors, adapters, tmp_path, **cfg) -> tuple[Engine, dict[str, str], Trace]:
     store = DiskStore(tmp_path / "store")
-    versions = {}
-    for aid, a in adapters.items():
-        blob = adapter_to_bytes(a)
-        record = record_for(a, blob, aid)
-        store.put(record, blob)
-        versions[aid] = record.sha256
+    versions = put_adapters(store, adapters)
     settings = dict(max_batch=2, max_rank=8, max_seq_len=160, core_slots=4, lr_slots=3, prefix_block_tokens=8)
     settings.update(cfg)
     eng = Engine(tiny_base, tiny_factors, store, EngineConfig(**settings))

@@ -85,6 +85,7 @@ def test_real_model_merged_adapters_generate_what_the_merged_weights_generate(tm
     """A linear merge of an OSoRA, a LoRA-XS and a SORSA adapter, and a TIES merge of two OSoRA adapters, on the
     real model, in one batch with a plain adapter: each generates the tokens, with the probabilities, of its
     reference weights."""
+    from _reliability import put_adapters
     from service.merges import MergeSpec
     from svd_adapters import merge as merging
     from svd_adapters.inject import merge_into
@@ -97,12 +98,7 @@ def test_real_model_merged_adapters_generate_what_the_merged_weights_generate(tm
     adapters = {aid: random_adapter(m, 8, factors, base.name, seed=40 + i, scale=noise)
                 for i, (aid, m) in enumerate((("os", "osora"), ("lx", "loraxs"), ("so", "sorsa"), ("os2", "osora")))}
     store = DiskStore(tmp_path / "store")
-    versions = {}
-    for aid, a in adapters.items():
-        blob = adapter_to_bytes(a)
-        record = record_for(a, blob, aid)
-        store.put(record, blob)
-        versions[aid] = record.sha256
+    versions = put_adapters(store, adapters)
     linear = MergeSpec(tuple((i, versions[i]) for i in ("os", "lx", "so")), (0.7, 1.0, 0.5), merging.MergeOptions())
     ties = MergeSpec(tuple((i, versions[i]) for i in ("os", "os2")), (1.0, 1.0), merging.MergeOptions("ties", 0.5))
     engine = Engine(base, factors, store, EngineConfig(max_batch=4, max_rank=16, max_seq_len=256, core_slots=4,
