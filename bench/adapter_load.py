@@ -25,6 +25,8 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,8 +39,8 @@ from adapters_store.redis_store import RedisStore  # noqa: E402
 from bench.mixed_batch import random_adapter  # noqa: E402
 from svd_adapters.methods import pool_of  # noqa: E402
 from service.engine import Engine, EngineConfig  # noqa: E402
-from svd_adapters.base_model import load_base  # noqa: E402
-from svd_adapters.factors import load_or_compute  # noqa: E402
+from svd_adapters.base_model import BaseModel, load_base  # noqa: E402
+from svd_adapters.factors import BaseFactors, load_or_compute  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -46,25 +48,41 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def load_bench_args(description: str, n_default: int, n_help: str) -> argparse.Namespace:
+    """The options the load benchmarks share (this one and merge_load.py)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--base", default="default")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--n", type=int, default=40, help="adapters per method")
+    ap.add_argument("--n", type=int, default=n_default, help=n_help)
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    return ap.parse_args()
 
+
+@contextmanager
+def redis_engine(args: argparse.Namespace) -> Iterator[tuple[BaseModel, BaseFactors, RedisStore, Engine, Callable[[], None]]]:
+    """(base, factors, a Redis store under its own key prefix, an engine on them, a device sync): the keys
+    deleted and the engine shut down on the way out."""
     base = load_base(args.base)
     factors = load_or_compute(base.model, base.cache_dir)
     prefix = f"svdserve-bench:{uuid.uuid4().hex[:8]}:"
     store = RedisStore(args.redis, prefix=prefix)
     engine = Engine(base, factors, store, EngineConfig(max_batch=4, max_rank=args.rank, max_seq_len=64,
                                                        core_slots=4, lr_slots=4, device=args.device))
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    try:
+        yield base, factors, store, engine, sync
+    finally:
+        for key in store._client.scan_iter(match=f"{prefix}*"):
+            store._client.delete(key)
+        engine.shutdown(drain=False)
+
+
+def main() -> None:
+    args = load_bench_args(__doc__.split("\n")[0], 40, "adapters per method")
     methods = ["osora", "loraxs", "sorsa", "lora"]
     rows = {}
-    try:
+    with redis_engine(args) as (base, factors, store, engine, sync):
         for method in methods:
             ids = []
             for i in range(args.n):
@@ -115,10 +133,6 @@ def main() -> None:
                 "host_tier_ready_p99_ms": 1e3 * pct(host_t, 0.99),
                 "store_over_host_tier": statistics.median(total_t) / statistics.median(host_t),
             }
-    finally:
-        for key in store._client.scan_iter(match=f"{prefix}*"):
-            store._client.delete(key)
-        engine.shutdown(drain=False)
 
     print(f"\nCold adapter load, Redis → ready in a device slot: {base.name}, rank {args.rank}, {args.n} adapters per method, "
           f"device {args.device}\n")

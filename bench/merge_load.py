@@ -12,28 +12,21 @@ Prints a markdown table and a last line of JSON. Uses its own key prefix and del
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters_store.format import adapter_to_bytes  # noqa: E402
 from adapters_store.records import record_for  # noqa: E402
-from adapters_store.redis_store import RedisStore  # noqa: E402
-from bench.adapter_load import pct  # noqa: E402
+from bench.adapter_load import load_bench_args, pct, redis_engine  # noqa: E402
 from bench.mixed_batch import random_adapter  # noqa: E402
-from service.engine import Engine, EngineConfig  # noqa: E402
+from service.host_tier import HostTier  # noqa: E402
 from service.merges import MergeSpec  # noqa: E402
 from svd_adapters.adapter import slot_pool  # noqa: E402
-from svd_adapters.base_model import load_base  # noqa: E402
-from svd_adapters.factors import load_or_compute  # noqa: E402
 from svd_adapters.merge import MergeOptions  # noqa: E402
 
 # name → (the sources' methods, strategy)
@@ -48,21 +41,13 @@ MERGES = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base", default="default")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--n", type=int, default=12, help="merges of each kind (each of fresh adapters)")
-    ap.add_argument("--redis", default="redis://127.0.0.1:6379/0")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    args = load_bench_args(__doc__.split("\n")[0], 12, "merges of each kind (each of fresh adapters)")
+    with redis_engine(args) as (base, factors, store, engine, sync):
+        rows = measure(args, base, factors, store, engine, sync)
+    report(args, base, rows)
 
-    base = load_base(args.base)
-    factors = load_or_compute(base.model, base.cache_dir)
-    prefix = f"svdserve-bench:{uuid.uuid4().hex[:8]}:"
-    store = RedisStore(args.redis, prefix=prefix)
-    engine = Engine(base, factors, store, EngineConfig(max_batch=4, max_rank=args.rank, max_seq_len=64,
-                                                       core_slots=4, lr_slots=4, device=args.device))
+
+def measure(args, base, factors, store, engine, sync) -> dict[str, dict]:
     counter = iter(range(1 << 30))
 
     def stored(method: str) -> tuple[str, str]:
@@ -82,31 +67,29 @@ def main() -> None:
         return time.perf_counter() - t0
 
     rows = {}
-    try:
-        for name, (methods, strategy) in MERGES.items():
-            cold, warm, alone = [], [], []
-            for _ in range(args.n):
-                sources = [stored(m) for m in methods]
-                spec = MergeSpec(tuple(sources), (1.0,) * len(sources), MergeOptions(strategy, density=0.5))
-                engine.host_tier = type(engine.host_tier)(engine.host_tier.capacity)  # nothing in host memory
-                alone.append(sum(ready(f"{i}@{v}") for i, v in sources))  # the sources alone, cold
-                engine.host_tier = type(engine.host_tier)(engine.host_tier.capacity)
-                cold.append(ready(spec.cache_key, spec))
-                if strategy == "linear":  # its sources are now in host memory: a second merge of them
-                    other = MergeSpec(spec.sources, (0.5,) * len(sources), spec.options)
-                    warm.append(ready(other.cache_key, other))
-            rows[name] = {
-                "sources_alone_p50_ms": 1e3 * statistics.median(alone),
-                "merge_ready_p50_ms": 1e3 * statistics.median(cold),
-                "merge_ready_p99_ms": 1e3 * pct(cold, 0.99),
-                "merge_over_sources": statistics.median(cold) / statistics.median(alone),
-                "from_host_memory_p50_ms": 1e3 * statistics.median(warm) if warm else None,
-            }
-    finally:
-        for key in store._client.scan_iter(match=f"{prefix}*"):
-            store._client.delete(key)
-        engine.shutdown(drain=False)
+    for name, (methods, strategy) in MERGES.items():
+        cold, warm, alone = [], [], []
+        for _ in range(args.n):
+            sources = [stored(m) for m in methods]
+            spec = MergeSpec(tuple(sources), (1.0,) * len(sources), MergeOptions(strategy, density=0.5))
+            engine.host_tier = HostTier(engine.host_tier.capacity)  # nothing in host memory
+            alone.append(sum(ready(f"{i}@{v}") for i, v in sources))  # the sources alone, cold
+            engine.host_tier = HostTier(engine.host_tier.capacity)
+            cold.append(ready(spec.cache_key, spec))
+            if strategy == "linear":  # its sources are now in host memory: a second merge of them
+                other = MergeSpec(spec.sources, (0.5,) * len(sources), spec.options)
+                warm.append(ready(other.cache_key, other))
+        rows[name] = {
+            "sources_alone_p50_ms": 1e3 * statistics.median(alone),
+            "merge_ready_p50_ms": 1e3 * statistics.median(cold),
+            "merge_ready_p99_ms": 1e3 * pct(cold, 0.99),
+            "merge_over_sources": statistics.median(cold) / statistics.median(alone),
+            "from_host_memory_p50_ms": 1e3 * statistics.median(warm) if warm else None,
+        }
+    return rows
 
+
+def report(args, base, rows: dict[str, dict]) -> None:
     print(f"\nMerge ready in a device slot, sources from Redis: {base.name}, rank {args.rank}, {args.n} merges each, "
           f"device {args.device}, density 0.5 for ties / dare\n")
     print("| merge | its sources loaded alone, p50 ms (baseline) | merge ready p50 ms | p99 ms | × the sources alone | "
