@@ -653,9 +653,7 @@ class Engine:
             if spec.options.strategy == "linear":
                 merged = merging.linear([self._source_terms(*source) for source in spec.sources], spec.weights,
                                         self.factors)
-                cap = 2 * self.config.max_rank
-                if merged.lowrank_rows > cap:
-                    raise ValueError(f"it needs {merged.lowrank_rows} low-rank rows, over this server's {cap}")
+                merging.check_rows(merged.lowrank_rows, self.config.max_rank)
             else:
                 merged = merging.merge([self._fetch(*source) for source in spec.sources], spec.weights, spec.options,
                                        self.factors, self.config.max_rank, seed=spec.seed)

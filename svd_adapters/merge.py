@@ -79,25 +79,39 @@ def check_mergeable(methods: Sequence[str], ranks: Sequence[int], options: Merge
     if not 1 <= len(methods) <= MAX_SOURCES:
         raise ValueError(f"a merge takes 1 to {MAX_SOURCES} adapters, got {len(methods)}")
     if options.strategy == "linear":
-        rows, cap = lowrank_rows(methods, ranks), 2 * max_rank
-        if rows > cap:
-            raise ValueError(
-                f"a linear merge of these adapters needs {rows} low-rank rows (the largest OSoRA / LoRA-XS rank plus "
-                f"every SORSA and LoRA rank), over this server's {cap} (2 × max_rank {max_rank}); merge fewer SORSA / "
-                "LoRA adapters, or start the server with a larger --max-rank")
-        return
+        check_rows(lowrank_rows(methods, ranks), max_rank)
+    else:
+        _check_one_kind(methods, ranks, options.strategy)
+
+
+def check_rows(rows: int, max_rank: int) -> None:
+    """ValueError unless a low-rank slot of a server with this max_rank (2 × max_rank rows) holds a linear merge
+    filling `rows`."""
+    cap = 2 * max_rank
+    if rows > cap:
+        raise ValueError(
+            f"a linear merge of these adapters needs {rows} low-rank rows (the largest OSoRA / LoRA-XS rank plus "
+            f"every SORSA and LoRA rank), over this server's {cap} (2 × max_rank {max_rank}); merge fewer SORSA / "
+            "LoRA adapters, or start the server with a larger --max-rank")
+
+
+def _check_one_kind(methods: Sequence[str], ranks: Sequence[int], strategy: str) -> None:
     kinds = sorted({f"{m} rank {r}" for m, r in zip(methods, ranks)})
     if len(kinds) > 1:
         raise ValueError(
-            f"{options.strategy} merges each parameter entry by entry, so every adapter must be one method at one rank; "
+            f"{strategy} merges each parameter entry by entry, so every adapter must be one method at one rank; "
             f"got {', '.join(kinds)}; use merge_strategy 'linear' (any mix of methods and ranks) instead")
+
+
+def _check_weights(adapters: Sequence[Adapter], weights: Sequence[float]) -> None:
+    if len(weights) != len(adapters):
+        raise ValueError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
 
 
 def merge(adapters: Sequence[Adapter], weights: Sequence[float], options: MergeOptions, factors: BaseFactors,
           max_rank: int, seed: int = 0) -> Merged:
     """The adapters merged with these weights (one per adapter), ready for a slot of a server with `max_rank`."""
-    if len(weights) != len(adapters):
-        raise ValueError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    _check_weights(adapters, weights)
     check_mergeable([a.method for a in adapters], [a.rank for a in adapters], options, max_rank)
     if options.strategy == "linear":
         return linear([(a.method, a.terms(factors)) for a in adapters], weights, factors)
@@ -111,10 +125,8 @@ def merged_adapter(adapters: Sequence[Adapter], weights: Sequence[float], option
     sources' method and rank; linear → for LoRA-XS adapters of one rank their summed cores (ΔW is linear in R), for
     any other mix a plain LoRA carrying ΔW = Σ wᵢ ΔWᵢ exactly: its rank is the merge's low-rank rows plus its
     d-term's (U_r diag(d) over V_rᵀ), the most of any module kind, the others zero-padded."""
-    if len(weights) != len(adapters):
-        raise ValueError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    _check_weights(adapters, weights)
     if options.strategy != "linear":
-        check_mergeable([a.method for a in adapters], [a.rank for a in adapters], options, max_rank=1 << 30)
         return parameter_merge(adapters, weights, options, factors, seed)
     first = adapters[0]
     if all(a.method == "loraxs" and a.rank == first.rank for a in adapters):
@@ -234,6 +246,7 @@ def _module_names(factors: BaseFactors, kind: str) -> dict[int, str]:
 def parameter_merge(adapters: Sequence[Adapter], weights: Sequence[float], options: MergeOptions,
                     factors: BaseFactors, seed: int = 0) -> Adapter:
     """One adapter of the sources' method and rank whose parameters are the reference plus the merged changes."""
+    _check_one_kind([a.method for a in adapters], [a.rank for a in adapters], options.strategy)
     first = adapters[0]
     method, rank = get_method(first.method), first.rank
     w = torch.tensor([float(x) for x in weights])
