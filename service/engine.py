@@ -853,9 +853,10 @@ class Engine:
         return None
 
     def _preempt_row(self, req: _Request) -> None:
+        row = self._active.index(req)
         if self.prefix is not None and len(req.context) >= self.prefix.block:
-            self.prefix.store(self._prefix_key(req, req.core_slot, req.lr_slot), req.context, self._active.index(req))
-        self._drop_row(self._active.index(req))
+            self.prefix.store(self._prefix_key(req, req.core_slot, req.lr_slot), req.context, row)
+        self._drop_row(row)
         req.core_slot = req.lr_slot = 0
         with self._cond:
             self._waiting.appendleft(req)
