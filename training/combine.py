@@ -20,15 +20,17 @@ def combine_files(paths: list[Path], weights: list[float] | None, options: Merge
                   seed: int | None = None, r_max: int = DEFAULT_R_MAX) -> dict:
     bm = load_base(base)
     factors = load_or_compute(bm.model, bm.cache_dir, r_max=r_max)
-    adapters = []
+    adapters, digest = [], hashlib.sha256()
     for path in paths:  # fully validated, as an upload is: a foreign or corrupt file is a clear error
+        blob = Path(path).read_bytes()
+        digest.update(blob)
         try:
-            adapters.append(load_adapter(Path(path).read_bytes(), factors, base_model_name=bm.name))
+            adapters.append(load_adapter(blob, factors, base_model_name=bm.name))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     if seed is None:  # DARE's drop from the inputs: the same files and settings give the same file
-        seed = int(hashlib.sha256(b"".join(Path(p).read_bytes() for p in paths)).hexdigest()[:15], 16)
+        seed = int(digest.hexdigest()[:15], 16)
     adapter = merged_adapter(adapters, weights, options, factors, seed=seed)
     blob = adapter_to_bytes(adapter)
     out = Path(out)
