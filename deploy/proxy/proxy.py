@@ -83,13 +83,18 @@ def hrw_order(upstreams: Iterable[str], key: str) -> list[str]:
     return sorted(upstreams, key=lambda u: (hrw_score(u, key), u), reverse=True)
 
 
-def body_routing_key(body: bytes, field: str) -> str | None:
-    """The adapter id in a JSON request body, or None (not JSON, not an object, field missing/null/not a string)."""
+def _json_object(body: bytes) -> dict | None:
+    """A request body parsed as a JSON object, or None (not JSON, or not an object)."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return None
-    value = data.get(field) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def body_routing_key(body: bytes, field: str) -> str | None:
+    """The adapter id in a JSON request body, or None (not JSON, not an object, field missing/null/not a string)."""
+    value = (_json_object(body) or {}).get(field)
     return value if isinstance(value, str) and value else None
 
 
@@ -97,11 +102,8 @@ def prefix_routing_key(body: bytes, headers: list[tuple[bytes, bytes]]) -> str |
     """The route key of a base-model generation: a digest of the caller's credentials, its cache_salt and the
     prompt's first PREFIX_ROUTE_CHARS characters (the first chat message's for chats: the system prompt), or None
     when the body has no prompt to key by. Credentials are hashed, never kept or logged."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(data, dict):
+    data = _json_object(body)
+    if data is None:
         return None
     prompt = data.get("prompt")
     if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
@@ -126,11 +128,7 @@ def prefix_routing_key(body: bytes, headers: list[tuple[bytes, bytes]]) -> str |
 def merge_routing_key(body: bytes) -> str | None:
     """The route key of a request for a merge of adapters: a digest of its `merged_adapters` (ids, weights,
     strategy: what decides the merged weights), or None when the body asks for none."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    merged = data.get("merged_adapters") if isinstance(data, dict) else None
+    merged = (_json_object(body) or {}).get("merged_adapters")
     if not isinstance(merged, dict) or not merged.get("ids"):
         return None
     return "merge:" + hashlib.blake2b(json.dumps(merged, sort_keys=True).encode(), digest_size=16).hexdigest()
