@@ -50,6 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fair-share", action=argparse.BooleanOptionalAction,
                    help="admit waiting requests from the tenant holding the fewest batch rows first (default on; "
                         "--no-fair-share: first come, first served across tenants)")
+    p.add_argument("--speculative-tokens", type=int,
+                   help="speculative decoding by prompt lookup: tokens drafted per step from each request's own context "
+                        "(vLLM's ngram method; the same tokens, sooner where answers repeat their prompts) (default 0 = off)")
+    p.add_argument("--speculative-ngram-max", type=int, help="longest context suffix looked up for a draft (default 4)")
+    p.add_argument("--speculative-ngram-min", type=int, help="shortest context suffix looked up (default 2)")
+    p.add_argument("--speculative-max-batch", type=int,
+                   help="speculate only while at most this many requests decode (default 4)")
     p.add_argument("--max-waiting", type=int, help="queued requests before 429 (default 256)")
     p.add_argument("--max-upload-bytes", type=int, help="largest adapter file accepted (default 64 MiB)")
     p.add_argument("--max-request-bytes", type=int, help="largest other request body, e.g. /generate (default 1 MiB)")

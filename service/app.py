@@ -81,6 +81,7 @@ def engine_config(settings: Settings) -> eng.EngineConfig:
         host_cache_bytes=settings.host_cache_mb << 20,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
         fair_share=settings.fair_share,
+        speculative=settings.speculative,
         device=resolve_device(settings.device),
         dtype=settings.dtype,
         cuda_graphs=settings.cuda_graphs,

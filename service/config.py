@@ -16,6 +16,8 @@ Environment (all optional):
     SVDSERVE_HOST_CACHE_MB    MiB of evicted adapters kept in host memory; 0 = off      (default 1024)
     SVDSERVE_PREFILL_CHUNK_TOKENS a long prompt's tokens prefilled per step while others decode; 0 = off (512)
     SVDSERVE_FAIR_SHARE       1 | 0: admit from the tenant holding the fewest batch rows first (default 1)
+    SVDSERVE_SPECULATIVE_TOKENS tokens drafted per decode step by prompt lookup; 0 = off        (default 0)
+    SVDSERVE_SPECULATIVE_NGRAM_MAX / _NGRAM_MIN, SVDSERVE_SPECULATIVE_MAX_BATCH    (default 4 / 2, 4 rows)
     SVDSERVE_REQUEST_TIMEOUT  seconds a generation may take, queueing included; 0 = no limit (default 300)
     SVDSERVE_MAX_REQUEST_BYTES largest request body other than adapter uploads (default 1 MiB)
     SVDSERVE_SHUTDOWN_TIMEOUT seconds to drain in-flight requests on SIGTERM (default 30)
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from adapters_store.validate import DEFAULT_MAX_BYTES
 from service.engine import EngineConfig, check_dtype
+from service.speculative import SpeculativeConfig
 from svd_adapters.factors import DEFAULT_R_MAX
 
 ENV_PREFIX = "SVDSERVE_"
@@ -76,6 +79,10 @@ class Settings:
     host_cache_mb: int = EngineConfig.host_cache_bytes >> 20
     prefill_chunk_tokens: int = EngineConfig.prefill_chunk_tokens
     fair_share: bool = EngineConfig.fair_share
+    speculative_tokens: int = SpeculativeConfig.tokens
+    speculative_ngram_max: int = SpeculativeConfig.ngram_max
+    speculative_ngram_min: int = SpeculativeConfig.ngram_min
+    speculative_max_batch: int = SpeculativeConfig.max_batch
     shutdown_timeout: float = 30.0
     request_timeout: float = 300.0  # 0 = no limit
     max_request_bytes: int = 1024 * 1024  # bodies of /generate and other JSON routes (uploads: max_upload_bytes)
@@ -116,12 +123,18 @@ class Settings:
         if 0 < self.prefix_cache_tokens < block:
             raise ValueError(f"prefix_cache_tokens {self.prefix_cache_tokens} holds no {block}-token block; "
                              f"give at least {block}, or 0 to turn the prefix cache off")
+        self.speculative.check()
         self.auth = str(self.auth).strip().lower()
         if self.auth not in AUTH_MODES:
             raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")
         check_dtype(self.dtype, resolve_device(self.device))
         if self.max_rank > self.r_max:
             raise ValueError(f"max_rank {self.max_rank} exceeds r_max {self.r_max} (the SVD factors' rank)")
+
+    @property
+    def speculative(self) -> SpeculativeConfig:
+        return SpeculativeConfig(tokens=self.speculative_tokens, ngram_max=self.speculative_ngram_max,
+                                 ngram_min=self.speculative_ngram_min, max_batch=self.speculative_max_batch)
 
     @property
     def auth_enabled(self) -> bool:

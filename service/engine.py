@@ -32,6 +32,7 @@ from service.host_tier import HostTier
 from service.merges import MergeSpec, key_id, key_sources
 from service.prefix_cache import PrefixCache
 from service.detokenize import Detokenizer
+from service.speculative import SpeculativeConfig, propose
 from service.structured import GrammarError, Grammars, Matcher
 from service.sampling import (MAX_LOGPROBS, RowSampling, SamplingParams, TokenHistory, TokenLogprob, logprobs_of,
                               prompt_logprobs_of, sample_batch)
@@ -132,6 +133,9 @@ class EngineConfig:
     # admission takes waiting requests from the tenant holding the fewest batch rows first (FIFO within a tenant),
     # so one tenant's backlog does not hold back every other tenant's requests; False: FIFO across all
     fair_share: bool = True
+    # decode steps that feed each row a drafted continuation found in its own context and keep what the model
+    # agrees with (service/speculative.py); off by default, like vLLM's
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
 
 @dataclass
@@ -217,6 +221,7 @@ class Engine:
         self.base, self.factors, self.store = base, factors, store
         self.config = cfg = config or EngineConfig()
         check_dtype(cfg.dtype, cfg.device)
+        cfg.speculative.check()
         self.tokenizer = base.tokenizer
         # The factors were computed (and fingerprinted) from the float32 weights before this cast.
         base.model.to(cfg.device, SERVING_DTYPES[cfg.dtype])
@@ -255,7 +260,7 @@ class Engine:
         self.counters = {"requests": 0, "finished": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0,
                          "adapter_loads": 0, "adapter_load_errors": 0, "rejected_queue_full": 0, "timed_out": 0,
                          "failed_at_shutdown": 0, "prefills_shared": 0, "prefill_chunks": 0, "preempted": 0,
-                         "resumed": 0}
+                         "resumed": 0, "spec_steps": 0, "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
         self._finished_at: deque[float] = deque(maxlen=256)  # monotonic finish times, for Retry-After estimates
         self.load_latencies: deque[float] = deque(maxlen=1000)
         self.step_latencies: deque[float] = deque(maxlen=1000)
@@ -1080,6 +1085,11 @@ class Engine:
     def _decode(self) -> None:
         t0 = time.perf_counter()
         live = [r for r in self._active]
+        drafts = self._drafts(live)
+        if drafts is not None:
+            self._verify(live, drafts)
+            self._stepped(t0, len(live))
+            return
         device = self.runner.device
         tokens = torch.tensor([r.out[-1] for r in live], device=device)
         pos = [len(r.prompt) + len(r.out) - 1 for r in live]
@@ -1091,11 +1101,57 @@ class Engine:
         for req, tok, lp in zip(live, tokens, logprobs_of(logits, sampling, tokens)):
             if req.finish_reason is None:
                 self._accept_token(req, tok, lp)
+        self._stepped(t0, len(live))
+
+    def _stepped(self, t0: float, rows: int) -> None:
         self.counters["steps"] += 1
         dt = time.perf_counter() - t0
         self.step_latencies.append(dt)
         for obs in self.observers:
-            obs.on_step("decode", dt, len(live))
+            obs.on_step("decode", dt, rows)
+
+    def _drafts(self, live: list[_Request]) -> list[list[int]] | None:
+        """Each row's draft for a speculative step, or None for a plain decode step: speculation off, too many
+        rows, or no row's context repeats its end. A draft stops where the request must (max_tokens counts the
+        token the step chooses after it; max_seq_len the positions it is fed at)."""
+        spec = self.config.speculative
+        if not spec.tokens or len(live) > spec.max_batch:
+            return None
+        drafts = []
+        for req in live:
+            fed = len(req.prompt) + len(req.out)  # positions the row holds after this step's first token
+            room = min(spec.tokens, req.params.max_tokens - len(req.out) - 1, self.config.max_seq_len - fed)
+            drafts.append(propose(req.prompt + req.out, room, spec.ngram_max, spec.ngram_min)
+                          if room > 0 and req.finish_reason is None else [])
+        return drafts if any(drafts) else None
+
+    def _verify(self, live: list[_Request], drafts: list[list[int]]) -> None:
+        """One speculative step: every row fed its last token and its draft at once, then each position's token
+        chosen as a decode step would choose it, the request's state (penalties' history, grammar, min_tokens)
+        advanced token by token; a row keeps its draft up to the first token not chosen, then that choice."""
+        feeds = [[r.out[-1]] + d for r, d in zip(live, drafts)]
+        logits = self.runner.verify(feeds, [len(r.prompt) + len(r.out) - 1 for r in live],
+                                    [r.core_slot for r in live], [r.lr_slot for r in live])
+        going = list(range(len(live)))
+        accepted = 0
+        for j in range(logits.shape[1]):
+            rows = [i for i in going if j < len(feeds[i])]
+            if not rows:
+                break
+            step = logits[torch.tensor(rows, device=logits.device), j]
+            sampling = [live[i].sampling(self.eos_ids, step.shape[-1]) for i in rows]
+            tokens = sample_batch(step, sampling)
+            going = []
+            for i, tok, lp in zip(rows, tokens, logprobs_of(step, sampling, tokens)):
+                req = live[i]
+                if req.finish_reason is None:
+                    self._accept_token(req, tok, lp)
+                if req.finish_reason is None and j < len(drafts[i]) and tok == drafts[i][j]:
+                    going.append(i)
+                    accepted += 1
+        self.counters["spec_steps"] += 1
+        self.counters["spec_draft_tokens"] += sum(map(len, drafts))
+        self.counters["spec_accepted_tokens"] += accepted
 
     def _accept_token(self, req: _Request, tok: int, logprob: TokenLogprob | None = None) -> None:
         if req.cancelled:

@@ -19,6 +19,8 @@ Metric names (all prefixed svdserve_):
     adapter_host_cache_hits_total   adapter_host_cache_misses_total   adapter_host_cache_evictions_total
     adapter_host_cache_bytes   adapter_host_cache_entries  (the host-memory tier; read at scrape time)
     preemptions_total   resumptions_total  (preemption by request priority; read at scrape time)
+    spec_decode_steps_total   spec_decode_draft_tokens_total   spec_decode_accepted_tokens_total  (speculative
+    decoding; read at scrape time)
 """
 from __future__ import annotations
 
@@ -93,6 +95,12 @@ class _EngineState(Collector):
             yield from _from_stats(stats, CounterMetricFamily, (
                 ("preemptions", "preempted", "Running requests put back in the queue for a waiting request of a lower priority value"),
                 ("resumptions", "resumed", "Preempted requests back in a row, their keys and values recomputed or reloaded"),
+            ))
+        if "spec_steps" in stats:  # speculative decoding (service/speculative.py): accepted / drafted = its hit rate
+            yield from _from_stats(stats, CounterMetricFamily, (
+                ("spec_decode_steps", "spec_steps", "Decode steps that fed drafted tokens (speculative decoding)"),
+                ("spec_decode_draft_tokens", "spec_draft_tokens", "Tokens drafted by prompt lookup and fed for verification"),
+                ("spec_decode_accepted_tokens", "spec_accepted_tokens", "Drafted tokens the model agreed with (kept)"),
             ))
         if "prefix_cache_hits" in stats:  # the prefix cache's own counts (absent when it is off)
             yield from _from_stats(stats, CounterMetricFamily, (

@@ -277,8 +277,8 @@ class BatchedRunner(nn.Module):
         the logits of chosen prompts' every position (`position_logits`) cost nothing for the others."""
         P, L = len(prompts), max(len(p) for p in prompts)
         offset = starts is not None and any(starts)
-        if offset and (keep_hidden or all_logits):
-            raise ValueError("all_logits and keep_hidden need whole prompts (no starts)")
+        if offset and keep_hidden:
+            raise ValueError("keep_hidden needs whole prompts (no starts)")
         if max(len(p) + (starts[i] if offset else 0) for i, p in enumerate(prompts)) > self.max_seq_len:
             raise ValueError(f"a prompt reaches past max_seq_len {self.max_seq_len}")
         ids = torch.full((P, L), self.cfg.pad_token_id or 0, dtype=torch.long)
@@ -297,13 +297,14 @@ class BatchedRunner(nn.Module):
         rows_host = torch.tensor(rows, dtype=torch.long)
         if offset:
             lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-            attend = self._attend_after_prefix(row_idx, at, lengths, positions.view(P, L), cos, sin)
+            attend = self._attend_after_prefix(row_idx, at, lengths, positions.view(P, L), cos, sin,
+                                               rows_from_0=rows == list(range(P)))
         else:
             attend = self._attend_from_start(row_idx, rows_host, P, L, cos, sin)
         h = self._layers(x, mp, attend, self._gathered(mp, decode=False)).view(P, L, -1)
         self.last_hidden = h if keep_hidden else None
         if all_logits:
-            return self.lm_head(h)
+            return self.logits(h.reshape(P * L, -1)).view(P, L, -1)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         return self.logits(h[torch.arange(P, device=self.device), last])
 
@@ -326,10 +327,12 @@ class BatchedRunner(nn.Module):
         return attend
 
     def _attend_after_prefix(self, row_idx: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
-                             positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+                             positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows_from_0: bool = False):
         """A prefill's attention for prompts whose first `starts[i]` tokens are in row i's cache already (a cached
         prefix): the new tokens' keys and values go into the cache at their positions (pads write nothing: their
-        positions may lie past the cache), then each query attends to its row's keys up to its own position."""
+        positions may lie past the cache), then each query attends to its row's keys up to its own position.
+        `rows_from_0`: the rows are 0..P-1 (a speculative step's, `verify`), read as a view of the cache, not
+        gathered (a copy of every row's keys per layer)."""
         P, L = positions.shape
         S = min(int(starts.max()) + L, self.max_seq_len)
         heads = torch.arange(self.n_kv, device=self.device)
@@ -345,10 +348,22 @@ class BatchedRunner(nn.Module):
                 cache.view(-1, self.head_dim).index_copy_(0, flat, new.view(P, L, self.n_kv, self.head_dim)
                                                           .transpose(1, 2)[real])
             q = q.view(P, L, self.n_heads, self.head_dim).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, kc[row_idx, :, :S], vc[row_idx, :, :S], attn_mask=mask,
-                                               enable_gqa=self.n_kv != self.n_heads)
+            keys, values = (kc[:P, :, :S], vc[:P, :, :S]) if rows_from_0 else (kc[row_idx, :, :S], vc[row_idx, :, :S])
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
             return o.transpose(1, 2).reshape(P * L, self.n_heads, self.head_dim)
         return attend
+
+    @torch.inference_mode()
+    def verify(self, feeds: list[list[int]], starts: list[int], core_slots: list[int], lr_slots: list[int]) -> torch.Tensor:
+        """A speculative step (`service/speculative.py`): active row i (rows 0..P-1) is fed feeds[i] — its next
+        token and a draft of the tokens after it — at positions from starts[i]; returns the logits (P, L, V) at
+        every fed position (rows with shorter feeds: their positions past it are padding). The keys and values of
+        every fed token go into the row; those of drafts that turn out wrong lie past the row's length and are
+        overwritten by the next step (attention reads each row up to its own position only)."""
+        P, L = len(feeds), max(len(f) for f in feeds)
+        if min(starts) < 1:
+            raise ValueError("verify continues rows that hold their context (starts ≥ 1)")
+        return self.prefill(feeds, list(range(P)), core_slots, lr_slots, all_logits=True, starts=starts)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, mp: SlotMapping, context: int | None = None) -> torch.Tensor:

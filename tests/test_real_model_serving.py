@@ -124,3 +124,46 @@ def test_real_model_merged_adapters_generate_what_the_merged_weights_generate(tm
         tokens, logprobs = greedy(ref, prompt, 8, engine.eos_ids)
         assert res.token_ids == tokens
         assert max(abs(lp.logprob - want) for lp, want in zip(res.logprobs, logprobs)) <= 1e-4
+
+
+@pytest.mark.real_model
+def test_real_model_speculative_decoding_answers_as_without_it_in_fewer_steps(tmp_path):
+    """Prompt lookup on the real model, on answers that quote their prompt (the base and an OSoRA adapter in one
+    batch, greedy; then a seeded sampled one): the same tokens as without speculation, many drafted tokens kept,
+    and the greedy answers in far fewer decode steps."""
+    from service.speculative import SpeculativeConfig
+
+    base = load_base("default")
+    factors = load_or_compute(base.model, base.cache_dir)
+    adapter = random_adapter("osora", 16, factors, base.name, seed=12, scale=0.02)
+    store = DiskStore(tmp_path / "store")
+    blob = adapter_to_bytes(adapter)
+    record = record_for(adapter, blob, "quote")
+    store.put(record, blob)
+    text = ("The library opens at nine in the morning and closes at six in the evening. On Sundays it is closed. "
+            "Books can be borrowed for three weeks and renewed twice online.")
+    runs = {}
+    for name, spec in (("off", SpeculativeConfig()), ("on", SpeculativeConfig(tokens=4))):
+        engine = Engine(base, factors, store, EngineConfig(max_batch=4, max_rank=16, max_seq_len=512, core_slots=2,
+                                                           lr_slots=1, prefix_cache_tokens=0, speculative=spec))
+        engine.start()
+        try:
+            prompt = engine.encode_prompt(messages=[{"role": "user", "content": "Copy the sentences of this text "
+                                                     f"that talk about opening hours, word for word:\n\n{text}"}])
+
+            async def greedy():
+                return await asyncio.gather(engine.generate(prompt, None, SamplingParams(max_tokens=48)),
+                                            engine.generate(prompt, "quote", SamplingParams(max_tokens=48),
+                                                            record.sha256))
+
+            answers = [r.token_ids for r in asyncio.run(greedy())]
+            counters = dict(engine.counters)
+            sampled = asyncio.run(engine.generate(prompt, None, SamplingParams(max_tokens=48, temperature=0.5, seed=1)))
+            runs[name] = (answers + [sampled.token_ids], counters)
+        finally:
+            engine.shutdown(drain=False)
+    assert runs["on"][0] == runs["off"][0]
+    assert "nine in the morning" in base.tokenizer.decode(runs["on"][0][0])  # it did quote
+    on = runs["on"][1]
+    assert on["spec_accepted_tokens"] > 0.4 * on["spec_draft_tokens"] > 0
+    assert on["steps"] < 0.7 * runs["off"][1]["steps"]

@@ -1,0 +1,52 @@
+"""Speculative decoding by prompt lookup (vLLM's "ngram" method): draft tokens without a draft model.
+
+A generation that repeats its context — quoting, extraction, rewriting, code edits, a chat's next turn
+restating the last — often goes on the way the same few tokens went on earlier. `propose` finds the latest
+earlier occurrence of the context's last n tokens (the longest n first) and drafts the tokens that followed it.
+
+The engine then feeds each row its next token and its draft in one forward (`BatchedRunner.verify`): on a CPU a
+decode step of a few rows is bound by reading the weights, so scoring five positions costs little more than
+one. It chooses each position's token exactly as a decode step would — the same sampler, penalties, grammar,
+and the request's own generator, one draw per token — and keeps the draft up to the first token the sampler did
+not choose, plus that step's own choice. So every request gets the tokens it would get without speculation
+(greedy: the same argmax; seeded sampling: the same draws), only sooner; the one difference is float rounding:
+several positions computed at once round differently from one at a time (~1e-6), which could flip an exact tie.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    tokens: int = 0  # drafted tokens per step and row; 0 = off
+    ngram_max: int = 4  # the longest context suffix looked up
+    ngram_min: int = 2  # the shortest (1 drafts after any repeated token: mostly wrong, each a wasted position)
+    max_batch: int = 4  # speculate only while at most this many rows decode (larger batches are bound by compute)
+
+    def check(self) -> None:
+        if self.tokens < 0:
+            raise ValueError(f"speculative tokens must be ≥ 0 (0 = off), got {self.tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 ≤ ngram_min ≤ ngram_max, got {self.ngram_min} and {self.ngram_max}")
+        if self.max_batch < 1:
+            raise ValueError(f"speculative max_batch must be ≥ 1, got {self.max_batch}")
+
+
+def propose(context: list[int], k: int, ngram_max: int, ngram_min: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the context's last n tokens, for the longest
+    n in [ngram_min, ngram_max] that occurs earlier; [] when none does."""
+    size = len(context)
+    if k <= 0 or size <= ngram_min:
+        return []
+    tokens = np.asarray(context, dtype=np.int64)
+    for n in range(min(ngram_max, size - 1), ngram_min - 1, -1):
+        # windows starting at 0 .. size-n-1: each has a token after it, and none is the suffix itself
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[: size - 1], n)
+        hits = np.flatnonzero((windows == tokens[size - n :]).all(axis=1))
+        if hits.size:
+            at = int(hits[-1]) + n
+            return tokens[at : at + k].tolist()
+    return []

@@ -1,0 +1,207 @@
+"""Speculative decoding by prompt lookup: drafts from a request's own context, verified in one forward, and every
+request ending with exactly the tokens (and log-probabilities) it gets without speculation."""
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from _reliability import put_adapters
+from adapters_store.disk import DiskStore
+from service import engine as engine_module
+from service.config import Settings
+from service.engine import Engine, EngineConfig, SamplingParams, TextDelta
+from service.metrics import Metrics
+from service.speculative import SpeculativeConfig, propose
+from service.structured import Constraint
+from svd_adapters.adapter import random_adapter
+from test_chunked_prefill import tokens
+
+# --- the proposer ------------------------------------------------------------------------------------------
+
+
+def test_propose_drafts_what_followed_the_latest_earlier_occurrence_of_the_suffix():
+    ctx = [1, 2, 3, 4, 9, 9, 2, 3, 5, 6, 7, 2, 3]
+    assert propose(ctx, 3, 4, 2) == [5, 6, 7]  # [2, 3] at 1 and at 6: the latest wins
+    assert propose(ctx, 1, 4, 2) == [5]  # k caps the draft
+    assert propose(ctx, 3, 4, 3) == []  # no earlier [7, 2, 3]
+    # the longest suffix first: [4, 2, 3] occurs only early, [2, 3] later with another continuation
+    assert propose([4, 2, 3, 8, 8, 2, 3, 6, 6, 4, 2, 3], 2, 4, 2) == [8, 8]
+    assert propose([4, 2, 3, 8, 8, 2, 3, 6, 6, 4, 2, 3], 2, 2, 2) == [6, 6]
+    assert propose([5, 6, 7, 5, 6], 4, 4, 2) == [7, 5, 6]  # fewer than k tokens follow: what there is
+    assert propose([7, 7, 7], 2, 4, 2) == [7]  # overlapping occurrences; never the suffix itself
+    assert propose([1, 2, 3], 4, 4, 1) == [] and propose([3], 4, 4, 1) == [] and propose([1, 2, 1], 0, 4, 1) == []
+    assert propose([1, 2, 1], 3, 4, 1) == [2, 1]
+
+
+def test_speculative_config_is_checked():
+    for bad in (dict(tokens=-1), dict(ngram_min=0), dict(ngram_min=3, ngram_max=2), dict(max_batch=0)):
+        with pytest.raises(ValueError):
+            SpeculativeConfig(**bad).check()
+    settings = Settings.from_env(speculative_tokens=5, speculative_ngram_max=3, speculative_max_batch=2)
+    assert settings.speculative == SpeculativeConfig(tokens=5, ngram_max=3, ngram_min=2, max_batch=2)
+    with pytest.raises(ValueError, match="ngram_min"):
+        Settings.from_env(speculative_tokens=4, speculative_ngram_min=5)
+
+
+def test_drafts_stop_where_the_request_must_and_only_for_small_batches(tiny_base, tiny_factors, tmp_path):
+    eng = Engine(tiny_base, tiny_factors, DiskStore(tmp_path / "s"),
+                 EngineConfig(max_batch=4, max_seq_len=20, speculative=SpeculativeConfig(tokens=4, max_batch=2)))
+    try:
+        def req(prompt, out, max_tokens=64):
+            return SimpleNamespace(prompt=prompt, out=out, params=SamplingParams(max_tokens=max_tokens),
+                                   finish_reason=None)
+
+        loop = [1, 2, 3, 4, 5, 6]
+        assert eng._drafts([req(loop, [1, 2])]) == [[3, 4, 5, 6]]
+        assert eng._drafts([req(loop, [1, 2], max_tokens=4)]) == [[3]]  # 2 + draft + the step's own ≤ 4
+        assert eng._drafts([req(loop, [1, 2], max_tokens=3)]) is None
+        assert eng._drafts([req(loop * 2, [1, 2])]) == [[3, 4, 5, 6]]  # 14 fed: positions up to 19 < 20
+        assert eng._drafts([req(loop * 3, [1, 2])]) is None  # at max_seq_len: no room
+        assert eng._drafts([req(loop, [1, 2]), req([9, 8, 7], [6])]) == [[3, 4, 5, 6], []]
+        assert eng._drafts([req(loop, [1, 2])] * 3) is None  # over speculative max_batch: plain decode steps
+    finally:
+        eng.shutdown(drain=False)
+
+
+# --- the engine --------------------------------------------------------------------------------------------
+
+METHODS = (("os", "osora", 4), ("xs", "loraxs", 8), ("so", "sorsa", 4), ("lo", "lora", 8))
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base, tiny_factors):
+    return {aid: random_adapter(m, r, tiny_factors, tiny_base.name, seed=900 + i)
+            for i, (aid, m, r) in enumerate(METHODS)}
+
+
+def engine(tiny_base, tiny_factors, store, spec: SpeculativeConfig | None = None, **cfg) -> Engine:
+    settings = dict(max_batch=7, max_rank=8, max_seq_len=200, core_slots=4, lr_slots=3, prefix_cache_tokens=0)
+    settings.update(cfg)
+    eng = Engine(tiny_base, tiny_factors, store, EngineConfig(**settings, speculative=spec or SpeculativeConfig()))
+    eng.start()
+    return eng
+
+
+async def streamed(eng, prompt, adapter, params, version):
+    text, result = "", None
+    async for item in eng.stream(prompt, adapter, params, version):
+        if isinstance(item, TextDelta):
+            text += item.text
+        else:
+            result = item
+    return text, result
+
+
+def run_all(eng, requests, versions):
+    async def go():
+        return await asyncio.gather(*[streamed(eng, p, a, sp, versions.get(a)) for p, a, sp in requests])
+    return asyncio.run(go())
+
+
+def requests_of_every_kind() -> list[tuple[list[int], str | None, SamplingParams]]:
+    return [
+        (tokens(12, 1), None, SamplingParams(max_tokens=30, ignore_eos=True, logprobs=2)),
+        (tokens(9, 2), "os", SamplingParams(max_tokens=30, ignore_eos=True, temperature=0.9, seed=4, logprobs=0)),
+        (tokens(15, 3), "xs", SamplingParams(max_tokens=23, ignore_eos=True, repetition_penalty=1.3,
+                                             frequency_penalty=0.5)),
+        (tokens(7, 4), "so", SamplingParams(max_tokens=30, ignore_eos=True, temperature=0.7, top_p=0.9, seed=9,
+                                            logprobs=1)),
+        (tokens(11, 5), "lo", SamplingParams(max_tokens=30, ignore_eos=True, top_k=5, temperature=1.0, seed=2)),
+        (tokens(10, 6), None, SamplingParams(max_tokens=30, ignore_eos=True, min_tokens=5)),
+    ]
+
+
+def test_verified_drafts_give_every_request_its_unspeculated_tokens(tiny_base, tiny_factors, adapters, tmp_path,
+                                                                    monkeypatch):
+    """A mixed batch (base, OSoRA, LoRA-XS, SORSA, LoRA rows; greedy, seeded sampling with top_p / top_k,
+    penalties, min_tokens, logprobs, a JSON schema), drafted by an oracle that knows each request's unspeculated answer and
+    spoils one token of most drafts at a varying place: every request ends with the same tokens, text, stream and
+    log-probabilities as without speculation, drafts were both kept and rejected, and none ran past max_tokens
+    or the row's positions."""
+    store = DiskStore(tmp_path / "store")
+    versions = put_adapters(store, adapters)
+    plain = engine(tiny_base, tiny_factors, store)
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"type": "integer"}},
+              "required": ["answer", "n"], "additionalProperties": False}
+    grammar = plain.grammars.compile(Constraint("json_schema", schema))
+    reqs = requests_of_every_kind() + [  # structured output: its grammar advanced token by token
+        (tokens(8, 10), "xs", SamplingParams(max_tokens=40, temperature=1.0, seed=3, grammar=grammar))]
+    try:
+        reference = run_all(plain, reqs, versions)
+    finally:
+        plain.shutdown(drain=False)
+    answers = {tuple(p): (len(p), res.token_ids, sp) for (p, _, sp), (_, res) in zip(reqs, reference)}
+    asked = []
+
+    def oracle(context, k, ngram_max, ngram_min):
+        n, answer, params = next(v for key, v in answers.items() if tuple(context[: len(key)]) == key)
+        done = len(context) - n
+        assert context[n:] == answer[:done]  # the engine's own output so far is the unspeculated one
+        assert 1 <= k <= 4 and done + k + 1 <= params.max_tokens and len(context) + k <= 200
+        draft = answer[done : done + k]
+        spoil = (done + len(asked)) % (k + 2)  # k or k+1: the whole draft is right
+        if spoil < len(draft):
+            draft[spoil] = (draft[spoil] + 1) % 256
+        asked.append((len(draft), spoil))
+        return draft
+
+    monkeypatch.setattr(engine_module, "propose", oracle)
+    spec = engine(tiny_base, tiny_factors, store, SpeculativeConfig(tokens=4, max_batch=7))
+    try:
+        got = run_all(spec, reqs, versions)
+        counters = dict(spec.counters)
+        metrics = Metrics()
+        metrics.attach(spec)
+        exposition = metrics.exposition().decode()
+    finally:
+        spec.shutdown(drain=False)
+    for (text, res), (ref_text, ref) in zip(got, reference):
+        assert res.token_ids == ref.token_ids and res.text == ref.text == text == ref_text
+        assert res.finish_reason == ref.finish_reason and res.completion_tokens == ref.completion_tokens
+        if ref.logprobs is not None:
+            assert len(res.logprobs) == len(ref.logprobs)
+            for a, b in zip(res.logprobs, ref.logprobs):
+                assert a.token == b.token and abs(a.logprob - b.logprob) <= 1e-4
+                assert [t for t, _ in a.top] == [t for t, _ in b.top]
+    assert counters["spec_steps"] > 0 and counters["steps"] < max(r.completion_tokens for _, r in reference)
+    assert 0 < counters["spec_accepted_tokens"] < counters["spec_draft_tokens"] == sum(n for n, _ in asked)
+    assert {spoil for n, spoil in asked if spoil < n} == {0, 1, 2, 3}  # rejected at every draft position
+    assert json.loads(got[-1][1].text)["answer"] in ("yes", "no")
+    assert f"svdserve_spec_decode_accepted_tokens_total {float(counters['spec_accepted_tokens'])}" in exposition
+
+
+def test_prompt_lookup_speeds_up_a_repeating_generation_and_changes_no_token(tiny_base, tiny_factors, adapters,
+                                                                           tmp_path):
+    """The real proposer on the tiny model, whose greedy answers soon repeat themselves: most decode steps are
+    speculative, they keep drafted tokens, and the answers equal the unspeculated ones — also where the prefix
+    cache keeps a finished answer's keys (only positions the row was fed) and a stop string ends a request in the
+    middle of a draft."""
+    store = DiskStore(tmp_path / "store")
+    versions = put_adapters(store, adapters)
+    reqs = [(tokens(20, 7) * 2, None, SamplingParams(max_tokens=60, ignore_eos=True)),
+            (tokens(16, 8), "os", SamplingParams(max_tokens=60, ignore_eos=True)),
+            (tokens(16, 9), "so", SamplingParams(max_tokens=60, ignore_eos=True, logprobs=0))]
+    results = {}
+    for name, spec in (("off", None), ("on", SpeculativeConfig(tokens=5, max_batch=4))):
+        eng = engine(tiny_base, tiny_factors, store, spec, prefix_cache_tokens=1024, prefix_block_tokens=8)
+        try:
+            first = run_all(eng, reqs, versions)
+            # the same again, each with a stop string cut from its first answer's middle
+            stopped = [(p, a, SamplingParams(max_tokens=60, ignore_eos=True, stop=[res.text[25:28]]))
+                       for (p, a, _), (_, res) in zip(reqs, first)]
+            second = run_all(eng, stopped, versions)
+            results[name] = (first, second, dict(eng.counters))
+        finally:
+            eng.shutdown(drain=False)
+    off, on = results["off"], results["on"]
+    for got, want in zip(on[0] + on[1], off[0] + off[1]):
+        assert got[1].token_ids == want[1].token_ids and got[0] == want[0] == got[1].text
+        assert got[1].finish_reason == want[1].finish_reason
+    assert all(res.finish_reason == "stop" and len(res.token_ids) < 60 for _, res in on[1])
+    counters = on[2]
+    assert counters["spec_accepted_tokens"] > 0.5 * counters["spec_draft_tokens"] > 0
+    assert counters["steps"] < 0.6 * off[2]["steps"]  # the same tokens in fewer steps
+    assert off[2]["spec_steps"] == 0
