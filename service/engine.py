@@ -1088,7 +1088,7 @@ class Engine:
         drafts = self._drafts(live)
         if drafts is not None:
             self._verify(live, drafts)
-            self._stepped(t0, len(live))
+            self._record_step(t0, len(live))
             return
         device = self.runner.device
         tokens = torch.tensor([r.out[-1] for r in live], device=device)
@@ -1101,9 +1101,10 @@ class Engine:
         for req, tok, lp in zip(live, tokens, logprobs_of(logits, sampling, tokens)):
             if req.finish_reason is None:
                 self._accept_token(req, tok, lp)
-        self._stepped(t0, len(live))
+        self._record_step(t0, len(live))
 
-    def _stepped(self, t0: float, rows: int) -> None:
+    def _record_step(self, t0: float, rows: int) -> None:
+        """A decode step done (plain or speculative): its count, latency and observers."""
         self.counters["steps"] += 1
         dt = time.perf_counter() - t0
         self.step_latencies.append(dt)
