@@ -205,3 +205,39 @@ def test_prompt_lookup_speeds_up_a_repeating_generation_and_changes_no_token(tin
     assert counters["spec_accepted_tokens"] > 0.5 * counters["spec_draft_tokens"] > 0
     assert counters["steps"] < 0.6 * off[2]["steps"]  # the same tokens in fewer steps
     assert off[2]["spec_steps"] == 0
+
+
+def test_requests_joining_speculative_steps_mid_way_and_a_chunked_prompt_keep_their_tokens(
+        tiny_base, tiny_factors, adapters, tmp_path):
+    """Continuous batching with speculation: requests arrive at different steps, one with a long prompt prefilled in
+    chunks (in the row past the speculating ones) while the others take speculative steps; each ends with the
+    tokens of a plain engine's run."""
+    store = DiskStore(tmp_path / "store")
+    versions = put_adapters(store, adapters)
+    reqs = [(tokens(20, 11) * 2, "os", SamplingParams(max_tokens=50, ignore_eos=True)),
+            (tokens(14, 12), None, SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.8, seed=5)),
+            (tokens(90, 13), "so", SamplingParams(max_tokens=30, ignore_eos=True)),  # chunked: 90 > 24
+            (tokens(12, 14) * 3, "lo", SamplingParams(max_tokens=40, ignore_eos=True))]
+    plain = engine(tiny_base, tiny_factors, store)
+    try:
+        reference = [asyncio.run(plain.generate(p, a, sp, versions.get(a))).token_ids for p, a, sp in reqs]
+    finally:
+        plain.shutdown(drain=False)
+    spec = engine(tiny_base, tiny_factors, store, SpeculativeConfig(tokens=3, max_batch=4), prefill_chunk_tokens=24)
+
+    async def staggered():
+        tasks = []
+        for p, a, sp in reqs:
+            tasks.append(asyncio.ensure_future(spec.generate(p, a, sp, versions.get(a))))
+            # the next one joins a few steps later (or once the others are done)
+            while spec.counters["steps"] < 3 * len(tasks) and not all(t.done() for t in tasks):
+                await asyncio.sleep(0.002)
+        return [(await t).token_ids for t in tasks]
+
+    try:
+        got = asyncio.run(staggered())
+        counters = dict(spec.counters)
+    finally:
+        spec.shutdown(drain=False)
+    assert got == reference
+    assert counters["prefill_chunks"] > 0 and counters["spec_accepted_tokens"] > 0
