@@ -14,7 +14,8 @@ so op costs, not arithmetic, set its speed).
   product instead was measured slower: a per-output epilogue.)
 - `core_delta` (`csrc/core_delta.cpp`): one group's core delta added to an output already computed: at prefill, and at
   decode where calibration chose torch's matmul for the GEMM.
-- `decode_attention` (`csrc/decode_attention.cpp`): a decode step's attention in one call per layer: the rotary
+- `decode_attention` (`csrc/decode_attention.cpp`): a decode step's attention in one call per layer (and
+  `verify_attention`, a speculative step's: a few tokens per row): the rotary
   embedding, the KV cache write, and each row's query heads against its own cached keys up to its position
   (PyTorch's CPU SDPA with a mask took ~1.7× as long, before the rotary and cache-write ops around it).
 - `prefill_rotary` (`csrc/prefill_rotary.cpp`): a prefill's rotary embedding of queries and keys, in place, and its
@@ -204,6 +205,17 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     rotated key and its value are written at positions[t] (int64, (T,)) before it attends to keys
     [0, positions[t]]. Returns (T, Hq, D). Check `attends` first."""
     return torch.ops.svdserve.decode_attention(q, k_new, v_new, k, v, positions, cos, sin, scale)
+
+
+def verify_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     starts: torch.Tensor, lengths: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """A speculative step's attention (`csrc/decode_attention.cpp`): R rows of L new tokens each, q (R·L, Hq, D),
+    k_new and v_new (R·L, Hkv, D) as for `decode_attention`, cos, sin (R·L, D); row r's first lengths[r] tokens
+    are real, at positions starts[r] onwards (int64, (R,)), the rest padding. Writes the real tokens' rotated keys
+    and values into cache row r, then each attends to the keys up to its own position. Returns (R·L, Hq, D), zeros
+    at the pads. Check `attends` first."""
+    return torch.ops.svdserve.verify_attention(q, k_new, v_new, k, v, starts, lengths, cos, sin, scale)
 
 
 def _runs_on(t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:

@@ -333,6 +333,12 @@ class BatchedRunner(nn.Module):
         positions may lie past the cache), then each query attends to its row's keys up to its own position.
         `rows_from_0`: the rows are 0..P-1 (a speculative step's, `verify`), read as a view of the cache, not
         gathered (a copy of every row's keys per layer)."""
+        if rows_from_0 and cpu_kernels.attends(self.n_heads, self.k_cache[0]):
+            # one kernel a layer: rotary, the cache writes, each token's keys up to its own position
+            def attend_fused(li, q, k, v):
+                return cpu_kernels.verify_attention(q, k, v, self.k_cache[li], self.v_cache[li], starts, lengths, cos,
+                                                    sin, self.head_dim ** -0.5)
+            return attend_fused
         P, L = positions.shape
         S = min(int(starts.max()) + L, self.max_seq_len)
         heads = torch.arange(self.n_kv, device=self.device)

@@ -172,3 +172,96 @@ def test_decode_steps_with_the_kernel_match_sdpa_through_the_runner(tiny_base, t
             pos = [p + 1 for p in pos]
         outs[fused] = torch.stack(steps)
     assert (outs[True] - outs[False]).abs().max() <= 1e-5
+
+
+# --- a speculative step's attention: a few tokens per row -------------------------------------------------------
+
+def verify_case(R: int, L: int, Hq: int, Hkv: int, D: int, S: int, seed: int = 0) -> dict:
+    """R rows of L new tokens (row r's first lengths[r] real, from positions starts[r]; one row full, one with a single
+    token, one ending at the cache's last position), strided q / k_new / v_new as the runner has them, and a cache
+    where everything a row does not hold or get written is NaN, rows past R included."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(R * L, (Hq + 2 * Hkv) * D, generator=gen)
+    q, k_new, v_new = torch.split(qkv, [Hq * D, Hkv * D, Hkv * D], dim=-1)
+    lengths = torch.randint(1, L + 1, (R,), generator=gen)
+    lengths[0], lengths[-1] = L, 1
+    starts = torch.stack([torch.randint(1, int(S - n) + 1, (1,), generator=gen)[0] for n in lengths])
+    starts[min(1, R - 1)] = S - lengths[min(1, R - 1)]
+    k = torch.randn(R + 2, Hkv, S, D, generator=gen)
+    v = torch.randn(R + 2, Hkv, S, D, generator=gen)
+    for r in range(R):
+        k[r, :, starts[r]:], v[r, :, starts[r]:] = float("nan"), float("nan")
+    k[R:], v[R:] = float("nan"), float("nan")
+    pos = (starts[:, None] + torch.arange(L)).view(-1)  # pads too: their terms are never used
+    angles = pos[:, None].double() * 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    angles = torch.cat([angles, angles], dim=-1)
+    return dict(q=q.view(R * L, Hq, D), k_new=k_new.view(R * L, Hkv, D), v_new=v_new.view(R * L, Hkv, D), k=k, v=v,
+                starts=starts, lengths=lengths, cos=angles.cos().float(), sin=angles.sin().float())
+
+
+def run_verify(c: dict) -> torch.Tensor:
+    return cpu_kernels.verify_attention(c["q"], c["k_new"], c["v_new"], c["k"], c["v"], c["starts"], c["lengths"],
+                                        c["cos"], c["sin"], c["q"].shape[-1] ** -0.5)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 9, 3, 64, 300), (4, 5, 9, 3, 64, 40), (3, 3, 8, 8, 128, 64),
+                                   (2, 4, 4, 2, 16, 9), (3, 2, 4, 1, 48, 12)])
+def test_verify_attention_matches_the_pytorch_path_token_by_token(shape):
+    """Each real token attends to its row's keys up to its own position (the row's earlier new tokens included), the
+    new keys and values land at their positions and nowhere else, the pads' outputs are zeros."""
+    R, L = shape[:2]
+    c = verify_case(*shape)
+    cos, sin = c["cos"].double().unsqueeze(1), c["sin"].double().unsqueeze(1)
+    q, k_new = rotate(c["q"].double(), cos, sin), rotate(c["k_new"].double(), cos, sin)
+    k_want, v_want = c["k"].double().clone(), c["v"].double().clone()
+    real = [(r, j) for r in range(R) for j in range(int(c["lengths"][r]))]
+    for r, j in real:
+        k_want[r, :, c["starts"][r] + j], v_want[r, :, c["starts"][r] + j] = k_new[r * L + j], c["v_new"][r * L + j].double()
+    tokens = [r * L + j for r, j in real]
+    want = sdpa(q[tokens], k_want[[r for r, _ in real]], v_want[[r for r, _ in real]],
+                torch.tensor([int(c["starts"][r]) + j for r, j in real]))
+    got = run_verify(c)
+    assert got.shape == c["q"].shape and torch.isfinite(got).all()
+    assert (got[tokens].double() - want).abs().max() <= 1e-5
+    pads = [t for t in range(R * L) if t not in tokens]
+    assert not got[pads].any()
+    written = torch.isfinite(k_want)
+    assert torch.equal(torch.isfinite(c["k"]), written) and torch.equal(torch.isfinite(c["v"]), written)
+    assert (c["k"][written].double() - k_want[written]).abs().max() <= 1e-6
+    assert torch.equal(c["v"][written].double(), v_want[written])
+
+
+def test_verify_attention_refuses_tokens_that_do_not_fit():
+    c = verify_case(2, 3, 4, 2, 16, 9)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        run_verify({**c, "lengths": torch.tensor([4, 1])})  # more than L
+    with pytest.raises(RuntimeError, match="do not fit"):
+        run_verify({**c, "starts": torch.tensor([7, 1])})  # past the cache
+    with pytest.raises(RuntimeError, match="int64 vector"):
+        run_verify({**c, "lengths": torch.tensor([1, 1, 1])})
+    with pytest.raises(RuntimeError, match="L tokens"):
+        run_verify({**c, "starts": torch.tensor([1, 1, 1, 1])})
+
+
+def test_speculative_steps_with_the_kernel_match_sdpa_through_the_runner(tiny_base, tiny_factors, monkeypatch):
+    """`BatchedRunner.verify` for rows at different positions with feeds of different lengths, with the kernel and
+    with SDPA: the same logits at every fed position, and the decode step after it reads the same cache."""
+    from svd_adapters.runner import BatchedRunner  # noqa: PLC0415
+
+    runner = BatchedRunner(tiny_base, tiny_factors, max_rank=4, max_batch=3, max_seq_len=32, core_slots=2, lr_slots=2)
+    assert cpu_kernels.attends(runner.n_heads, runner.k_cache[0])
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    feeds = [[20, 21, 22, 23], [24], [25, 26]]
+    outs = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(cpu_kernels, "attends", lambda *a: False)
+        runner.prefill(prompts, [0, 1, 2], [0, 0, 0], [0, 0, 0])
+        starts = [len(p) for p in prompts]
+        logits = runner.verify(feeds, starts, [0, 0, 0], [0, 0, 0])
+        after = runner.decode(torch.tensor([30, 31, 32]), torch.tensor([s + len(f) for s, f in zip(starts, feeds)]),
+                              runner.mapping([0, 0, 0], [0, 0, 0]))
+        outs[fused] = ([logits[i, : len(f)] for i, f in enumerate(feeds)], after)
+    for a, b in zip(outs[True][0], outs[False][0]):
+        assert (a - b).abs().max() <= 1e-5
+    assert (outs[True][1] - outs[False][1]).abs().max() <= 1e-5

@@ -1,4 +1,6 @@
-// A decode step's attention on the CPU: one new token per running row, attending to that row's cached keys.
+// A decode step's attention on the CPU: one new token per running row, attending to that row's cached keys; and a
+// speculative step's (`verify_attention`): a few new tokens per row (its next token and a draft), each attending to
+// the row's keys up to its own position.
 //
 // q (T, Hq, D): row t's query heads; k, v (rows, Hkv, S, D): the KV cache (row t at index t, positions along S);
 // pos (T,) int64: row t's position, so it sees keys [0, pos[t]]. Query head h reads KV head h / (Hq / Hkv)
@@ -107,54 +109,64 @@ void rotate(const scalar_t* x, const scalar_t* cos, const scalar_t* sin, int64_t
     out[i] = static_cast<float>(x[i]) * static_cast<float>(cos[i]) + static_cast<float>(x[i - half]) * static_cast<float>(sin[i]);
 }
 
-// Every (row, KV head) pair is one task, split across threads: it rotates the row's new key and its query heads,
-// writes the key and value into the cache at the row's position, then attends.
+// Every (row, KV head) pair is one task, split across threads. Row r's new tokens are t = r·L .. r·L + len[r] - 1
+// (L = 1 for a decode step; pads after them are left alone), at positions pos[r], pos[r] + 1, ...: the task rotates
+// their keys and writes them and their values into the cache first, then rotates each token's query heads and
+// attends to the keys up to that token's own position (only this task writes or reads this row and KV head).
 template <typename scalar_t>
 void run(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k, at::Tensor& v,
-         const int64_t* pos, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& out, int64_t group, float scale) {
-  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2);
+         const int64_t* pos, const int64_t* len, int64_t L, const at::Tensor& cos, const at::Tensor& sin,
+         at::Tensor& out, int64_t group, float scale) {
+  const int64_t R = q.size(0) / L, Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2);
   const int64_t sq = q.stride(0), skn = k_new.stride(0), svn = v_new.stride(0);
   const scalar_t *qp = q.const_data_ptr<scalar_t>(), *knp = k_new.const_data_ptr<scalar_t>(),
                  *vnp = v_new.const_data_ptr<scalar_t>(), *cp = cos.const_data_ptr<scalar_t>(),
                  *snp = sin.const_data_ptr<scalar_t>();
   scalar_t *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>();
-  svdserve::parallel_for(0, T * Hkv, 1, [&](int64_t b, int64_t e) {
+  svdserve::parallel_for(0, R * Hkv, 1, [&](int64_t b, int64_t e) {
     float* s = svdserve::scratch<float>(0, group * S);
     float* qr = svdserve::scratch<float>(1, (group + 1) * D);  // the rotated queries, then the rotated key
     for (int64_t task = b; task < e; ++task) {
-      const int64_t t = task / Hkv, h = task % Hkv, kv = (t * Hkv + h) * S * D, n = pos[t] + 1;
-      const scalar_t *c = cp + t * D, *sn = snp + t * D;
+      const int64_t r = task / Hkv, h = task % Hkv, kv = (r * Hkv + h) * S * D, n_new = len ? len[r] : 1;
       float* kr = qr + group * D;
-      rotate(knp + t * skn + h * D, c, sn, D, kr);
-      scalar_t *kdst = kp + kv + pos[t] * D, *vdst = vp + kv + pos[t] * D;
-      const scalar_t* vsrc = vnp + t * svn + h * D;
-      for (int64_t i = 0; i < D; ++i) {
-        kdst[i] = static_cast<scalar_t>(kr[i]);
-        vdst[i] = vsrc[i];
+      for (int64_t j = 0; j < n_new; ++j) {
+        const int64_t t = r * L + j;
+        rotate(knp + t * skn + h * D, cp + t * D, snp + t * D, D, kr);
+        scalar_t *kdst = kp + kv + (pos[r] + j) * D, *vdst = vp + kv + (pos[r] + j) * D;
+        const scalar_t* vsrc = vnp + t * svn + h * D;
+        for (int64_t i = 0; i < D; ++i) {
+          kdst[i] = static_cast<scalar_t>(kr[i]);
+          vdst[i] = vsrc[i];
+        }
       }
-      for (int64_t g = 0; g < group; ++g) rotate(qp + t * sq + (h * group + g) * D, c, sn, D, qr + g * D);
-      Prefetch next;
-      if (task + 1 < e) {
-        const int64_t t1 = (task + 1) / Hkv, kv1 = (t1 * Hkv + (task + 1) % Hkv) * S * D;
-        next = {reinterpret_cast<const char*>(kp + kv1), reinterpret_cast<const char*>(vp + kv1),
-                static_cast<int64_t>((pos[t1] + 1) * D * sizeof(scalar_t))};
-      }
-      scalar_t* o = op + (t * Hq + h * group) * D;
-      if (D == 4 * kFloatLanes) {
-        attend<scalar_t, 4>(qr, kp + kv, vp + kv, o, group, D, n, scale, s, next);
-      } else if (D == 8 * kFloatLanes) {
-        attend<scalar_t, 8>(qr, kp + kv, vp + kv, o, group, D, n, scale, s, next);
-      } else {
-        attend<scalar_t, 0>(qr, kp + kv, vp + kv, o, group, D, n, scale, s, next);
+      for (int64_t j = 0; j < n_new; ++j) {
+        const int64_t t = r * L + j;
+        for (int64_t g = 0; g < group; ++g)
+          rotate(qp + t * sq + (h * group + g) * D, cp + t * D, snp + t * D, D, qr + g * D);
+        Prefetch next;
+        if (j + 1 == n_new && task + 1 < e) {  // the next task's keys and values, while this one's last query runs
+          const int64_t r1 = (task + 1) / Hkv, kv1 = (r1 * Hkv + (task + 1) % Hkv) * S * D;
+          next = {reinterpret_cast<const char*>(kp + kv1), reinterpret_cast<const char*>(vp + kv1),
+                  static_cast<int64_t>((pos[r1] + 1) * D * sizeof(scalar_t))};
+        }
+        scalar_t* o = op + (t * Hq + h * group) * D;
+        const int64_t n = pos[r] + j + 1;
+        if (D == 4 * kFloatLanes) {
+          attend<scalar_t, 4>(qr, kp + kv, vp + kv, o, group, D, n, scale, s, next);
+        } else if (D == 8 * kFloatLanes) {
+          attend<scalar_t, 8>(qr, kp + kv, vp + kv, o, group, D, n, scale, s, next);
+        } else {
+          attend<scalar_t, 0>(qr, kp + kv, vp + kv, o, group, D, n, scale, s, next);
+        }
       }
     }
   });
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor k,
-                            at::Tensor v, const at::Tensor& pos, const at::Tensor& cos, const at::Tensor& sin,
-                            double scale) {
-  for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&q, &k_new, &v_new, &k, &v, &pos, &cos, &sin})
+// The checks both entry points share; returns the query heads per KV head.
+int64_t check_inputs(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin, int64_t rows) {
+  for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&q, &k_new, &v_new, &k, &v, &cos, &sin})
     TORCH_CHECK(x->device().is_cpu(), "decode_attention runs on the CPU");
   svdserve::check_heads(q, "q");
   svdserve::check_heads(k_new, "k_new");
@@ -164,8 +176,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   const at::ScalarType dt = q.scalar_type();
   for (const at::Tensor* x : std::initializer_list<const at::Tensor*>{&k_new, &v_new, &k, &v, &cos, &sin})
     TORCH_CHECK(x->scalar_type() == dt, "q, k_new, v_new, the caches, cos and sin must share one dtype");
-  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(3) == D && k.size(0) >= T, "the cache must hold ", T, " rows of head size ", D, ", got ",
+  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
+  TORCH_CHECK(k.size(3) == D && k.size(0) >= rows, "the cache must hold ", rows, " rows of head size ", D, ", got ",
               k.sizes());
   TORCH_CHECK(k_new.size(0) == T && v_new.size(0) == T && k_new.size(1) == Hkv && v_new.size(1) == Hkv &&
                   k_new.size(2) == D && v_new.size(2) == D,
@@ -177,15 +189,49 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   TORCH_CHECK(D % kFloatLanes == 0 && D <= kMaxHeadDim && group * (D / kFloatLanes) <= kMaxVecs,
               "decode_attention takes head sizes that are multiples of ", kFloatLanes, " up to ", kMaxHeadDim,
               " and at most ", kMaxVecs * kFloatLanes, " query numbers per KV head, got D=", D, ", group=", group);
-  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == T && pos.is_contiguous(),
-              "pos must be a contiguous (T,) = (", T, ",) int64 vector, got ", pos.sizes(), " ", pos.scalar_type());
+  return group;
+}
+
+void check_vector(const at::Tensor& x, const char* name, int64_t n) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kLong && x.dim() == 1 && x.size(0) == n &&
+                  x.is_contiguous(),
+              name, " must be a contiguous (", n, ",) int64 vector on the CPU, got ", x.sizes(), " ", x.scalar_type());
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor k,
+                            at::Tensor v, const at::Tensor& pos, const at::Tensor& cos, const at::Tensor& sin,
+                            double scale) {
+  const int64_t T = q.size(0), S = k.size(2);
+  const int64_t group = check_inputs(q, k_new, v_new, k, v, cos, sin, T);
+  check_vector(pos, "pos", T);
   const int64_t* p = pos.const_data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK(p[t] >= 0 && p[t] < S, "row ", t, "'s position ", p[t], " is outside the cache's ", S);
-  at::Tensor out = at::empty({T, Hq, D}, q.options());
+  at::Tensor out = at::empty({T, q.size(1), q.size(2)}, q.options());
   if (T == 0) return out;
-  svdserve::dispatch_float_bf16(dt, "decode_attention", [&](auto zero) {
-    run<decltype(zero)>(q, k_new, v_new, k, v, p, cos, sin, out, group, static_cast<float>(scale));
+  svdserve::dispatch_float_bf16(q.scalar_type(), "decode_attention", [&](auto zero) {
+    run<decltype(zero)>(q, k_new, v_new, k, v, p, nullptr, 1, cos, sin, out, group, static_cast<float>(scale));
+  });
+  return out;
+}
+
+// A speculative step's attention: R rows of L new tokens each (row r's first len[r] real, at positions starts[r]
+// onwards; the rest padding, whose outputs are zeros), row r at cache row r.
+at::Tensor verify_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor k,
+                            at::Tensor v, const at::Tensor& starts, const at::Tensor& lengths, const at::Tensor& cos,
+                            const at::Tensor& sin, double scale) {
+  const int64_t R = starts.size(0), T = q.size(0), S = k.size(2);
+  TORCH_CHECK(R > 0 && T % R == 0, "q must hold L tokens for each of the ", R, " rows, got ", T);
+  const int64_t L = T / R, group = check_inputs(q, k_new, v_new, k, v, cos, sin, R);
+  check_vector(starts, "starts", R);
+  check_vector(lengths, "lengths", R);
+  const int64_t *p = starts.const_data_ptr<int64_t>(), *n = lengths.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(p[r] >= 0 && n[r] >= 1 && n[r] <= L && p[r] + n[r] <= S, "row ", r, "'s ", n[r],
+                " tokens from position ", p[r], " do not fit its ", L, " tokens and the cache's ", S, " positions");
+  at::Tensor out = at::zeros({T, q.size(1), q.size(2)}, q.options());
+  svdserve::dispatch_float_bf16(q.scalar_type(), "verify_attention", [&](auto zero) {
+    run<decltype(zero)>(q, k_new, v_new, k, v, p, n, L, cos, sin, out, group, static_cast<float>(scale));
   });
   return out;
 }
@@ -195,8 +241,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
 TORCH_LIBRARY_FRAGMENT(svdserve, m) {
   m.def("decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k, Tensor(b!) v, Tensor pos, Tensor cos, "
         "Tensor sin, float scale) -> Tensor");
+  m.def("verify_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k, Tensor(b!) v, Tensor starts, "
+        "Tensor lengths, Tensor cos, Tensor sin, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(svdserve, CPU, m) {
   m.impl("decode_attention", &decode_attention);
+  m.impl("verify_attention", &verify_attention);
 }
