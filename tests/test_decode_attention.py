@@ -148,21 +148,30 @@ def test_the_runner_uses_the_kernel_only_where_it_takes_the_shapes():
         cpu_kernels.force(saved)
 
 
-def test_decode_steps_with_the_kernel_match_sdpa_through_the_runner(tiny_base, tiny_factors, monkeypatch):
-    """Rows at different positions (a row of the batch started later), decoded a few steps with the kernel and
-    with SDPA (everything else as calibrated, so only attention differs)."""
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]  # rows at different positions
+
+
+def prefilled_with_and_without_kernels(tiny_base, tiny_factors, monkeypatch):
+    """The tiny model's runner with PROMPTS prefilled into rows 0-2: yields (True, runner) with the attention
+    kernels, then (False, runner) with them turned off (SDPA; everything else as calibrated)."""
     from svd_adapters.runner import BatchedRunner  # noqa: PLC0415
 
     runner = BatchedRunner(tiny_base, tiny_factors, max_rank=4, max_batch=3, max_seq_len=32, core_slots=2, lr_slots=2)
     assert cpu_kernels.attends(runner.n_heads, runner.k_cache[0])
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
-    mp = runner.mapping([0, 0, 0], [0, 0, 0])
-    outs = {}
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(cpu_kernels, "attends", lambda *a: False)
-        runner.prefill(prompts, [0, 1, 2], [0, 0, 0], [0, 0, 0])
-        pos = [len(p) for p in prompts]
+        runner.prefill(PROMPTS, [0, 1, 2], [0, 0, 0], [0, 0, 0])
+        yield fused, runner
+
+
+def test_decode_steps_with_the_kernel_match_sdpa_through_the_runner(tiny_base, tiny_factors, monkeypatch):
+    """Rows at different positions (a row of the batch started later), decoded a few steps with the kernel and
+    with SDPA (everything else as calibrated, so only attention differs)."""
+    outs = {}
+    for fused, runner in prefilled_with_and_without_kernels(tiny_base, tiny_factors, monkeypatch):
+        mp = runner.mapping([0, 0, 0], [0, 0, 0])
+        pos = [len(p) for p in PROMPTS]
         tokens = torch.tensor([20, 21, 22])
         steps = []
         for _ in range(4):
@@ -246,18 +255,10 @@ def test_verify_attention_refuses_tokens_that_do_not_fit():
 def test_speculative_steps_with_the_kernel_match_sdpa_through_the_runner(tiny_base, tiny_factors, monkeypatch):
     """`BatchedRunner.verify` for rows at different positions with feeds of different lengths, with the kernel and
     with SDPA: the same logits at every fed position, and the decode step after it reads the same cache."""
-    from svd_adapters.runner import BatchedRunner  # noqa: PLC0415
-
-    runner = BatchedRunner(tiny_base, tiny_factors, max_rank=4, max_batch=3, max_seq_len=32, core_slots=2, lr_slots=2)
-    assert cpu_kernels.attends(runner.n_heads, runner.k_cache[0])
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
     feeds = [[20, 21, 22, 23], [24], [25, 26]]
     outs = {}
-    for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(cpu_kernels, "attends", lambda *a: False)
-        runner.prefill(prompts, [0, 1, 2], [0, 0, 0], [0, 0, 0])
-        starts = [len(p) for p in prompts]
+    for fused, runner in prefilled_with_and_without_kernels(tiny_base, tiny_factors, monkeypatch):
+        starts = [len(p) for p in PROMPTS]
         logits = runner.verify(feeds, starts, [0, 0, 0], [0, 0, 0])
         after = runner.decode(torch.tensor([30, 31, 32]), torch.tensor([s + len(f) for s, f in zip(starts, feeds)]),
                               runner.mapping([0, 0, 0], [0, 0, 0]))
