@@ -235,6 +235,10 @@ class Engine:
         if self.prefix is not None:
             log.info("prefix cache: %d blocks of %d tokens (%.0f MB)", self.prefix.blocks, self.prefix.block,
                      self.prefix.nbytes / 2**20)
+        if cfg.speculative.tokens:
+            spec = cfg.speculative
+            log.info("speculative decoding: prompt lookup, %d drafted tokens a step from %d–%d-token n-grams, while at "
+                     "most %d rows decode", spec.tokens, spec.ngram_min, spec.ngram_max, spec.max_batch)
         self.prefill_call_tokens = (cfg.prefill_call_tokens if cfg.prefill_call_tokens is not None
                                     else prefill_groups.call_tokens(cfg.device))
         self.eos_ids = self._eos_ids()
