@@ -22,6 +22,10 @@ from svd_adapters.adapter import Adapter, LayerTerms
 from svd_adapters.methods import pool_of
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# New tokens per row up to which a continuation's attention (a speculative step's few) runs in the CPU kernel, each
+# token against its row's keys like a decode step's; longer ones (a prompt after a cached prefix) take SDPA, whose
+# blocked attention over many queries is what they need.
+FUSED_ATTENTION_MAX_TOKENS = 16
 _TERM_FIELDS = ("C", "o", "d", "A", "B")
 # Members of each fused group, by the HF linear's short name; one GEMM serves a whole group.
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
@@ -332,14 +336,14 @@ class BatchedRunner(nn.Module):
         prefix): the new tokens' keys and values go into the cache at their positions (pads write nothing: their
         positions may lie past the cache), then each query attends to its row's keys up to its own position.
         `rows_from_0`: the rows are 0..P-1 (a speculative step's, `verify`), read as a view of the cache, not
-        gathered (a copy of every row's keys per layer)."""
-        if rows_from_0 and cpu_kernels.attends(self.n_heads, self.k_cache[0]):
+        gathered (a copy of every row's keys per layer), or by the CPU kernel for a few tokens per row."""
+        P, L = positions.shape
+        if rows_from_0 and L <= FUSED_ATTENTION_MAX_TOKENS and cpu_kernels.attends(self.n_heads, self.k_cache[0]):
             # one kernel a layer: rotary, the cache writes, each token's keys up to its own position
             def attend_fused(li, q, k, v):
                 return cpu_kernels.verify_attention(q, k, v, self.k_cache[li], self.v_cache[li], starts, lengths, cos,
                                                     sin, self.head_dim ** -0.5)
             return attend_fused
-        P, L = positions.shape
         S = min(int(starts.max()) + L, self.max_seq_len)
         heads = torch.arange(self.n_kv, device=self.device)
         real = (torch.arange(L, device=self.device)[None, :] < lengths[:, None])[:, None, :].expand(P, self.n_kv, L)
@@ -366,7 +370,7 @@ class BatchedRunner(nn.Module):
         every fed position (rows with shorter feeds: their positions past it are padding). The keys and values of
         every fed token go into the row; those of drafts that turn out wrong lie past the row's length and are
         overwritten by the next step (attention reads each row up to its own position only)."""
-        P, L = len(feeds), max(len(f) for f in feeds)
+        P = len(feeds)
         if min(starts) < 1:
             raise ValueError("verify continues rows that hold their context (starts ≥ 1)")
         return self.prefill(feeds, list(range(P)), core_slots, lr_slots, all_logits=True, starts=starts)
