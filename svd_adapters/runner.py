@@ -22,10 +22,6 @@ from svd_adapters.adapter import Adapter, LayerTerms
 from svd_adapters.methods import pool_of
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-# New tokens per row up to which a continuation's attention (a speculative step's few) runs in the CPU kernel, each
-# token against its row's keys like a decode step's; longer ones (a prompt after a cached prefix) take SDPA, whose
-# blocked attention over many queries is what they need.
-FUSED_ATTENTION_MAX_TOKENS = 16
 _TERM_FIELDS = ("C", "o", "d", "A", "B")
 # Members of each fused group, by the HF linear's short name; one GEMM serves a whole group.
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
@@ -271,6 +267,7 @@ class BatchedRunner(nn.Module):
     def prefill(
         self, prompts: list[list[int]], rows: list[int], core_slots: list[int], lr_slots: list[int],
         all_logits: bool = False, keep_hidden: bool = False, starts: list[int] | None = None,
+        decode_like: bool = False,
     ) -> torch.Tensor:
         """Run new requests' prompts into KV rows `rows`; returns last-token logits (P, V) or all (P, L, V).
 
@@ -278,7 +275,11 @@ class BatchedRunner(nn.Module):
         row rows[i] already (a cached prefix, `service/prefix_cache.py`): its tokens take positions from there.
 
         With `keep_hidden`, the final hidden states (P, L, H) stay in `last_hidden` until the next prefill, so
-        the logits of chosen prompts' every position (`position_logits`) cost nothing for the others."""
+        the logits of chosen prompts' every position (`position_logits`) cost nothing for the others.
+
+        `decode_like` (a speculative step, `verify`: rows 0..P-1 continued by a few tokens): the new tokens' keys are
+        rotated and attended to by the decode step's kernel on the CPU, the rotary arithmetic a decode step uses (a
+        prompt's continuation after a cached prefix keeps torch's, the bits of a whole prompt's prefill)."""
         P, L = len(prompts), max(len(p) for p in prompts)
         offset = starts is not None and any(starts)
         if offset and keep_hidden:
@@ -302,7 +303,7 @@ class BatchedRunner(nn.Module):
         if offset:
             lengths = torch.tensor([len(p) for p in prompts], device=self.device)
             attend = self._attend_after_prefix(row_idx, at, lengths, positions.view(P, L), cos, sin,
-                                               rows_from_0=rows == list(range(P)))
+                                               rows_from_0=rows == list(range(P)), decode_like=decode_like)
         else:
             attend = self._attend_from_start(row_idx, rows_host, P, L, cos, sin)
         h = self._layers(x, mp, attend, self._gathered(mp, decode=False)).view(P, L, -1)
@@ -331,14 +332,16 @@ class BatchedRunner(nn.Module):
         return attend
 
     def _attend_after_prefix(self, row_idx: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
-                             positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows_from_0: bool = False):
+                             positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows_from_0: bool = False,
+                             decode_like: bool = False):
         """A prefill's attention for prompts whose first `starts[i]` tokens are in row i's cache already (a cached
         prefix): the new tokens' keys and values go into the cache at their positions (pads write nothing: their
         positions may lie past the cache), then each query attends to its row's keys up to its own position.
         `rows_from_0`: the rows are 0..P-1 (a speculative step's, `verify`), read as a view of the cache, not
-        gathered (a copy of every row's keys per layer), or by the CPU kernel for a few tokens per row."""
+        gathered (a copy of every row's keys per layer); with `decode_like` too, through the decode step's kernel
+        on the CPU (`cpu_kernels.verify_attention`)."""
         P, L = positions.shape
-        if rows_from_0 and L <= FUSED_ATTENTION_MAX_TOKENS and cpu_kernels.attends(self.n_heads, self.k_cache[0]):
+        if rows_from_0 and decode_like and cpu_kernels.attends(self.n_heads, self.k_cache[0]):
             # one kernel a layer: rotary, the cache writes, each token's keys up to its own position
             def attend_fused(li, q, k, v):
                 return cpu_kernels.verify_attention(q, k, v, self.k_cache[li], self.v_cache[li], starts, lengths, cos,
@@ -373,7 +376,8 @@ class BatchedRunner(nn.Module):
         P = len(feeds)
         if min(starts) < 1:
             raise ValueError("verify continues rows that hold their context (starts ≥ 1)")
-        return self.prefill(feeds, list(range(P)), core_slots, lr_slots, all_logits=True, starts=starts)
+        return self.prefill(feeds, list(range(P)), core_slots, lr_slots, all_logits=True, starts=starts,
+                            decode_like=True)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, mp: SlotMapping, context: int | None = None) -> torch.Tensor:
