@@ -75,3 +75,6 @@ step prefix_cache 90 python3 bench/prefix_cache.py --base $BASE --questions 3 --
 step chunked_prefill 90 python3 bench/chunked_prefill.py --base $BASE --prompt-tokens 4096 --chunks 0,512,2048 --rounds 2
 # a prefill call's fixed cost on the GPU (its first lines) against service/prefill_groups.py's default of 2048 tokens
 step prefill_lengths 90 python3 bench/prefill_lengths.py --base $BASE --reps 3
+# speculative steps (the prefill path, no CUDA graph) against graphed decode steps; random weights: the acceptance
+# is the random model's, the cost of a verify step is what to read
+step speculative 120 python3 bench/speculative.py --base $BASE --repeats 1 --max-tokens 64
