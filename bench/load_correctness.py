@@ -227,6 +227,9 @@ class Server:
             opts["host_cache_mb"] = args.host_cache_mb
         if args.prefill_chunk_tokens is not None:
             opts["prefill_chunk_tokens"] = args.prefill_chunk_tokens
+        if args.speculative_tokens:
+            opts["speculative_tokens"] = args.speculative_tokens
+            opts["speculative_max_batch"] = args.speculative_max_batch
         if mode == "process":
             cmd = [sys.executable, "-m", "service", "--base", base_spec, "--store", str(store_dir), "--host", "127.0.0.1",
                    "--port", str(self.port), "--factors-dir", str(factors_dir), "--device", "cpu", "--auth", "off"]
@@ -472,7 +475,8 @@ def run(*, base_spec: str = "tiny", n_requests: int = 1000, n_adapters: int = 10
         core_slots: int = 32, lr_slots: int = 8, base_share: float = 0.05, stream_share: float = 0.2,
         disconnects: int = 50, n_bad_uploads: int = 100, server: str = "process", seed: int = 0,
         factors_dir: Path | None = None, scale: float | None = None, host_cache_mb: int | None = None,
-        prefill_chunk_tokens: int | None = None, merges: int = 0, merge_share: float = 0.1, log=print) -> dict:
+        prefill_chunk_tokens: int | None = None, merges: int = 0, merge_share: float = 0.1,
+        speculative_tokens: int = 0, speculative_max_batch: int = 4, log=print) -> dict:
     """The whole benchmark; returns the result dict (see the JSON line)."""
     t_setup = time.perf_counter()
     import logging
@@ -529,6 +533,7 @@ def run(*, base_spec: str = "tiny", n_requests: int = 1000, n_adapters: int = 10
     args.max_batch, args.max_waiting, args.core_slots, args.lr_slots = max_batch, max_waiting, core_slots, lr_slots
     args.host_cache_mb = host_cache_mb
     args.prefill_chunk_tokens = prefill_chunk_tokens
+    args.speculative_tokens, args.speculative_max_batch = speculative_tokens, speculative_max_batch
     srv = Server(server, base_spec, tmp / "store", factors_dir, args, base=base, factors=factors)
     tally = Tally()
     try:
@@ -610,7 +615,8 @@ def run(*, base_spec: str = "tiny", n_requests: int = 1000, n_adapters: int = 10
         "engine_after": {k: engine.get(k) for k in ("requests", "finished", "cache_evictions", "adapter_loads",
                                                      "rejected_queue_full", "timed_out", "active", "waiting",
                                                      "prefix_cache_hits", "prefix_cached_tokens", "host_cache_hits",
-                                                     "prefill_chunks")},
+                                                     "prefill_chunks", "spec_steps", "spec_draft_tokens",
+                                                     "spec_accepted_tokens")},
         "host_cache_mb": host_cache_mb,
         "server_rss_mib": {"start": rss_start and round(rss_start, 1), "end": rss_end and round(rss_end, 1)},
         "references": {"count": len(refs), "seconds": round(ref_s, 1), "distinct_answers_per_prompt": distinct,
@@ -648,6 +654,9 @@ def print_table(r: dict) -> None:
         ("prompts continuing a cached prefix (tokens reused)",
          f"{r['engine_after']['prefix_cache_hits']} ({r['engine_after']['prefix_cached_tokens']})"),
         ("prompt chunks prefilled between decode steps (chunked prefill)", r["engine_after"]["prefill_chunks"]),
+        ("speculative steps: drafted / kept tokens",
+         f"{r['engine_after']['spec_steps']}: {r['engine_after']['spec_draft_tokens']} / "
+         f"{r['engine_after']['spec_accepted_tokens']}"),
         ("throughput", f"{r['throughput_req_s']} req/s, {r['throughput_tok_s']} tok/s"),
         ("latency p50 / p99 (retries included)", f"{r['latency_p50_s']} s / {r['latency_p99_s']} s"),
         ("server RSS start → end", f"{r['server_rss_mib']['start']} → {r['server_rss_mib']['end']} MiB"),
@@ -679,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the server's chunked prefill (default: its own, 512; small values chunk these short prompts)")
     ap.add_argument("--merges", type=int, default=8, help="request-time merges of two adapters each mixed into the load")
     ap.add_argument("--merge-share", type=float, default=0.1, help="the share of requests asking for one of them")
+    ap.add_argument("--speculative-tokens", type=int, default=0,
+                    help="the server's speculative decoding (drafted tokens a step; default 0 = off)")
+    ap.add_argument("--speculative-max-batch", type=int, default=4, help="rows up to which it speculates")
     ap.add_argument("--disconnects", type=int, default=50)
     ap.add_argument("--bad-uploads", type=int, default=100)
     ap.add_argument("--server", choices=("process", "thread"), default="process")
@@ -693,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
             max_batch=a.max_batch, max_waiting=a.max_waiting, core_slots=a.core_slots, lr_slots=a.lr_slots,
             disconnects=a.disconnects, n_bad_uploads=a.bad_uploads, server=a.server, seed=a.seed, scale=a.scale,
             host_cache_mb=a.host_cache_mb, prefill_chunk_tokens=a.prefill_chunk_tokens, merges=a.merges,
-            merge_share=a.merge_share, log=lambda m: print(m, file=sys.stderr, flush=True))
+            merge_share=a.merge_share, speculative_tokens=a.speculative_tokens,
+            speculative_max_batch=a.speculative_max_batch, log=lambda m: print(m, file=sys.stderr, flush=True))
     r["total_s"] = round(time.perf_counter() - t0, 1)
     r["client_max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print_table(r)
