@@ -1100,12 +1100,19 @@ class Engine:
         positions = torch.tensor(pos, device=device)
         mp = self.runner.mapping([r.core_slot for r in live], [r.lr_slot for r in live])
         logits = self.runner.decode(tokens, positions, mp, context=max(pos) + 1)
-        sampling = [r.sampling(self.eos_ids, logits.shape[-1]) for r in live]
+        self._choose(live, logits)
+        self._record_step(t0, len(live))
+
+    def _choose(self, reqs: list[_Request], logits: torch.Tensor) -> list[int]:
+        """Each request's next token from its row of `logits` (rows × vocab), chosen by its own sampling (penalties,
+        grammar, bans, its generator) for every row at once, and accepted into the request unless it has finished
+        already; returns the tokens."""
+        sampling = [r.sampling(self.eos_ids, logits.shape[-1]) for r in reqs]
         tokens = sample_batch(logits, sampling)  # every row at once, one transfer
-        for req, tok, lp in zip(live, tokens, logprobs_of(logits, sampling, tokens)):
+        for req, tok, lp in zip(reqs, tokens, logprobs_of(logits, sampling, tokens)):
             if req.finish_reason is None:
                 self._accept_token(req, tok, lp)
-        self._record_step(t0, len(live))
+        return tokens
 
     def _record_step(self, t0: float, rows: int) -> None:
         """A decode step done (plain or speculative): its count, latency and observers."""
@@ -1143,17 +1150,10 @@ class Engine:
             rows = [i for i in going if j < len(feeds[i])]
             if not rows:
                 break
-            step = logits[torch.tensor(rows, device=logits.device), j]
-            sampling = [live[i].sampling(self.eos_ids, step.shape[-1]) for i in rows]
-            tokens = sample_batch(step, sampling)
-            going = []
-            for i, tok, lp in zip(rows, tokens, logprobs_of(step, sampling, tokens)):
-                req = live[i]
-                if req.finish_reason is None:
-                    self._accept_token(req, tok, lp)
-                if req.finish_reason is None and j < len(drafts[i]) and tok == drafts[i][j]:
-                    going.append(i)
-                    accepted += 1
+            tokens = self._choose([live[i] for i in rows], logits[torch.tensor(rows, device=logits.device), j])
+            going = [i for i, tok in zip(rows, tokens)
+                     if live[i].finish_reason is None and j < len(drafts[i]) and tok == drafts[i][j]]
+            accepted += len(going)
         self.counters["spec_steps"] += 1
         self.counters["spec_draft_tokens"] += sum(map(len, drafts))
         self.counters["spec_accepted_tokens"] += accepted
