@@ -11,8 +11,10 @@ repetition_penalty, stop_token_ids, ignore_eos, min_tokens and priority, respons
 vLLM's guided_json / guided_regex / guided_choice (service/structured.py), logprobs (completions: 0–20
 alternatives, with echo the prompt's tokens scored too — what evaluation harnesses ask for a likelihood; chat:
 logprobs + top_logprobs), echo, n (each choice its own batch row; choice i seeded with seed + i), stream
-(server-sent events, `data: [DONE]` at the end) with stream_options.include_usage. Parameters this server cannot
-honour (best_of > 1, suffix, tools, …) are refused with 400 instead of being silently ignored; `user`,
+(server-sent events, `data: [DONE]` at the end) with stream_options.include_usage; chat: tools, tool_choice
+(none, auto, required, a named function) and parallel_tool_calls, tool calls and tool results in the history
+(service/tool_calls.py). Parameters this server cannot honour (best_of > 1, suffix, …) are refused with 400
+instead of being silently ignored; `user`,
 `metadata`, `store` are accepted and ignored. svdserve's extra `merged_adapters` (as on POST /generate, with
 `model` = the base model's name) serves a merge of the caller's adapters.
 """
@@ -36,7 +38,7 @@ from service import engine as eng
 from service.auth import Auth, Caller, TenantCaller, app_auth, max_tokens_for
 from service.errors import ApiError, engine_error_status, not_ready, openai_error_body, shutting_down
 from service import logprobs as logprob_shapes
-from service import merge_requests, structured
+from service import merge_requests, structured, tool_calls, tool_format
 from service.merges import MergeSpec
 from service.sampling import MAX_LOGPROBS
 from service.schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MergedAdapters, SamplingControls
@@ -151,28 +153,35 @@ class ChatCompletionRequest(_Common):
         out = super().unsupported()
         if self.top_logprobs is not None and not self.logprobs:
             out.append(("top_logprobs", "top_logprobs needs logprobs: true"))
-        if self.tools:
-            out.append(("tools", "tools (function calling) are not supported"))
-        if self.tool_choice not in (None, "none"):
-            out.append(("tool_choice", "tool_choice is not supported"))
         for i, m in enumerate(self.messages):
-            if m.role in ("tool", "function"):
-                out.append((f"messages[{i}].role", f"role {m.role!r} is not supported (no function calling)"))
-            if m.tool_calls:
-                out.append((f"messages[{i}].tool_calls", "tool_calls are not supported"))
+            if m.tool_calls and m.role != "assistant":
+                out.append((f"messages[{i}].tool_calls", "only assistant turns carry tool_calls"))
             if isinstance(m.content, list):
                 for j, part in enumerate(m.content):
                     if part.type != "text" or part.text is None:
                         out.append((f"messages[{i}].content[{j}]", f"content parts of type {part.type!r} are not supported (text only)"))
         return out
 
-    def chat(self) -> list[dict[str, str]]:
-        """Turns for the chat template: developer → system, text parts joined, null content → ""."""
-        out = []
+    def tool_plan(self) -> tool_calls.ToolPlan | None:
+        """The tools and how the answer may call them (400 for bad ones); None without tools."""
+        plan = tool_calls.ToolPlan.of(self.tools, self.tool_choice, self.parallel_tool_calls)
+        if plan is not None and plan.constraint() is not None and super().constraint() is not None:
+            raise _bad("tool_choice", f"tool_choice {self.tool_choice!r} already holds the output to tool calls; "
+                       "drop response_format / guided_*, or use tool_choice 'auto'")
+        return plan
+
+    def chat(self, plan: tool_calls.ToolPlan | None = None) -> list[dict[str, str]]:
+        """Turns for the chat template: developer → system, text parts joined, null content → "", the tools,
+        tool calls and tool results written in the format of service/tool_format.py."""
+        turns = []
         for m in self.messages:
             content = m.content if isinstance(m.content, str) else "".join(p.text or "" for p in (m.content or []))
-            out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-        return out
+            turns.append({"role": "system" if m.role == "developer" else m.role, "content": content,
+                          "tool_calls": m.tool_calls})
+        try:
+            return tool_format.plain_turns(turns, plan.functions if plan is not None else None)
+        except tool_format.ToolFormatError as exc:
+            raise _bad("messages", str(exc)) from None
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -332,7 +341,7 @@ async def _merged(streams: list[AsyncIterator[Any]], firsts: list[Any]) -> Async
 async def _sse(
     streams: list[AsyncIterator[eng.TextDelta | eng.GenerationResult]],
     opening: list[dict[str, Any]],
-    chunk: Callable[[int, eng.TextDelta], dict[str, Any]],
+    chunk: Callable[[int, eng.TextDelta], dict[str, Any] | None],
     finished: Callable[[int, eng.GenerationResult], dict[str, Any]],
     closing: Callable[[list[eng.GenerationResult]], list[dict[str, Any]]],
 ) -> Response:
@@ -360,7 +369,9 @@ async def _sse(
                     results[i] = item
                     yield _data(finished(i, item))
                 elif item.text or item.logprobs:
-                    yield _data(chunk(i, item))
+                    obj = chunk(i, item)
+                    if obj is not None:  # None: held back (a tool call's block not yet closed)
+                        yield _data(obj)
             for obj in closing([r for r in results if r is not None]):
                 yield _data(obj)
             yield DONE
@@ -446,15 +457,17 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
     engine, _, auth = _the(request)
     stops = _check(body)
     auth.charge_choices(caller, body.n or 1)
+    plan = body.tool_plan()
     adapter_id, version = await _adapter_of(request, caller, body)
-    prompt_ids = await run_in_threadpool(engine.encode_prompt, None, body.chat(), False)
+    prompt_ids = await run_in_threadpool(engine.encode_prompt, None, body.chat(plan), False)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     if requested is None:  # OpenAI's default: as much as the context allows
         max_tokens = max_tokens_for(caller, max(1, engine.config.max_seq_len - len(prompt_ids)), explicit=False)
     else:
         max_tokens = max_tokens_for(caller, requested, explicit=True, param=param)
-    grammar = await structured.grammar_for(engine.grammars, body.constraint())
+    constraint = (plan.constraint() if plan is not None else None) or body.constraint()
+    grammar = await structured.grammar_for(engine.grammars, constraint)
     params = _params(body, stops, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, grammar, caller)
     choices = _choices(params, body.n or 1)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -477,17 +490,32 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
                             [{"index": i, "delta": d, "finish_reason": finish, "logprobs": logprobs(entries)}])
 
         streams = [engine.stream(prompt_ids, adapter_id, p, version) for p in choices]
+        # with tools read as calls: content as it can be shown, each call once its block closes
+        readers = [tool_calls.StreamedChoice() for _ in choices] if plan is not None and plan.reads_calls else None
+
+        def chunk(i: int, d: eng.TextDelta) -> dict[str, Any] | None:
+            if readers is None:
+                return delta(i, {"content": d.text}, None, d.logprobs)
+            sent = readers[i].feed(d.text, d.logprobs)
+            return None if sent is None else delta(i, sent[0], None, sent[1])
+
+        def finished(i: int, result: eng.GenerationResult) -> dict[str, Any]:
+            if readers is None:
+                return delta(i, {}, result.finish_reason)
+            last, entries, reason = readers[i].finish(result.finish_reason)
+            return delta(i, last, reason, entries if entries else None)
+
         return await _sse(
-            streams, [delta(i, {"role": "assistant", "content": ""}) for i in range(len(choices))],
-            lambda i, d: delta(i, {"content": d.text}, None, d.logprobs),
-            lambda i, result: delta(i, {}, result.finish_reason),
+            streams, [delta(i, {"role": "assistant", "content": ""}) for i in range(len(choices))], chunk, finished,
             lambda results: [envelope("chat.completion.chunk", [], usage=_usage(results))] if include_usage else [],
         )
     results = await _run(request, engine, [(prompt_ids, p) for p in choices], adapter_id, version)
     if results is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    out = [{"index": i, "message": {"role": "assistant", "content": r.text, "refusal": None},
-            "finish_reason": r.finish_reason, "logprobs": logprobs(r.logprobs)} for i, r in enumerate(results)]
+    out = []
+    for i, r in enumerate(results):
+        msg, reason = tool_calls.message(plan, r)
+        out.append({"index": i, "message": msg, "finish_reason": reason, "logprobs": logprobs(r.logprobs)})
     return envelope("chat.completion", out, usage=_usage(results))
 
 

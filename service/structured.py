@@ -30,8 +30,8 @@ class GrammarError(ValueError):
 
 @dataclass(frozen=True)
 class Constraint:
-    """What a request asked its output to follow: kind is json_schema, json_object, regex or choice; param is the
-    request field that asked (named in errors)."""
+    """What a request asked its output to follow: kind is json_schema, json_object, regex, choice or lark (a
+    grammar of the server's own: tool calls); param is the request field that asked (named in errors)."""
 
     kind: str
     spec: Any = None
@@ -47,6 +47,8 @@ class Constraint:
             return _json_grammar(self.spec)
         if self.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(self.spec)
+        if self.kind == "lark":  # a grammar svdserve writes itself (service/tool_calls.py)
+            return llguidance.LLMatcher.grammar_from_lark(self.spec)
         if self.kind == "choice":
             if not self.spec or not all(isinstance(c, str) and c for c in self.spec):
                 raise GrammarError("choices must be a non-empty list of non-empty strings")

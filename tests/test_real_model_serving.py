@@ -167,3 +167,40 @@ def test_real_model_speculative_decoding_answers_as_without_it_in_fewer_steps(tm
     on = runs["on"][1]
     assert on["spec_accepted_tokens"] > 0.4 * on["spec_draft_tokens"] > 0
     assert on["steps"] < 0.7 * runs["off"][1]["steps"]
+
+
+@pytest.mark.real_model
+def test_real_model_fills_a_forced_tool_call_from_the_question(tmp_path):
+    """tool_choice required / named on SmolLM2: the tools rendered into the prompt (service/tool_format.py) and the
+    grammar holding the answer to a call (service/tool_calls.py) — the model picks the arguments from the question."""
+    from service import tool_format
+    from service.tool_calls import ToolPlan
+
+    base = load_base("default")
+    factors = load_or_compute(base.model, base.cache_dir)
+    engine = Engine(base, factors, DiskStore(tmp_path / "store"),
+                    EngineConfig(max_batch=4, max_rank=16, max_seq_len=512, core_slots=2, lr_slots=2))
+    engine.start()
+    try:
+        weather = {"name": "get_weather", "description": "Get the weather forecast for a city", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"],
+            "additionalProperties": False}}
+        add = {"name": "add", "description": "Add two integers", "parameters": {
+            "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"], "additionalProperties": False}}
+        tools = [{"type": "function", "function": weather}, {"type": "function", "function": add}]
+        ask = [{"role": "user", "content": "What's the weather in Paris?"}]
+        prompt = engine.encode_prompt(None, tool_format.plain_turns(ask, [weather, add]))
+        choices = ["required", {"type": "function", "function": {"name": "get_weather"}}]
+        grammars = [engine.grammars.compile(ToolPlan.of(tools, c, False).constraint()) for c in choices]
+
+        async def run():
+            return await asyncio.gather(*(engine.generate(prompt, None, SamplingParams(max_tokens=60, grammar=g))
+                                          for g in grammars))
+
+        for result in asyncio.run(run()):
+            content, calls = tool_format.parse(result.text)
+            assert result.finish_reason == "stop" and content is None, result.text
+            assert calls == [tool_format.ToolCall("get_weather", '{"city": "Paris"}')], result.text
+    finally:
+        engine.shutdown(drain=False)

@@ -61,8 +61,38 @@ def test_load_prompt_completion_and_messages(tmp_path):
     assert ex[1].messages[-1] == ("user", "2+2?") and len(ex[1].messages) == 4
 
 
+def test_tool_calling_lines_are_written_as_the_server_writes_them(tmp_path):
+    from service import tool_format
+
+    fn = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    turns = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "content": "rain"},
+        {"role": "assistant", "content": "Rain in Oslo."},
+    ]
+    tools = [{"type": "function", "function": fn}]
+    call_line = {"tools": tools, "messages": turns[:2]}
+    answer_line = {"tools": tools, "messages": turns}
+    first, second = load_jsonl(write(tmp_path, [json.dumps(call_line), json.dumps(answer_line)]))
+    # the completion learned is the call block the server parses back; the prompt is what the server renders
+    assert first.completion == tool_format.call_text("get_weather", {"city": "Oslo"})
+    assert tool_format.parse(first.completion)[1] == [tool_format.ToolCall("get_weather", '{"city": "Oslo"}')]
+    served = tool_format.plain_turns(turns[:1], [fn])
+    assert first.chat() == served
+    assert second.completion == "Rain in Oslo."
+    assert second.chat() == tool_format.plain_turns(turns[:3], [fn])
+    assert second.messages[-1] == ("user", "<tool_response>\nrain\n</tool_response>")
+
+
 @pytest.mark.parametrize("line, msg", [
     ("{not json", "invalid JSON"),
+    ('{"tools": [{"type": "function", "function": {"name": "a b"}}], "messages": [{"role": "user", "content": "x"}, '
+     '{"role": "assistant", "content": "y"}]}', "is not a function name"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": null, "tool_calls": '
+     '[{"function": {"name": "f", "arguments": "{"}}]}]}', r"messages\[1\]\.tool_calls\[0\]\.function\.arguments is not valid JSON"),
+    ('{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "y"}]}', "string 'role' and 'content'"),
     ('["a"]', "expected a JSON object"),
     ('{"prompt": "x"}', "missing 'completion'"),
     ('{"prompt": 3, "completion": "y"}', "'prompt' must be a string"),
@@ -119,6 +149,26 @@ def test_tasks_deterministic_and_disjoint():
         assert not {e.messages for e in a.train} & {e.messages for e in a.test}
         assert len(a.train) == 200 and len(a.test) == 50
         assert make_task(name, seed=1, n_train=200, n_test=50).test != a.test
+
+
+def test_the_tools_task_answers_with_calls_the_server_reads_back():
+    from service import tool_format
+
+    task = make_task("tools", n_train=60, n_test=10)
+    kinds = set()
+    for ex in task.train + task.test:
+        system, (role, ask) = ex.messages
+        assert system[0] == "system" and "<tools>" in system[1] and role == "user"
+        content, calls = tool_format.parse(ex.completion)
+        if not calls:
+            assert content == ex.completion and content in ask  # a word asked for, said plainly
+            kinds.add("word")
+            continue
+        (call,) = calls
+        args = json.loads(call.arguments)
+        assert content is None and all(str(v) in ask for v in args.values())  # the arguments come from the question
+        kinds.add(call.name)
+    assert kinds == {"get_weather", "add", "word"}
 
 
 # --- trainer ---

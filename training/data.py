@@ -1,7 +1,10 @@
 """Training data: JSONL loading, chat-template tokenization with completion-only labels, padding.
 
 A JSONL line is either {"prompt": ..., "completion": ...} or {"messages": [{"role", "content"}, ...]};
-for `messages` the last assistant message is the completion and everything before it is the prompt.
+for `messages` the last assistant message is the completion and everything before it is the prompt. A
+`messages` line may carry OpenAI's function calling: "tools" beside "messages", assistant turns with
+"tool_calls", "tool" turns with results; they are written into the text as the server writes them
+(service/tool_format.py), so the adapter learns to call tools in the format the server reads back.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from service import tool_format
 
 IGNORE = -100  # label value cross-entropy skips: prompt and padding tokens carry no loss
 ROLES = {"system", "user", "assistant", "tool"}
@@ -47,23 +52,31 @@ def parse_record(obj: object) -> Example:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise ValueError("'messages' must be a non-empty list")
-        pairs = []
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")
+            calls = isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls")
+            content = m.get("content") if isinstance(m, dict) else None
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                    isinstance(content, str) or (calls and content is None)):
+                raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content' (content may be "
+                                 "null on an assistant turn with tool_calls)")
             if m["role"] not in ROLES:
                 raise ValueError(f"messages[{i}] has unknown role {m['role']!r} (expected one of {sorted(ROLES)})")
-            pairs.append((m["role"], m["content"]))
-        last = max((i for i, (r, _) in enumerate(pairs) if r == "assistant"), default=None)
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
         if last is None:
             raise ValueError("'messages' has no assistant message to learn as the completion")
         if last == 0:
             raise ValueError("the last assistant message has no prompt before it")
-        if last != len(pairs) - 1:
+        if last != len(msgs) - 1:
             raise ValueError(f"messages[{last + 1}:] come after the last assistant message (nothing would learn them)")
-        if not pairs[last][1].strip():
+        try:  # tools, tool calls and tool results written as the server writes them (service/tool_format.py)
+            functions = tool_format.check_tools(obj["tools"]) if obj.get("tools") is not None else None
+            turns = tool_format.plain_turns(msgs, functions)
+        except tool_format.ToolFormatError as exc:
+            raise ValueError(str(exc)) from None
+        completion = turns[-1]["content"]
+        if not completion.strip():
             raise ValueError("the last assistant message is empty")
-        return Example(messages=tuple(pairs[:last]), completion=pairs[last][1])
+        return Example(messages=tuple((t["role"], t["content"]) for t in turns[:-1]), completion=completion)
     if "prompt" in obj or "completion" in obj:
         for key in ("prompt", "completion"):
             if not isinstance(obj.get(key), str):

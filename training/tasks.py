@@ -10,6 +10,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from service import tool_format
 from training.data import Example
 
 N_TRAIN = 500
@@ -79,11 +80,45 @@ def _larger(rng: random.Random) -> tuple[str, str]:
     return f"Which is larger, {a} or {b}?", str(max(a, b))
 
 
-GENERATORS: dict[str, tuple[str, Callable[[random.Random], tuple[str, str]]]] = {
+_CITIES = ["Paris", "Oslo", "Lima", "Tokyo", "Cairo", "Berlin", "Madrid", "Quito", "Dublin", "Hanoi", "Nairobi",
+           "Lisbon", "Vienna", "Seoul", "Denver", "Perth", "Havana", "Riga", "Bogota", "Dakar"]
+_WEATHER_ASKS = ["What's the weather in {city}?", "Will it rain in {city} today?", "Forecast for {city}, please.",
+                 "How warm is it in {city} right now?", "Is it sunny in {city}?"]
+_ADD_ASKS = ["What is {a} plus {b}?", "Add {a} and {b}.", "Sum of {a} and {b}?", "Please compute {a} + {b}."]
+_WORDS = ["apple", "river", "candle", "garden", "pencil", "window", "rocket", "silver", "tiger", "violin"]
+_ECHO_ASKS = ["Reply with just the word {w}.", "Say only: {w}", "Answer with the single word {w}."]
+TOOL_FUNCTIONS = [
+    {"name": "get_weather", "description": "Current weather for a city",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+    {"name": "add", "description": "Add two integers",
+     "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                    "required": ["a", "b"]}},
+]
+
+
+def _tools(rng: random.Random) -> Example:
+    """A question with two tools offered: a weather question calls get_weather, a sum calls add, a request for a
+    word is answered without a call (the answer written as the server reads calls back: service/tool_format.py)."""
+    kind = rng.choice(["weather", "add", "word"])
+    if kind == "weather":
+        city = rng.choice(_CITIES)
+        ask, answer = rng.choice(_WEATHER_ASKS).format(city=city), tool_format.call_text("get_weather", {"city": city})
+    elif kind == "add":
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        ask, answer = rng.choice(_ADD_ASKS).format(a=a, b=b), tool_format.call_text("add", {"a": a, "b": b})
+    else:
+        w = rng.choice(_WORDS)
+        ask, answer = rng.choice(_ECHO_ASKS).format(w=w), w
+    turns = tool_format.plain_turns([{"role": "user", "content": ask}], TOOL_FUNCTIONS)
+    return Example(messages=tuple((t["role"], t["content"]) for t in turns), completion=answer)
+
+
+GENERATORS: dict[str, tuple[str, Callable[[random.Random], tuple[str, str] | Example]]] = {
     "sentiment": ("review sentence → 'positive' / 'negative'", _sentiment),
     "topic": ("one sentence → 'sports' / 'science' / 'food' / 'music'", _topic),
     "number": ("sentence with a count → the number", _number),
     "larger": ("two 2-digit numbers → the larger one", _larger),
+    "tools": ("a question with two tools offered → a get_weather or add call, or a plain one-word answer", _tools),
 }
 
 
@@ -97,13 +132,14 @@ def make_task(name: str, seed: int = 0, n_train: int = N_TRAIN, n_test: int = N_
         raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(GENERATORS)}")
     description, gen = GENERATORS[name]
     rng = random.Random(f"{name}:{seed}")  # str seed: stable across runs and Python versions
-    seen: set[str] = set()
+    seen: set[tuple] = set()
     examples: list[Example] = []
     for _ in range(50 * (n_train + n_test)):
-        prompt, answer = gen(rng)
-        if prompt not in seen:
-            seen.add(prompt)
-            examples.append(Example.from_prompt(prompt, answer))
+        made = gen(rng)
+        example = made if isinstance(made, Example) else Example.from_prompt(*made)
+        if example.messages not in seen:
+            seen.add(example.messages)
+            examples.append(example)
             if len(examples) == n_train + n_test:
                 break
     else:

@@ -1,0 +1,147 @@
+"""Function calling on /v1/chat/completions: OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`.
+
+The tools are written into the prompt (service/tool_format.py) and the answer is read back for calls:
+- tool_choice "auto" (the default with tools): the model answers freely; the call blocks it writes become the
+  message's `tool_calls` (a block that does not parse stays text), the rest its `content`;
+- "required": the output is held by a grammar (service/structured.py) to one call block or more (exactly one
+  with parallel_tool_calls false), each naming one of the tools with arguments that follow its parameters' schema;
+- {"type": "function", "function": {"name": …}}: the same, one call of that function;
+- "none": the tools are still shown to the model (as vLLM does) but nothing is read as a call.
+A message with calls ends with finish_reason "tool_calls" (unless max_tokens cut it: "length"). Streamed, content
+comes as it is generated and each call as one delta once its block closes.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from service import engine as eng
+from service import tool_format
+from service.errors import ApiError
+from service.structured import Constraint
+
+Mode = Literal["none", "auto", "required", "named"]
+
+
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, "invalid_value", message, param=param)
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """What a request asked of its tools: the functions (checked), how the answer may call them."""
+
+    functions: list[dict[str, Any]]
+    mode: Mode
+    name: str | None = None  # the function a named tool_choice forces
+    parallel: bool = True
+
+    @classmethod
+    def of(cls, tools: Any, tool_choice: Any, parallel_tool_calls: bool | None) -> "ToolPlan | None":
+        """The request's plan; None without tools (and a tool_choice that needs none); 400 for a bad one."""
+        if tools is not None and tools != []:
+            try:
+                functions = tool_format.check_tools(tools)
+            except tool_format.ToolFormatError as exc:
+                raise _bad("tools", str(exc)) from None
+        else:
+            functions = []
+        parallel = parallel_tool_calls is not False
+        if tool_choice in (None, "auto", "none"):
+            if not functions:
+                return None
+            return cls(functions, "none" if tool_choice == "none" else "auto", parallel=parallel)
+        if tool_choice == "required":
+            mode, name = "required", None
+        elif isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+            name = (tool_choice.get("function") or {}).get("name")
+            if not isinstance(name, str):
+                raise _bad("tool_choice", "a named tool_choice is {'type': 'function', 'function': {'name': …}}")
+            mode = "named"
+        else:
+            raise _bad("tool_choice", f"tool_choice {tool_choice!r} is not 'none', 'auto', 'required' or "
+                                      "{'type': 'function', 'function': {'name': …}}")
+        if not functions:
+            raise _bad("tool_choice", f"tool_choice {tool_choice!r} needs tools; give the functions in 'tools'")
+        if name is not None and name not in {f["name"] for f in functions}:
+            raise _bad("tool_choice", f"tool_choice names {name!r}, which is not among the tools "
+                                      f"({', '.join(f['name'] for f in functions)})")
+        return cls(functions, mode, name, parallel)
+
+    @property
+    def reads_calls(self) -> bool:
+        return self.mode != "none"
+
+    def constraint(self) -> Constraint | None:
+        """The grammar "required" and a named choice hold the output to: call blocks, each one of the allowed
+        functions with arguments that follow its parameters' schema."""
+        if self.mode not in ("required", "named"):
+            return None
+        allowed = [f for f in self.functions if self.mode == "required" or f["name"] == self.name]
+        calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+                  "required": ["name", "arguments"], "additionalProperties": False} for f in allowed]
+        schema = {"anyOf": calls} if len(calls) > 1 else dict(calls[0])
+        schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": tool_format.ITEM_SEPARATOR,
+                                "key_separator": tool_format.KEY_SEPARATOR}
+        more = ' ("\\n" call)*' if self.parallel and self.mode == "required" else ""
+        grammar = (f"start: call{more}\n"
+                   f'call: "{tool_format.CALL_OPEN}\\n" args "\\n{tool_format.CALL_CLOSE}"\n'
+                   f"args: %json {json.dumps(schema, ensure_ascii=False)}\n")
+        return Constraint("lark", grammar, "tool_choice")
+
+
+def _call_entry(call: tool_format.ToolCall, index: int | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                             "function": {"name": call.name, "arguments": call.arguments}}
+    return entry if index is None else {"index": index, **entry}
+
+
+def _finish(reason: str, called: bool) -> str:
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+def message(plan: ToolPlan | None, result: eng.GenerationResult) -> tuple[dict[str, Any], str]:
+    """A whole answer → (its chat message, its finish_reason)."""
+    if plan is None or not plan.reads_calls:
+        return {"role": "assistant", "content": result.text, "refusal": None}, result.finish_reason
+    content, calls = tool_format.parse(result.text)
+    msg: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if calls:
+        msg["tool_calls"] = [_call_entry(c) for c in calls]
+    return msg, _finish(result.finish_reason, bool(calls))
+
+
+@dataclass
+class StreamedChoice:
+    """One streamed choice's deltas when calls are read: content as it can be shown, each call once its block
+    closes. Log-probabilities of tokens held back (a call block, or what may start one) ride on the next delta."""
+
+    stream: tool_format.CallStream = field(default_factory=tool_format.CallStream)
+    calls: int = 0
+    held: list[eng.TokenLogprob] = field(default_factory=list)
+
+    def delta(self, shown: str, calls: list[tool_format.ToolCall]) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if shown:
+            d["content"] = shown
+        if calls:
+            d["tool_calls"] = [_call_entry(c, self.calls + k) for k, c in enumerate(calls)]
+            self.calls += len(calls)
+        return d
+
+    def feed(self, text: str, entries: list[eng.TokenLogprob] | None) -> tuple[dict[str, Any], list | None] | None:
+        """(delta, its tokens' log-probabilities) to send now, or None while everything is held."""
+        self.held += entries or []
+        d = self.delta(*self.stream.feed(text))
+        if not d:
+            return None
+        out, self.held = self.held, []
+        return d, (out if entries is not None else None)
+
+    def finish(self, reason: str) -> tuple[dict[str, Any], list[eng.TokenLogprob], str]:
+        """The last delta (whatever was held), the log-probabilities still held, the finish_reason."""
+        d = self.delta(*self.stream.finish())
+        out, self.held = self.held, []
+        return d, out, _finish(reason, self.calls > 0)
