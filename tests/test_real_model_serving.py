@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -17,14 +19,23 @@ from svd_adapters.base_model import load_base
 from svd_adapters.factors import load_or_compute
 
 
-@pytest.mark.real_model
-def test_real_model_json_schema_sampling_and_logprobs(tmp_path):
+@contextmanager
+def running_engine(tmp_path, max_seq_len: int) -> Iterator[Engine]:
+    """An engine on the default model with an empty disk store, shut down afterwards."""
     base = load_base("default")
     factors = load_or_compute(base.model, base.cache_dir)
     engine = Engine(base, factors, DiskStore(tmp_path / "store"),
-                    EngineConfig(max_batch=4, max_rank=16, max_seq_len=256, core_slots=2, lr_slots=2))
+                    EngineConfig(max_batch=4, max_rank=16, max_seq_len=max_seq_len, core_slots=2, lr_slots=2))
     engine.start()
     try:
+        yield engine
+    finally:
+        engine.shutdown(drain=False)
+
+
+@pytest.mark.real_model
+def test_real_model_json_schema_sampling_and_logprobs(tmp_path):
+    with running_engine(tmp_path, max_seq_len=256) as engine:
         prompt = engine.encode_prompt("What is the capital of France? Reply in JSON with the keys city and country.")
         schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
                                                    "country": {"type": "string", "maxLength": 30}},
@@ -45,8 +56,6 @@ def test_real_model_json_schema_sampling_and_logprobs(tmp_path):
         assert len(structured.logprobs) == structured.completion_tokens
         assert all(e.logprob <= 0 and len(e.top) == 3 for e in structured.logprobs)
         assert a.token_ids == b.token_ids and a.completion_tokens > 0  # seeded nucleus sampling reproduces
-    finally:
-        engine.shutdown(drain=False)
 
 
 @pytest.mark.real_model
@@ -176,12 +185,7 @@ def test_real_model_fills_a_forced_tool_call_from_the_question(tmp_path):
     from service import tool_format
     from service.tool_calls import ToolPlan
 
-    base = load_base("default")
-    factors = load_or_compute(base.model, base.cache_dir)
-    engine = Engine(base, factors, DiskStore(tmp_path / "store"),
-                    EngineConfig(max_batch=4, max_rank=16, max_seq_len=512, core_slots=2, lr_slots=2))
-    engine.start()
-    try:
+    with running_engine(tmp_path, max_seq_len=512) as engine:
         weather = {"name": "get_weather", "description": "Get the weather forecast for a city", "parameters": {
             "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"],
             "additionalProperties": False}}
@@ -202,5 +206,3 @@ def test_real_model_fills_a_forced_tool_call_from_the_question(tmp_path):
             content, calls = tool_format.parse(result.text)
             assert result.finish_reason == "stop" and content is None, result.text
             assert calls == [tool_format.ToolCall("get_weather", '{"city": "Paris"}')], result.text
-    finally:
-        engine.shutdown(drain=False)
