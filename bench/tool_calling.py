@@ -4,7 +4,8 @@
 The held-out prompts of the trainer's built-in `tools` task (two tools offered: a weather question should call
 get_weather, a sum should call add, a request for a word should be answered without a call) go to the app (the
 real FastAPI app and engine, in process) with `tools` and tool_choice "auto" — the answer read back for call
-blocks — and "required" — the answer held to a call by grammar — on the base model and on the adapter (uploaded
+blocks — and "required" — the answer held to call blocks by grammar; with parallel_tool_calls false to one —
+on the base model and on the adapter (uploaded
 through POST /adapters). An answer is right when its calls (names and arguments) and its content are exactly the
 expected ones. With `--adapter` missing, the adapter is trained first (LoRA-XS r16, 60 steps, as the CLI
 `python -m training train --method loraxs --rank 16 --task tools --max-len 320` does).
@@ -89,14 +90,15 @@ async def run(args: argparse.Namespace) -> dict[str, dict]:
                     raise SystemExit(f"upload failed: {resp.status_code} {resp.text}")
                 rows = {}
                 for model, label in ((base.name, "base"), ("tools", "LoRA-XS r16 `tools` adapter")):
-                    for choice in ("auto", "required"):
+                    for choice, parallel in (("auto", True), ("required", True), ("required", False)):
                         cases = [e for e in test if choice == "auto" or expected(e)[1]]
-                        rows[f"{label}, tool_choice {choice}"] = await measure(http, model, choice, cases, args)
+                        name = f"{label}, {choice}" + ("" if parallel else ", parallel_tool_calls false")
+                        rows[name] = await measure(http, model, choice, parallel, cases, args)
         store.close()
     return rows
 
 
-async def measure(http: httpx.AsyncClient, model: str, choice: str, cases: list[Example],
+async def measure(http: httpx.AsyncClient, model: str, choice: str, parallel: bool, cases: list[Example],
                   args: argparse.Namespace) -> dict:
     gate = asyncio.Semaphore(args.concurrency)
 
@@ -104,8 +106,8 @@ async def measure(http: httpx.AsyncClient, model: str, choice: str, cases: list[
         messages = [{"role": "user", "content": example.messages[-1][1]}]
         async with gate:
             resp = await http.post("/v1/chat/completions", json={
-                "model": model, "messages": messages, "tools": TOOLS, "tool_choice": choice, "max_tokens": 48,
-                "temperature": 0})
+                "model": model, "messages": messages, "tools": TOOLS, "tool_choice": choice,
+                "parallel_tool_calls": parallel, "max_tokens": 48, "temperature": 0})
         if resp.status_code != 200:
             raise SystemExit(f"{model}: {resp.status_code} {resp.text}")
         body = resp.json()
@@ -118,6 +120,8 @@ async def measure(http: httpx.AsyncClient, model: str, choice: str, cases: list[
     calls = [m for m in marks if m["should_call"]]
     words = [m for m in marks if not m["should_call"]]
     return {"n": len(marks), "exact": sum(m["exact"] for m in marks) / len(marks),
+            "exact_when_due": sum(m["exact"] for m in calls) / max(1, len(calls)),
+            "exact_when_not": (sum(m["exact"] for m in words) / len(words)) if words else None,
             "right_function": sum(m["name"] for m in calls) / max(1, len(calls)),
             "call_when_due": sum(m["called"] for m in calls) / max(1, len(calls)),
             "call_when_not": (sum(m["called"] for m in words) / len(words)) if words else None,
@@ -125,14 +129,19 @@ async def measure(http: httpx.AsyncClient, model: str, choice: str, cases: list[
 
 
 def report(rows: dict[str, dict], args: argparse.Namespace) -> None:
-    print(f"\n{args.n} held-out prompts of the `tools` task (a third each: weather, sum, a word), greedy\n")
-    print("| model, tool_choice | prompts | exactly right (calls + content) | right function | a call when due "
-          "| a call when not due | tokens / answer | seconds |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\n{args.n} held-out prompts of the `tools` task (weather, sum or word, drawn at random; tool_choice "
+          f"required: only those due a call), greedy, max_tokens 48\n")
+    print("| model, tool_choice | prompts | exactly right (calls + content) | … of those due a call | … of the others "
+          "| right function | a call when due | a call when not due | tokens / answer | seconds |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def share(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.2f}"
+
     for name, r in rows.items():
-        not_due = "n/a" if r["call_when_not"] is None else f"{r['call_when_not']:.2f}"
-        print(f"| {name} | {r['n']} | {r['exact']:.2f} | {r['right_function']:.2f} | {r['call_when_due']:.2f} "
-              f"| {not_due} | {r['tokens']:.1f} | {r['seconds']:.1f} |")
+        print(f"| {name} | {r['n']} | {r['exact']:.2f} | {r['exact_when_due']:.2f} | {share(r['exact_when_not'])} "
+              f"| {r['right_function']:.2f} | {r['call_when_due']:.2f} | {share(r['call_when_not'])} "
+              f"| {r['tokens']:.1f} | {r['seconds']:.1f} |")
     print(json.dumps({"bench": "tool_calling", "n": args.n, "rows": rows}))
 
 

@@ -80,9 +80,16 @@ class ToolPlan:
         if self.mode not in ("required", "named"):
             return None
         allowed = [f for f in self.functions if self.mode == "required" or f["name"] == self.name]
-        calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
-                  "required": ["name", "arguments"], "additionalProperties": False} for f in allowed]
+        defs: dict[str, Any] = {}
+        calls = []
+        for f in allowed:
+            params, own = _hoisted(f["name"], f["parameters"])
+            defs.update(own)
+            calls.append({"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": params},
+                          "required": ["name", "arguments"], "additionalProperties": False})
         schema = {"anyOf": calls} if len(calls) > 1 else dict(calls[0])
+        if defs:
+            schema["$defs"] = defs
         schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": tool_format.ITEM_SEPARATOR,
                                 "key_separator": tool_format.KEY_SEPARATOR}
         more = ' ("\\n" call)*' if self.parallel and self.mode == "required" else ""
@@ -90,6 +97,30 @@ class ToolPlan:
                    f'call: "{tool_format.CALL_OPEN}\\n" args "\\n{tool_format.CALL_CLOSE}"\n'
                    f"args: %json {json.dumps(schema, ensure_ascii=False)}\n")
         return Constraint("lark", grammar, "tool_choice")
+
+
+def _hoisted(name: str, parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A function's parameters schema with its own definitions ($defs / definitions, as pydantic writes nested
+    models) moved out to the call grammar's root, renamed "<function>.<definition>" and every reference to them
+    rewritten: nested under a call, "#/$defs/…" would otherwise point at the grammar's root, and two functions may
+    each define a "Location"."""
+    params = json.loads(json.dumps(parameters))  # a deep copy the rewrite may change
+    found = {**params.pop("definitions", {}), **params.pop("$defs", {})}
+    if not found:
+        return params, {}
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            for prefix in ("#/$defs/", "#/definitions/"):
+                if isinstance(ref, str) and ref.startswith(prefix):
+                    node = {**node, "$ref": f"#/$defs/{name}.{ref[len(prefix):]}"}
+            return {k: rewrite(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    return rewrite(params), {f"{name}.{key}": rewrite(d) for key, d in found.items()}
 
 
 def _call_entry(call: tool_format.ToolCall, index: int | None = None) -> dict[str, Any]:

@@ -309,3 +309,36 @@ def test_an_agent_loop_through_the_openai_client(openai_client):
     follow = openai_client.chat.completions.create(model="tiny-random-llama", messages=history, tools=TOOLS,
                                                    tool_choice="none", max_tokens=8, temperature=0)
     assert follow.choices[0].message.tool_calls is None and follow.usage.prompt_tokens > resp.usage.prompt_tokens
+
+
+@pytest.mark.anyio
+async def test_parameters_with_their_own_definitions_as_pydantic_writes_them(client):
+    """Nested models give a schema with $defs and "#/$defs/…" references; two tools may both define "Place"."""
+    from pydantic import BaseModel as Model, Field
+
+    class Place(Model):
+        city: str = Field(max_length=10)
+
+    class Trip(Model):
+        start: Place
+        end: Place
+
+    class Place2(Model):  # another "Place", as a second tool would define it
+        country: str = Field(max_length=10)
+
+    class Visit(Model):
+        where: Place2
+
+    trip, visit = Trip.model_json_schema(), Visit.model_json_schema()
+    visit["$defs"] = {"Place": visit["$defs"].pop("Place2")}
+    visit["properties"]["where"]["$ref"] = "#/$defs/Place"
+    assert "$defs" in trip and trip["properties"]["start"] == {"$ref": "#/$defs/Place"}
+    tools = [{"type": "function", "function": {"name": "plan_trip", "parameters": trip}},
+             {"type": "function", "function": {"name": "visit", "parameters": visit}}]
+    for name, model in (("plan_trip", Trip), ("visit", Visit)):
+        resp = await ask(client, tools=tools, tool_choice={"type": "function", "function": {"name": name}},
+                         max_tokens=200)
+        assert resp.status_code == 200, resp.text
+        (call,) = resp.json()["choices"][0]["message"]["tool_calls"]
+        assert call["function"]["name"] == name
+        model.model_validate_json(call["function"]["arguments"])  # the arguments follow the nested models
