@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speculative-ngram-min", type=int, help="shortest context suffix looked up (default 2)")
     p.add_argument("--speculative-max-batch", type=int,
                    help="speculate only while at most this many requests decode (default 4)")
+    p.add_argument("--speculative-backoff-max", type=int,
+                   help="a request whose draft was rejected outright drafts again after 1, 2, 4, … decode steps, at "
+                        "most this many (default 16; 0 = drafts every step)")
     p.add_argument("--max-waiting", type=int, help="queued requests before 429 (default 256)")
     p.add_argument("--max-upload-bytes", type=int, help="largest adapter file accepted (default 64 MiB)")
     p.add_argument("--max-request-bytes", type=int, help="largest other request body, e.g. /generate (default 1 MiB)")

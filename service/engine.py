@@ -184,6 +184,8 @@ class _Request:
     done: int = 0  # prompt tokens in its row already while it is prefilled in chunks (Engine._partial)
     looked_up: bool = False  # a chunked prompt's cached prefix was looked for
     cancelled: bool = False
+    spec_misses: int = 0  # its last drafts rejected outright, in a row (speculative decoding's back-off)
+    spec_rest: int = 0  # decode steps it goes on without drafting
     finish_reason: str | None = None
     method: str = "base"  # its adapter's method once admitted (a metrics label; never the adapter id)
     merge: MergeSpec | None = None  # the adapters its adapter is merged from (cache_key is the merge's)
@@ -1131,6 +1133,10 @@ class Engine:
             return None
         drafts = []
         for req in live:
+            if req.spec_rest > 0:  # resting after drafts that were rejected outright
+                req.spec_rest -= 1
+                drafts.append([])
+                continue
             fed = len(req.prompt) + len(req.out)  # positions the row holds after this step's first token
             room = min(spec.tokens, req.params.max_tokens - len(req.out) - 1, self.config.max_seq_len - fed)
             drafts.append(propose(req.prompt + req.out, room, spec.ngram_max, spec.ngram_min)
@@ -1145,7 +1151,7 @@ class Engine:
         logits = self.runner.verify(feeds, [len(r.prompt) + len(r.out) - 1 for r in live],
                                     [r.core_slot for r in live], [r.lr_slot for r in live])
         going = list(range(len(live)))
-        accepted = 0
+        kept = [0] * len(live)
         for j in range(logits.shape[1]):
             rows = [i for i in going if j < len(feeds[i])]
             if not rows:
@@ -1153,10 +1159,15 @@ class Engine:
             tokens = self._choose([live[i] for i in rows], logits[torch.tensor(rows, device=logits.device), j])
             going = [i for i, tok in zip(rows, tokens)
                      if live[i].finish_reason is None and j < len(drafts[i]) and tok == drafts[i][j]]
-            accepted += len(going)
+            for i in going:
+                kept[i] += 1
         self.counters["spec_steps"] += 1
         self.counters["spec_draft_tokens"] += sum(map(len, drafts))
-        self.counters["spec_accepted_tokens"] += accepted
+        self.counters["spec_accepted_tokens"] += sum(kept)
+        for req, draft, k in zip(live, drafts, kept):
+            if draft:  # a draft rejected outright makes its row rest from drafting, longer each time in a row
+                req.spec_misses = 0 if k else req.spec_misses + 1
+                req.spec_rest = self.config.speculative.rest_after(req.spec_misses)
 
     def _accept_token(self, req: _Request, tok: int, logprob: TokenLogprob | None = None) -> None:
         if req.cancelled:

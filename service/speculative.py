@@ -10,7 +10,11 @@ one. It chooses each position's token exactly as a decode step would — the sam
 and the request's own generator, one draw per token — and keeps the draft up to the first token the sampler did
 not choose, plus that step's own choice. So every request gets the tokens it would get without speculation
 (greedy: the same argmax; seeded sampling: the same draws), only sooner; the one difference is float rounding:
-several positions computed at once round differently from one at a time (~1e-6), which could flip an exact tie.
+several positions computed at once round differently from one at a time (~1e-6). Greedy, that flips only a near
+tie between the two likeliest tokens; sampled, a draw that lands within that much of the boundary between two
+tokens' shares of the distribution picks the neighbour, after which the answer goes its own way — rare, but not
+never (`bench/speculative.py` at temperature 1: 1 of 27 answers). The distribution sampled from is the same either
+way: speculation never changes which answers are likely, only, rarely, which one a seed picks.
 """
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ class SpeculativeConfig:
     ngram_max: int = 4  # the longest context suffix looked up
     ngram_min: int = 2  # the shortest (1 drafts after any repeated token: mostly wrong, each a wasted position)
     max_batch: int = 4  # speculate only while at most this many rows decode (larger batches are bound by compute)
+    # A row whose draft was rejected outright rests from drafting for 1, 2, 4, … steps (at most this many; 0: never
+    # rests): where its context stops predicting it, its drafts stop costing verify positions.
+    backoff_max: int = 16
 
     def check(self) -> None:
         if self.tokens < 0:
@@ -33,6 +40,12 @@ class SpeculativeConfig:
             raise ValueError(f"need 1 ≤ ngram_min ≤ ngram_max, got {self.ngram_min} and {self.ngram_max}")
         if self.max_batch < 1:
             raise ValueError(f"speculative max_batch must be ≥ 1, got {self.max_batch}")
+        if self.backoff_max < 0:
+            raise ValueError(f"speculative backoff_max must be ≥ 0 (0 = never rest), got {self.backoff_max}")
+
+    def rest_after(self, misses: int) -> int:
+        """Steps a row goes without drafting after `misses` drafts in a row rejected outright."""
+        return min(1 << (misses - 1), self.backoff_max) if misses > 0 and self.backoff_max else 0
 
 
 def propose(context: list[int], k: int, ngram_max: int, ngram_min: int) -> list[int]:

@@ -37,11 +37,15 @@ def test_propose_drafts_what_followed_the_latest_earlier_occurrence_of_the_suffi
 
 
 def test_speculative_config_is_checked():
-    for bad in (dict(tokens=-1), dict(ngram_min=0), dict(ngram_min=3, ngram_max=2), dict(max_batch=0)):
+    for bad in (dict(tokens=-1), dict(ngram_min=0), dict(ngram_min=3, ngram_max=2), dict(max_batch=0),
+                dict(backoff_max=-1)):
         with pytest.raises(ValueError):
             SpeculativeConfig(**bad).check()
-    settings = Settings.from_env(speculative_tokens=5, speculative_ngram_max=3, speculative_max_batch=2)
-    assert settings.speculative == SpeculativeConfig(tokens=5, ngram_max=3, ngram_min=2, max_batch=2)
+    settings = Settings.from_env(speculative_tokens=5, speculative_ngram_max=3, speculative_max_batch=2,
+                                 speculative_backoff_max=8)
+    assert settings.speculative == SpeculativeConfig(tokens=5, ngram_max=3, ngram_min=2, max_batch=2, backoff_max=8)
+    assert [SpeculativeConfig(backoff_max=8).rest_after(m) for m in range(6)] == [0, 1, 2, 4, 8, 8]
+    assert SpeculativeConfig(backoff_max=0).rest_after(3) == 0
     with pytest.raises(ValueError, match="ngram_min"):
         Settings.from_env(speculative_tokens=4, speculative_ngram_min=5)
 
@@ -52,7 +56,7 @@ def test_drafts_stop_where_the_request_must_and_only_for_small_batches(tiny_base
     try:
         def req(prompt, out, max_tokens=64):
             return SimpleNamespace(prompt=prompt, out=out, params=SamplingParams(max_tokens=max_tokens),
-                                   finish_reason=None)
+                                   finish_reason=None, spec_rest=0)
 
         loop = [1, 2, 3, 4, 5, 6]
         assert eng._drafts([req(loop, [1, 2])]) == [[3, 4, 5, 6]]
@@ -62,6 +66,9 @@ def test_drafts_stop_where_the_request_must_and_only_for_small_batches(tiny_base
         assert eng._drafts([req(loop * 3, [1, 2])]) is None  # at max_seq_len: no room
         assert eng._drafts([req(loop, [1, 2]), req([9, 8, 7], [6])]) == [[3, 4, 5, 6], []]
         assert eng._drafts([req(loop, [1, 2])] * 3) is None  # over speculative max_batch: plain decode steps
+        resting = req(loop, [1, 2])
+        resting.spec_rest = 2  # after rejected drafts: two steps without drafting, then drafts again
+        assert [eng._drafts([resting]) for _ in range(3)] == [None, None, [[3, 4, 5, 6]]]
     finally:
         eng.shutdown(drain=False)
 
@@ -152,12 +159,12 @@ def test_verified_drafts_give_every_request_its_unspeculated_tokens(tiny_base, t
     spec = engine(tiny_base, tiny_factors, store, SpeculativeConfig(tokens=4, max_batch=7))
     try:
         got = run_all(spec, reqs, versions)
-        counters = dict(spec.counters)
-        metrics = Metrics()
-        metrics.attach(spec)
-        exposition = metrics.exposition().decode()
     finally:
-        spec.shutdown(drain=False)
+        spec.shutdown(drain=False)  # joins the engine's thread: its last step's counters are in
+    counters = dict(spec.counters)
+    metrics = Metrics()
+    metrics.attach(spec)
+    exposition = metrics.exposition().decode()
     for (text, res), (ref_text, ref) in zip(got, reference):
         assert res.token_ids == ref.token_ids and res.text == ref.text == text == ref_text
         assert res.finish_reason == ref.finish_reason and res.completion_tokens == ref.completion_tokens
@@ -193,9 +200,9 @@ def test_prompt_lookup_speeds_up_a_repeating_generation_and_changes_no_token(tin
             stopped = [(p, a, SamplingParams(max_tokens=60, ignore_eos=True, stop=[res.text[25:28]]))
                        for (p, a, _), (_, res) in zip(reqs, first)]
             second = run_all(eng, stopped, versions)
-            results[name] = (first, second, dict(eng.counters))
         finally:
             eng.shutdown(drain=False)
+        results[name] = (first, second, dict(eng.counters))
     off, on = results["off"], results["on"]
     for got, want in zip(on[0] + on[1], off[0] + off[1]):
         assert got[1].token_ids == want[1].token_ids and got[0] == want[0] == got[1].text
@@ -205,6 +212,38 @@ def test_prompt_lookup_speeds_up_a_repeating_generation_and_changes_no_token(tin
     assert counters["spec_accepted_tokens"] > 0.5 * counters["spec_draft_tokens"] > 0
     assert counters["steps"] < 0.6 * off[2]["steps"]  # the same tokens in fewer steps
     assert off[2]["spec_steps"] == 0
+
+
+def test_rows_whose_drafts_keep_failing_rest_from_drafting_and_keep_their_tokens(tiny_base, tiny_factors, adapters,
+                                                                                 tmp_path, monkeypatch):
+    """Drafts that are always wrong (a token the model never picks here): with back-off a row drafts after 1, 2,
+    4, 4, … plain steps, so few steps are speculative; without it every step is. Tokens are the same throughout."""
+    store = DiskStore(tmp_path / "store")
+    versions = put_adapters(store, adapters)
+    reqs = [(tokens(12, 20 + i), a, SamplingParams(max_tokens=40, ignore_eos=True)) for i, a in enumerate((None, "xs"))]
+    off = engine(tiny_base, tiny_factors, store)
+    try:
+        want = run_all(off, reqs, versions)
+    finally:
+        off.shutdown(drain=False)
+    never = {t for _, res in want for t in res.token_ids}
+    wrong = next(t for t in range(tiny_base.model.config.vocab_size) if t not in never)
+    monkeypatch.setattr(engine_module, "propose", lambda context, k, *_: [wrong] * k)
+    counts = {}
+    for backoff in (0, 4):
+        eng = engine(tiny_base, tiny_factors, store, SpeculativeConfig(tokens=3, max_batch=4, backoff_max=backoff))
+        try:
+            got = run_all(eng, reqs, versions)
+        finally:
+            eng.shutdown(drain=False)
+        counts[backoff] = dict(eng.counters)
+        assert [res.token_ids for _, res in got] == [res.token_ids for _, res in want]
+    assert counts[0]["spec_accepted_tokens"] == counts[4]["spec_accepted_tokens"] == 0
+    # every step verified a useless draft (but the last: a request's last token leaves no room for one)
+    assert counts[0]["spec_steps"] == counts[0]["steps"] - 1
+    # with back-off each row drafts at its steps 1, 3, 6, 11, 16, …: 9 of its 39 (the two rows need not align)
+    assert 2 * 8 * 3 <= counts[4]["spec_draft_tokens"] <= 2 * 10 * 3 < 0.3 * counts[0]["spec_draft_tokens"]
+    assert counts[4]["spec_steps"] <= 20 < counts[0]["spec_steps"]
 
 
 def test_requests_joining_speculative_steps_mid_way_and_a_chunked_prompt_keep_their_tokens(
@@ -236,8 +275,8 @@ def test_requests_joining_speculative_steps_mid_way_and_a_chunked_prompt_keep_th
 
     try:
         got = asyncio.run(staggered())
-        counters = dict(spec.counters)
     finally:
         spec.shutdown(drain=False)
+    counters = dict(spec.counters)
     assert got == reference
     assert counters["prefill_chunks"] > 0 and counters["spec_accepted_tokens"] > 0

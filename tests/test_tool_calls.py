@@ -342,3 +342,18 @@ async def test_parameters_with_their_own_definitions_as_pydantic_writes_them(cli
         (call,) = resp.json()["choices"][0]["message"]["tool_calls"]
         assert call["function"]["name"] == name
         model.model_validate_json(call["function"]["arguments"])  # the arguments follow the nested models
+
+
+@pytest.mark.anyio
+async def test_streamed_calls_carry_every_tokens_logprobs(client):
+    """Tokens held back while a call block is open still send their log-probabilities (with the call's delta)."""
+    body = {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "add"}}, "logprobs": True,
+            "top_logprobs": 2, "stream": True, "stream_options": {"include_usage": True}}
+    resp = await ask(client, **body)
+    events = [json.loads(line[6:]) for line in resp.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    entries = [e for ev in events for c in ev["choices"] for e in (c.get("logprobs") or {}).get("content") or []]
+    usage = events[-1]["usage"]
+    assert len(entries) == usage["completion_tokens"] > 0 and all(len(e["top_logprobs"]) == 2 for e in entries)
+    whole = (await ask(client, **{**body, "stream": False, "stream_options": None})).json()["choices"][0]
+    assert [e["token"] for e in entries] == [e["token"] for e in whole["logprobs"]["content"]]
