@@ -165,7 +165,7 @@ class ChatCompletionRequest(_Common):
     def tool_plan(self) -> tool_calls.ToolPlan | None:
         """The tools and how the answer may call them (400 for bad ones); None without tools."""
         plan = tool_calls.ToolPlan.of(self.tools, self.tool_choice, self.parallel_tool_calls)
-        if plan is not None and plan.constraint() is not None and super().constraint() is not None:
+        if plan is not None and plan.mode in ("required", "named") and super().constraint() is not None:
             raise _bad("tool_choice", f"tool_choice {self.tool_choice!r} already holds the output to tool calls; "
                        "drop response_format / guided_*, or use tool_choice 'auto'")
         return plan
@@ -466,7 +466,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
         max_tokens = max_tokens_for(caller, max(1, engine.config.max_seq_len - len(prompt_ids)), explicit=False)
     else:
         max_tokens = max_tokens_for(caller, requested, explicit=True, param=param)
-    constraint = (plan.constraint() if plan is not None else None) or body.constraint()
+    # a response_format or guided_* asked for beside tool_choice "auto" holds the whole answer instead
+    constraint = body.constraint() or (plan.constraint() if plan is not None else None)
     grammar = await structured.grammar_for(engine.grammars, constraint)
     params = _params(body, stops, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, grammar, caller)
     choices = _choices(params, body.n or 1)

@@ -1,8 +1,9 @@
 """Function calling on /v1/chat/completions: OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`.
 
 The tools are written into the prompt (service/tool_format.py) and the answer is read back for calls:
-- tool_choice "auto" (the default with tools): the model answers freely; the call blocks it writes become the
-  message's `tool_calls` (a block that does not parse stays text), the rest its `content`;
+- tool_choice "auto" (the default with tools): the model answers freely, but a call block it opens is held by
+  grammar to a call of one of the tools with valid arguments; the call blocks become the message's `tool_calls`
+  (a block max_tokens cut stays text), the rest its `content`;
 - "required": the output is held by a grammar (service/structured.py) to one call block or more (exactly one
   with parallel_tool_calls false), each naming one of the tools with arguments that follow its parameters' schema;
 - {"type": "function", "function": {"name": …}}: the same, one call of that function;
@@ -75,11 +76,14 @@ class ToolPlan:
         return self.mode != "none"
 
     def constraint(self) -> Constraint | None:
-        """The grammar "required" and a named choice hold the output to: call blocks, each one of the allowed
-        functions with arguments that follow its parameters' schema."""
-        if self.mode not in ("required", "named"):
+        """The grammar the answer is held to. "required" and a named choice: call blocks only (one without
+        parallel calls), each calling one of the allowed functions with arguments that follow its parameters'
+        schema. "auto": free text, but once the model opens a call block the block must be such a call (a
+        lexeme that stops at the opening tag hands over to the call's rule), so no malformed call reaches the
+        client; without parallel calls, nothing after one call. "none": no grammar."""
+        if self.mode == "none":
             return None
-        allowed = [f for f in self.functions if self.mode == "required" or f["name"] == self.name]
+        allowed = [f for f in self.functions if self.mode != "named" or f["name"] == self.name]
         defs: dict[str, Any] = {}
         calls = []
         for f in allowed:
@@ -92,11 +96,15 @@ class ToolPlan:
             schema["$defs"] = defs
         schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": tool_format.ITEM_SEPARATOR,
                                 "key_separator": tool_format.KEY_SEPARATOR}
-        more = ' ("\\n" call)*' if self.parallel and self.mode == "required" else ""
-        grammar = (f"start: call{more}\n"
-                   f'call: "{tool_format.CALL_OPEN}\\n" args "\\n{tool_format.CALL_CLOSE}"\n'
-                   f"args: %json {json.dumps(schema, ensure_ascii=False)}\n")
-        return Constraint("lark", grammar, "tool_choice")
+        opening, closing = tool_format.CALL_OPEN, tool_format.CALL_CLOSE
+        if self.mode == "auto":
+            start = "start: (text after_open)* free" if self.parallel else "start: text after_open | free"
+            rules = (f'{start}\ntext[stop="{opening}"]: /(.|\\n)*/\nfree: /(.|\\n)*/\n'
+                     f'after_open: "\\n" args "\\n{closing}"\n')
+        else:
+            more = ' ("\\n" call)*' if self.parallel and self.mode == "required" else ""
+            rules = f'start: call{more}\ncall: "{opening}\\n" args "\\n{closing}"\n'
+        return Constraint("lark", f"{rules}args: %json {json.dumps(schema, ensure_ascii=False)}\n", "tool_choice")
 
 
 def _hoisted(name: str, parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

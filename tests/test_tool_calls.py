@@ -357,3 +357,40 @@ async def test_streamed_calls_carry_every_tokens_logprobs(client):
     assert len(entries) == usage["completion_tokens"] > 0 and all(len(e["top_logprobs"]) == 2 for e in entries)
     whole = (await ask(client, **{**body, "stream": False, "stream_options": None})).json()["choices"][0]
     assert [e["token"] for e in entries] == [e["token"] for e in whole["logprobs"]["content"]]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("parallel", [True, False])
+async def test_auto_lets_the_model_write_freely_but_holds_an_opened_call_to_the_tools(client, parallel):
+    """tool_choice auto's grammar, token by token on the served tokenizer: any text may end the answer, but once
+    "<tool_call>" is written only a well-formed call of one of the tools may follow (without parallel calls,
+    nothing after it)."""
+    from service.tool_calls import ToolPlan
+
+    engine = client.app.state.engine
+    grammar = engine.grammars.compile(ToolPlan.of(TOOLS, "auto", parallel).constraint())
+    eos = engine.tokenizer.eos_token_id
+
+    def walk(text: str):
+        """(the matcher after text, or None if a token of it was refused)"""
+        m = engine.grammars.matcher(grammar)
+        for tok in engine.tokenizer.encode(text, add_special_tokens=False):
+            if not bool(m.allowed(engine.grammars.vocab_size)[tok // 32] >> (tok % 32) & 1):
+                return None
+            m.advance(tok)
+        return m
+
+    def may_end(m) -> bool:
+        return bool(m.allowed(engine.grammars.vocab_size)[eos // 32] >> (eos % 32) & 1)
+
+    call = tf.call_text("add", {"a": 2, "b": 3})
+    assert may_end(walk("No call needed: 2 < 3, <b>bold</b>."))
+    assert may_end(walk(f"Let me add them.\n{call}"))
+    assert walk('<tool_call>\n{"name": "subtract"') is None  # not a tool
+    assert walk('<tool_call>\n{"name": "add", "arguments": {"a": "two"') is None  # not its schema
+    assert walk('<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3, "c": 4') is None  # no extra keys
+    assert walk("<tool_call>\nplain words") is None
+    assert not may_end(walk('<tool_call>\n{"name": "add", "arguments": {"a": 2')) # an open call must close
+    second = walk(f"{call}\n{tf.call_text('get_weather', {'city': 'Oslo', 'days': 2})}")
+    assert (second is not None) == parallel
+    assert (walk(f"{call} and some text after") is not None) == parallel
