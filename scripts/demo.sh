@@ -2,7 +2,7 @@
 # The main job on the embedded default (disk store, SmolLM2-135M-Instruct):
 #   set up → convert the default model and compute its SVD factors (once) → train a demo OSoRA adapter
 #   (once) → start the service → upload the adapter → generate without it, with it, and with it merged at half
-#   strength → keep serving.
+#   strength → call a tool (function calling on the base) → keep serving.
 # Re-running skips what is already built. Ctrl-C stops the server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,5 +51,18 @@ req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", body, {"Conten
 print(json.dumps(json.load(urllib.request.urlopen(req)), indent=2))
 PY
 done
+echo "== POST /v1/chat/completions with a tool, tool_choice required (function calling on the base model)"
+python - "$PORT" <<'PY'
+import json, sys, urllib.request
+port = sys.argv[1]
+tool = {"type": "function", "function": {"name": "get_weather", "description": "The weather forecast for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+body = json.dumps({"model": "SmolLM2-135M-Instruct", "max_tokens": 40, "temperature": 0, "tools": [tool],
+                   "tool_choice": "required", "parallel_tool_calls": False,
+                   "messages": [{"role": "user", "content": "What's the weather in Paris?"}]}).encode()
+req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body, {"Content-Type": "application/json"})
+choice = json.load(urllib.request.urlopen(req))["choices"][0]
+print(json.dumps({"finish_reason": choice["finish_reason"], "tool_calls": choice["message"]["tool_calls"]}, indent=2))
+PY
 echo "== serving on http://127.0.0.1:$PORT (API docs at /docs); Ctrl-C to stop"
 wait $SERVER

@@ -42,6 +42,7 @@ from service import merge_requests, structured, tool_calls, tool_format
 from service.merges import MergeSpec
 from service.sampling import MAX_LOGPROBS
 from service.schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MergedAdapters, SamplingControls
+from service.tool_calls import ToolCallIn, ToolDefinition
 from svd_adapters.log import get_logger
 
 log = get_logger(__name__)
@@ -137,7 +138,7 @@ class ChatMessageIn(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCallIn] | None = None
 
 
 class ChatCompletionRequest(_Common):
@@ -145,8 +146,10 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = Field(
+        default=None, description="'none', 'auto' (the default with tools), 'required', or "
+        "{'type': 'function', 'function': {'name': …}} (see service/tool_calls.py)")
     parallel_tool_calls: bool | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
@@ -176,8 +179,9 @@ class ChatCompletionRequest(_Common):
         turns = []
         for m in self.messages:
             content = m.content if isinstance(m.content, str) else "".join(p.text or "" for p in (m.content or []))
+            calls = [c.model_dump() for c in m.tool_calls] if m.tool_calls else None
             turns.append({"role": "system" if m.role == "developer" else m.role, "content": content,
-                          "tool_calls": m.tool_calls})
+                          "tool_calls": calls})
         try:
             return tool_format.plain_turns(turns, plan.functions if plan is not None else None)
         except tool_format.ToolFormatError as exc:

@@ -18,12 +18,67 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from service import engine as eng
 from service import tool_format
 from service.errors import ApiError
 from service.structured import Constraint
 
 Mode = Literal["none", "auto", "required", "named"]
+
+
+# --- request shapes (OpenAI's) -----------------------------------------------------------------------------------
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=tool_format.NAME_PATTERN.pattern, description="1–64 characters of a-z, A-Z, 0-9, _ and -")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="a JSON schema of the arguments object (none: a function without arguments)")
+    strict: bool | None = Field(default=None, description="accepted; the arguments always follow the schema here")
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    arguments: str | dict[str, Any] = Field(default="{}", description="the arguments object as JSON text (or an object)")
+
+
+class ToolCallIn(BaseModel):
+    """A call in an assistant turn of the history."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
 
 
 def _bad(param: str, message: str) -> ApiError:
@@ -40,32 +95,35 @@ class ToolPlan:
     parallel: bool = True
 
     @classmethod
-    def of(cls, tools: Any, tool_choice: Any, parallel_tool_calls: bool | None) -> "ToolPlan | None":
+    def of(cls, tools: list[ToolDefinition] | list[dict[str, Any]] | None, tool_choice: ToolChoice | dict | None,
+           parallel_tool_calls: bool | None) -> "ToolPlan | None":
         """The request's plan; None without tools (and a tool_choice that needs none); 400 for a bad one."""
-        if tools is not None and tools != []:
-            try:
-                functions = tool_format.check_tools(tools)
-            except tool_format.ToolFormatError as exc:
-                raise _bad("tools", str(exc)) from None
-        else:
-            functions = []
+        raw = [t.model_dump(exclude_none=True) if isinstance(t, BaseModel) else t for t in tools or []]
+        try:
+            functions = tool_format.check_tools(raw) if raw else []
+        except tool_format.ToolFormatError as exc:
+            raise _bad("tools", str(exc)) from None
         parallel = parallel_tool_calls is not False
+        if isinstance(tool_choice, dict):
+            try:
+                tool_choice = NamedToolChoice.model_validate(tool_choice)
+            except ValidationError:
+                raise _bad("tool_choice", f"tool_choice {tool_choice!r} is not 'none', 'auto', 'required' or "
+                                          "{'type': 'function', 'function': {'name': …}}") from None
         if tool_choice in (None, "auto", "none"):
             if not functions:
                 return None
             return cls(functions, "none" if tool_choice == "none" else "auto", parallel=parallel)
-        if tool_choice == "required":
+        if isinstance(tool_choice, NamedToolChoice):
+            mode, name = "named", tool_choice.function.name
+        elif tool_choice == "required":
             mode, name = "required", None
-        elif isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
-            name = (tool_choice.get("function") or {}).get("name")
-            if not isinstance(name, str):
-                raise _bad("tool_choice", "a named tool_choice is {'type': 'function', 'function': {'name': …}}")
-            mode = "named"
         else:
             raise _bad("tool_choice", f"tool_choice {tool_choice!r} is not 'none', 'auto', 'required' or "
                                       "{'type': 'function', 'function': {'name': …}}")
+        shown = tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump()
         if not functions:
-            raise _bad("tool_choice", f"tool_choice {tool_choice!r} needs tools; give the functions in 'tools'")
+            raise _bad("tool_choice", f"tool_choice {shown!r} needs tools; give the functions in 'tools'")
         if name is not None and name not in {f["name"] for f in functions}:
             raise _bad("tool_choice", f"tool_choice names {name!r}, which is not among the tools "
                                       f"({', '.join(f['name'] for f in functions)})")
