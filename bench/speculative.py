@@ -2,9 +2,10 @@
 
 Workloads whose answers copy from their prompts (rewriting a text with its typos fixed, editing code, quoting a
 document's sentences) and one that copies nothing (a poem), each on the base and on OSoRA / LoRA-XS r16
-adapters (uploaded to a temp disk store). The same requests go through two engines that differ only in
-`speculative` (off, and `--tokens` drafted tokens with n-grams of 2–4), alternated request by request so the
-host's drift hits both alike: one request at a time (a single user's latency: where speculation is for), then
+adapters (uploaded to a temp disk store), and two of them again with a predicted output (OpenAI's `prediction`:
+the text being edited). The same requests go through two engines that differ only in `speculative` (off and
+predictions unused; `--tokens` drafted tokens with n-grams of 2–4, predictions drafted 8 tokens at a time),
+alternated request by request so the host's drift hits both alike: one request at a time (a single user's latency: where speculation is for), then
 `--concurrency` at once. Greedy, or sampled and seeded (`--temperature`); both engines must give the same tokens —
 a difference is counted, and fails a greedy run (sampled, a draw landing within float rounding of the boundary
 between two tokens may pick the neighbour: service/speculative.py).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -47,6 +49,12 @@ CODE = '''def total_price(items, tax):
     total = total + total * tax
     return round(total, 2)
 '''
+# Predicted Outputs (OpenAI's `prediction`): the prompt of a workload above, with the text it edits as the
+# answer's expected text (the engine drafts from it; the "off" engine ignores it)
+PREDICTED = {
+    "edit code, predicted": ("edit code", CODE),
+    "fix typos, predicted": ("fix typos", TYPOS),
+}
 WORKLOADS = {
     "fix typos": f"Fix the spelling mistakes in this text and write the whole corrected text:\n\n{TYPOS}",
     "edit code": f"Rename the function total_price to order_total in this Python code and show the full code:\n\n{CODE}",
@@ -75,18 +83,21 @@ def main() -> None:
     cfg = dict(max_batch=max(4, args.concurrency), max_rank=16, max_seq_len=1024, core_slots=4, lr_slots=1,
                device=args.device, prefix_cache_tokens=0)
     spec = SpeculativeConfig(tokens=args.tokens, max_batch=max(4, args.concurrency), backoff_max=args.backoff_max)
-    engines = {"off": Engine(base, factors, store, EngineConfig(**cfg)),
+    engines = {"off": Engine(base, factors, store, EngineConfig(**cfg, speculative=SpeculativeConfig(prediction_tokens=0))),
                "on": Engine(base, factors, store, EngineConfig(**cfg, speculative=spec))}
     for e in engines.values():
         e.start()
     enc = engines["on"].encode_prompt
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             seed=1234 if args.temperature > 0 else None)
-    prompts = {name: enc(messages=[{"role": "user", "content": text}]) for name, text in WORKLOADS.items()}
+    jobs = {name: (enc(messages=[{"role": "user", "content": text}]), None) for name, text in WORKLOADS.items()}
+    for name, (like, predicted) in PREDICTED.items():  # the same prompt, its answer's expected text given too
+        jobs[name] = (jobs[like][0], enc(predicted, raw=True))
 
-    async def timed(engine: Engine, batch: list[tuple[list[int], str | None]]):
+    async def timed(engine: Engine, batch: list[tuple[str, str | None]]):
         t0 = time.perf_counter()
-        results = await asyncio.gather(*[engine.generate(p, a, params) for p, a in batch])
+        results = await asyncio.gather(*[engine.generate(jobs[name][0], a, replace(params, prediction=jobs[name][1]))
+                                         for name, a in batch])
         return time.perf_counter() - t0, results
 
     def spec_counts() -> dict[str, int]:
@@ -98,11 +109,11 @@ def main() -> None:
         for aid in adapters[1:]:  # adapters loaded first: cold loads are not what this measures
             for e in engines.values():
                 asyncio.run(e.generate(enc("hello"), aid, SamplingParams(max_tokens=1)))
-        rounds = [(name, [(prompts[name], a)]) for _ in range(args.repeats) for name in WORKLOADS for a in adapters]
+        rounds = [(name, [(name, a)]) for _ in range(args.repeats) for name in jobs for a in adapters]
         if args.concurrency:  # each workload's requests, `concurrency` at once (adapters mixed)
             rounds += [(f"{name}, {args.concurrency} at once",
-                        [(prompts[name], adapters[i % len(adapters)]) for i in range(args.concurrency)])
-                       for name in WORKLOADS]
+                        [(name, adapters[i % len(adapters)]) for i in range(args.concurrency)])
+                       for name in jobs]
         for name, batch in rounds:
             r = rows.setdefault(name, {"seconds": {"off": 0.0, "on": 0.0}, "tokens": 0, "requests": 0,
                                        "drafted": 0, "accepted": 0, "spec_steps": 0, "steps": 0})

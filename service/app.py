@@ -435,6 +435,7 @@ def create_app(
             logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs, grammar=grammar,
             prefix_scope=body.prefix_scope(caller.tenant), tenant=caller.tenant,
             tenant_weight=caller.limits.weight or 1.0, **body.sampling_controls(),
+            prediction=await engine.encode_prediction(body.prediction),
         )
         texts = logprob_shapes.token_texts(request)
         result_id = target.label if isinstance(target, MergeSpec) else target
@@ -484,6 +485,8 @@ def _response_of(result: eng.GenerationResult, adapter_id: str | None, texts: lo
             completion_tokens=result.completion_tokens,
             total_tokens=result.prompt_tokens + result.completion_tokens,
             cached_tokens=result.cached_tokens,
+            accepted_prediction_tokens=result.accepted_prediction_tokens,
+            rejected_prediction_tokens=result.rejected_prediction_tokens,
         ),
         logprobs=None if result.logprobs is None else logprob_shapes.native(result.logprobs, texts),
         prompt_logprobs=None if result.prompt_logprobs is None else logprob_shapes.native(result.prompt_logprobs, texts),

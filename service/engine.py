@@ -32,7 +32,7 @@ from service.host_tier import HostTier
 from service.merges import MergeSpec, key_id, key_sources
 from service.prefix_cache import PrefixCache
 from service.detokenize import Detokenizer
-from service.speculative import SpeculativeConfig, propose
+from service.speculative import SpeculativeConfig, propose, propose_predicted
 from service.structured import GrammarError, Grammars, Matcher
 from service.sampling import (MAX_LOGPROBS, RowSampling, SamplingParams, TokenHistory, TokenLogprob, logprobs_of,
                               prompt_logprobs_of, sample_batch)
@@ -149,6 +149,8 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when the request asked for them
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None first), when asked
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    accepted_prediction_tokens: int = 0  # drafted from its prediction and kept (OpenAI's usage field)
+    rejected_prediction_tokens: int = 0  # drafted from its prediction and not kept
 
 
 @dataclass
@@ -186,6 +188,10 @@ class _Request:
     cancelled: bool = False
     spec_misses: int = 0  # its last drafts rejected outright, in a row (speculative decoding's back-off)
     spec_rest: int = 0  # decode steps it goes on without drafting
+    predicted_at: int = 0  # where in its prediction its last draft from it began
+    predicted_draft: bool = False  # this step's draft came from its prediction
+    prediction_kept: int = 0  # prediction tokens drafted and kept, for its usage
+    prediction_drafted: int = 0
     finish_reason: str | None = None
     method: str = "base"  # its adapter's method once admitted (a metrics label; never the adapter id)
     merge: MergeSpec | None = None  # the adapters its adapter is merged from (cache_key is the merge's)
@@ -334,6 +340,13 @@ class Engine:
         if getattr(self.tokenizer, "chat_template", None) is None:
             return self.tokenizer.encode("\n".join(m["content"] for m in msgs), add_special_tokens=False)
         return list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    async def encode_prediction(self, text: str | None) -> list[int] | None:
+        """A predicted output's token ids (off the event loop), None without one."""
+        if not text:
+            return None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, lambda: self.tokenizer.encode(text, add_special_tokens=False))
 
     def check_servable(self, adapter: Adapter) -> None:
         """Raise ValueError if this engine's slot pools cannot hold the adapter."""
@@ -1125,22 +1138,33 @@ class Engine:
             obs.on_step("decode", dt, rows)
 
     def _drafts(self, live: list[_Request]) -> list[list[int]] | None:
-        """Each row's draft for a speculative step, or None for a plain decode step: speculation off, too many
-        rows, or no row's context repeats its end. A draft stops where the request must (max_tokens counts the
+        """Each row's draft for a speculative step, or None for a plain decode step: speculation off (and no
+        request predicted its answer), too many rows, or no draft. A request's prediction drafts first, prompt
+        lookup where it has none (or none fits). A draft stops where the request must (max_tokens counts the
         token the step chooses after it; max_seq_len the positions it is fed at)."""
         spec = self.config.speculative
-        if not spec.tokens or len(live) > spec.max_batch:
+        predicting = spec.prediction_tokens and any(r.params.prediction for r in live)
+        if not (spec.tokens or predicting) or len(live) > spec.max_batch:
             return None
         drafts = []
         for req in live:
+            req.predicted_draft = False
             if req.spec_rest > 0:  # resting after drafts that were rejected outright
                 req.spec_rest -= 1
                 drafts.append([])
                 continue
             fed = len(req.prompt) + len(req.out)  # positions the row holds after this step's first token
-            room = min(spec.tokens, req.params.max_tokens - len(req.out) - 1, self.config.max_seq_len - fed)
-            drafts.append(propose(req.prompt + req.out, room, spec.ngram_max, spec.ngram_min)
-                          if room > 0 and req.finish_reason is None else [])
+            room = min(req.params.max_tokens - len(req.out) - 1, self.config.max_seq_len - fed)
+            draft: list[int] = []
+            if room > 0 and req.finish_reason is None:
+                if req.params.prediction and spec.prediction_tokens:
+                    draft, req.predicted_at = propose_predicted(req.params.prediction, req.prompt + req.out,
+                                                                req.predicted_at, min(room, spec.prediction_tokens),
+                                                                spec.ngram_max)
+                    req.predicted_draft = bool(draft)
+                if not draft and spec.tokens:
+                    draft = propose(req.prompt + req.out, min(room, spec.tokens), spec.ngram_max, spec.ngram_min)
+            drafts.append(draft)
         return drafts if any(drafts) else None
 
     def _verify(self, live: list[_Request], drafts: list[list[int]]) -> None:
@@ -1168,6 +1192,9 @@ class Engine:
             if draft:  # a draft rejected outright makes its row rest from drafting, longer each time in a row
                 req.spec_misses = 0 if k else req.spec_misses + 1
                 req.spec_rest = self.config.speculative.rest_after(req.spec_misses)
+            if req.predicted_draft:
+                req.prediction_drafted += len(draft)
+                req.prediction_kept += k
 
     def _accept_token(self, req: _Request, tok: int, logprob: TokenLogprob | None = None) -> None:
         if req.cancelled:
@@ -1208,7 +1235,8 @@ class Engine:
         self.counters["finished"] += 1
         req.emit("done", GenerationResult(req.detok.text, reason, len(req.prompt), len(req.out), req.adapter_id, list(req.out),
                                           req.logprobs if req.params.logprobs is not None else None,
-                                          req.prompt_logprobs, req.cached_tokens))
+                                          req.prompt_logprobs, req.cached_tokens, req.prediction_kept,
+                                          req.prediction_drafted - req.prediction_kept))
         for obs in self.observers:
             obs.on_finish(reason, len(req.out), req.method)
 

@@ -41,7 +41,7 @@ from service import logprobs as logprob_shapes
 from service import merge_requests, structured, tool_calls, tool_format
 from service.merges import MergeSpec
 from service.sampling import MAX_LOGPROBS
-from service.schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MergedAdapters, SamplingControls
+from service.schemas import MAX_PREDICTION_CHARS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MergedAdapters, SamplingControls
 from service.tool_calls import ToolCallIn, ToolDefinition
 from svd_adapters.log import get_logger
 
@@ -141,8 +141,23 @@ class ChatMessageIn(BaseModel):
     tool_calls: list[ToolCallIn] | None = None
 
 
+class PredictionIn(BaseModel):
+    """OpenAI's Predicted Outputs: text the answer is expected to repeat (a file being edited)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["content"] = "content"
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text or "" for p in self.content)
+
+
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessageIn] = Field(min_length=1)
+    prediction: PredictionIn | None = Field(
+        default=None, description="expected output: drafted and verified by speculative decoding (the answer is the "
+        "same, sooner where it repeats the prediction); usage.completion_tokens_details counts its tokens kept")
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
@@ -156,6 +171,8 @@ class ChatCompletionRequest(_Common):
         out = super().unsupported()
         if self.top_logprobs is not None and not self.logprobs:
             out.append(("top_logprobs", "top_logprobs needs logprobs: true"))
+        if self.prediction is not None and len(self.prediction.text()) > MAX_PREDICTION_CHARS:
+            out.append(("prediction", f"a prediction has at most {MAX_PREDICTION_CHARS} characters"))
         for i, m in enumerate(self.messages):
             if m.tool_calls and m.role != "assistant":
                 out.append((f"messages[{i}].tool_calls", "only assistant turns carry tool_calls"))
@@ -262,14 +279,20 @@ def _params(body: _Common, stops: list[str], max_tokens: int, logprobs: int | No
                               **body.sampling_controls())
 
 
-def _usage(results: list[eng.GenerationResult], n: int | None = None) -> dict[str, Any]:
+def _usage(results: list[eng.GenerationResult], n: int | None = None, predicted: bool = False) -> dict[str, Any]:
     """Prompts of n completions each (in that order): each prompt counted once, as OpenAI counts it; their tokens
-    from the prefix cache in prompt_tokens_details.cached_tokens, as OpenAI reports its own prompt caching."""
+    from the prefix cache in prompt_tokens_details.cached_tokens, as OpenAI reports its own prompt caching; with
+    a prediction, its tokens kept and not in completion_tokens_details."""
     firsts = results[:: n or len(results)] if results else []
     prompt = sum(r.prompt_tokens for r in firsts)
     completion = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in firsts)}}
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+             "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in firsts)}}
+    if predicted:
+        usage["completion_tokens_details"] = {
+            "accepted_prediction_tokens": sum(r.accepted_prediction_tokens for r in results),
+            "rejected_prediction_tokens": sum(r.rejected_prediction_tokens for r in results)}
+    return usage
 
 
 def _data(obj: dict[str, Any]) -> bytes:
@@ -474,6 +497,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
     constraint = body.constraint() or (plan.constraint() if plan is not None else None)
     grammar = await structured.grammar_for(engine.grammars, constraint)
     params = _params(body, stops, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, grammar, caller)
+    if body.prediction is not None:
+        params.prediction = await engine.encode_prediction(body.prediction.text())
+    predicted = body.prediction is not None
     choices = _choices(params, body.n or 1)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     fingerprint = request.app.state.factors.fingerprint
@@ -512,7 +538,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
 
         return await _sse(
             streams, [delta(i, {"role": "assistant", "content": ""}) for i in range(len(choices))], chunk, finished,
-            lambda results: [envelope("chat.completion.chunk", [], usage=_usage(results))] if include_usage else [],
+            lambda results: [envelope("chat.completion.chunk", [], usage=_usage(results, predicted=predicted))]
+            if include_usage else [],
         )
     results = await _run(request, engine, [(prompt_ids, p) for p in choices], adapter_id, version)
     if results is None:
@@ -521,7 +548,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
     for i, r in enumerate(results):
         msg, reason = tool_calls.message(plan, r)
         out.append({"index": i, "message": msg, "finish_reason": reason, "logprobs": logprobs(r.logprobs)})
-    return envelope("chat.completion", out, usage=_usage(results))
+    return envelope("chat.completion", out, usage=_usage(results, predicted=predicted))
 
 
 def _model_entry(model_id: str, created: float, owned_by: str) -> dict[str, Any]:

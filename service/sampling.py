@@ -43,6 +43,7 @@ class SamplingParams:
     tenant: str | None = None  # who asked: admission shares the batch's rows fairly between tenants
     priority: int = 0  # admission order: lower first (vLLM's convention); fair share within one priority
     tenant_weight: float = 1.0  # the tenant's share of rows under fair share, relative to other tenants'
+    prediction: list[int] | None = None  # the answer's expected tokens (OpenAI's Predicted Outputs): speculative drafts
 
     @property
     def greedy(self) -> bool:

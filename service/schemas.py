@@ -15,6 +15,7 @@ from svd_adapters.merge import MAX_SOURCES, SIGN_METHODS, STRATEGIES, MergeOptio
 MAX_TOKENS_CEILING = 1 << 16
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 256
+MAX_PREDICTION_CHARS = 64 * 1024  # a predicted output (its text) larger than this is refused
 MAX_PRIORITY = 1 << 31
 
 
@@ -270,6 +271,10 @@ class GenerateRequest(PromptInput, SamplingControls):
         default=None, description="instead of adapter_id: several adapters merged into one for this request"
     )
     max_tokens: int = Field(default=64, ge=1, le=MAX_TOKENS_CEILING, description="most tokens to generate")
+    prediction: str | None = Field(
+        default=None, max_length=MAX_PREDICTION_CHARS,
+        description="the answer's expected text (OpenAI's Predicted Outputs: e.g. a file being edited): drafted and "
+                    "verified by speculative decoding, so an answer that repeats it comes sooner; the answer is the same")
     temperature: float = Field(default=0.0, ge=0.0, le=100.0, description="0 = greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=1 << 63, description="makes sampling reproducible")
@@ -320,6 +325,8 @@ class Usage(BaseModel):
     total_tokens: int
     cached_tokens: int = Field(0, description="prompt tokens taken from the prefix cache (an earlier prompt on the same "
                                               "adapter started with them), not computed again")
+    accepted_prediction_tokens: int = Field(0, description="with a prediction: its tokens drafted and kept")
+    rejected_prediction_tokens: int = Field(0, description="with a prediction: its tokens drafted and not kept")
 
 
 class TokenAlternative(BaseModel):

@@ -32,6 +32,9 @@ class SpeculativeConfig:
     # A row whose draft was rejected outright rests from drafting for 1, 2, 4, … steps (at most this many; 0: never
     # rests): where its context stops predicting it, its drafts stop costing verify positions.
     backoff_max: int = 16
+    # drafts from a request's predicted output (OpenAI's Predicted Outputs): usually right for long runs, so longer
+    # than prompt lookup's; drafted for such requests even when `tokens` is 0
+    prediction_tokens: int = 8
 
     def check(self) -> None:
         if self.tokens < 0:
@@ -40,6 +43,8 @@ class SpeculativeConfig:
             raise ValueError(f"need 1 ≤ ngram_min ≤ ngram_max, got {self.ngram_min} and {self.ngram_max}")
         if self.max_batch < 1:
             raise ValueError(f"speculative max_batch must be ≥ 1, got {self.max_batch}")
+        if self.prediction_tokens < 0:
+            raise ValueError(f"speculative prediction_tokens must be ≥ 0 (0 = predictions unused), got {self.prediction_tokens}")
         if self.backoff_max < 0:
             raise ValueError(f"speculative backoff_max must be ≥ 0 (0 = never rest), got {self.backoff_max}")
 
@@ -63,3 +68,26 @@ def propose(context: list[int], k: int, ngram_max: int, ngram_min: int) -> list[
             at = int(hits[-1]) + n
             return tokens[at : at + k].tolist()
     return []
+
+
+def propose_predicted(prediction: list[int], context: list[int], start: int, k: int, ngram_max: int) -> tuple[list[int], int]:
+    """A draft from a request's predicted output: the ≤ k prediction tokens after the first place, at or after
+    `start` (where the last draft from it began), where the prediction holds the context's last n tokens (the
+    longest n ≤ ngram_max first; 1 is enough: the prediction is the caller's word, not a guess), else after the
+    first such place anywhere (the answer may skip back). Returns (draft, where it begins in the prediction); ([],
+    start) when no suffix of the context occurs in the prediction (the answer left it, for now)."""
+    size = len(context)
+    if k <= 0 or not prediction or not size:
+        return [], start
+    pred = np.asarray(prediction, dtype=np.int64)
+    tokens = np.asarray(context[-ngram_max:], dtype=np.int64)
+    for n in range(min(ngram_max, size, len(prediction)), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(pred, n)
+        hits = np.flatnonzero((windows == tokens[len(tokens) - n:]).all(axis=1)) + n  # where each match ends
+        hits = hits[hits < len(prediction)]  # a match at the very end leaves nothing to draft
+        if hits.size:
+            ahead = hits[hits >= start]
+            at = int(ahead[0] if ahead.size else hits[0])
+            return pred[at : at + k].tolist(), at
+    return [], start
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -280,3 +281,85 @@ def test_requests_joining_speculative_steps_mid_way_and_a_chunked_prompt_keep_th
     counters = dict(spec.counters)
     assert got == reference
     assert counters["prefill_chunks"] > 0 and counters["spec_accepted_tokens"] > 0
+
+
+# --- predicted outputs ------------------------------------------------------------------------------------------
+
+
+def test_propose_predicted_follows_the_prediction_from_where_the_answer_is():
+    from service.speculative import propose_predicted
+
+    pred = [10, 11, 12, 13, 14, 15, 16, 17]
+    # the answer so far is the prediction's start: its next tokens (a 1-token match is enough)
+    assert propose_predicted(pred, [1, 2, 10], 0, 3, 4) == ([11, 12, 13], 1)
+    assert propose_predicted(pred, [1, 2, 10, 11, 12], 1, 8, 4) == ([13, 14, 15, 16, 17], 3)
+    # the answer left the prediction (an edit) and came back: drafts resume after the rejoining tokens
+    assert propose_predicted(pred, [10, 11, 99, 98, 14, 15], 1, 2, 4) == ([16, 17], 6)
+    assert propose_predicted(pred, [10, 11, 99], 1, 3, 4) == ([], 1)  # nothing of it matches: no draft
+    assert propose_predicted(pred, [16, 17], 0, 3, 4) == ([], 0)  # the prediction is used up
+    # repeated tokens: the first match at or after where the last draft began, else the first anywhere
+    rep = [5, 6, 7, 5, 6, 8]
+    assert propose_predicted(rep, [5, 6], 0, 1, 4) == ([7], 2)
+    assert propose_predicted(rep, [5, 6], 3, 1, 4) == ([8], 5)
+    assert propose_predicted(rep, [5], 5, 1, 4) == ([6], 1)  # none ahead: the first anywhere
+
+
+def test_a_prediction_drafts_even_with_prompt_lookup_off_and_never_changes_a_token(tiny_base, tiny_factors, adapters,
+                                                                                   tmp_path):
+    """Requests predicting their answer exactly, with an edit in its middle, and wrongly, beside one without a
+    prediction, on an engine whose prompt lookup is off: every answer is its unspeculated one; an exact prediction
+    is kept whole in few steps, an edited one around its edit, a wrong one not at all; usage counts them."""
+    store = DiskStore(tmp_path / "store")
+    versions = put_adapters(store, adapters)
+    # seeded sampling: the tiny model's greedy answers repeat one token, which would hide an edit
+    reqs = [(tokens(10, 30 + i), a, SamplingParams(max_tokens=40, ignore_eos=True, temperature=1.0, seed=i))
+            for i, a in enumerate((None, "os", "xs", "so"))]
+    plain = engine(tiny_base, tiny_factors, store)
+    try:
+        want = [res for _, res in run_all(plain, reqs, versions)]
+    finally:
+        plain.shutdown(drain=False)
+    exact = list(want[0].token_ids)
+    edited = list(want[1].token_ids)
+    edited[15:18] = [(t + 1) % 256 for t in edited[15:18]]
+    wrong = [(t + 7) % 256 for t in want[2].token_ids]
+    predicted = [(p, a, replace(sp, prediction=pred)) for (p, a, sp), pred in zip(reqs, (exact, edited, wrong, None))]
+    eng = engine(tiny_base, tiny_factors, store, SpeculativeConfig(tokens=0, max_batch=4, prediction_tokens=8))
+    try:
+        got = [res for _, res in run_all(eng, predicted, versions)]
+        steps = eng.counters["steps"]
+        alone = run_all(eng, predicted[:1], versions)[0][1]  # the exact prediction alone
+        alone_steps = eng.counters["steps"] - steps
+    finally:
+        eng.shutdown(drain=False)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want] and alone.token_ids == want[0].token_ids
+    # 39 tokens after the prefill's: drafts of 8 kept whole, each step adding its own token (the last drafts less)
+    assert got[0].accepted_prediction_tokens >= 30 and got[0].rejected_prediction_tokens == 0
+    assert alone_steps <= 6
+    assert 15 <= got[1].accepted_prediction_tokens < 35 and got[1].rejected_prediction_tokens >= 1
+    assert got[2].accepted_prediction_tokens <= 2 and got[2].rejected_prediction_tokens >= 1
+    assert got[3].accepted_prediction_tokens == got[3].rejected_prediction_tokens == 0
+
+
+@pytest.mark.anyio
+async def test_predicted_outputs_through_the_apis(serve, tmp_path):
+    """OpenAI's `prediction` on /v1/chat/completions and /generate's `prediction`: the same answer, and usage says
+    how much of the prediction was kept."""
+    store = DiskStore(tmp_path / "store")
+    async with serve(store, max_seq_len=256) as client:
+        chat = {"model": "tiny-random-llama", "messages": [{"role": "user", "content": "Say something."}],
+                "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+        first = (await client.post("/v1/chat/completions", json=chat)).json()
+        text = first["choices"][0]["message"]["content"]
+        again = (await client.post("/v1/chat/completions", json={**chat, "prediction": {"type": "content", "content": text}})).json()
+        assert again["choices"][0]["message"]["content"] == text
+        details = again["usage"]["completion_tokens_details"]
+        assert details["accepted_prediction_tokens"] > 10 and "completion_tokens_details" not in first["usage"]
+        native = {"prompt": "Say something.", "max_tokens": 30, "ignore_eos": True}
+        base = (await client.post("/generate", json=native)).json()
+        resp = (await client.post("/generate", json={**native, "prediction": base["text"]})).json()
+        assert resp["text"] == base["text"] and resp["usage"]["accepted_prediction_tokens"] > 10
+        assert base["usage"]["accepted_prediction_tokens"] == 0
+        too_long = await client.post("/v1/chat/completions", json={**chat, "prediction": {"content": "x" * 70000}})
+        assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "prediction"
+    store.close()
