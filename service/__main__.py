@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speculative-ngram-min", type=int, help="shortest context suffix looked up (default 2)")
     p.add_argument("--speculative-max-batch", type=int,
                    help="speculate only while at most this many requests decode (default 4)")
+    p.add_argument("--speculative-prediction-tokens", type=int,
+                   help="tokens drafted per step from a request's predicted output (OpenAI's `prediction`) "
+                        "(default 8; 0 = predictions unused)")
     p.add_argument("--speculative-backoff-max", type=int,
                    help="a request whose draft was rejected outright drafts again after 1, 2, 4, … decode steps, at "
                         "most this many (default 16; 0 = drafts every step)")

@@ -84,6 +84,7 @@ class Settings:
     speculative_ngram_min: int = SpeculativeConfig.ngram_min
     speculative_max_batch: int = SpeculativeConfig.max_batch
     speculative_backoff_max: int = SpeculativeConfig.backoff_max
+    speculative_prediction_tokens: int = SpeculativeConfig.prediction_tokens
     shutdown_timeout: float = 30.0
     request_timeout: float = 300.0  # 0 = no limit
     max_request_bytes: int = 1024 * 1024  # bodies of /generate and other JSON routes (uploads: max_upload_bytes)
@@ -136,7 +137,8 @@ class Settings:
     def speculative(self) -> SpeculativeConfig:
         return SpeculativeConfig(tokens=self.speculative_tokens, ngram_max=self.speculative_ngram_max,
                                  ngram_min=self.speculative_ngram_min, max_batch=self.speculative_max_batch,
-                                 backoff_max=self.speculative_backoff_max)
+                                 backoff_max=self.speculative_backoff_max,
+                                 prediction_tokens=self.speculative_prediction_tokens)
 
     @property
     def auth_enabled(self) -> bool:

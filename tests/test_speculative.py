@@ -39,12 +39,13 @@ def test_propose_drafts_what_followed_the_latest_earlier_occurrence_of_the_suffi
 
 def test_speculative_config_is_checked():
     for bad in (dict(tokens=-1), dict(ngram_min=0), dict(ngram_min=3, ngram_max=2), dict(max_batch=0),
-                dict(backoff_max=-1)):
+                dict(backoff_max=-1), dict(prediction_tokens=-1)):
         with pytest.raises(ValueError):
             SpeculativeConfig(**bad).check()
     settings = Settings.from_env(speculative_tokens=5, speculative_ngram_max=3, speculative_max_batch=2,
-                                 speculative_backoff_max=8)
-    assert settings.speculative == SpeculativeConfig(tokens=5, ngram_max=3, ngram_min=2, max_batch=2, backoff_max=8)
+                                 speculative_backoff_max=8, speculative_prediction_tokens=6)
+    assert settings.speculative == SpeculativeConfig(tokens=5, ngram_max=3, ngram_min=2, max_batch=2, backoff_max=8,
+                                                     prediction_tokens=6)
     assert [SpeculativeConfig(backoff_max=8).rest_after(m) for m in range(6)] == [0, 1, 2, 4, 8, 8]
     assert SpeculativeConfig(backoff_max=0).rest_after(3) == 0
     with pytest.raises(ValueError, match="ngram_min"):
