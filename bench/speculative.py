@@ -3,7 +3,7 @@
 Workloads whose answers copy from their prompts (rewriting a text with its typos fixed, editing code, quoting a
 document's sentences) and one that copies nothing (a poem), each on the base and on OSoRA / LoRA-XS r16
 adapters (uploaded to a temp disk store), and two of them again with a predicted output (OpenAI's `prediction`:
-the text being edited). The same requests go through two engines that differ only in `speculative` (off and
+the text the answer is expected to repeat). The same requests go through two engines that differ only in `speculative` (off and
 predictions unused; `--tokens` drafted tokens with n-grams of 2–4, predictions drafted 8 tokens at a time),
 alternated request by request so the host's drift hits both alike: one request at a time (a single user's latency: where speculation is for), then
 `--concurrency` at once. Greedy, or sampled and seeded (`--temperature`); both engines must give the same tokens —
@@ -11,7 +11,7 @@ a difference is counted, and fails a greedy run (sampled, a draw landing within 
 between two tokens may pick the neighbour: service/speculative.py).
 
     python bench/speculative.py [--base default] [--tokens 4] [--max-tokens 128] [--repeats 2] [--concurrency 4]
-                                [--temperature T] [--backoff-max N]
+                                [--temperature T] [--backoff-max N] [--only NAME]
 
 Prints a markdown table and a last line of JSON.
 """
@@ -49,10 +49,12 @@ CODE = '''def total_price(items, tax):
     total = total + total * tax
     return round(total, 2)
 '''
-# Predicted Outputs (OpenAI's `prediction`): the prompt of a workload above, with the text it edits as the
-# answer's expected text (the engine drafts from it; the "off" engine ignores it)
+# Predicted Outputs (OpenAI's `prediction`): the prompt of a workload above, with the text its answer is expected
+# to repeat (the sentences to quote; the text to correct) given too: the engine drafts from it, the "off" engine
+# ignores it
 PREDICTED = {
-    "edit code, predicted": ("edit code", CODE),
+    "quote, predicted": ("quote", "Our shop opens at nine in the morning and closes at six in the evening. On Saturdays "
+                                  "we open an hour later."),
     "fix typos, predicted": ("fix typos", TYPOS),
 }
 WORKLOADS = {
@@ -70,6 +72,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="rounds over the workloads × adapters, one at a time")
     ap.add_argument("--concurrency", type=int, default=4, help="requests at once in the batched round; 0 skips it")
+    ap.add_argument("--only", default=None, help="run only the workloads whose name contains this text")
     ap.add_argument("--backoff-max", type=int, default=SpeculativeConfig.backoff_max,
                     help="the speculating engine's rest after rejected drafts (0: drafts every step)")
     ap.add_argument("--temperature", type=float, default=0.0,
@@ -93,6 +96,7 @@ def main() -> None:
     jobs = {name: (enc(messages=[{"role": "user", "content": text}]), None) for name, text in WORKLOADS.items()}
     for name, (like, predicted) in PREDICTED.items():  # the same prompt, its answer's expected text given too
         jobs[name] = (jobs[like][0], enc(predicted, raw=True))
+    jobs = {name: job for name, job in jobs.items() if args.only is None or args.only in name}
 
     async def timed(engine: Engine, batch: list[tuple[str, str | None]]):
         t0 = time.perf_counter()

@@ -1158,9 +1158,9 @@ class Engine:
             draft: list[int] = []
             if room > 0 and req.finish_reason is None:
                 if req.params.prediction and spec.prediction_tokens:
-                    draft, req.predicted_at = propose_predicted(req.params.prediction, req.prompt + req.out,
+                    draft, req.predicted_at = propose_predicted(req.params.prediction, req.out, req.prompt + req.out,
                                                                 req.predicted_at, min(room, spec.prediction_tokens),
-                                                                spec.ngram_max)
+                                                                spec.ngram_max, spec.ngram_min)
                     req.predicted_draft = bool(draft)
                 if not draft and spec.tokens:
                     draft = propose(req.prompt + req.out, min(room, spec.tokens), spec.ngram_max, spec.ngram_min)

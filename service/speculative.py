@@ -70,18 +70,23 @@ def propose(context: list[int], k: int, ngram_max: int, ngram_min: int) -> list[
     return []
 
 
-def propose_predicted(prediction: list[int], context: list[int], start: int, k: int, ngram_max: int) -> tuple[list[int], int]:
-    """A draft from a request's predicted output: the ≤ k prediction tokens after the first place, at or after
-    `start` (where the last draft from it began), where the prediction holds the context's last n tokens (the
-    longest n ≤ ngram_max first; 1 is enough: the prediction is the caller's word, not a guess), else after the
-    first such place anywhere (the answer may skip back). Returns (draft, where it begins in the prediction); ([],
-    start) when no suffix of the context occurs in the prediction (the answer left it, for now)."""
-    size = len(context)
-    if k <= 0 or not prediction or not size:
+def propose_predicted(prediction: list[int], out: list[int], context: list[int], start: int, k: int, ngram_max: int,
+                      ngram_min: int) -> tuple[list[int], int]:
+    """A draft from a request's predicted output: while the answer so far is the prediction's start, the ≤ k
+    prediction tokens that follow it; else those after the first place, at or after `start` (where the last draft
+    from it began), where the prediction holds the context's last n tokens (the longest n in [ngram_min,
+    ngram_max] first: one common token would match anywhere), else after the first such place anywhere (the answer
+    may skip back). Returns (draft, where it begins in the prediction); ([], start) when the answer has left the
+    prediction, for now."""
+    if k <= 0 or not prediction:
         return [], start
+    done = len(out)
+    if done < len(prediction) and prediction[:done] == out:
+        return prediction[done : done + k], done
+    size = len(context)
     pred = np.asarray(prediction, dtype=np.int64)
     tokens = np.asarray(context[-ngram_max:], dtype=np.int64)
-    for n in range(min(ngram_max, size, len(prediction)), 0, -1):
+    for n in range(min(ngram_max, size, len(prediction)), ngram_min - 1, -1):
         windows = np.lib.stride_tricks.sliding_window_view(pred, n)
         hits = np.flatnonzero((windows == tokens[len(tokens) - n:]).all(axis=1)) + n  # where each match ends
         hits = hits[hits < len(prediction)]  # a match at the very end leaves nothing to draft
@@ -90,4 +95,3 @@ def propose_predicted(prediction: list[int], context: list[int], start: int, k: 
             at = int(ahead[0] if ahead.size else hits[0])
             return pred[at : at + k].tolist(), at
     return [], start
-
