@@ -4,6 +4,10 @@ A generation that repeats its context — quoting, extraction, rewriting, code e
 restating the last — often goes on the way the same few tokens went on earlier. `propose` finds the latest
 earlier occurrence of the context's last n tokens (the longest n first) and drafts the tokens that followed it.
 
+A request may also bring its own draft source, a predicted output (OpenAI's Predicted Outputs: the file it asks to
+have edited): `propose_predicted` drafts from it while the answer follows it, and picks it up again where the
+answer rejoins it; such requests draft even when prompt lookup is off.
+
 The engine then feeds each row its next token and its draft in one forward (`BatchedRunner.verify`): on a CPU a
 decode step of a few rows is bound by reading the weights, so scoring five positions costs little more than
 one. It chooses each position's token exactly as a decode step would — the same sampler, penalties, grammar,
