@@ -4,7 +4,8 @@ A real server (`python -m service` in a subprocess, or uvicorn in a thread) on a
 store in a temp dir, auth off. N adapters (OSoRA, LoRA-XS, SORSA, LoRA; ranks 1–8, LoRA up to 16) are
 uploaded, then C concurrent clients (httpx.AsyncClient) send R greedy requests over them (plus some for the
 base model, and some for request-time merges of two of them — linear, and TIES where two share a method and rank;
-some streamed). Every answer is compared with that adapter's (or merge's) solo reference, computed here with the
+some streamed; some with a predicted output: their reference answer, or it with a third replaced). Every answer is
+compared with that adapter's (or merge's) solo reference, computed here with the
 adapter (the merge's weighted deltas) merged into a copy of the HF model (`svd_adapters.inject`), one prompt at a time:
 any difference is a mismatch (cross-tenant leakage shows up as one). The queue is kept small (max_waiting),
 so some requests are refused with 429 + Retry-After; clients honour Retry-After and retry. Faults are mixed in
@@ -229,7 +230,7 @@ class Server:
             opts["prefill_chunk_tokens"] = args.prefill_chunk_tokens
         if args.speculative_tokens:
             opts["speculative_tokens"] = args.speculative_tokens
-            opts["speculative_max_batch"] = args.speculative_max_batch
+        opts["speculative_max_batch"] = args.speculative_max_batch  # predicted outputs draft up to it too
         if mode == "process":
             cmd = [sys.executable, "-m", "service", "--base", base_spec, "--store", str(store_dir), "--host", "127.0.0.1",
                    "--port", str(self.port), "--factors-dir", str(factors_dir), "--device", "cpu", "--auth", "off"]
@@ -324,6 +325,8 @@ class Tally:
     tokens: int = 0
     streamed: int = 0
     disconnects: int = 0
+    predicted: int = 0  # answers to requests carrying a predicted output
+    prediction_kept: int = 0  # their prediction tokens drafted and kept
     bad_uploads_refused: dict[str, int] = field(default_factory=dict)
     bad_uploads_accepted: list[str] = field(default_factory=list)
     max_waiting_seen: int = 0
@@ -331,9 +334,21 @@ class Tally:
     errors: list[str] = field(default_factory=list)
 
 
+def _prediction(job: dict, ref_text: str) -> dict:
+    """A predicted output for the job: its reference answer itself, or with its middle third replaced (the
+    answer must come out the same either way; only how many drafted tokens are kept differs)."""
+    if job.get("predict") is None:
+        return {}
+    if job["predict"] == "edited":
+        third = len(ref_text) // 3
+        ref_text = ref_text[:third] + "~" * third + ref_text[2 * third:]
+    return {"prediction": ref_text}
+
+
 async def _one(client: httpx.AsyncClient, job: dict, refs, tally: Tally, tokenizer) -> None:
     target = {"merged_adapters": job["merge"]} if job.get("merge") else {"adapter_id": job["adapter"]}
-    body = {**target, "prompt": PROMPTS[job["prompt"]], "max_tokens": job["max_tokens"]}
+    ref = refs[(job["adapter"], job["prompt"])]
+    body = {**target, "prompt": PROMPTS[job["prompt"]], "max_tokens": job["max_tokens"], **_prediction(job, ref.text)}
     t0 = time.perf_counter()
     while True:
         resp_json: dict = {}
@@ -370,11 +385,13 @@ async def _one(client: httpx.AsyncClient, job: dict, refs, tally: Tally, tokeniz
     if status != 200:
         tally.errors.append(f"{job['adapter']}: HTTP {status} {json.dumps(resp_json)[:300]}")
         return
-    ref = refs[(job["adapter"], job["prompt"])]
     got = (answer["text"], answer["usage"]["completion_tokens"], answer["finish_reason"], answer["usage"]["prompt_tokens"])
     want = (ref.text, ref.completion_tokens, ref.finish_reason, ref.prompt_tokens)
     tally.tokens += answer["usage"]["completion_tokens"]
     tally.streamed += job["stream"]
+    if job.get("predict"):
+        tally.predicted += 1
+        tally.prediction_kept += answer["usage"]["accepted_prediction_tokens"]
     if got != want or answer["adapter_id"] != job["adapter"]:
         step, gap = ref.divergence(got[0], tokenizer)
         tally.mismatches.append({"adapter": job["adapter"], "prompt": job["prompt"], "stream": job["stream"],
@@ -476,7 +493,8 @@ def run(*, base_spec: str = "tiny", n_requests: int = 1000, n_adapters: int = 10
         disconnects: int = 50, n_bad_uploads: int = 100, server: str = "process", seed: int = 0,
         factors_dir: Path | None = None, scale: float | None = None, host_cache_mb: int | None = None,
         prefill_chunk_tokens: int | None = None, merges: int = 0, merge_share: float = 0.1,
-        speculative_tokens: int = 0, speculative_max_batch: int = 4, log=print) -> dict:
+        speculative_tokens: int = 0, speculative_max_batch: int = 4, prediction_share: float = 0.0,
+        log=print) -> dict:
     """The whole benchmark; returns the result dict (see the JSON line)."""
     t_setup = time.perf_counter()
     import logging
@@ -503,8 +521,9 @@ def run(*, base_spec: str = "tiny", n_requests: int = 1000, n_adapters: int = 10
         r = rng.random()
         adapter = None if r < base_share else (labels[i % len(labels)] if r < base_share + merge_share and labels
                                                 else ids[i % n_adapters])
+        predict = rng.choice(("exact", "edited")) if rng.random() < prediction_share else None
         jobs.append({"adapter": adapter, "prompt": rng.choice(prompts_of[adapter]), "max_tokens": max_tokens,
-                     "stream": rng.random() < stream_share, "merge": merge_specs.get(adapter)})
+                     "stream": rng.random() < stream_share, "merge": merge_specs.get(adapter), "predict": predict})
     used = {}
     for job in jobs:
         used.setdefault(job["adapter"], set()).add(job["prompt"])
@@ -601,6 +620,8 @@ def run(*, base_spec: str = "tiny", n_requests: int = 1000, n_adapters: int = 10
         "retries_429": tally.retries_429,
         "retry_after_s_max": max(tally.retry_after_s, default=0),
         "streamed": tally.streamed,
+        "predicted": tally.predicted,
+        "prediction_tokens_kept": tally.prediction_kept,
         "faults_injected": {"client_disconnects": tally.disconnects, "bad_uploads": n_bad_uploads},
         "bad_uploads_refused_by_code": tally.bad_uploads_refused,
         "bad_uploads_accepted": len(tally.bad_uploads_accepted),
@@ -643,6 +664,8 @@ def print_table(r: dict) -> None:
         ("most requests waiting at once (max_waiting)", f"{r['max_waiting_seen']} ({r['max_waiting']})"),
         ("most rows running at once (max_batch)", f"{r['max_active_seen']} ({r['max_batch']})"),
         ("streamed requests among them", r["streamed"]),
+        ("requests with a predicted output (their reference, or it with a third replaced) / its tokens kept",
+         f"{r['predicted']} / {r['prediction_tokens_kept']}"),
         ("requests for request-time merges (merges: strategies)",
          f"{r['merged_requests']} ({len(r['merges'])}: {', '.join(sorted(set(r['merges'].values()))) or '—'})"),
         ("faults: clients hanging up mid-stream", r["faults_injected"]["client_disconnects"]),
@@ -691,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speculative-tokens", type=int, default=0,
                     help="the server's speculative decoding (drafted tokens a step; default 0 = off)")
     ap.add_argument("--speculative-max-batch", type=int, default=4, help="rows up to which it speculates")
+    ap.add_argument("--prediction-share", type=float, default=0.2,
+                    help="the share of requests carrying a predicted output (their reference answer, or it edited)")
     ap.add_argument("--disconnects", type=int, default=50)
     ap.add_argument("--bad-uploads", type=int, default=100)
     ap.add_argument("--server", choices=("process", "thread"), default="process")
@@ -706,7 +731,8 @@ def main(argv: list[str] | None = None) -> int:
             disconnects=a.disconnects, n_bad_uploads=a.bad_uploads, server=a.server, seed=a.seed, scale=a.scale,
             host_cache_mb=a.host_cache_mb, prefill_chunk_tokens=a.prefill_chunk_tokens, merges=a.merges,
             merge_share=a.merge_share, speculative_tokens=a.speculative_tokens,
-            speculative_max_batch=a.speculative_max_batch, log=lambda m: print(m, file=sys.stderr, flush=True))
+            speculative_max_batch=a.speculative_max_batch, prediction_share=a.prediction_share,
+            log=lambda m: print(m, file=sys.stderr, flush=True))
     r["total_s"] = round(time.perf_counter() - t0, 1)
     r["client_max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print_table(r)
