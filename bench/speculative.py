@@ -3,10 +3,10 @@
 Workloads whose answers copy from their prompts (rewriting a text with its typos fixed, editing code, quoting a
 document's sentences) and one that copies nothing (a poem), each on the base and on OSoRA / LoRA-XS r16
 adapters (uploaded to a temp disk store), and two of them again with a predicted output (OpenAI's `prediction`:
-the text the answer is expected to repeat). The same requests go through two engines that differ only in `speculative` (off and
-predictions unused; `--tokens` drafted tokens with n-grams of 2–4, predictions drafted 8 tokens at a time),
-alternated request by request so the host's drift hits both alike: one request at a time (a single user's latency: where speculation is for), then
-`--concurrency` at once. Greedy, or sampled and seeded (`--temperature`); both engines must give the same tokens —
+the text the answer is expected to repeat). The same requests go through two engines that differ only in
+`speculative` (off and predictions unused; `--tokens` drafted tokens with n-grams of 2–4, predictions drafted 8
+tokens at a time), alternated request by request so the host's drift hits both alike: one request at a time (a
+single user's latency: where speculation is for), then `--concurrency` at once. Greedy, or sampled and seeded (`--temperature`); both engines must give the same tokens —
 a difference is counted, and fails a greedy run (sampled, a draw landing within float rounding of the boundary
 between two tokens may pick the neighbour: service/speculative.py).
 

@@ -191,7 +191,7 @@ class _Request:
     predicted_at: int = 0  # where in its prediction its last draft from it began
     predicted_draft: bool = False  # this step's draft came from its prediction
     prediction_kept: int = 0  # prediction tokens drafted and kept, for its usage
-    prediction_drafted: int = 0
+    prediction_drafted: int = 0  # … and drafted
     finish_reason: str | None = None
     method: str = "base"  # its adapter's method once admitted (a metrics label; never the adapter id)
     merge: MergeSpec | None = None  # the adapters its adapter is merged from (cache_key is the merge's)
