@@ -189,9 +189,21 @@ class _Request:
     spec_misses: int = 0  # its last drafts rejected outright, in a row (speculative decoding's back-off)
     spec_rest: int = 0  # decode steps it goes on without drafting
     predicted_at: int = 0  # where in its prediction its last draft from it began
-    predicted_draft: bool = False  # this step's draft came from its prediction
+    predicted_draft: bool = False  # this step's draft came from its prediction (until the step has counted it)
+    prediction_from: int = 0  # len(out) when that draft was fed
+    prediction_inflight: list[int] | None = None  # that draft, while its step chooses
     prediction_kept: int = 0  # prediction tokens drafted and kept, for its usage
     prediction_drafted: int = 0  # … and drafted
+
+    def prediction_usage(self) -> tuple[int, int]:
+        """(kept, drafted and not kept) of its prediction's tokens — also when it finishes in the middle of a
+        step verifying a draft from it: that draft's tokens kept so far are those its output matches."""
+        kept = self.prediction_kept
+        for got, want in zip(self.out[self.prediction_from:], self.prediction_inflight or []):
+            if got != want:
+                break
+            kept += 1
+        return kept, self.prediction_drafted - kept
     finish_reason: str | None = None
     method: str = "base"  # its adapter's method once admitted (a metrics label; never the adapter id)
     merge: MergeSpec | None = None  # the adapters its adapter is merged from (cache_key is the merge's)
@@ -272,7 +284,8 @@ class Engine:
         self.counters = {"requests": 0, "finished": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0,
                          "adapter_loads": 0, "adapter_load_errors": 0, "rejected_queue_full": 0, "timed_out": 0,
                          "failed_at_shutdown": 0, "prefills_shared": 0, "prefill_chunks": 0, "preempted": 0,
-                         "resumed": 0, "spec_steps": 0, "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
+                         "resumed": 0, "spec_steps": 0, "spec_draft_tokens": 0, "spec_accepted_tokens": 0,
+                         "spec_prediction_draft_tokens": 0, "spec_prediction_accepted_tokens": 0}
         self._finished_at: deque[float] = deque(maxlen=256)  # monotonic finish times, for Retry-After estimates
         self.load_latencies: deque[float] = deque(maxlen=1000)
         self.step_latencies: deque[float] = deque(maxlen=1000)
@@ -1174,6 +1187,11 @@ class Engine:
         feeds = [[r.out[-1]] + d for r, d in zip(live, drafts)]
         logits = self.runner.verify(feeds, [len(r.prompt) + len(r.out) - 1 for r in live],
                                     [r.core_slot for r in live], [r.lr_slot for r in live])
+        for req, draft in zip(live, drafts):
+            if req.predicted_draft:  # counted before choosing: a request may finish (and report) mid-draft
+                req.prediction_drafted += len(draft)
+                req.prediction_from, req.prediction_inflight = len(req.out), draft
+                self.counters["spec_prediction_draft_tokens"] += len(draft)
         going = list(range(len(live)))
         kept = [0] * len(live)
         for j in range(logits.shape[1]):
@@ -1193,8 +1211,9 @@ class Engine:
                 req.spec_misses = 0 if k else req.spec_misses + 1
                 req.spec_rest = self.config.speculative.rest_after(req.spec_misses)
             if req.predicted_draft:
-                req.prediction_drafted += len(draft)
                 req.prediction_kept += k
+                req.predicted_draft, req.prediction_inflight = False, None
+                self.counters["spec_prediction_accepted_tokens"] += k
 
     def _accept_token(self, req: _Request, tok: int, logprob: TokenLogprob | None = None) -> None:
         if req.cancelled:
@@ -1235,8 +1254,7 @@ class Engine:
         self.counters["finished"] += 1
         req.emit("done", GenerationResult(req.detok.text, reason, len(req.prompt), len(req.out), req.adapter_id, list(req.out),
                                           req.logprobs if req.params.logprobs is not None else None,
-                                          req.prompt_logprobs, req.cached_tokens, req.prediction_kept,
-                                          req.prediction_drafted - req.prediction_kept))
+                                          req.prompt_logprobs, req.cached_tokens, *req.prediction_usage()))
         for obs in self.observers:
             obs.on_finish(reason, len(req.out), req.method)
 

@@ -20,7 +20,8 @@ Metric names (all prefixed svdserve_):
     adapter_host_cache_bytes   adapter_host_cache_entries  (the host-memory tier; read at scrape time)
     preemptions_total   resumptions_total  (preemption by request priority; read at scrape time)
     spec_decode_steps_total   spec_decode_draft_tokens_total   spec_decode_accepted_tokens_total  (speculative
-    decoding; read at scrape time)
+    decoding; read at scrape time)   spec_decode_prediction_draft_tokens_total
+    spec_decode_prediction_accepted_tokens_total  (of those, from predicted outputs)
 """
 from __future__ import annotations
 
@@ -101,6 +102,10 @@ class _EngineState(Collector):
                 ("spec_decode_steps", "spec_steps", "Decode steps that fed drafted tokens (speculative decoding)"),
                 ("spec_decode_draft_tokens", "spec_draft_tokens", "Tokens drafted by prompt lookup and fed for verification"),
                 ("spec_decode_accepted_tokens", "spec_accepted_tokens", "Drafted tokens the model agreed with (kept)"),
+                ("spec_decode_prediction_draft_tokens", "spec_prediction_draft_tokens",
+                 "Of the drafted tokens, those from requests' predicted outputs"),
+                ("spec_decode_prediction_accepted_tokens", "spec_prediction_accepted_tokens",
+                 "Of the kept tokens, those from requests' predicted outputs"),
             ))
         if "prefix_cache_hits" in stats:  # the prefix cache's own counts (absent when it is off)
             yield from _from_stats(stats, CounterMetricFamily, (

@@ -345,6 +345,18 @@ def test_a_prediction_drafts_even_with_prompt_lookup_off_and_never_changes_a_tok
     assert 15 <= got[1].accepted_prediction_tokens < 35 and got[1].rejected_prediction_tokens >= 1
     assert got[2].accepted_prediction_tokens == got[2].rejected_prediction_tokens == 0  # never met: never drafted
     assert got[3].accepted_prediction_tokens == got[3].rejected_prediction_tokens == 0
+    # the engine's counts (Prometheus: svdserve_spec_decode_prediction_*_tokens_total) are the requests' sums
+    everyone = got + [alone]
+    assert eng.counters["spec_prediction_draft_tokens"] == sum(
+        r.accepted_prediction_tokens + r.rejected_prediction_tokens for r in everyone)
+    # (a request's last kept token may end it: its usage counts it, the engine's step does not)
+    kept = sum(r.accepted_prediction_tokens for r in everyone)
+    assert kept - len(everyone) <= eng.counters["spec_prediction_accepted_tokens"] <= kept
+    metrics = Metrics()
+    metrics.attach(eng)
+    text = metrics.exposition().decode()
+    assert (f"svdserve_spec_decode_prediction_accepted_tokens_total "
+            f"{float(eng.counters['spec_prediction_accepted_tokens'])}") in text
 
 
 @pytest.mark.anyio
