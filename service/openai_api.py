@@ -495,6 +495,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
         max_tokens = max_tokens_for(caller, requested, explicit=True, param=param)
     # a response_format or guided_* asked for beside tool_choice "auto" holds the whole answer instead
     constraint = body.constraint() or (plan.constraint() if plan is not None else None)
+    incremental = plan is not None and constraint is not None and constraint.param == "tool_choice"  # our grammar
     grammar = await structured.grammar_for(engine.grammars, constraint)
     params = _params(body, stops, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, grammar, caller)
     if body.prediction is not None:
@@ -521,8 +522,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
                             [{"index": i, "delta": d, "finish_reason": finish, "logprobs": logprobs(entries)}])
 
         streams = [engine.stream(prompt_ids, adapter_id, p, version) for p in choices]
-        # with tools read as calls: content as it can be shown, each call once its block closes
-        readers = [tool_calls.StreamedChoice() for _ in choices] if plan is not None and plan.reads_calls else None
+        # with tools read as calls: content as it can be shown, calls as they are written
+        readers = ([tool_calls.StreamedChoice(incremental) for _ in choices]
+                   if plan is not None and plan.reads_calls else None)
 
         def chunk(i: int, d: eng.TextDelta) -> dict[str, Any] | None:
             if readers is None:
@@ -546,7 +548,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     out = []
     for i, r in enumerate(results):
-        msg, reason = tool_calls.message(plan, r)
+        msg, reason = tool_calls.message(plan, r, incremental)
         out.append({"index": i, "message": msg, "finish_reason": reason, "logprobs": logprobs(r.logprobs)})
     return envelope("chat.completion", out, usage=_usage(results, predicted=predicted))
 

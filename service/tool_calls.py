@@ -2,20 +2,22 @@
 
 The tools are written into the prompt (service/tool_format.py) and the answer is read back for calls:
 - tool_choice "auto" (the default with tools): the model answers freely, but a call block it opens is held by
-  grammar to a call of one of the tools with valid arguments; the call blocks become the message's `tool_calls`
-  (a block max_tokens cut stays text), the rest its `content`;
+  grammar to a call of one of the tools with valid arguments; the call blocks become the message's `tool_calls`,
+  the rest its `content`;
 - "required": the output is held by a grammar (service/structured.py) to one call block or more (exactly one
   with parallel_tool_calls false), each naming one of the tools with arguments that follow its parameters' schema;
 - {"type": "function", "function": {"name": …}}: the same, one call of that function;
 - "none": the tools are still shown to the model (as vLLM does) but nothing is read as a call.
-A message with calls ends with finish_reason "tool_calls" (unless max_tokens cut it: "length"). Streamed, content
-comes as it is generated and each call as one delta once its block closes.
+A message with calls ends with finish_reason "tool_calls" (unless max_tokens cut it: "length"; a call it cut keeps
+its arguments as far as they got, as vLLM's do). Streamed, content comes as it is generated; each call starts with
+a delta holding its id and name as soon as the name is written and its arguments follow in pieces as they are
+generated (when a response_format holds the answer instead, each call comes whole once its block closes).
 """
 from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -199,33 +201,41 @@ def _finish(reason: str, called: bool) -> str:
     return "tool_calls" if called and reason == "stop" else reason
 
 
-def message(plan: ToolPlan | None, result: eng.GenerationResult) -> tuple[dict[str, Any], str]:
-    """A whole answer → (its chat message, its finish_reason)."""
+def message(plan: ToolPlan | None, result: eng.GenerationResult, incremental: bool = False) -> tuple[dict[str, Any], str]:
+    """A whole answer → (its chat message, its finish_reason); `incremental` as for `StreamedChoice`."""
     if plan is None or not plan.reads_calls:
         return {"role": "assistant", "content": result.text, "refusal": None}, result.finish_reason
-    content, calls = tool_format.parse(result.text)
+    content, calls = tool_format.parse(result.text, incremental)
     msg: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if calls:
         msg["tool_calls"] = [_call_entry(c) for c in calls]
     return msg, _finish(result.finish_reason, bool(calls))
 
 
-@dataclass
 class StreamedChoice:
-    """One streamed choice's deltas when calls are read: content as it can be shown, each call once its block
-    closes. Log-probabilities of tokens held back (a call block, or what may start one) ride on the next delta."""
+    """One streamed choice's deltas when calls are read: content as it can be shown; each call when its block
+    closes, or — `incremental`, when the server's grammar holds the calls — its name as soon as it is written and
+    its arguments as they are generated (as vLLM streams them). Log-probabilities of tokens held back (a call
+    block, or what may start one) ride on the next delta."""
 
-    stream: tool_format.CallStream = field(default_factory=tool_format.CallStream)
-    calls: int = 0
-    held: list[eng.TokenLogprob] = field(default_factory=list)
+    def __init__(self, incremental: bool = False) -> None:
+        self.stream = tool_format.CallStream(incremental)
+        self.calls = 0
+        self.held: list[eng.TokenLogprob] = []
 
-    def delta(self, shown: str, calls: list[tool_format.ToolCall]) -> dict[str, Any]:
+    def delta(self, shown: str, pieces: list[tool_format.CallPiece]) -> dict[str, Any]:
         d: dict[str, Any] = {}
         if shown:
             d["content"] = shown
-        if calls:
-            d["tool_calls"] = [_call_entry(c, self.calls + k) for k, c in enumerate(calls)]
-            self.calls += len(calls)
+        entries = []
+        for piece in pieces:
+            if piece.start:  # a new call: its id, type and name (and its arguments, when they come whole)
+                entries.append(_call_entry(tool_format.ToolCall(piece.name or "", piece.arguments), self.calls))
+                self.calls += 1
+            else:
+                entries.append({"index": self.calls - 1, "function": {"arguments": piece.arguments}})
+        if entries:
+            d["tool_calls"] = entries
         return d
 
     def feed(self, text: str, entries: list[eng.TokenLogprob] | None) -> tuple[dict[str, Any], list | None] | None:

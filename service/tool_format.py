@@ -142,14 +142,24 @@ def plain_turns(messages: list[dict[str, Any]], functions: list[dict[str, Any]] 
     return turns
 
 
+# How a call held by the server's grammar begins (service/tool_calls.py): its arguments can stream from here on.
+_HEADER = re.compile(r'\s*\{"name": "([A-Za-z0-9_-]{1,64})", "arguments": (?=\{)')
+_TAIL = "}\n" + CALL_CLOSE  # what ends a held call after its arguments object
+
+
 def _parse_call(block: str) -> ToolCall | None:
-    """The JSON between a call's tags → a ToolCall; None if it is not {"name": str, "arguments": object}."""
+    """The JSON between a call's tags → a ToolCall; None if it is not {"name": str, "arguments": object}. The
+    arguments are the text the model wrote when the call begins as the grammar writes it (so streamed fragments
+    add up to them), else the object re-serialized."""
     try:
         obj = json.loads(block)
     except json.JSONDecodeError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
+    header = _HEADER.match(block)
+    if header and header.group(1) == obj["name"] and isinstance(obj.get("arguments"), dict):
+        return ToolCall(obj["name"], _arguments_text(block[header.end():]))
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # some models write the arguments as a JSON string
         try:
@@ -161,18 +171,42 @@ def _parse_call(block: str) -> ToolCall | None:
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
-class CallStream:
-    """Reads a generation's text as it streams: `feed` answers the content that can be shown so far and the calls
-    completed so far; `finish` the rest. Content never includes a call block, nor the whitespace around one; a
-    block that does not parse (bad JSON, or cut off by max_tokens) stays in the content as text, so nothing the
-    model wrote is lost. Fed whole or in any pieces, the same content and calls come out (`parse`)."""
+def _arguments_text(after_header: str) -> str:
+    """A held call's arguments as written: the text after its header, less the closing brace of the call object
+    when it is there (a call max_tokens cut keeps what it got)."""
+    text = after_header.rstrip()
+    return text[:-1].rstrip() if text.endswith("}}") else text
 
-    def __init__(self) -> None:
+
+@dataclass(frozen=True)
+class CallPiece:
+    """Part of a call as it streams: a call's start (its name; with `incremental`, arguments follow in pieces) or
+    more of the current call's arguments text."""
+
+    start: bool
+    name: str | None
+    arguments: str
+
+
+class CallStream:
+    """Reads a generation's text as it streams: `feed` answers the content that can be shown so far and the call
+    pieces known so far; `finish` the rest. Content never includes a call block, nor the whitespace around one.
+
+    Without `incremental`, each call comes whole once its block closes, and a block that does not parse (bad JSON,
+    or cut off by max_tokens) stays in the content as text, so nothing the model wrote is lost. With it (the answer
+    is held by the server's call grammar, so every block is a well-formed call unless max_tokens cuts it), a call
+    starts as soon as its name is written and its arguments follow as they are generated; a cut call stays a call
+    with its arguments cut. Fed whole or in any pieces, the same content and calls come out (`parse`)."""
+
+    def __init__(self, incremental: bool = False) -> None:
+        self.incremental = incremental
         self._pending = ""  # text not yet classified: maybe the start of a call, or whitespace before one
         self._inside = False  # in a call block (its text so far is in _pending)
         self._gap = ""  # the whitespace before the block: shown again if the block is not a call
         self._after_call = False  # whitespace right after a call is dropped
         self._shown = False  # some content was shown: content resuming after a call starts on a new line
+        self._args_at: int | None = None  # incremental: where the open call's arguments begin in _pending
+        self._args_sent = 0  # … and how many of their characters were sent
 
     def _show(self, out: list[str], text: str) -> None:
         if text:
@@ -181,28 +215,54 @@ class CallStream:
             out.append(text)
             self._shown, self._after_call = True, False
 
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+    def _stream_arguments(self, pieces: list[CallPiece]) -> None:
+        """Incremental: the open call's start once its name is complete, then its arguments written so far but
+        for what may be the block's end."""
+        if self._args_at is None:
+            header = _HEADER.match(self._pending)
+            if header is None:
+                return
+            self._args_at, self._args_sent = header.end(), 0
+            pieces.append(CallPiece(True, header.group(1), ""))
+        args = self._pending[self._args_at:]
+        keep = next((k for k in range(min(len(args), len(_TAIL)), 0, -1) if _TAIL.startswith(args[-k:])), 0)
+        ready = len(args) - keep
+        if ready > self._args_sent:
+            pieces.append(CallPiece(False, None, args[self._args_sent:ready]))
+            self._args_sent = ready
+
+    def _close_block(self, raw: str, shown: list[str], pieces: list[CallPiece]) -> None:
+        call = _parse_call(raw.strip())
+        if self._args_at is not None:  # incremental: the rest of its arguments (as _parse_call cuts them)
+            args = _arguments_text(raw[self._args_at:])
+            if len(args) > self._args_sent:
+                pieces.append(CallPiece(False, None, args[self._args_sent:]))
+            self._args_at, self._after_call = None, True
+        elif call is None:  # not a call: the text as written
+            self._show(shown, self._gap + CALL_OPEN + raw + CALL_CLOSE)
+        else:
+            pieces.append(CallPiece(True, call.name, call.arguments))
+            self._after_call = True
+
+    def feed(self, text: str) -> tuple[str, list[CallPiece]]:
         shown: list[str] = []
-        calls: list[ToolCall] = []
+        pieces: list[CallPiece] = []
         self._pending += text
         while True:
             if self._inside:
                 end = self._pending.find(CALL_CLOSE)
                 if end < 0:
-                    return "".join(shown), calls
+                    if self.incremental:
+                        self._stream_arguments(pieces)
+                    return "".join(shown), pieces
                 raw = self._pending[:end]
                 self._pending, self._inside = self._pending[end + len(CALL_CLOSE):], False
-                call = _parse_call(raw.strip())
-                if call is None:  # not a call: the text as written
-                    self._show(shown, self._gap + CALL_OPEN + raw + CALL_CLOSE)
-                else:
-                    calls.append(call)
-                    self._after_call = True
+                self._close_block(raw, shown, pieces)
                 continue
             if self._after_call:
                 self._pending = self._pending.lstrip()
                 if not self._pending:
-                    return "".join(shown), calls
+                    return "".join(shown), pieces
             start = self._pending.find(CALL_OPEN)
             if start >= 0:
                 before = self._pending[:start]
@@ -216,22 +276,41 @@ class CallStream:
             stripped = head.rstrip()
             self._show(shown, stripped)
             self._pending = head[len(stripped):] + tail
-            return "".join(shown), calls
+            return "".join(shown), pieces
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
+    def finish(self) -> tuple[str, list[CallPiece]]:
         """What is left at the end: a call block never closed is tried as a call (EOS may come where the closing
-        tag would), else shown as text."""
+        tag would); else, incrementally streamed, its arguments as far as they got; else it is shown as text."""
         rest, self._pending = self._pending, ""
         shown: list[str] = []
+        pieces: list[CallPiece] = []
         if self._inside:
             self._inside = False
             call = _parse_call(rest.strip())
-            if call is not None:
-                return "", [call]
+            if self._args_at is not None or call is not None:
+                if self._args_at is None:
+                    pieces.append(CallPiece(True, call.name, call.arguments))
+                else:
+                    args = _arguments_text(rest[self._args_at:])
+                    if len(args) > self._args_sent:
+                        pieces.append(CallPiece(False, None, args[self._args_sent:]))
+                    self._args_at = None
+                return "", pieces
             self._show(shown, self._gap + CALL_OPEN + rest)
         else:
             self._show(shown, rest.rstrip())
-        return "".join(shown), []
+        return "".join(shown), pieces
+
+
+def calls_of(pieces: list[CallPiece]) -> list[ToolCall]:
+    """Streamed pieces put together into calls."""
+    calls: list[list[str]] = []
+    for p in pieces:
+        if p.start:
+            calls.append([p.name or "", p.arguments])
+        elif calls:
+            calls[-1][1] += p.arguments
+    return [ToolCall(name, args) for name, args in calls]
 
 
 def _open_prefix_len(text: str) -> int:
@@ -242,10 +321,10 @@ def _open_prefix_len(text: str) -> int:
     return 0
 
 
-def parse(text: str) -> tuple[str | None, list[ToolCall]]:
-    """A whole generation → (its content, None when empty; its calls)."""
-    stream = CallStream()
-    shown, calls = stream.feed(text)
+def parse(text: str, incremental: bool = False) -> tuple[str | None, list[ToolCall]]:
+    """A whole generation → (its content, None when empty; its calls), as `CallStream` reads it streamed."""
+    stream = CallStream(incremental)
+    shown, pieces = stream.feed(text)
     rest, more = stream.finish()
     content = shown + rest
-    return (content or None), calls + more
+    return (content or None), calls_of(pieces + more)

@@ -93,28 +93,59 @@ TEXTS = {
 }
 
 
+def streamed_in_pieces(text: str, incremental: bool, sizes: list[int], content: str | None):
+    """(content, calls) as a CallStream fed text in pieces of these sizes gives them; checks on the way that what
+    is shown is never taken back."""
+    stream, shown, pieces = tf.CallStream(incremental), [], []
+    at = 0
+    for size in sizes:
+        if at >= len(text):
+            break
+        piece, more = stream.feed(text[at:at + size])
+        at += size
+        shown.append(piece)
+        pieces += more
+        # nothing shown is ever part of a call: what is shown so far is a prefix of the final content
+        assert (content or "").startswith("".join(shown))
+    piece, more = stream.finish()
+    return "".join(shown) + piece or None, tf.calls_of(pieces + more)
+
+
+def splits(text: str, seed: str) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[1] * len(text)] + [[rng.randint(1, 6) for _ in range(len(text))] for _ in range(20)]
+
+
+@pytest.mark.parametrize("incremental", [False, True])
 @pytest.mark.parametrize("name", list(TEXTS))
-def test_parse_and_every_split_of_the_stream_agree(name):
+def test_parse_and_every_split_of_the_stream_agree(name, incremental):
     text, content, calls = TEXTS[name]
-    got_content, got_calls = tf.parse(text)
+    got_content, got_calls = tf.parse(text, incremental)
     assert got_content == content
     assert [(c.name, json.loads(c.arguments)) for c in got_calls] == calls
-    rng = random.Random(name)
-    splits = [[1] * len(text)] + [[rng.randint(1, 6) for _ in range(len(text))] for _ in range(20)]
-    for sizes in splits:
-        stream, shown, streamed = tf.CallStream(), [], []
-        at = 0
-        for size in sizes:
-            if at >= len(text):
-                break
-            piece, done = stream.feed(text[at:at + size])
-            at += size
-            shown.append(piece)
-            streamed += done
-            # nothing shown is ever part of a call: what is shown so far is a prefix of the final content
-            assert (content or "").startswith("".join(shown))
-        piece, done = stream.finish()
-        assert ("".join(shown) + piece or None, streamed + done) == (content, got_calls)
+    for sizes in splits(text, name):
+        assert streamed_in_pieces(text, incremental, sizes, content) == (content, got_calls)
+
+
+def test_incremental_calls_stream_their_arguments_as_written():
+    """Held by the server's grammar, a call starts once its name is written and its arguments follow piece by
+    piece, never including the call's own closing brace; a call max_tokens cut stays a call with what it got."""
+    call = tf.call_text("write", {"path": "a.py", "body": "def f():\n    return {'x': 1}\n"})
+    stream = tf.CallStream(incremental=True)
+    pieces = []
+    for ch in call:
+        pieces += stream.feed(ch)[1]
+    pieces += stream.finish()[1]
+    assert pieces[0] == tf.CallPiece(True, "write", "") and all(not p.start for p in pieces[1:])
+    assert len(pieces) > 20  # the arguments came in many pieces, as generated
+    (whole,) = tf.calls_of(pieces)
+    assert whole == tf.parse(call, incremental=True)[1][0] == tf.parse(call)[1][0]
+    assert json.loads(whole.arguments) == {"path": "a.py", "body": "def f():\n    return {'x': 1}\n"}
+    cut = call[:call.index("return")]
+    assert tf.parse(cut, incremental=True) == (None, [tf.ToolCall("write", cut.split('"arguments": ')[1])])
+    assert tf.parse(cut) == (cut, [])  # read whole, a cut block stays text
+    for sizes in splits(cut, "cut"):
+        assert streamed_in_pieces(cut, True, sizes, None) == tf.parse(cut, incremental=True)
 
 
 # --- the API ------------------------------------------------------------------------------------------------------
@@ -125,9 +156,10 @@ def ask(client, **body):
                                                       "temperature": 0, **body})
 
 
-async def streamed(client, **body) -> tuple[str | None, list[tuple[str, str]], str]:
-    """A streamed answer assembled as the OpenAI client does: content, (name, arguments) per call, finish."""
-    content, calls, finish = "", {}, None
+async def streamed(client, pieces_seen: list | None = None, **body) -> tuple[str | None, list[tuple[str, str]], str]:
+    """A streamed answer assembled as the OpenAI client does: content, (name, arguments) per call, finish; the
+    number of tool-call deltas appended to pieces_seen."""
+    content, calls, finish, pieces = "", {}, None, 0
     with_stream = {**body, "stream": True}
     resp = await ask(client, **with_stream)
     assert resp.status_code == 200, resp.text
@@ -138,11 +170,17 @@ async def streamed(client, **body) -> tuple[str | None, list[tuple[str, str]], s
         delta = choice["delta"]
         content += delta.get("content") or ""
         for tc in delta.get("tool_calls") or []:
+            # a call's first delta carries its id, type and name; later ones more of its arguments (as OpenAI's)
+            assert ("id" in tc) == (tc["index"] not in calls), tc
             entry = calls.setdefault(tc["index"], ["", ""])
             entry[0] += tc["function"].get("name") or ""
             entry[1] += tc["function"].get("arguments") or ""
-            assert tc["id"].startswith("call_") and tc["type"] == "function"
+            if "id" in tc:
+                assert tc["id"].startswith("call_") and tc["type"] == "function"
+            pieces += 1
         finish = choice["finish_reason"] or finish
+    if pieces_seen is not None:
+        pieces_seen.append(pieces)
     return content or None, [tuple(calls[i]) for i in sorted(calls)], finish
 
 
@@ -177,9 +215,11 @@ async def test_named_tool_choice_calls_that_function_with_valid_arguments(client
     assert len(msg["tool_calls"]) == 1 and msg["tool_calls"][0]["function"]["name"] == "get_weather"
     assert msg["tool_calls"][0]["id"].startswith("call_") and msg["tool_calls"][0]["type"] == "function"
     check_weather(msg["tool_calls"][0]["function"]["arguments"])
-    # streamed: the same call (greedy), as one delta once its block closed
-    assert await streamed(client, **named) == (None, [("get_weather", msg["tool_calls"][0]["function"]["arguments"])],
-                                               "tool_calls")
+    # streamed: the same call (greedy), its name first and then its arguments in pieces as they were generated
+    seen: list[int] = []
+    assert await streamed(client, seen, **named) == (
+        None, [("get_weather", msg["tool_calls"][0]["function"]["arguments"])], "tool_calls")
+    assert seen[0] > 5
 
 
 @pytest.mark.anyio
@@ -187,15 +227,16 @@ async def test_required_calls_one_of_the_tools_each_choice_and_one_call_without_
     checks = {"get_weather": check_weather, "add": check_add}
     seen = set()
     # sampled, 6 choices: every choice is one call or more, each to a tool, with arguments its schema allows (the
-    # random model may go on calling until max_tokens cuts a block: that block stays content, as any cut text)
+    # random model may go on calling until max_tokens cuts a call: its arguments then stop where they were cut, as
+    # vLLM's do)
     resp = await ask(client, tools=TOOLS, tool_choice="required", temperature=1.0, seed=7, n=6)
     assert resp.status_code == 200, resp.text
     for choice in resp.json()["choices"]:
         calls, content = choice["message"]["tool_calls"], choice["message"]["content"]
-        if choice["finish_reason"] == "tool_calls":
-            assert content is None
-        else:
-            assert choice["finish_reason"] == "length" and content.startswith("<tool_call>\n{")
+        assert content is None and calls
+        if choice["finish_reason"] != "tool_calls":
+            assert choice["finish_reason"] == "length"
+            calls = calls[:-1]  # the cut one
         for call in calls:
             checks[call["function"]["name"]](call["function"]["arguments"])
             seen.add(call["function"]["name"])
@@ -307,8 +348,9 @@ def test_an_agent_loop_through_the_openai_client(openai_client):
 
     stream = openai_client.chat.completions.create(model="tiny-random-llama", messages=CHAT, tools=TOOLS,
                                                    tool_choice=named, max_tokens=80, temperature=0, stream=True)
-    pieces = [c.choices[0].delta.tool_calls for c in stream if c.choices and c.choices[0].delta.tool_calls]
-    assert [(p[0].function.name, p[0].function.arguments) for p in pieces] == [("add", call.function.arguments)]
+    pieces = [tc for c in stream if c.choices and c.choices[0].delta.tool_calls for tc in c.choices[0].delta.tool_calls]
+    assert {p.index for p in pieces} == {0} and pieces[0].id and pieces[0].function.name == "add"
+    assert "".join(p.function.arguments or "" for p in pieces) == call.function.arguments and len(pieces) > 3
 
     history = CHAT + [msg.model_dump(exclude_none=True),
                       {"role": "tool", "tool_call_id": call.id, "content": str(args["a"] + args["b"])}]
