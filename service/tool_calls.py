@@ -139,7 +139,7 @@ class ToolPlan:
         """The grammar the answer is held to. "required" and a named choice: call blocks only (one without
         parallel calls), each calling one of the allowed functions with arguments that follow its parameters'
         schema. "auto": free text, but once the model opens a call block the block must be such a call (a
-        lexeme that stops at the opening tag hands over to the call's rule), so no malformed call reaches the
+        lexeme ending with the opening tag hands over to the call's rule), so no malformed call reaches the
         client; without parallel calls, nothing after one call. "none": no grammar."""
         if self.mode == "none":
             return None
@@ -159,7 +159,7 @@ class ToolPlan:
         opening, closing = tool_format.CALL_OPEN, tool_format.CALL_CLOSE
         if self.mode == "auto":
             start = "start: (text after_open)* free" if self.parallel else "start: text after_open | free"
-            rules = (f'{start}\ntext[stop="{opening}"]: /(.|\\n)*/\nfree: /(.|\\n)*/\n'
+            rules = (f'{start}\ntext[suffix="{opening}"]: /(.|\\n)*/\nfree: /(.|\\n)*/\n'
                      f'after_open: "\\n" args "\\n{closing}"\n')
         else:
             more = ' ("\\n" call)*' if self.parallel and self.mode == "required" else ""
