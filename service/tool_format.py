@@ -144,7 +144,6 @@ def plain_turns(messages: list[dict[str, Any]], functions: list[dict[str, Any]] 
 
 # How a call held by the server's grammar begins (service/tool_calls.py): its arguments can stream from here on.
 _HEADER = re.compile(r'\s*\{"name": "([A-Za-z0-9_-]{1,64})", "arguments": (?=\{)')
-_TAIL = "}\n" + CALL_CLOSE  # what ends a held call after its arguments object
 
 
 def _parse_call(block: str) -> ToolCall | None:
@@ -159,7 +158,7 @@ def _parse_call(block: str) -> ToolCall | None:
         return None
     header = _HEADER.match(block)
     if header and header.group(1) == obj["name"] and isinstance(obj.get("arguments"), dict):
-        return ToolCall(obj["name"], _arguments_text(block[header.end():]))
+        return ToolCall(obj["name"], _arguments_at(block, header.end()))
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # some models write the arguments as a JSON string
         try:
@@ -171,11 +170,13 @@ def _parse_call(block: str) -> ToolCall | None:
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
-def _arguments_text(after_header: str) -> str:
-    """A held call's arguments as written: the text after its header, less the closing brace of the call object
-    when it is there (a call max_tokens cut keeps what it got)."""
-    text = after_header.rstrip()
-    return text[:-1].rstrip() if text.endswith("}}") else text
+def _arguments_at(block: str, at: int) -> str:
+    """A call's arguments as written, from `at` (just after its header): the JSON object there, or — max_tokens
+    cut it before the object closed — everything written after the header."""
+    try:
+        return block[at:json.JSONDecoder().raw_decode(block, at)[1]]
+    except json.JSONDecodeError:
+        return block[at:]
 
 
 @dataclass(frozen=True)
@@ -225,8 +226,10 @@ class CallStream:
             self._args_at, self._args_sent = header.end(), 0
             pieces.append(CallPiece(True, header.group(1), ""))
         args = self._pending[self._args_at:]
-        keep = next((k for k in range(min(len(args), len(_TAIL)), 0, -1) if _TAIL.startswith(args[-k:])), 0)
-        ready = len(args) - keep
+        # held back: what may still turn out to be the call's end — a start of the closing tag, and the braces and
+        # whitespace before it (the call object's own closing brace is among them)
+        tag = next((k for k in range(min(len(args), len(CALL_CLOSE)), 0, -1) if CALL_CLOSE.startswith(args[-k:])), 0)
+        ready = len(args[:len(args) - tag].rstrip("} \t\r\n"))
         if ready > self._args_sent:
             pieces.append(CallPiece(False, None, args[self._args_sent:ready]))
             self._args_sent = ready
@@ -234,7 +237,7 @@ class CallStream:
     def _close_block(self, raw: str, shown: list[str], pieces: list[CallPiece]) -> None:
         call = _parse_call(raw.strip())
         if self._args_at is not None:  # incremental: the rest of its arguments (as _parse_call cuts them)
-            args = _arguments_text(raw[self._args_at:])
+            args = _arguments_at(raw, self._args_at)
             if len(args) > self._args_sent:
                 pieces.append(CallPiece(False, None, args[self._args_sent:]))
             self._args_at, self._after_call = None, True
@@ -291,7 +294,7 @@ class CallStream:
                 if self._args_at is None:
                     pieces.append(CallPiece(True, call.name, call.arguments))
                 else:
-                    args = _arguments_text(rest[self._args_at:])
+                    args = _arguments_at(rest, self._args_at)
                     if len(args) > self._args_sent:
                         pieces.append(CallPiece(False, None, args[self._args_sent:]))
                     self._args_at = None

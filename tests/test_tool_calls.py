@@ -86,6 +86,8 @@ TEXTS = {
     "text after a call starts a new line": (f"One {CALL_A} two", "One\ntwo", [("a", {"x": 1})]),
     "a bad block stays text, spaces and all": ("x <tool_call>nope</tool_call> y", "x <tool_call>nope</tool_call> y", []),
     "arguments as a JSON string": ('<tool_call>{"name": "a", "arguments": "{\\"x\\": 1}"}</tool_call>', None, [("a", {"x": 1})]),
+    "spaces before the call's closing brace": ('<tool_call>{"name": "a", "arguments": {"x": {"y": 2}} }</tool_call>', None,
+                                              [("a", {"x": {"y": 2}})]),
     "a block EOS cut before its closing tag": ('<tool_call>\n{"name": "a", "arguments": {}}\n', None, [("a", {})]),
     "a block max_tokens cut": ('ok <tool_call>\n{"name": "a", "argu', 'ok <tool_call>\n{"name": "a", "argu', []),
     "a lone tag prefix at the end": ("a <tool_c", "a <tool_c", []),
