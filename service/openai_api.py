@@ -493,10 +493,12 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
         max_tokens = max_tokens_for(caller, max(1, engine.config.max_seq_len - len(prompt_ids)), explicit=False)
     else:
         max_tokens = max_tokens_for(caller, requested, explicit=True, param=param)
-    # a response_format or guided_* asked for beside tool_choice "auto" holds the whole answer instead
-    constraint = body.constraint() or (plan.constraint() if plan is not None else None)
-    incremental = plan is not None and constraint is not None and constraint.param == "tool_choice"  # our grammar
-    grammar = await structured.grammar_for(engine.grammars, constraint)
+    # a response_format or guided_* asked for beside tool_choice "auto" holds the whole answer instead; where the
+    # tools' own grammar holds it, calls are well formed and stream piece by piece
+    asked = body.constraint()
+    held = plan.constraint() if plan is not None and asked is None else None
+    incremental = held is not None
+    grammar = await structured.grammar_for(engine.grammars, asked or held)
     params = _params(body, stops, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, grammar, caller)
     if body.prediction is not None:
         params.prediction = await engine.encode_prediction(body.prediction.text())

@@ -87,6 +87,11 @@ def _bad(param: str, message: str) -> ApiError:
     return ApiError(400, "invalid_value", message, param=param)
 
 
+def _unknown_choice(tool_choice: Any) -> ApiError:
+    return _bad("tool_choice", f"tool_choice {tool_choice!r} is not 'none', 'auto', 'required' or "
+                               "{'type': 'function', 'function': {'name': …}}")
+
+
 @dataclass(frozen=True)
 class ToolPlan:
     """What a request asked of its tools: the functions (checked), how the answer may call them."""
@@ -110,8 +115,7 @@ class ToolPlan:
             try:
                 tool_choice = NamedToolChoice.model_validate(tool_choice)
             except ValidationError:
-                raise _bad("tool_choice", f"tool_choice {tool_choice!r} is not 'none', 'auto', 'required' or "
-                                          "{'type': 'function', 'function': {'name': …}}") from None
+                raise _unknown_choice(tool_choice) from None
         if tool_choice in (None, "auto", "none"):
             if not functions:
                 return None
@@ -121,8 +125,7 @@ class ToolPlan:
         elif tool_choice == "required":
             mode, name = "required", None
         else:
-            raise _bad("tool_choice", f"tool_choice {tool_choice!r} is not 'none', 'auto', 'required' or "
-                                      "{'type': 'function', 'function': {'name': …}}")
+            raise _unknown_choice(tool_choice)
         shown = tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump()
         if not functions:
             raise _bad("tool_choice", f"tool_choice {shown!r} needs tools; give the functions in 'tools'")

@@ -228,13 +228,14 @@ class CallStream:
         args = self._pending[self._args_at:]
         # held back: what may still turn out to be the call's end — a start of the closing tag, and the braces and
         # whitespace before it (the call object's own closing brace is among them)
-        tag = next((k for k in range(min(len(args), len(CALL_CLOSE)), 0, -1) if CALL_CLOSE.startswith(args[-k:])), 0)
-        ready = len(args[:len(args) - tag].rstrip("} \t\r\n"))
+        ready = len(args[:len(args) - _tag_start_len(args, CALL_CLOSE)].rstrip("} \t\r\n"))
         if ready > self._args_sent:
             pieces.append(CallPiece(False, None, args[self._args_sent:ready]))
             self._args_sent = ready
 
-    def _close_block(self, raw: str, shown: list[str], pieces: list[CallPiece]) -> None:
+    def _end_block(self, raw: str, closing: str, shown: list[str], pieces: list[CallPiece]) -> None:
+        """A call block's end: `raw` its text after the opening tag, `closing` the tag that ended it ("" when the
+        generation did)."""
         call = _parse_call(raw.strip())
         if self._args_at is not None:  # incremental: the rest of its arguments (as _parse_call cuts them)
             args = _arguments_at(raw, self._args_at)
@@ -242,7 +243,7 @@ class CallStream:
                 pieces.append(CallPiece(False, None, args[self._args_sent:]))
             self._args_at, self._after_call = None, True
         elif call is None:  # not a call: the text as written
-            self._show(shown, self._gap + CALL_OPEN + raw + CALL_CLOSE)
+            self._show(shown, self._gap + CALL_OPEN + raw + closing)
         else:
             pieces.append(CallPiece(True, call.name, call.arguments))
             self._after_call = True
@@ -260,7 +261,7 @@ class CallStream:
                     return "".join(shown), pieces
                 raw = self._pending[:end]
                 self._pending, self._inside = self._pending[end + len(CALL_CLOSE):], False
-                self._close_block(raw, shown, pieces)
+                self._end_block(raw, CALL_CLOSE, shown, pieces)
                 continue
             if self._after_call:
                 self._pending = self._pending.lstrip()
@@ -274,7 +275,7 @@ class CallStream:
                 self._pending, self._inside = self._pending[start + len(CALL_OPEN):], True
                 continue
             # hold back trailing whitespace and whatever could be the start of "<tool_call>"
-            keep = _open_prefix_len(self._pending)
+            keep = _tag_start_len(self._pending, CALL_OPEN)
             head, tail = self._pending[:len(self._pending) - keep], self._pending[len(self._pending) - keep:]
             stripped = head.rstrip()
             self._show(shown, stripped)
@@ -289,17 +290,7 @@ class CallStream:
         pieces: list[CallPiece] = []
         if self._inside:
             self._inside = False
-            call = _parse_call(rest.strip())
-            if self._args_at is not None or call is not None:
-                if self._args_at is None:
-                    pieces.append(CallPiece(True, call.name, call.arguments))
-                else:
-                    args = _arguments_at(rest, self._args_at)
-                    if len(args) > self._args_sent:
-                        pieces.append(CallPiece(False, None, args[self._args_sent:]))
-                    self._args_at = None
-                return "", pieces
-            self._show(shown, self._gap + CALL_OPEN + rest)
+            self._end_block(rest, "", shown, pieces)
         else:
             self._show(shown, rest.rstrip())
         return "".join(shown), pieces
@@ -316,10 +307,10 @@ def calls_of(pieces: list[CallPiece]) -> list[ToolCall]:
     return [ToolCall(name, args) for name, args in calls]
 
 
-def _open_prefix_len(text: str) -> int:
-    """How many trailing characters of text could begin "<tool_call>" (possibly after whitespace)."""
-    for k in range(min(len(text), len(CALL_OPEN) - 1), 0, -1):
-        if CALL_OPEN.startswith(text[-k:]):
+def _tag_start_len(text: str, tag: str) -> int:
+    """How many trailing characters of text could be the start of `tag` (the tag may yet follow in full)."""
+    for k in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-k:]):
             return k
     return 0
 
