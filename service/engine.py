@@ -189,9 +189,8 @@ class _Request:
     spec_misses: int = 0  # its last drafts rejected outright, in a row (speculative decoding's back-off)
     spec_rest: int = 0  # decode steps it goes on without drafting
     predicted_at: int = 0  # where in its prediction its last draft from it began
-    predicted_draft: bool = False  # this step's draft came from its prediction (until the step has counted it)
+    prediction_inflight: list[int] | None = None  # this step's draft, when it came from its prediction
     prediction_from: int = 0  # len(out) when that draft was fed
-    prediction_inflight: list[int] | None = None  # that draft, while its step chooses
     prediction_kept: int = 0  # prediction tokens drafted and kept, for its usage
     prediction_drafted: int = 0  # … and drafted
 
@@ -1161,7 +1160,7 @@ class Engine:
             return None
         drafts = []
         for req in live:
-            req.predicted_draft = False
+            req.prediction_inflight = None
             if req.spec_rest > 0:  # resting after drafts that were rejected outright
                 req.spec_rest -= 1
                 drafts.append([])
@@ -1174,7 +1173,7 @@ class Engine:
                     draft, req.predicted_at = propose_predicted(req.params.prediction, req.out, req.prompt + req.out,
                                                                 req.predicted_at, min(room, spec.prediction_tokens),
                                                                 spec.ngram_max, spec.ngram_min)
-                    req.predicted_draft = bool(draft)
+                    req.prediction_inflight, req.prediction_from = (draft or None), len(req.out)
                 if not draft and spec.tokens:
                     draft = propose(req.prompt + req.out, min(room, spec.tokens), spec.ngram_max, spec.ngram_min)
             drafts.append(draft)
@@ -1187,11 +1186,10 @@ class Engine:
         feeds = [[r.out[-1]] + d for r, d in zip(live, drafts)]
         logits = self.runner.verify(feeds, [len(r.prompt) + len(r.out) - 1 for r in live],
                                     [r.core_slot for r in live], [r.lr_slot for r in live])
-        for req, draft in zip(live, drafts):
-            if req.predicted_draft:  # counted before choosing: a request may finish (and report) mid-draft
-                req.prediction_drafted += len(draft)
-                req.prediction_from, req.prediction_inflight = len(req.out), draft
-                self.counters["spec_prediction_draft_tokens"] += len(draft)
+        for req in live:
+            if req.prediction_inflight:  # counted before choosing: a request may finish (and report) mid-draft
+                req.prediction_drafted += len(req.prediction_inflight)
+                self.counters["spec_prediction_draft_tokens"] += len(req.prediction_inflight)
         going = list(range(len(live)))
         kept = [0] * len(live)
         for j in range(logits.shape[1]):
@@ -1210,9 +1208,9 @@ class Engine:
             if draft:  # a draft rejected outright makes its row rest from drafting, longer each time in a row
                 req.spec_misses = 0 if k else req.spec_misses + 1
                 req.spec_rest = self.config.speculative.rest_after(req.spec_misses)
-            if req.predicted_draft:
+            if req.prediction_inflight:
                 req.prediction_kept += k
-                req.predicted_draft, req.prediction_inflight = False, None
+                req.prediction_inflight = None
                 self.counters["spec_prediction_accepted_tokens"] += k
 
     def _accept_token(self, req: _Request, tok: int, logprob: TokenLogprob | None = None) -> None:
