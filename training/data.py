@@ -35,6 +35,11 @@ class Example:
     def from_prompt(cls, prompt: str, completion: str) -> "Example":
         return cls(messages=(("user", prompt),), completion=completion)
 
+    @classmethod
+    def from_chat(cls, turns: list[dict[str, str]], completion: str) -> "Example":
+        """From {role, content} turns (as tool_format.plain_turns writes them) before the completion."""
+        return cls(messages=tuple((t["role"], t["content"]) for t in turns), completion=completion)
+
     def chat(self) -> list[dict[str, str]]:
         return [{"role": r, "content": c} for r, c in self.messages]
 
@@ -76,7 +81,7 @@ def parse_record(obj: object) -> Example:
         completion = turns[-1]["content"]
         if not completion.strip():
             raise ValueError("the last assistant message is empty")
-        return Example(messages=tuple((t["role"], t["content"]) for t in turns[:-1]), completion=completion)
+        return Example.from_chat(turns[:-1], completion)
     if "prompt" in obj or "completion" in obj:
         for key in ("prompt", "completion"):
             if not isinstance(obj.get(key), str):

@@ -110,7 +110,7 @@ def _tools(rng: random.Random) -> Example:
         w = rng.choice(_WORDS)
         ask, answer = rng.choice(_ECHO_ASKS).format(w=w), w
     turns = tool_format.plain_turns([{"role": "user", "content": ask}], TOOL_FUNCTIONS)
-    return Example(messages=tuple((t["role"], t["content"]) for t in turns), completion=answer)
+    return Example.from_chat(turns, answer)
 
 
 GENERATORS: dict[str, tuple[str, Callable[[random.Random], tuple[str, str] | Example]]] = {
