@@ -35,7 +35,20 @@ def adapter_to_bytes(adapter: Adapter, dtype: torch.dtype = torch.float32) -> by
         "base_fingerprint": adapter.base_fingerprint,
         "dtype": str(dtype).removeprefix("torch."),
     }
-    return st_save(tensors, metadata=metadata)
+    return _sorted_metadata(st_save(tensors, metadata=metadata))
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """`blob` with its header's metadata keys in sorted order. safetensors writes metadata in a hash map's order,
+    which differs from call to call, so the same adapter gave different bytes (and sha256) each time it was
+    serialized: a converted PEFT upload's retry looked like another adapter. Same length, same tensors."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(raw) > n:  # cannot happen (same content, reordered); keep safetensors' own bytes rather than break them
+        return blob
+    return blob[:8] + raw.ljust(n, b" ") + blob[8 + n :]
 
 
 def save_adapter(adapter: Adapter, path: str, dtype: torch.dtype = torch.float32) -> int:
