@@ -22,17 +22,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from adapters_store import AdapterStore, open_store, record_for, validate_id
+from adapters_store import AdapterStore, open_store, validate_id
 from adapters_store.base import AdapterExists
-from adapters_store.records import ID_PATTERN, AdapterRecord
-from adapters_store.format import adapter_to_bytes
-from adapters_store.peft_import import MAX_CONFIG_BYTES, looks_like_peft, peft_to_adapter
-from adapters_store.validate import AdapterValidationError, load_adapter
-from svd_adapters.threads import in_fresh_thread, single_core
+from adapters_store.records import ID_PATTERN
+from adapters_store.peft_import import MAX_CONFIG_BYTES
+from svd_adapters.threads import in_fresh_thread
 from service import metrics as svc_metrics
 from service import engine as eng
 from service import logprobs as logprob_shapes
-from service import merge_requests, openai_api, structured, tokenize_api
+from service import adapter_intake, lora_modules, merge_requests, openai_api, structured, tokenize_api
 from service.auth import AuthMiddleware, TenantCaller, admin_router, build_auth, max_tokens_for
 from service.config import Settings, resolve_device
 from service.errors import ApiError, engine_error_body, error_response_for, not_ready, register_error_handlers, shutting_down
@@ -193,6 +191,9 @@ def create_app(
         await run_in_threadpool(st.engine.start)
         log.info("serving %s (factors %s) with store %r", st.base.name, st.factors.fingerprint, st.store)
         try:
+            if settings.lora_modules:  # vLLM's --lora-modules: validated and stored before the first request
+                modules = lora_modules.parse_lora_modules(settings.lora_modules)
+                await run_in_threadpool(lora_modules.import_modules, st, st.store, modules)
             yield
         finally:
             engine, st.engine = st.engine, None
@@ -221,6 +222,7 @@ def create_app(
     app.add_middleware(AuthMiddleware)  # outside the size limit: an unauthenticated body is never read
     app.include_router(admin_router)
     app.include_router(openai_api.router)
+    app.include_router(lora_modules.router)
     app.include_router(tokenize_api.router)
 
     svc_metrics.install(app)  # GET /metrics; added after the other middleware, so it counts their answers too
@@ -277,7 +279,7 @@ def create_app(
         same delta; see adapters_store/peft_import.py for what is refused) and then validated and stored like
         any other upload."""
         store = the_store(request)
-        engine = running_engine(request)
+        running_engine(request)  # not started, or draining: refused before the file is read
         if adapter_id is None or adapter_id == "":
             adapter_id = new_adapter_id()
         try:
@@ -295,41 +297,7 @@ def create_app(
             finally:
                 await config.close()
         st = request.app.state
-
-        def validate() -> tuple[AdapterRecord, bytes]:
-            single_core()  # an anyio worker thread: see svd_adapters/threads.py
-            data = blob
-            if peft_config is not None:  # a PEFT LoRA: converted, then validated like any other upload
-                converted = peft_to_adapter(blob, peft_config, st.factors, st.base.name, max_bytes=settings.max_upload_bytes)
-                data = adapter_to_bytes(converted)
-            # 2·max_rank is only an early bound (refused before tensors are decoded): LoRA may use up to 2·max_rank
-            # in the low-rank pool; check_servable then applies this engine's exact per-method limit.
-            try:
-                adapter = load_adapter(
-                    data, st.factors, base_model_name=st.base.name, max_bytes=settings.max_upload_bytes,
-                    max_rank=2 * settings.max_rank,
-                )
-            except AdapterValidationError as exc:
-                if peft_config is None and exc.code == "bad_metadata" and looks_like_peft(blob):
-                    raise AdapterValidationError(
-                        "peft_config_required",
-                        "this is a PEFT adapter_model.safetensors; send its adapter_config.json too, as the multipart "
-                        "part 'config' (file=adapter_model.safetensors, config=adapter_config.json)",
-                    ) from None
-                if peft_config is not None and exc.code == "too_large":
-                    raise AdapterValidationError(
-                        "too_large",
-                        f"converted to svdserve's float32 format this PEFT adapter is {len(data):,} bytes, over this "
-                        f"server's limit of {settings.max_upload_bytes:,} bytes; use a smaller rank or fewer target_modules",
-                    ) from None
-                raise
-            try:
-                engine.check_servable(adapter)
-            except ValueError as exc:
-                raise ApiError(400, "not_servable", str(exc)) from None
-            return record_for(adapter, data, adapter_id, tenant=caller.tenant), data
-
-        record, stored = await run_in_threadpool(validate)
+        record, stored = await run_in_threadpool(adapter_intake.validated, st, blob, peft_config, adapter_id, caller.tenant)
         status = 201
         try:
             await run_in_threadpool(st.auth.put_for, store, caller, record, stored)  # the tenant's quota, then put
@@ -364,18 +332,9 @@ def create_app(
     )
     async def delete_adapter(request: Request, adapter_id: str, caller: TenantCaller) -> Response:
         """Removed from the store, then from this replica's device cache (requests already running finish)."""
-        store = the_store(request)
-        record = await run_in_threadpool(store.get_record, known_id(adapter_id))
-        if record is not None and record.tenant != caller.tenant:  # another tenant's: as if it did not exist
+        if not await run_in_threadpool(adapter_intake.remove, request.app.state, the_store(request), caller.tenant,
+                                       known_id(adapter_id)):
             raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id!r}")
-        deleted = record is not None and await run_in_threadpool(store.delete, adapter_id)
-        request.app.state.auth.remember_owner(adapter_id, None)
-        engine = request.app.state.engine
-        if engine is not None:
-            engine.evict(adapter_id)  # also when the store had no record: a stale cached copy must go
-        if not deleted:
-            raise ApiError(404, "adapter_not_found", f"no adapter {adapter_id!r}")
-        log.info("deleted adapter %s", adapter_id)
         return Response(status_code=204)
 
     @app.put("/adapters/{adapter_id}/pin", response_model=PinState, responses=_errors(404, 409, 503), tags=["adapters"],
