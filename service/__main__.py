@@ -77,6 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--admin-key", help="admin key for /admin/... (tenants, API keys); prefer env SVDSERVE_ADMIN_KEY (flags show in ps)"
     )
+    p.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
+                   help="vLLM's flag: adapters stored at start-up from server paths (a PEFT LoRA directory or an "
+                        "adapter .safetensors), NAME=PATH or JSON {\"name\", \"path\", \"tenant\"} (env SVDSERVE_LORA_MODULES)")
+    p.add_argument("--allow-runtime-lora-updating", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (default off)")
+    p.add_argument("--lora-path-roots", metavar="DIR[:DIR...]",
+                   help="directories those runtime paths must lie in (required with API keys on)")
     return p.parse_args(argv)
 
 

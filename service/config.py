@@ -23,11 +23,17 @@ Environment (all optional):
     SVDSERVE_SHUTDOWN_TIMEOUT seconds to drain in-flight requests on SIGTERM (default 30)
     SVDSERVE_AUTH             auto | on | off: tenant API keys (default auto: on when an admin key is set)
     SVDSERVE_ADMIN_KEY        the admin key for /admin/... (tenants and their API keys); see service/auth.py
+    SVDSERVE_LORA_MODULES     adapters stored at start-up from server paths, vLLM's `name=path` entries
+                              separated by spaces (JSON entries quoted as in a shell); see service/lora_modules.py
+    SVDSERVE_ALLOW_RUNTIME_LORA_UPDATING 1 | 0: vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (default 0;
+                              vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING=True turns it on too)
+    SVDSERVE_LORA_PATH_ROOTS  directories (':'-separated) those paths must lie in; required with API keys on
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -96,6 +102,10 @@ class Settings:
     # tenants and API keys (service/auth.py)
     auth: str = "auto"  # auto: on when admin_key is set, off otherwise (single user, tenant "default")
     admin_key: str | None = field(default=None, repr=False)
+    # adapters named by server paths, as vLLM names them (service/lora_modules.py)
+    lora_modules: tuple[str, ...] = ()
+    allow_runtime_lora_updating: bool = False
+    lora_path_roots: str | None = None
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":
@@ -103,8 +113,13 @@ class Settings:
         values: dict[str, object] = {}
         for f in fields(cls):
             raw = os.environ.get(ENV_PREFIX + f.name.upper())
-            if raw is not None and f.name != "store":  # store: see default_store()
+            if raw is not None and f.name == "lora_modules":
+                values[f.name] = tuple(shlex.split(raw))
+            elif raw is not None and f.name != "store":  # store: see default_store()
                 values[f.name] = _parse(f, raw)
+        vllm_flag = os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").strip().lower()
+        if "allow_runtime_lora_updating" not in values and vllm_flag in ("1", "true"):  # vLLM's switch, same meaning
+            values["allow_runtime_lora_updating"] = True
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         settings.check()
@@ -130,6 +145,10 @@ class Settings:
         if self.auth not in AUTH_MODES:
             raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")
         check_dtype(self.dtype, resolve_device(self.device))
+        from service.lora_modules import parse_lora_modules
+
+        self.lora_modules = tuple(self.lora_modules)
+        parse_lora_modules(self.lora_modules)  # malformed entries stop the server before the model loads
         if self.max_rank > self.r_max:
             raise ValueError(f"max_rank {self.max_rank} exceeds r_max {self.r_max} (the SVD factors' rank)")
 
