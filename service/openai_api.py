@@ -365,17 +365,17 @@ async def _merged(streams: list[AsyncIterator[Any]], firsts: list[Any]) -> Async
             await s.aclose()
 
 
-async def _sse(
+async def _chunks(
     streams: list[AsyncIterator[eng.TextDelta | eng.GenerationResult]],
     opening: list[dict[str, Any]],
     chunk: Callable[[int, eng.TextDelta], dict[str, Any] | None],
     finished: Callable[[int, eng.GenerationResult], dict[str, Any]],
     closing: Callable[[list[eng.GenerationResult]], list[dict[str, Any]]],
-) -> Response:
-    """Server-sent events in OpenAI's format, the n choices' chunks interleaved as they come. Every choice's
-    first engine item is awaited before answering, so errors before any text (queue full, unknown adapter, store
-    down) keep their HTTP status; a later error becomes a `data: {"error": …}` event (the OpenAI client raises
-    it). Closing the response (a client that hangs up) closes the engine streams, which frees their batch rows."""
+) -> AsyncIterator[dict[str, Any]]:
+    """The chunks of a streamed answer in OpenAI's shape, the n choices' interleaved as they come. Every choice's
+    first engine item is awaited before this returns, so errors before any text (queue full, unknown adapter, store
+    down) keep their HTTP status; a later error ends the chunks with an error body (`{"error": …}`). Closing the
+    iterator (a client that hangs up) closes the engine streams, which frees their batch rows."""
     from service.app import first_item  # service.app includes this router: import when first used
 
     try:
@@ -386,27 +386,44 @@ async def _sse(
         raise
     items = _merged(streams, firsts)
 
-    async def events() -> AsyncIterator[bytes]:
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
         results: list[eng.GenerationResult | None] = [None] * len(streams)
         try:
             for obj in opening:
-                yield _data(obj)
+                yield obj
             async for i, item in items:
                 if isinstance(item, eng.GenerationResult):
                     results[i] = item
-                    yield _data(finished(i, item))
+                    yield finished(i, item)
                 elif item.text or item.logprobs:
                     obj = chunk(i, item)
                     if obj is not None:  # None: held back (a tool call's block not yet closed)
-                        yield _data(obj)
+                        yield obj
             for obj in closing([r for r in results if r is not None]):
-                yield _data(obj)
-            yield DONE
+                yield obj
         except eng.EngineError as exc:
             status, code = engine_error_status(exc)
-            yield _data(openai_error_body(status, code, str(exc)))
+            yield openai_error_body(status, code, str(exc))
         finally:
             await items.aclose()
+
+    return chunks()
+
+
+def _sse(chunks: AsyncIterator[dict[str, Any]]) -> Response:
+    """Server-sent events of `_chunks`, `data: [DONE]` after the last unless it was an error (the OpenAI client
+    raises it)."""
+
+    async def events() -> AsyncIterator[bytes]:
+        failed = False
+        try:
+            async for obj in chunks:
+                failed = "error" in obj
+                yield _data(obj)
+            if not failed:
+                yield DONE
+        finally:
+            await chunks.aclose()  # a client that hung up: its engine streams close now, not when collected
 
     return StreamingResponse(
         events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -466,12 +483,12 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         streams = [engine.stream(ids, adapter_id, p, version) for ids, p in works]
         opening = [envelope([choice(i, echoed[i], None)]) for i in range(len(works))] if body.echo else []
-        return await _sse(
+        return _sse(await _chunks(
             streams, opening,
             lambda i, d: envelope([choice(i, d.text, None, d.logprobs)]),
             lambda i, result: envelope([choice(i, "", result.finish_reason)]),
             lambda results: [envelope([], usage=_usage(results, n))] if include_usage else [],
-        )
+        ))
     results = await _run(request, engine, works, adapter_id, version)
     if results is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -481,6 +498,13 @@ async def completions(request: Request, body: CompletionRequest, caller: TenantC
 
 @router.post("/chat/completions", summary="OpenAI-compatible chat completion (the base model's chat template)")
 async def chat_completions(request: Request, body: ChatCompletionRequest, caller: TenantCaller) -> Any:
+    answer = await chat(request, body, caller)
+    return _sse(answer) if body.stream else answer
+
+
+async def chat(request: Request, body: ChatCompletionRequest, caller: Caller) -> Any:
+    """A chat completion: the chat.completion object, or with `stream` its chunks (`_chunks`), or a 499 Response
+    for a client that left; what /v1/chat/completions answers and /v1/responses translates."""
     engine, _, auth = _the(request)
     stops = _check(body)
     auth.charge_choices(caller, body.n or 1)
@@ -540,7 +564,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, caller
             last, entries, reason = readers[i].finish(result.finish_reason)
             return delta(i, last, reason, entries if entries else None)
 
-        return await _sse(
+        return await _chunks(
             streams, [delta(i, {"role": "assistant", "content": ""}) for i in range(len(choices))], chunk, finished,
             lambda results: [envelope("chat.completion.chunk", [], usage=_usage(results, predicted=predicted))]
             if include_usage else [],
