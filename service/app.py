@@ -30,7 +30,7 @@ from svd_adapters.threads import in_fresh_thread
 from service import metrics as svc_metrics
 from service import engine as eng
 from service import logprobs as logprob_shapes
-from service import adapter_intake, lora_modules, merge_requests, openai_api, structured, tokenize_api
+from service import adapter_intake, lora_modules, merge_requests, openai_api, responses_api, structured, tokenize_api
 from service.auth import AuthMiddleware, TenantCaller, admin_router, build_auth, max_tokens_for
 from service.config import Settings, resolve_device
 from service.errors import ApiError, engine_error_body, error_response_for, not_ready, register_error_handlers, shutting_down
@@ -223,6 +223,7 @@ def create_app(
     app.include_router(admin_router)
     app.include_router(openai_api.router)
     app.include_router(lora_modules.router)
+    app.include_router(responses_api.router)
     app.include_router(tokenize_api.router)
 
     svc_metrics.install(app)  # GET /metrics; added after the other middleware, so it counts their answers too

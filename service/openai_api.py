@@ -1,4 +1,5 @@
-"""OpenAI-compatible API: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{model}].
+"""OpenAI-compatible API: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{model}]; the Responses
+API is served over chat completions (service/responses_api.py).
 
 `model` is an adapter id (one of the caller's), or the base model's name for no adapter. Requests and
 responses follow OpenAI's shapes, so the official clients work unchanged (base_url=http://host:port/v1,

@@ -57,9 +57,14 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def live(tiny_base, tiny_factors, make_blob, tmp_path_factory):
+    yield from live_server(tiny_base, tiny_factors, make_blob, tmp_path_factory)
+
+
+def live_server(tiny_base, tiny_factors, make_blob, tmp_path_factory, max_seq_len: int = 512):
+    """A live server with tenants acme (max_tokens limited) and other, and their adapters; yielded, then stopped."""
     store = DiskStore(tmp_path_factory.mktemp("openai-store"))
     settings = Settings(
-        base="tiny", store=repr(store), device="cpu", max_batch=4, max_rank=8, max_seq_len=512, core_slots=4,
+        base="tiny", store=repr(store), device="cpu", max_batch=4, max_rank=8, max_seq_len=max_seq_len, core_slots=4,
         lr_slots=2, max_waiting=16, shutdown_timeout=5.0, auth="on", admin_key=ADMIN,
     )
     server = LiveServer(create_app(settings, base=tiny_base, factors=tiny_factors, store=store)).start()
