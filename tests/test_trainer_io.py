@@ -51,7 +51,10 @@ def test_upload_failures_are_clear_errors(tmp_path, capsys, monkeypatch, live_se
     assert out.exists()  # the trained adapter is kept even when the upload fails
     assert main(args + ["--upload", live_server.url, "--adapter-id", "x"]) == 0
     capsys.readouterr()
-    assert main(args + ["--upload", live_server.url, "--adapter-id", "x"]) == 2  # id taken
+    # the same training again gives the same bytes: stored already, a success (200) rather than a clash
+    assert main(args + ["--upload", live_server.url, "--adapter-id", "x"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--seed", "1", "--upload", live_server.url, "--adapter-id", "x"]) == 2  # id taken, other bytes
     assert "409" in capsys.readouterr().err
 
 

@@ -12,7 +12,8 @@ class UploadError(RuntimeError):
 
 def upload_adapter(url: str, path: str | Path, api_key: str | None = None, adapter_id: str | None = None,
                    timeout: float = 120.0) -> dict:
-    """POST the file to {url}/adapters; returns the server's JSON (adapter_id, method, rank, ...)."""
+    """POST the file to {url}/adapters; returns the server's JSON (adapter_id, method, rank, ...). 201: stored;
+    200: these very bytes were stored under that id already (a re-run of the same training), also success."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     data = {"adapter_id": adapter_id} if adapter_id else {}
     path = Path(path)
@@ -22,7 +23,7 @@ def upload_adapter(url: str, path: str | Path, api_key: str | None = None, adapt
                               headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
         raise UploadError(f"could not reach {url} to upload {path.name}: {exc}; is the server running?") from exc
-    if resp.status_code != 201:
+    if resp.status_code not in (200, 201):
         try:
             err = resp.json()["error"]
             detail = f"{err.get('code')}: {err.get('message')}"
