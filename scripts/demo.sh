@@ -2,7 +2,7 @@
 # The main job on the embedded default (disk store, SmolLM2-135M-Instruct):
 #   set up → convert the default model and compute its SVD factors (once) → train a demo OSoRA adapter
 #   (once) → start the service → upload the adapter → generate without it, with it, and with it merged at half
-#   strength → call a tool (function calling on the base) → keep serving.
+#   strength → call a tool (function calling on the base) → the adapter through the Responses API → keep serving.
 # Re-running skips what is already built. Ctrl-C stops the server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,6 +63,15 @@ body = json.dumps({"model": "SmolLM2-135M-Instruct", "max_tokens": 40, "temperat
 req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body, {"Content-Type": "application/json"})
 choice = json.load(urllib.request.urlopen(req))["choices"][0]
 print(json.dumps({"finish_reason": choice["finish_reason"], "tool_calls": choice["message"]["tool_calls"]}, indent=2))
+PY
+echo "== POST /v1/responses with the adapter (OpenAI's Responses API)"
+python - "$PORT" "demo-$TASK" "$PROMPT" <<'PY'
+import json, sys, urllib.request
+port, model, prompt = sys.argv[1:]
+body = json.dumps({"model": model, "input": prompt, "max_output_tokens": 24, "temperature": 0}).encode()
+req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/responses", body, {"Content-Type": "application/json"})
+resp = json.load(urllib.request.urlopen(req))
+print(json.dumps({k: resp[k] for k in ("id", "status", "output", "usage")}, indent=2))
 PY
 echo "== serving on http://127.0.0.1:$PORT (API docs at /docs); Ctrl-C to stop"
 wait $SERVER
