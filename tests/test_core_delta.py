@@ -252,7 +252,8 @@ def run_core_linear(c, K: int, slots: torch.Tensor, blas: bool = False) -> tuple
 # and without a tail past the last 16-float vector, row counts around the register blocks, a batch past 64 rows.
 LINEAR_SHAPES = [dict(P=5, R=4, sizes=(12, 6, 6), K=37), dict(P=32, R=16, sizes=(64, 32, 32), K=64),
                  dict(P=7, R=16, sizes=(48, 33), K=48), dict(P=1, R=3, sizes=(16,), K=8),
-                 dict(P=9, R=8, sizes=(200, 100), K=70), dict(P=67, R=4, sizes=(20, 12), K=16)]
+                 dict(P=9, R=8, sizes=(200, 100), K=70), dict(P=67, R=4, sizes=(20, 12), K=16),
+                 dict(P=2, R=8, sizes=(40, 24), K=53), dict(P=4, R=4, sizes=(30, 10, 10), K=80)]  # few rows: streamed
 
 
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
@@ -539,6 +540,22 @@ def test_skinny_linear_matches_matmul(dtype, T, K, N):
     y = cpu_kernels.skinny_linear(x, W)
     assert y.dtype == dtype
     assert (y.double() - want).abs().max().item() <= (2 ** -8 if dtype == torch.bfloat16 else 1e-6) * want.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 2, 3, 4])
+def test_few_rows_read_weights_row_by_row_with_the_same_sums(dtype, T):
+    """Up to 4 rows the kernel reads W one row at a time (one sequential stream), beyond that by tiles of rows side
+    by side: every output is the same sum in the same order either way, so the bits agree."""
+    assert cpu_kernels.available()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(32, 600, generator=gen).to(dtype)  # 600 = 37 vectors of 16 and a tail of 8
+    W = torch.randn(101, 600, generator=gen).to(dtype)
+    tiled = cpu_kernels.skinny_linear(x, W)
+    streamed = cpu_kernels.skinny_linear(x[:T], W)
+    assert torch.equal(streamed, tiled[:T])
+    want = x[:T].double() @ W.double().T
+    assert (streamed.double() - want).abs().max().item() <= (2 ** -8 if dtype == torch.bfloat16 else 1e-5) * want.abs().max().item()
 
 
 def test_skinny_linear_rounds_bfloat16_to_nearest_even_and_keeps_nan():
