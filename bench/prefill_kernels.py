@@ -41,18 +41,21 @@ INPUTS = {"qkv": 576, "o": 576, "gate_up": 576, "down": 1536}  # and their input
 KERNELS = {"loraxs": "core_delta", "osora": "core_delta", "sorsa": "lowrank_delta", "lora": "lowrank_delta"}
 
 
-def build_revision(rev: str) -> None:
-    """`rev`'s core_delta and lowrank_delta kernels as torch.ops.svdserve_rev.* (sources and headers from git)."""
+def build_revision(rev: str, sources: tuple[str, ...] = ("core_delta.cpp", "lowrank_delta.cpp")) -> None:
+    """`rev`'s kernels in `sources` as torch.ops.svdserve_rev.* (sources and headers from git)."""
     from torch.utils import cpp_extension
 
     src = Path(tempfile.mkdtemp(prefix="svdserve_rev_"))
-    for f in ("core_delta.cpp", "lowrank_delta.cpp", "core_tiles.h", "skinny_gemm.h", "vec.h", "parallel.h"):
+    listed = subprocess.run(["git", "ls-tree", "--name-only", rev, "svd_adapters/csrc/"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.split()
+    headers = tuple(Path(p).name for p in listed if p.endswith(".h"))
+    for f in sources + headers:
         text = subprocess.run(["git", "show", f"{rev}:svd_adapters/csrc/{f}"], cwd=ROOT, check=True,
                               capture_output=True, text=True).stdout
         (src / f).write_text(text.replace("TORCH_LIBRARY_FRAGMENT(svdserve,", "TORCH_LIBRARY_FRAGMENT(svdserve_rev,")
                              .replace("TORCH_LIBRARY_IMPL(svdserve,", "TORCH_LIBRARY_IMPL(svdserve_rev,"))
     cap = torch.backends.cpu.get_cpu_capability()
-    cpp_extension.load(name="svdserve_rev", sources=[str(src / f) for f in ("core_delta.cpp", "lowrank_delta.cpp")],
+    cpp_extension.load(name="svdserve_rev", sources=[str(src / f) for f in sources],
                        build_directory=str(src),
                        is_python_module=False, extra_ldflags=["-fopenmp"], verbose=False,
                        extra_cflags=["-O3", "-fopenmp", *cpu_kernels._ARCH_FLAGS.get(cap, [])])
